@@ -1,0 +1,3 @@
+from spendgate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Wire-format adapters, one module per provider family."""

@@ -1,0 +1,123 @@
+"""The adapter seam: what the proxy asks of a wire format, and nothing more.
+
+An adapter knows one provider's JSON. It inspects a request before it goes upstream
+(model, stream flag, output bound, the one permitted rewrite) and builds a fresh
+:class:`ResponseParser` per response. Parsers are pure and incremental: bytes in,
+usage out, no I/O, never raising into the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from spendgate.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What an adapter learned from a request body and path."""
+
+    operation: str
+    """Short operation name (``chat``, ``responses``, ``messages``, ...); ``""`` if unmetered."""
+    model: str | None = None
+    stream: bool = False
+    max_output_tokens: int | None = None
+    """The request's bound on generated tokens (``max_tokens`` and its equivalents)."""
+    input_chars: int = 0
+    """Characters of prompt text, for estimates when the provider reports no usage."""
+    body: bytes = b""
+    """The body to send upstream: the original bytes unless the adapter rewrote them."""
+    strip_usage_chunk: bool = False
+    """The proxy injected ``include_usage``; hide the usage-only chunk from the client."""
+
+    @property
+    def metered(self) -> bool:
+        return bool(self.operation)
+
+
+class ResponseParser(Protocol):
+    """Incremental parser of one response body (already decompressed)."""
+
+    def feed(self, data: bytes) -> None:
+        """Consume the next piece of the body, split anywhere."""
+
+    def close(self) -> None:
+        """The body ended (or was cut short); parse whatever is buffered."""
+
+    @property
+    def usage(self) -> Usage | None:
+        """The latest usage the provider reported (the last report wins), or None."""
+
+    @property
+    def model(self) -> str | None:
+        """The model the response names, once seen."""
+
+    @property
+    def output_chars(self) -> int:
+        """Characters of generated deltas so far (text, tool arguments, reasoning)."""
+
+
+class OutputFilter(Protocol):
+    """Rewrites the byte stream sent to the client (only for the include_usage rewrite)."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def close(self) -> bytes: ...
+
+
+class Adapter(Protocol):
+    """A wire format: request inspection plus a parser factory."""
+
+    name: str
+    error_style: str
+    """Which provider error shape spendgate's own errors use: openai, anthropic, gemini, ollama."""
+
+    def inspect(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes,
+        *,
+        inject_stream_usage: bool,
+    ) -> RequestInfo: ...
+
+    def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser: ...
+
+    def output_filter(self, info: RequestInfo) -> OutputFilter | None: ...
+
+
+class BaseParser:
+    """Shared state of the concrete parsers; subclasses implement ``feed``/``close``."""
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._model: str | None = None
+        self._output_chars = 0
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    @property
+    def output_chars(self) -> int:
+        return self._output_chars
+
+
+class NullParser(BaseParser):
+    """For responses nobody meters: counts nothing."""
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+UNMETERED = RequestInfo(operation="")
