@@ -1,0 +1,115 @@
+"""``make_app(settings)``: wires the parts into AppKeys, routes and cleanup contexts."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from spendgate import api, dashboard, sse
+from spendgate.accounting import Accountant
+from spendgate.budgets import MemoryLedger
+from spendgate.bus import MemoryBus
+from spendgate.keys import ACCOUNTANT, PROXY, REGISTRY, SETTINGS
+from spendgate.metrics import Metrics
+from spendgate.pricing import load_price_table
+from spendgate.proxy import ProxyHandler
+from spendgate.routing import Router, build_routes
+from spendgate.settings import Settings
+from spendgate.store import SQLiteStore
+
+log = logging.getLogger("spendgate")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = Metrics(app[REGISTRY], session_labels=settings.metrics_session_labels)
+    store = SQLiteStore(
+        settings.db_path,
+        flush_interval=settings.flush_interval_ms / 1000,
+        on_drop=metrics.store_dropped.inc,
+    )
+    await store.open()
+    budget = settings.default_session_budget_usd
+    ledger = MemoryLedger(
+        settings.budget_thresholds, None if budget is None else Decimal(str(budget))
+    )
+    ledger.load(await store.load_sessions(), await store.spend_by_session())
+    bus = MemoryBus(settings.event_history, settings.subscriber_queue)
+    metrics.bind_gauges(
+        lambda: ledger.paused_count, lambda: bus.subscriber_count, lambda: store.queue_depth
+    )
+    acct = Accountant(
+        load_price_table(settings.pricing_file, settings.model_aliases),
+        ledger,
+        store,
+        bus,
+        metrics,
+        live_interval_ms=settings.live_interval_ms,
+        reserve_output_tokens=settings.reserve_output_tokens,
+    )
+    client = aiohttp.ClientSession(
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    router = Router(build_routes(settings), settings.agent_headers)
+    app[ACCOUNTANT] = acct
+    app[PROXY] = ProxyHandler(settings, router, acct, client)
+    log.info("spendgate: database %s, %d routes", settings.db_path, len(router.routes))
+    try:
+        yield
+    finally:
+        await client.close()
+        await store.close()
+
+
+async def _close_subscribers(app: web.Application) -> None:
+    if ACCOUNTANT in app:
+        app[ACCOUNTANT].bus.close()
+
+
+def _auth_middleware(settings: Settings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    token = settings.admin_token
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        guarded = path.startswith("/api/") or path == "/" or (
+            path == "/metrics" and settings.metrics_require_token
+        )
+        if token and guarded:
+            given = request.headers.get("Authorization", "")
+            given = given[7:] if given.lower().startswith("bearer ") else ""
+            if not given and (path == "/" or path == "/api/events"):
+                given = request.query.get("token", "")  # EventSource and links can't set headers
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                raise api.api_error(401, "missing or wrong admin token: send Authorization: Bearer <token>")
+        return await handler(request)
+
+    return auth
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY](request)
+
+
+def make_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
+    app = web.Application(middlewares=[_auth_middleware(settings)], client_max_size=settings.max_request_bytes)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry if registry is not None else CollectorRegistry()
+    app.cleanup_ctx.append(_resources)
+    app.on_shutdown.append(_close_subscribers)
+    app.router.add_routes(api.routes)
+    app.router.add_get("/api/events", sse.events)
+    app.router.add_get("/", dashboard.page)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app

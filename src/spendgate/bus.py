@@ -1,0 +1,109 @@
+"""The event bus seam: in-process fan-out with a bounded history for replay (SPEC 6).
+
+``publish`` never blocks and never raises: each subscriber has a bounded queue, and a
+subscriber whose queue is full is dropped (it may reconnect with Last-Event-ID). A
+Redis-backed bus implements the same protocol for several replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Collection
+from typing import Protocol
+
+from spendgate.events import Event
+
+log = logging.getLogger("spendgate.bus")
+
+
+class Subscription:
+    """One subscriber's filtered, bounded view of the bus."""
+
+    def __init__(self, sessions: Collection[str], types: Collection[str], maxsize: int) -> None:
+        self.sessions = frozenset(sessions)
+        self.types = frozenset(types)
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        self.dropped = False
+
+    def wants(self, event: Event) -> bool:
+        return (not self.sessions or event.session_id in self.sessions) and (
+            not self.types or event.type in self.types
+        )
+
+    async def get(self) -> Event | None:
+        """The next event, or None once the subscriber has been dropped."""
+        return await self.queue.get()
+
+
+class EventBus(Protocol):
+    @property
+    def subscriber_count(self) -> int: ...
+
+    def publish(self, event: Event) -> None: ...
+
+    def subscribe(
+        self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
+    ) -> tuple[Subscription, list[Event]]: ...
+
+    def unsubscribe(self, sub: Subscription) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryBus:
+    def __init__(self, history: int = 2048, queue_size: int = 1024) -> None:
+        self._history: deque[Event] = deque(maxlen=history)
+        self._subs: set[Subscription] = set()
+        self._queue_size = queue_size
+        self._last_id = 0
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)
+
+    def _next_id(self) -> int:
+        # Microseconds since the epoch, kept strictly increasing: ids grow across restarts
+        # without being stored, so an old Last-Event-ID never hides new events.
+        self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
+        return self._last_id
+
+    def publish(self, event: Event) -> None:
+        event.id = self._next_id()
+        self._history.append(event)
+        for sub in list(self._subs):
+            if not sub.wants(event):
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                log.warning("dropping a slow event subscriber (queue of %d full)", self._queue_size)
+                self._drop(sub)
+
+    def _drop(self, sub: Subscription) -> None:
+        """Forget a subscriber and wake its reader with the end marker."""
+        self._subs.discard(sub)
+        sub.dropped = True
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
+
+    def subscribe(
+        self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
+    ) -> tuple[Subscription, list[Event]]:
+        sub = Subscription(sessions, types, self._queue_size)
+        backlog: list[Event] = []
+        if last_event_id is not None:
+            backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
+        self._subs.add(sub)
+        return sub, backlog
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    def close(self) -> None:
+        """End every subscriber's stream (at shutdown, so open SSE handlers return)."""
+        for sub in list(self._subs):
+            self._drop(sub)

@@ -1,0 +1,298 @@
+"""The ``spendgate`` command: parse arguments, build Settings, run. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import ipaddress
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from collections.abc import AsyncIterator
+
+import orjson
+
+from spendgate import __version__
+from spendgate.settings import Settings, SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "db_path"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return load_settings(args.config, **overrides)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from spendgate.app import make_app
+
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.admin_token and not _is_loopback(settings.host):
+        if not settings.allow_remote_without_token:
+            print(
+                f"spendgate: refusing to listen on {settings.host} without SPENDGATE_ADMIN_TOKEN "
+                "(set one, or SPENDGATE_ALLOW_REMOTE_WITHOUT_TOKEN=true)",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+        uvloop.install()  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        pass
+    print(f"spendgate {__version__} on http://{settings.host}:{settings.port} (db {settings.db_path})")
+    web.run_app(
+        make_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=5,
+    )
+    return 0
+
+
+@asynccontextmanager
+async def _open_store(settings: Settings) -> AsyncIterator[Any]:
+    from spendgate.store import SQLiteStore
+
+    store = SQLiteStore(settings.db_path)
+    await store.open(start_writer=False)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _run(coro: Callable[[], Awaitable[int]]) -> int:
+    return asyncio.run(coro())
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from spendgate import reports
+
+    async def go() -> int:
+        async with _open_store(_settings(args)) as store:
+            rows = await reports.sessions_list(store)
+        if args.format == "json":
+            print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("session", "messages", "input", "output", "cost", "budget", "paused")
+        for r in rows:
+            table.add_row(
+                r["sessionId"], str(r["messageCount"]), str(r["totalInputTokens"]),
+                str(r["totalOutputTokens"]), _usd(r["totalCostUsd"]), _usd(r["budgetUsd"]),
+                "yes" if r["paused"] else "",
+            )  # fmt: skip
+        Console().print(table)
+        return 0
+
+    return _run(go)
+
+
+def _usd(value: float | None) -> str:
+    return "N/A" if value is None else f"${value:,.4f}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from spendgate import reports
+    from spendgate.pricing import load_price_table
+    from spendgate.records import EXPORT_COLUMNS
+
+    async def go() -> int:
+        settings = _settings(args)
+        async with _open_store(settings) as store:
+            sessions = {s.id: s for s in await store.load_sessions()}
+            rec = sessions.get(args.session)
+            if rec is None:
+                print(f"spendgate: unknown session {args.session!r}", file=sys.stderr)
+                return 1
+            if args.format == "csv":
+                writer = csv.writer(sys.stdout, lineterminator="\n")
+                writer.writerow(EXPORT_COLUMNS)
+                async for m in store.iter_messages(rec.id):
+                    row = m.to_json()
+                    writer.writerow(["" if row[c] is None else row[c] for c in EXPORT_COLUMNS])
+                return 0
+            spent = (await store.spend_by_session()).get(rec.id, Decimal(0))
+            prices = load_price_table(settings.pricing_file, settings.model_aliases)
+            summary = await reports.session_summary(store, prices, rec, spent)
+        if args.format == "json":
+            print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        _print_summary(summary)
+        return 0
+
+    return _run(go)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]{s['sessionId']}[/]: {s['messageCount']} messages, {_usd(s['totalCostUsd'])}"
+        f" (budget {_usd(s['budgetUsd'])}{', PAUSED' if s['paused'] else ''})"
+    )
+    for title, key in (("model", "byModel"), ("agent", "byAgent")):
+        table = Table(title, "messages", "input", "output", "cost", title=f"by {title}")
+        for name, g in s[key].items():
+            table.add_row(
+                name, str(g["messageCount"]), str(g["inputTokens"]), str(g["outputTokens"]),
+                _usd(g["costUsd"]),
+            )  # fmt: skip
+        console.print(table)
+    ctx = s.get("context")
+    if ctx and ctx.get("percent") is not None:
+        console.print(
+            f"context: {ctx['contextTokens']:,} of {ctx['contextWindow']:,} tokens "
+            f"({ctx['percent']}%, {ctx['level']})"
+        )
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    """Change a session through the running proxy, so its in-memory ledger sees it."""
+    import urllib.error
+    import urllib.request
+
+    settings = _settings(args)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = f"http://{host}:{settings.port}{path}"
+    req = urllib.request.Request(url, method=method, data=None if body is None else orjson.dumps(body))
+    req.add_header("Content-Type", "application/json")
+    if settings.admin_token:
+        req.add_header("Authorization", f"Bearer {settings.admin_token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            data = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        print(f"spendgate: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"spendgate: no proxy running at {url} ({exc.reason}); start `spendgate serve` first", file=sys.stderr)
+        return 1
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    raw = args.usd.strip().lstrip("$")
+    try:
+        budget = None if raw.lower() in ("none", "unlimited", "off") else float(Decimal(raw))
+    except InvalidOperation:
+        print(f"spendgate: {args.usd!r} is not an amount in USD (or 'none')", file=sys.stderr)
+        return 2
+    return _admin(args, "PUT", f"/api/sessions/{args.session}/budget", {"budgetUsd": budget})
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/api/sessions/{args.session}/resume")
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/api/sessions/{args.session}/pause")
+
+
+def cmd_pricing(args: argparse.Namespace) -> int:
+    from spendgate import pricing
+
+    settings = _settings(args)
+    if args.model == "import":
+        if not args.file:
+            print("usage: spendgate pricing import FILE [--to PRICING_FILE]", file=sys.stderr)
+            return 2
+        target = Path(args.to) if args.to else settings.pricing_file
+        if target is None:
+            target = settings.db_path.parent / "pricing.json"
+        count = pricing.import_into(Path(args.file), target)
+        print(f"imported {count} models into {target}; set SPENDGATE_PRICING_FILE={target}")
+        return 0
+    table = pricing.load_price_table(settings.pricing_file, settings.model_aliases)
+    price = table.resolve(args.model)
+    if price is None:
+        print(f"spendgate: no price for {args.model!r} (its cost shows as N/A)", file=sys.stderr)
+        return 1
+    print(orjson.dumps(price.to_json(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from spendgate.top import run_top
+
+    return run_top(_settings(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spendgate", description="LLM cost proxy")
+    p.add_argument("--version", action="version", version=f"spendgate {__version__}")
+    p.add_argument("--config", help="TOML settings file (or SPENDGATE_CONFIG)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
+        sp.add_argument("--db", dest="db_path", default=None, help="SQLite file (SPENDGATE_DB_PATH)")
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("serve", cmd_serve, "run the proxy")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp = add("sessions", cmd_sessions, "list sessions with totals")
+    sp.add_argument("--format", choices=("table", "json"), default="table")
+    sp = add("report", cmd_report, "a session's cost report")
+    sp.add_argument("session")
+    sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sp = add("budget", cmd_budget, "set a session's budget in USD ('none' for unlimited)")
+    sp.add_argument("session")
+    sp.add_argument("usd")
+    sp = add("resume", cmd_resume, "lift a session's pause")
+    sp.add_argument("session")
+    sp = add("pause", cmd_pause, "pause a session by hand")
+    sp.add_argument("session")
+    sp = add("pricing", cmd_pricing, "show a model's price, or `pricing import FILE`")
+    sp.add_argument("model", help="a model id, or 'import'")
+    sp.add_argument("file", nargs="?")
+    sp.add_argument("--to", help="pricing file to write (default SPENDGATE_PRICING_FILE)")
+    add("top", cmd_top, "live terminal view of a running proxy")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = None
+    try:
+        result: int = args.func(args)
+        return result
+    except SettingsError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,62 @@
+"""Live event shapes (SPEC 6). Data keys are camelCase: they go out as JSON as they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TOKEN_USAGE = "token.usage"
+CONTEXT_USAGE = "context.usage"
+BUDGET_WARNING = "budget.warning"
+BUDGET_PAUSED = "budget.paused"
+BUDGET_RESUMED = "budget.resumed"
+EVENT_TYPES = (TOKEN_USAGE, CONTEXT_USAGE, BUDGET_WARNING, BUDGET_PAUSED, BUDGET_RESUMED)
+
+
+@dataclass(slots=True)
+class Event:
+    type: str
+    session_id: str
+    data: dict[str, Any]
+    id: int = field(default=0)
+    """Assigned by the bus on publish; increases across restarts."""
+
+
+def budget_event(type_: str, session_id: str, budget: float | None, spent: float, **extra: Any) -> Event:
+    return Event(
+        type_,
+        session_id,
+        {"sessionId": session_id, "budgetUsd": budget, "spentUsd": spent, **extra},
+    )
+
+
+def context_level(percent: float) -> str:
+    if percent >= 90:
+        return "critical"
+    if percent >= 80:
+        return "warning"
+    return "ok"
+
+
+def context_data(session_id: str, model: str | None, tokens: int, window: int | None) -> dict[str, Any]:
+    """The context meter: the latest message's size against the model's window."""
+    if not window:
+        return {
+            "sessionId": session_id,
+            "modelId": model,
+            "contextTokens": tokens,
+            "contextWindow": None,
+            "percent": None,
+            "remainingTokens": None,
+            "level": "unknown",
+        }
+    percent = round(100.0 * tokens / window, 2)
+    return {
+        "sessionId": session_id,
+        "modelId": model,
+        "contextTokens": tokens,
+        "contextWindow": window,
+        "percent": percent,
+        "remainingTokens": max(0, window - tokens),
+        "level": context_level(percent),
+    }

@@ -1,0 +1,683 @@
+"""Model prices: the bundled table, user overrides, model-id resolution and cost (SPEC 3).
+
+Prices are USD per *million* tokens held as :class:`~decimal.Decimal`; floats appear
+only at the JSON edge (``to_json``). An unknown model prices to ``None``, never to 0,
+so a missing price can never pass for a free request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from spendgate.usage import TokenCounts
+
+log = logging.getLogger("spendgate.pricing")
+
+MILLION = Decimal(1_000_000)
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
+ENTRY_FIELDS = frozenset(
+    {*PRICE_FIELDS, "provider", "tiers", "context_window", "max_output_tokens"}
+)
+BUNDLED = "bundled"
+
+# Resolution caches are keyed by client-supplied model names; bound them.
+_CACHE_LIMIT = 10_000
+
+
+class PricingError(ValueError):
+    """A price file or entry that cannot be used; the message names file and model."""
+
+
+@dataclass(frozen=True, slots=True)
+class PriceTier:
+    """Prices that apply once a request's input exceeds ``above_input_tokens``.
+
+    ``None`` means "same as the base price" for that field.
+    """
+
+    above_input_tokens: int
+    input: Decimal | None = None
+    output: Decimal | None = None
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"aboveInputTokens": self.above_input_tokens, **_prices_json(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """One model's prices (USD per million tokens) and limits."""
+
+    model: str
+    provider: str | None = None
+    input: Decimal | None = None
+    output: Decimal | None = None
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    tiers: tuple[PriceTier, ...] = ()
+    """Sorted by ``above_input_tokens``, lowest first."""
+    context_window: int | None = None
+    """The model's ``max_input_tokens``."""
+    max_output_tokens: int | None = None
+    source: str = BUNDLED
+    """``bundled`` or the path of the user's price file that set this entry."""
+
+    @property
+    def priced(self) -> bool:
+        """Whether both token prices are known; without them cost is unknown, not 0."""
+        return self.input is not None and self.output is not None
+
+    def cost(self, counts: TokenCounts) -> Decimal | None:
+        """USD for ``counts``; reasoning is part of output and billed once."""
+        base_in, base_out = self.input, self.output
+        if base_in is None or base_out is None:
+            return None
+        inp, out = base_in, base_out
+        cached, write, write_1h = self.cached_input, self.cache_write, self.cache_write_1h
+        tier = self._tier(counts.input_tokens)
+        if tier is not None:
+            inp = base_in if tier.input is None else tier.input
+            out = base_out if tier.output is None else tier.output
+            cached = cached if tier.cached_input is None else tier.cached_input
+            write = write if tier.cache_write is None else tier.cache_write
+            write_1h = write_1h if tier.cache_write_1h is None else tier.cache_write_1h
+        # Missing cache prices fall back to what the provider would otherwise charge.
+        cached = inp if cached is None else cached
+        write = inp if write is None else write
+        write_1h = write if write_1h is None else write_1h
+        writes_1h = min(counts.cache_write_1h_tokens, counts.cache_write_tokens)
+        writes_5m = counts.cache_write_tokens - writes_1h
+        total = (
+            counts.uncached_input_tokens * inp
+            + counts.cached_input_tokens * cached
+            + writes_5m * write
+            + writes_1h * write_1h
+            + counts.output_tokens * out
+        )
+        return total / MILLION
+
+    def _tier(self, input_tokens: int) -> PriceTier | None:
+        chosen = None
+        for tier in self.tiers:
+            if input_tokens > tier.above_input_tokens:
+                chosen = tier
+            else:
+                break
+        return chosen
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``GET /api/pricing`` shape: camelCase keys, prices as floats."""
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            **_prices_json(self),
+            "tiers": [t.to_json() for t in self.tiers],
+            "contextWindow": self.context_window,
+            "maxOutputTokens": self.max_output_tokens,
+            "source": self.source,
+        }
+
+
+def _prices_json(p: PriceTier | ModelPrice) -> dict[str, float | None]:
+    def f(d: Decimal | None) -> float | None:
+        return None if d is None else float(d)
+
+    return {
+        "input": f(p.input),
+        "output": f(p.output),
+        "cachedInput": f(p.cached_input),
+        "cacheWrite": f(p.cache_write),
+        "cacheWrite1h": f(p.cache_write_1h),
+    }
+
+
+# --- resolution --------------------------------------------------------------------
+
+# gpt-4o-2024-08-06, claude-3-5-sonnet-20240620, gpt-4-0613, gemini-2.0-flash-001
+_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4})$")
+
+
+def _without_prefixes(model: str) -> list[str]:
+    """``openai/gpt-4o`` → ``gpt-4o``; ``a/b/c`` → ``b/c``, ``c`` (models/…, groq/…)."""
+    parts = model.split("/")
+    return ["/".join(parts[i:]) for i in range(1, len(parts)) if parts[i]]
+
+
+def _without_suffix(name: str) -> list[str]:
+    """Dated/tagged ids to try after the exact one, most specific first."""
+    if name.startswith("ft:"):
+        # ft:gpt-4o-2024-08-06:org:name:id is priced by its base snapshot's ft: entry.
+        parts = name.split(":")
+        return [":".join(parts[:2])] if len(parts) > 2 else []
+    out: list[str] = []
+    base = name
+    if "@" in name:  # Vertex style: claude-3-5-sonnet@20240620
+        base, _, tail = name.partition("@")
+        out += [f"{base}-{tail}", base]
+    elif ":" in name:  # Ollama tag: llama3:latest, qwen2.5-coder:7b
+        base = name.partition(":")[0]
+        out.append(base)
+    m = _DATE_SUFFIX.search(base)
+    if m:
+        out.append(base[: m.start()])
+    return out
+
+
+class PriceTable:
+    """Prices by model id, with the resolution rules of SPEC 3 cached per (model, provider)."""
+
+    def __init__(
+        self, prices: Mapping[str, ModelPrice], aliases: Mapping[str, str] | None = None
+    ) -> None:
+        self._prices = dict(prices)
+        self._aliases = dict(aliases or {})
+        self._cache: dict[tuple[str, str | None], ModelPrice | None] = {}
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+    def __iter__(self) -> Iterator[ModelPrice]:
+        return iter(self._prices.values())
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._prices
+
+    def get(self, model: str) -> ModelPrice | None:
+        """The entry stored under exactly ``model`` (no resolution)."""
+        return self._prices.get(model)
+
+    @property
+    def aliases(self) -> Mapping[str, str]:
+        return self._aliases
+
+    def resolve(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        """Exact id, then without provider prefix, then without date suffix, then aliases."""
+        key = (model, provider)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        name = model.strip()
+        price = self._lookup(name, provider) or self._alias(name, provider)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = price
+        return price
+
+    def _candidates(self, model: str) -> list[str]:
+        names = [model, *_without_prefixes(model)]
+        names += [v for n in names for v in _without_suffix(n)]
+        return names
+
+    def _find(self, name: str, provider: str | None) -> ModelPrice | None:
+        if provider:
+            hit = self._prices.get(f"{provider}/{name}")
+            if hit is not None:
+                return hit
+        return self._prices.get(name)
+
+    def _lookup(self, model: str, provider: str | None) -> ModelPrice | None:
+        if not model:
+            return None
+        for name in self._candidates(model):
+            hit = self._find(name, provider)
+            if hit is not None:
+                return hit
+        return None
+
+    def _alias(self, model: str, provider: str | None) -> ModelPrice | None:
+        if not model:
+            return None
+        for name in self._candidates(model):
+            target = self._aliases.get(name)
+            if target is not None:
+                hit = self._lookup(target, provider)
+                if hit is not None:
+                    return hit
+        return None
+
+    def _priced(self, model: str, provider: str | None) -> ModelPrice | None:
+        price = self.resolve(model, provider)
+        if price is not None and price.priced:
+            return price
+        if model not in self._warned and len(self._warned) < _CACHE_LIMIT:
+            self._warned.add(model)
+            why = "has no price" if price is None else f"entry {price.model!r} lacks token prices"
+            log.warning(
+                "model %r %s; its cost is recorded as unknown (add it to your pricing file)",
+                model,
+                why,
+            )
+        return None
+
+    def cost(self, model: str, counts: TokenCounts, provider: str | None = None) -> Decimal | None:
+        """USD for one response, or None when the model's price is unknown."""
+        price = self._priced(model, provider)
+        return None if price is None else price.cost(counts)
+
+    def reserve_cost(
+        self, model: str, input_tokens: int, output_tokens: int, provider: str | None = None
+    ) -> Decimal | None:
+        """Estimated USD held against a budget while a request runs (all input uncached)."""
+        counts = TokenCounts(input_tokens=input_tokens, output_tokens=output_tokens)
+        return self.cost(model, counts, provider)
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole effective table for ``GET /api/pricing``."""
+        return {
+            "models": [self._prices[k].to_json() for k in sorted(self._prices)],
+            "aliases": dict(sorted(self._aliases.items())),
+        }
+
+
+# --- numbers ------------------------------------------------------------------------
+
+
+def _normalize(d: Decimal) -> Decimal:
+    """Shortest exact form without exponent notation for whole numbers (1E+2 → 100)."""
+    d = d.normalize()
+    exponent = d.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > 0 and d.adjusted() < 28:
+        return d.quantize(Decimal(1))
+    return d
+
+
+def to_decimal(value: object) -> Decimal | None:
+    """An exact Decimal for a JSON/TOML number or numeric string; None if not a number.
+
+    Floats go through ``repr`` (their shortest round-trip form), so ``2.5e-06`` becomes
+    exactly ``0.0000025`` rather than the binary float's expansion.
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, Decimal):
+        d = value
+    elif isinstance(value, int):
+        d = Decimal(value)
+    elif isinstance(value, float):
+        d = Decimal(repr(value))
+    elif isinstance(value, str):
+        try:
+            d = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+    else:
+        return None
+    return d if d.is_finite() else None
+
+
+def per_million(per_token: object) -> Decimal | None:
+    """USD per token → USD per million tokens, exactly (``1.25e-07`` → ``0.125``)."""
+    d = to_decimal(per_token)
+    return None if d is None else _normalize(d * MILLION)
+
+
+def _price(value: object, where: str, field: str) -> Decimal | None:
+    if value is None:
+        return None
+    d = to_decimal(value)
+    if d is None or d < 0:
+        raise PricingError(f"{where}: {field} must be a non-negative number, got {value!r}")
+    return _normalize(d)
+
+
+def _count(value: object, where: str, field: str) -> int | None:
+    if value is None:
+        return None
+    d = to_decimal(value)
+    if d is None or d < 0 or d != d.to_integral_value():
+        raise PricingError(f"{where}: {field} must be a whole number of tokens, got {value!r}")
+    return int(d)
+
+
+# --- entries ------------------------------------------------------------------------
+
+
+def model_price(model: str, raw: Mapping[str, Any], source: str = BUNDLED) -> ModelPrice:
+    """Validate one entry in spendgate's format (per-million prices) into a ModelPrice.
+
+    Keys starting with ``_`` are comments (``_derived_from``); other unknown keys are
+    errors, so a typo such as ``ouput`` cannot silently leave a price unset.
+    """
+    where = f"{source}: model {model!r}"
+    unknown = sorted(k for k in raw if k not in ENTRY_FIELDS and not str(k).startswith("_"))
+    if unknown:
+        raise PricingError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    provider = raw.get("provider")
+    if provider is not None and not isinstance(provider, str):
+        raise PricingError(f"{where}: provider must be a string")
+    raw_tiers = raw.get("tiers") or []
+    if not isinstance(raw_tiers, list):
+        raise PricingError(f"{where}: tiers must be a list")
+    tiers = []
+    for t in raw_tiers:
+        if not isinstance(t, Mapping):
+            raise PricingError(f"{where}: each tier must be a table")
+        bad = sorted(k for k in t if k not in {*PRICE_FIELDS, "above_input_tokens"})
+        if bad:
+            raise PricingError(f"{where}: unknown tier field(s) {', '.join(bad)}")
+        above = _count(t.get("above_input_tokens"), where, "tier above_input_tokens")
+        if above is None:
+            raise PricingError(f"{where}: a tier needs above_input_tokens")
+        prices = {f: _price(t.get(f), where, f"tier {f}") for f in PRICE_FIELDS}
+        tiers.append(PriceTier(above, **prices))
+    tiers.sort(key=lambda t: t.above_input_tokens)
+    return ModelPrice(
+        model=model,
+        provider=provider,
+        **{f: _price(raw.get(f), where, f) for f in PRICE_FIELDS},
+        tiers=tuple(tiers),
+        context_window=_count(raw.get("context_window"), where, "context_window"),
+        max_output_tokens=_count(raw.get("max_output_tokens"), where, "max_output_tokens"),
+        source=source,
+    )
+
+
+# --- foreign formats ----------------------------------------------------------------
+
+_LITELLM_FIELDS = {
+    "input_cost_per_token": "input",
+    "output_cost_per_token": "output",
+    "cache_read_input_token_cost": "cached_input",
+    "cache_creation_input_token_cost": "cache_write",
+    "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
+}
+_LITELLM_TIER = re.compile(
+    r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
+    r"|cache_creation_input_token_cost|cache_creation_input_token_cost_above_1hr)"
+    r"_above_(\d+)k_tokens$"
+)
+
+
+def _positive_int(value: object) -> int | None:
+    d = to_decimal(value)
+    if d is None or d <= 0 or d != d.to_integral_value():
+        return None
+    return int(d)
+
+
+def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    entry: dict[str, Any] = {}
+    for src, dst in _LITELLM_FIELDS.items():
+        value = per_million(spec.get(src))
+        if value is not None:
+            entry[dst] = value
+    if "input" not in entry and "output" not in entry:
+        return None  # priced per image/second/query: nothing spendgate can meter
+    if spec.get("mode") == "embedding" and "output" not in entry:
+        entry["output"] = Decimal(0)  # embeddings generate no tokens
+    tiers: dict[int, dict[str, Any]] = {}
+    for key, value in spec.items():
+        m = _LITELLM_TIER.match(key)
+        price = per_million(value) if m else None
+        if m and price is not None:
+            above = int(m.group(2)) * 1000
+            tiers.setdefault(above, {"above_input_tokens": above})[_LITELLM_FIELDS[m[1]]] = price
+    if tiers:
+        entry["tiers"] = [tiers[k] for k in sorted(tiers)]
+    if isinstance(spec.get("litellm_provider"), str):
+        entry["provider"] = spec["litellm_provider"]
+    if (window := _positive_int(spec.get("max_input_tokens"))) is not None:
+        entry["context_window"] = window
+    if (max_out := _positive_int(spec.get("max_output_tokens"))) is not None:
+        entry["max_output_tokens"] = max_out
+    return entry
+
+
+def convert_litellm(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """LiteLLM's ``model_prices_and_context_window.json`` (USD per token) → spendgate entries.
+
+    Entries priced only per image, second or query are skipped, as is ``sample_spec``.
+    ``*_above_NNNk_tokens`` prices become a tier above NNN,000 input tokens.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, spec in data.items():
+        if key == "sample_spec" or not isinstance(spec, Mapping):
+            continue
+        entry = _litellm_entry(spec)
+        if entry is not None:
+            out[key] = entry
+    return out
+
+
+# models.dev ids of first-party APIs: their models keep bare ids, as the APIs name them.
+_MODELS_DEV_FIRST_PARTY = {"openai": "openai", "anthropic": "anthropic", "google": "gemini"}
+_MODELS_DEV_FIELDS = {
+    "input": "input",
+    "output": "output",
+    "cache_read": "cached_input",
+    "cache_write": "cache_write",
+}
+_MODELS_DEV_OVER = re.compile(r"^context_over_(\d+)k$")
+
+
+def _models_dev_prices(cost: Mapping[str, Any]) -> dict[str, Decimal]:
+    out = {}
+    for src, dst in _MODELS_DEV_FIELDS.items():
+        d = to_decimal(cost.get(src))
+        if d is not None and d >= 0:
+            out[dst] = _normalize(d)
+    return out
+
+
+def _models_dev_entry(provider: str, model: Mapping[str, Any]) -> dict[str, Any] | None:
+    cost = model.get("cost")
+    if not isinstance(cost, Mapping):
+        return None
+    entry: dict[str, Any] = {"provider": provider, **_models_dev_prices(cost)}
+    if "input" not in entry or "output" not in entry:
+        return None
+    tiers: dict[int, dict[str, Any]] = {}
+    for tier in cost.get("tiers") or []:
+        spec = tier.get("tier") if isinstance(tier, Mapping) else None
+        if isinstance(spec, Mapping) and spec.get("type", "context") == "context":
+            above = _positive_int(spec.get("size"))
+            if above is not None:
+                tiers[above] = {"above_input_tokens": above, **_models_dev_prices(tier)}
+    for key, value in cost.items():
+        m = _MODELS_DEV_OVER.match(key)
+        if m and isinstance(value, Mapping):
+            above = int(m.group(1)) * 1000
+            tiers.setdefault(above, {"above_input_tokens": above, **_models_dev_prices(value)})
+    if tiers:
+        entry["tiers"] = [tiers[k] for k in sorted(tiers)]
+    limit = model.get("limit")
+    if isinstance(limit, Mapping):
+        window = _positive_int(limit.get("input")) or _positive_int(limit.get("context"))
+        if window is not None:
+            entry["context_window"] = window
+        if (max_out := _positive_int(limit.get("output"))) is not None:
+            entry["max_output_tokens"] = max_out
+    return entry
+
+
+def _models_dev_providers(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    wrapped = data.get("providers")
+    return wrapped if isinstance(wrapped, Mapping) and not _has_models(data) else data
+
+
+def _has_models(data: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(v, Mapping) and isinstance(v.get("models"), Mapping) for v in data.values()
+    )
+
+
+def convert_models_dev(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """models.dev (``api.json``: USD per million) → spendgate entries.
+
+    First-party providers keep bare model ids (``gpt-4o``); others are keyed
+    ``provider/model`` like the bundled table, so resolution with a provider finds them.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for provider_id, pdata in _models_dev_providers(data).items():
+        if not isinstance(pdata, Mapping) or not isinstance(pdata.get("models"), Mapping):
+            continue
+        provider = _MODELS_DEV_FIRST_PARTY.get(provider_id, provider_id)
+        for model_id, model in pdata["models"].items():
+            if not isinstance(model, Mapping):
+                continue
+            entry = _models_dev_entry(provider, model)
+            if entry is not None:
+                key = (
+                    model_id
+                    if provider_id in _MODELS_DEV_FIRST_PARTY
+                    else f"{provider_id}/{model_id}"
+                )
+                out[key] = entry
+    return out
+
+
+def detect_format(data: Mapping[str, Any]) -> str:
+    """``spendgate``, ``litellm`` or ``models.dev`` for a parsed price file."""
+    if isinstance(data.get("models"), Mapping) or isinstance(data.get("aliases"), Mapping):
+        models = data.get("models") or {}
+        if not _has_models(models) and not any(
+            isinstance(v, Mapping) and any(k in v for k in _LITELLM_FIELDS) for v in models.values()
+        ):
+            return "spendgate"
+    if _has_models(data) or (
+        isinstance(data.get("providers"), Mapping) and _has_models(data["providers"])
+    ):
+        return "models.dev"
+    if any(
+        isinstance(v, Mapping) and ("litellm_provider" in v or any(k in v for k in _LITELLM_FIELDS))
+        for v in data.values()
+    ):
+        return "litellm"
+    raise PricingError("unrecognised price table: expected spendgate, LiteLLM or models.dev format")
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def _parse(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PricingError(f"{path}: cannot read price file ({e.strerror or e})") from e
+    try:
+        if path.suffix.lower() == ".toml":
+            data: object = tomllib.loads(text, parse_float=Decimal)
+        else:
+            data = json.loads(text, parse_float=Decimal)  # exact, as written
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise PricingError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from e
+    if not isinstance(data, dict):
+        raise PricingError(f"{path}: a price file must be a table/object at the top level")
+    return data
+
+
+def _spendgate_tables(
+    data: Mapping[str, Any], source: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    models = data.get("models") or {}
+    aliases = data.get("aliases") or {}
+    if not isinstance(models, Mapping) or not all(isinstance(v, Mapping) for v in models.values()):
+        raise PricingError(f"{source}: [models] must map model ids to tables")
+    if not isinstance(aliases, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise PricingError(f"{source}: [aliases] must map model ids to model ids")
+    return {str(k): dict(v) for k, v in models.items()}, dict(aliases)
+
+
+def read_price_file(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Entries (spendgate format, per million) and aliases from a TOML or JSON file.
+
+    The file may be spendgate's own format or a whole LiteLLM / models.dev table.
+    """
+    data = _parse(path)
+    fmt = detect_format(data)
+    if fmt == "litellm":
+        return convert_litellm(data), {}
+    if fmt == "models.dev":
+        return convert_models_dev(data), {}
+    models, aliases = _spendgate_tables(data, str(path))
+    for key, raw in models.items():
+        model_price(key, raw, str(path))  # fail early, naming the entry
+    return models, aliases
+
+
+def import_table(path: Path) -> dict[str, dict[str, Any]]:
+    """Entries in spendgate's format from a file of any supported format (``pricing import``)."""
+    return read_price_file(path)[0]
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, Decimal):
+        as_float = float(value)
+        # A JSON number when its shortest float form is the same decimal, else a string.
+        return as_float if Decimal(repr(as_float)) == value else str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def dumps_table(
+    models: Mapping[str, Mapping[str, Any]],
+    aliases: Mapping[str, str] | None = None,
+    attribution: str | None = None,
+) -> bytes:
+    """A price file in spendgate's JSON format; prices read back exactly."""
+    doc: dict[str, Any] = {}
+    if attribution:
+        doc["_attribution"] = attribution
+    doc["models"] = models
+    if aliases:
+        doc["aliases"] = aliases
+    return (
+        orjson.dumps(doc, default=_json_default, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+        + b"\n"
+    )
+
+
+@lru_cache(maxsize=1)
+def _bundled() -> tuple[Mapping[str, Mapping[str, Any]], Mapping[str, str]]:
+    raw = resources.files("spendgate").joinpath("data", "prices.json").read_bytes()
+    data = orjson.loads(raw)
+    return _spendgate_tables(data, BUNDLED)
+
+
+def bundled_attribution() -> str:
+    """Where the bundled prices came from (shown by ``spendgate pricing``)."""
+    raw = resources.files("spendgate").joinpath("data", "prices.json").read_bytes()
+    text = orjson.loads(raw).get("_attribution", "")
+    return str(text)
+
+
+def load_price_table(
+    user_file: Path | None = None, aliases: Mapping[str, str] | None = None
+) -> PriceTable:
+    """The effective table: bundled prices, then the user's file, then configured aliases.
+
+    A user entry for a bundled model overrides only the fields it sets, so
+    ``[models."gpt-4o"] input = 2.0`` keeps the bundled output and cache prices.
+    """
+    bundled_models, bundled_aliases = _bundled()
+    raws: dict[str, tuple[Mapping[str, Any], str]] = {
+        k: (v, BUNDLED) for k, v in bundled_models.items()
+    }
+    all_aliases = dict(bundled_aliases)
+    if user_file is not None:
+        user_models, user_aliases = read_price_file(user_file)
+        for key, override in user_models.items():
+            base = raws.get(key, ({}, BUNDLED))[0]
+            raws[key] = ({**base, **override}, str(user_file))
+        all_aliases.update(user_aliases)
+    all_aliases.update(aliases or {})
+    prices = {key: model_price(key, raw, source) for key, (raw, source) in raws.items()}
+    return PriceTable(prices, all_aliases)

@@ -1,0 +1,396 @@
+"""Pieces every adapter shares: safe JSON access, body framing, the parser skeleton.
+
+Provider JSON is untrusted: a field may be missing, null, a string where a number
+belongs, or the bytes may not be JSON at all. Everything here turns such input into
+"not reported" (``None``) instead of an exception, so a parser can never break
+forwarding (SPEC 2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import orjson
+
+from spendgate.providers._api import BaseParser
+from spendgate.providers._sse import SSEDecoder
+from spendgate.usage import Usage
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Largest JSON body or JSON-array element buffered for parsing; beyond it, no usage."""
+
+JSONObject = dict[str, Any]
+
+
+# --- safe access -----------------------------------------------------------------
+
+
+def as_int(value: Any) -> int | None:
+    """A token count, or None when it is missing or not a non-negative integer.
+
+    ``bool`` is rejected (it is an ``int`` subclass); integral floats are accepted
+    because some OpenAI-compatible servers emit ``12.0``.
+    """
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def as_dict(value: Any) -> JSONObject | None:
+    return value if isinstance(value, dict) else None
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def str_len(value: Any) -> int:
+    return len(value) if isinstance(value, str) else 0
+
+
+def nonempty_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def json_len(value: Any) -> int:
+    """Length of a structured value (tool arguments) as the model wrote it, roughly."""
+    if isinstance(value, str):
+        return len(value)
+    if value is None:
+        return 0
+    try:
+        return len(orjson.dumps(value))
+    except TypeError:
+        return 0
+
+
+def add_ints(*values: int | None) -> int | None:
+    """Sum of the reported values; None only if none was reported."""
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def reported(usage: Usage) -> Usage | None:
+    """``usage`` if it reports anything, else None (an empty block is no report)."""
+    if (
+        usage.input_tokens is None
+        and usage.output_tokens is None
+        and usage.cached_input_tokens is None
+        and usage.cache_write_tokens is None
+        and usage.reasoning_tokens is None
+    ):
+        return None
+    return usage
+
+
+def loads_object(data: bytes) -> JSONObject | None:
+    """Parse a JSON object; anything else (bad JSON, bad UTF-8, a list) gives None."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# Subtrees that hold binary payloads (base64 images, audio, signatures): counting them
+# as prompt text would inflate estimates and reservations by orders of magnitude.
+_BINARY_KEYS = frozenset(
+    {
+        "data",
+        "image_url",
+        "file_data",
+        "images",
+        "b64_json",
+        "signature",
+        "thoughtSignature",
+        "thought_signature",
+        "encrypted_content",
+        "input_audio",
+    }
+)
+
+
+def text_chars(obj: JSONObject, keys: Iterable[str]) -> int:
+    """Characters of every string under ``obj[key]`` for ``key`` in ``keys``.
+
+    A rough prompt size for estimates; dict keys and binary payloads are not counted.
+    Iterative, so deeply nested input cannot hit the recursion limit.
+    """
+    total = 0
+    stack: list[Any] = [obj.get(k) for k in keys]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            total += len(value)
+        elif isinstance(value, dict):
+            stack.extend(v for k, v in value.items() if k not in _BINARY_KEYS)
+        elif isinstance(value, list):
+            stack.extend(value)
+    return total
+
+
+def first_int(obj: JSONObject | None, *keys: str) -> int | None:
+    """The first of ``keys`` that holds a valid integer (output-bound spellings)."""
+    if obj is None:
+        return None
+    for key in keys:
+        value = as_int(obj.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+# --- framing: response bytes -> JSON payloads -------------------------------------
+
+
+class Framer(Protocol):
+    """Cuts a byte stream into complete JSON payloads (one per event, line or element)."""
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+
+    def close(self) -> list[bytes]: ...
+
+
+class SSEFramer:
+    """The ``data`` of each Server-Sent Event (the event name is repeated in the JSON)."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return [event.data for event in self._decoder.feed(data)]
+
+    def close(self) -> list[bytes]:
+        return [event.data for event in self._decoder.close()]
+
+
+class LineFramer:
+    """Newline-delimited JSON (Ollama). Partial lines are kept as parts, not re-joined."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\n" not in data:
+            self._size += len(data)
+            if self._size <= MAX_BODY_BYTES:
+                self._parts.append(data)
+            return []
+        lines = data.split(b"\n")
+        if self._parts:
+            lines[0] = b"".join(self._parts) + lines[0]
+        tail = lines.pop()
+        self._parts = [tail] if tail else []
+        self._size = len(tail)
+        return [line for line in lines if line.strip()]
+
+    def close(self) -> list[bytes]:
+        rest = b"".join(self._parts)
+        self._parts = []
+        return [rest] if rest.strip() else []
+
+
+class BodyFramer:
+    """One JSON document: buffered as parts and parsed once, at the end."""
+
+    __slots__ = ("_parts", "_size")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._size += len(data)
+        if self._size <= MAX_BODY_BYTES:
+            self._parts.append(data)
+        else:
+            self._parts = []
+        return []
+
+    def close(self) -> list[bytes]:
+        body = b"".join(self._parts)
+        self._parts = []
+        return [body] if body else []
+
+
+_STRUCTURAL = re.compile(rb'["{}\[\]]')
+_IN_STRING = re.compile(rb'["\\]')
+_WS = b" \t\r\n"
+
+
+class JSONElementFramer:
+    """Each top-level element of a streamed JSON array, as soon as it is complete.
+
+    Gemini's ``streamGenerateContent`` without ``alt=sse`` sends ``[{...}\\r\\n,{...}]``
+    over time. A single top-level object (``generateContent``) or concatenated objects
+    are yielded the same way. The scanner jumps between structural bytes with a regex
+    and keeps its state (depth, inside-string, pending escape) across pieces, so each
+    byte is scanned once; consumed bytes are dropped from the buffer.
+    """
+
+    __slots__ = ("_base", "_buf", "_depth", "_done", "_in_str", "_pos", "_start")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._depth = 0
+        self._base = -1  # depth at which elements start: 1 inside an array, 0 for objects
+        self._in_str = False
+        self._start = -1
+        self._done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._done:
+            return []
+        buf = self._buf
+        buf.extend(data)
+        out: list[bytes] = []
+        i, depth, start, in_str = self._pos, self._depth, self._start, self._in_str
+        if self._base < 0:
+            while i < len(buf) and buf[i] in _WS:
+                i += 1
+            if i == len(buf):
+                buf.clear()
+                self._pos = 0
+                return out
+            if buf[i] == 0x5B:  # '['
+                self._base, depth, i = 1, 1, i + 1
+            elif buf[i] == 0x7B:  # '{'
+                self._base = 0
+            else:
+                return self._stop()
+        base = self._base
+        while True:
+            if in_str:
+                m = _IN_STRING.search(buf, i)
+                if m is None:
+                    i = max(i, len(buf))
+                    break
+                i = m.end()
+                if buf[m.start()] == 0x5C:  # backslash: skip the escaped byte
+                    i += 1
+                else:
+                    in_str = False
+                continue
+            m = _STRUCTURAL.search(buf, i)
+            if m is None:
+                i = len(buf)
+                break
+            c, i = buf[m.start()], m.end()
+            if c == 0x22:  # '"'
+                in_str = True
+            elif c in (0x7B, 0x5B):  # '{' '['
+                if depth == base:
+                    start = m.start()
+                depth += 1
+            else:
+                depth -= 1
+                if depth < base:  # the outer array closed, or a stray bracket
+                    return out + self._stop()
+                if depth == base and start >= 0:
+                    out.append(bytes(buf[start:i]))
+                    start = -1
+        cut = start if start >= 0 else min(i, len(buf))
+        if cut:
+            del buf[:cut]
+            i -= cut
+            if start >= 0:
+                start = 0
+        if len(buf) > MAX_BODY_BYTES:
+            return out + self._stop()
+        self._pos, self._depth, self._start, self._in_str = i, depth, start, in_str
+        return out
+
+    def close(self) -> list[bytes]:
+        """A truncated element is dropped: it cannot be parsed."""
+        return self._stop()
+
+    def _stop(self) -> list[bytes]:
+        self._done = True
+        self._buf = bytearray()
+        return []
+
+
+# --- the parser skeleton -------------------------------------------------------------
+
+
+class FramedParser(BaseParser):
+    """Sniffs the body's framing from its first byte, then hands each JSON object on.
+
+    Content types lie (or are missing), so the body decides: ``{`` or ``[`` is JSON,
+    anything else is SSE. Subclasses pick the framer for each case, may skip payloads
+    by a cheap byte check (``_wanted``) and interpret objects (``_handle``). Every
+    failure is contained: a bad payload is skipped, a broken framer stops parsing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._framer: Framer | None = None
+
+    def _json_framer(self) -> Framer:
+        return BodyFramer()
+
+    def _text_framer(self) -> Framer:
+        return SSEFramer()
+
+    def _wanted(self, payload: bytes) -> bool:
+        return True
+
+    def _handle(self, obj: JSONObject) -> None:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        try:
+            if self._framer is None:
+                data = data.lstrip().removeprefix(b"\xef\xbb\xbf")
+                if not data:
+                    return
+                json_like = data[0] in (0x7B, 0x5B)
+                self._framer = self._json_framer() if json_like else self._text_framer()
+            payloads = self._framer.feed(data)
+        except Exception:
+            self._framer = _DEAD
+            return
+        for payload in payloads:
+            self._payload(payload)
+
+    def close(self) -> None:
+        if self._framer is None:
+            return
+        try:
+            payloads = self._framer.close()
+        except Exception:
+            payloads = []
+        self._framer = _DEAD
+        for payload in payloads:
+            self._payload(payload)
+
+    def _payload(self, payload: bytes) -> None:
+        try:
+            if not self._wanted(payload):
+                return
+            obj = loads_object(payload)
+            if obj is not None:
+                self._handle(obj)
+        except Exception:  # a malformed payload must never reach the proxy
+            return
+
+
+class _DeadFramer:
+    def feed(self, data: bytes) -> list[bytes]:
+        return []
+
+    def close(self) -> list[bytes]:
+        return []
+
+
+_DEAD = _DeadFramer()

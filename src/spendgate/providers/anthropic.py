@@ -1,0 +1,139 @@
+"""Anthropic Messages API (JSON and SSE).
+
+Anthropic's ``input_tokens`` exclude cache reads and writes, so spendgate's input is
+the sum of all three (SPEC 2). A stream reports usage twice — ``message_start`` and
+``message_delta`` — and the later one may revise any field (server tools raise
+``input_tokens``), so fields are merged with the latest report of each winning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
+from spendgate.providers._common import (
+    FramedParser,
+    JSONObject,
+    add_ints,
+    as_dict,
+    as_int,
+    as_list,
+    first_int,
+    json_len,
+    loads_object,
+    nonempty_str,
+    reported,
+    str_len,
+    text_chars,
+)
+from spendgate.usage import Usage
+
+_FIELDS = (
+    "input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "output_tokens",
+)
+_DELTA_TEXT = ("text", "partial_json", "thinking")  # text_delta, input_json_delta, thinking_delta
+
+
+def _block_chars(block: Any) -> int:
+    """Generated characters in one content block of a JSON body."""
+    if not isinstance(block, dict):
+        return 0
+    n = str_len(block.get("text")) + str_len(block.get("thinking"))
+    if block.get("type") == "tool_use":
+        n += json_len(block.get("input"))
+    return n
+
+
+class AnthropicParser(FramedParser):
+    """Messages SSE events or one Messages JSON body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._raw: dict[str, int] = {}
+
+    def _wanted(self, payload: bytes) -> bool:
+        # ping, content_block_stop and message_stop carry nothing we count.
+        return b'"usage"' in payload or b'"delta"' in payload or b'"content"' in payload
+
+    def _handle(self, obj: JSONObject) -> None:
+        kind = obj.get("type")
+        if kind == "content_block_delta":
+            delta = as_dict(obj.get("delta"))
+            if delta:
+                self._output_chars += sum(str_len(delta.get(k)) for k in _DELTA_TEXT)
+            return
+        message = as_dict(obj.get("message")) if kind == "message_start" else obj
+        if message is None:
+            return
+        if self._model is None and kind in ("message_start", "message"):
+            self._model = nonempty_str(message.get("model"))
+        if kind == "message":  # a whole JSON body
+            self._output_chars += sum(_block_chars(b) for b in as_list(message.get("content")))
+        block = as_dict(message.get("usage"))
+        if block is not None:
+            self._merge(block)
+
+    def _merge(self, block: JSONObject) -> None:
+        raw = self._raw
+        for key in _FIELDS:
+            value = as_int(block.get(key))
+            if value is not None:
+                raw[key] = value
+        creation = as_dict(block.get("cache_creation"))
+        one_hour = as_int(creation.get("ephemeral_1h_input_tokens")) if creation else None
+        if one_hour is not None:
+            raw["ephemeral_1h"] = one_hour
+        read = raw.get("cache_read_input_tokens")
+        write = raw.get("cache_creation_input_tokens")
+        self._usage = (
+            reported(
+                Usage(
+                    input_tokens=add_ints(raw.get("input_tokens"), read, write),
+                    output_tokens=raw.get("output_tokens"),
+                    cached_input_tokens=read,
+                    cache_write_tokens=write,
+                    cache_write_1h_tokens=raw.get("ephemeral_1h"),
+                )
+            )
+            or self._usage
+        )
+
+
+class AnthropicAdapter:
+    """api.anthropic.com and anything that speaks the Messages API."""
+
+    name = "anthropic"
+    error_style = "anthropic"
+
+    def inspect(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes,
+        *,
+        inject_stream_usage: bool,
+    ) -> RequestInfo:
+        if method.upper() != "POST" or not path.rstrip("/").endswith("/messages"):
+            return RequestInfo(operation="other", body=body)  # count_tokens, batches, models
+        obj = loads_object(body)
+        if obj is None:
+            return RequestInfo(operation="messages", body=body)
+        return RequestInfo(
+            operation="messages",
+            model=nonempty_str(obj.get("model")),
+            stream=obj.get("stream") is True,
+            max_output_tokens=first_int(obj, "max_tokens"),
+            input_chars=text_chars(obj, ("system", "messages", "tools")),
+            body=body,
+        )
+
+    def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
+        return AnthropicParser() if info.operation == "messages" else NullParser()
+
+    def output_filter(self, info: RequestInfo) -> None:
+        return None

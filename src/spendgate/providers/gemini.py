@@ -1,0 +1,134 @@
+"""Google Gemini ``generateContent`` / ``streamGenerateContent`` (AI Studio and Vertex AI).
+
+Streams come as SSE (``alt=sse``) or as one JSON array whose elements arrive over
+time; both carry ``GenerateContentResponse`` objects. Every chunk may repeat
+``usageMetadata``; counts can go *down* between chunks and Vertex sends blocks with
+only ``trafficType``, so the last block with any count wins — never a max or a sum.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
+from spendgate.providers._common import (
+    FramedParser,
+    Framer,
+    JSONElementFramer,
+    JSONObject,
+    add_ints,
+    as_dict,
+    as_int,
+    as_list,
+    first_int,
+    json_len,
+    loads_object,
+    nonempty_str,
+    reported,
+    str_len,
+    text_chars,
+)
+from spendgate.usage import Usage
+
+# /v1beta/models/{m}:op, /v1/projects/p/locations/l/publishers/google/models/{m}:op
+_PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent)$")
+_OPERATIONS = {
+    "generateContent": "generate_content",
+    "streamGenerateContent": "stream_generate_content",
+}
+_PROMPT_KEYS = ("contents", "systemInstruction", "system_instruction", "tools")
+
+
+def map_usage(meta: JSONObject) -> Usage | None:
+    """``usageMetadata`` → spendgate usage, or None for a block without counts.
+
+    ``promptTokenCount`` includes cached tokens; tool-use prompt tokens (code
+    execution, search) are input too. ``candidatesTokenCount`` excludes thoughts.
+    """
+    thoughts = as_int(meta.get("thoughtsTokenCount"))
+    return reported(
+        Usage(
+            input_tokens=add_ints(
+                as_int(meta.get("promptTokenCount")), as_int(meta.get("toolUsePromptTokenCount"))
+            ),
+            output_tokens=add_ints(as_int(meta.get("candidatesTokenCount")), thoughts),
+            cached_input_tokens=as_int(meta.get("cachedContentTokenCount")),
+            reasoning_tokens=thoughts,
+        )
+    )
+
+
+def _part_chars(part: Any) -> int:
+    if not isinstance(part, dict):
+        return 0
+    n = str_len(part.get("text"))
+    call = as_dict(part.get("functionCall"))
+    if call:
+        n += json_len(call.get("args"))
+    code = as_dict(part.get("executableCode"))
+    if code:
+        n += str_len(code.get("code"))
+    return n
+
+
+class GeminiParser(FramedParser):
+    """``GenerateContentResponse`` objects from SSE, a JSON array stream or one body."""
+
+    def _json_framer(self) -> Framer:
+        return JSONElementFramer()
+
+    def _handle(self, obj: JSONObject) -> None:
+        model = nonempty_str(obj.get("modelVersion"))
+        if model is not None:
+            self._model = model
+        for candidate in as_list(obj.get("candidates")):
+            content = as_dict(candidate.get("content")) if isinstance(candidate, dict) else None
+            if content:
+                self._output_chars += sum(_part_chars(p) for p in as_list(content.get("parts")))
+        meta = as_dict(obj.get("usageMetadata"))
+        if meta is not None:
+            self._usage = map_usage(meta) or self._usage
+
+
+class GeminiAdapter:
+    """The Gemini API; the model comes from the path, the response may name a version."""
+
+    name = "gemini"
+    error_style = "gemini"
+
+    def inspect(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes,
+        *,
+        inject_stream_usage: bool,
+    ) -> RequestInfo:
+        m = _PATH.search(path.rstrip("/"))
+        if method.upper() != "POST" or m is None:
+            return RequestInfo(operation="other", body=body)
+        model, op = m.group(1), _OPERATIONS[m.group(2)]
+        stream = op == "stream_generate_content"
+        obj = loads_object(body)
+        if obj is None:
+            return RequestInfo(operation=op, model=model, stream=stream, body=body)
+        config = as_dict(obj.get("generationConfig")) or as_dict(obj.get("generation_config"))
+        return RequestInfo(
+            operation=op,
+            model=model,
+            stream=stream,
+            max_output_tokens=first_int(config, "maxOutputTokens", "max_output_tokens"),
+            input_chars=text_chars(obj, _PROMPT_KEYS),
+            body=body,
+        )
+
+    def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
+        if info.operation in _OPERATIONS.values():
+            return GeminiParser()
+        return NullParser()
+
+    def output_filter(self, info: RequestInfo) -> None:
+        return None

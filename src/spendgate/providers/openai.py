@@ -1,0 +1,320 @@
+"""OpenAI wire format: chat completions, Responses, completions, embeddings.
+
+Also serves Azure OpenAI (``/openai/deployments/{name}/...``) and every
+OpenAI-compatible server (OpenRouter, Groq, DeepSeek, vLLM, Ollama's ``/v1``).
+The parser recognises payloads by shape, not by endpoint, so one class reads chat
+chunks, Responses events and plain JSON bodies alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
+from spendgate.providers._common import (
+    FramedParser,
+    JSONObject,
+    as_dict,
+    as_int,
+    as_list,
+    first_int,
+    loads_object,
+    nonempty_str,
+    reported,
+    str_len,
+    text_chars,
+)
+from spendgate.usage import Usage
+
+_AZURE = re.compile(r"/openai/deployments/([^/]+)/")
+_OPERATIONS = (
+    ("/chat/completions", "chat"),
+    ("/responses", "responses"),
+    ("/completions", "completions"),
+    ("/embeddings", "embeddings"),
+)
+OPERATIONS = frozenset(op for _, op in _OPERATIONS)
+_PROMPT_KEYS = ("messages", "input", "prompt", "instructions", "tools")
+_MAX_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def classify(method: str, path: str) -> str:
+    """The operation for a path; reads of stored objects (GET) are not generations."""
+    if method.upper() != "POST":
+        return "other"
+    path = path.rstrip("/")
+    for suffix, op in _OPERATIONS:
+        if path.endswith(suffix):
+            return op
+    return "other"
+
+
+def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
+    """OpenAI usage → spendgate usage; accepts both the chat and the Responses spelling.
+
+    ``prompt_tokens``/``input_tokens`` already include cached tokens and
+    ``completion_tokens``/``output_tokens`` already include reasoning (SPEC 2).
+    """
+    inp = as_int(block.get("prompt_tokens"))
+    if inp is None:
+        inp = as_int(block.get("input_tokens"))
+    out = as_int(block.get("completion_tokens"))
+    if out is None:
+        out = as_int(block.get("output_tokens"))
+    if out is None and embeddings and inp is not None:
+        out = 0
+    details = as_dict(block.get("prompt_tokens_details")) or as_dict(
+        block.get("input_tokens_details")
+    )
+    cached = as_int(details.get("cached_tokens")) if details else None
+    if cached is None:
+        cached = as_int(block.get("prompt_cache_hit_tokens"))  # DeepSeek
+    details = as_dict(block.get("completion_tokens_details")) or as_dict(
+        block.get("output_tokens_details")
+    )
+    reasoning = as_int(details.get("reasoning_tokens")) if details else None
+    return reported(
+        Usage(
+            input_tokens=inp,
+            output_tokens=out,
+            cached_input_tokens=cached,
+            reasoning_tokens=reasoning,
+        )
+    )
+
+
+def message_chars(msg: JSONObject) -> int:
+    """Generated characters in a chat ``delta`` or ``message`` (text, reasoning, tool args)."""
+    n = (
+        str_len(msg.get("content"))
+        + str_len(msg.get("reasoning_content"))
+        + str_len(msg.get("reasoning"))
+        + str_len(msg.get("refusal"))
+    )
+    for call in as_list(msg.get("tool_calls")):
+        fn = as_dict(call.get("function")) if isinstance(call, dict) else None
+        if fn:
+            n += str_len(fn.get("arguments"))
+    legacy = as_dict(msg.get("function_call"))
+    if legacy:
+        n += str_len(legacy.get("arguments"))
+    return n
+
+
+def _output_item_chars(item: Any) -> int:
+    """Generated characters in one Responses ``output`` item of a JSON body."""
+    if not isinstance(item, dict):
+        return 0
+    n = str_len(item.get("arguments"))
+    for part in as_list(item.get("content")) + as_list(item.get("summary")):
+        if isinstance(part, dict):
+            n += str_len(part.get("text")) + str_len(part.get("refusal"))
+    return n
+
+
+class OpenAIParser(FramedParser):
+    """Chat chunks, Responses events, or one JSON body of any of the four endpoints."""
+
+    def __init__(self, operation: str) -> None:
+        super().__init__()
+        self._embeddings = operation == "embeddings"
+
+    def _wanted(self, payload: bytes) -> bool:
+        # Cheap byte checks before orjson: ``[DONE]`` and non-JSON lines are skipped,
+        # and the large Responses events that repeat finished text (``*.done``,
+        # ``output_item.added``) carry neither usage nor a delta.
+        if payload[:1] != b"{":
+            return payload.lstrip()[:1] == b"{"
+        if b'"type":"response.' in payload[:40]:
+            return b'"usage"' in payload or b'.delta"' in payload or self._model is None
+        return True
+
+    def _handle(self, obj: JSONObject) -> None:
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.startswith("response."):
+            self._response_event(kind, obj)
+            return
+        if obj.get("object") == "response":  # a non-streamed Responses body
+            self._response(obj, body=True)
+            return
+        if self._model is None:
+            self._model = nonempty_str(obj.get("model"))  # Azure's first chunk has ""
+        for choice in as_list(obj.get("choices")):
+            if isinstance(choice, dict):
+                delta = as_dict(choice.get("delta")) or as_dict(choice.get("message"))
+                if delta:
+                    self._output_chars += message_chars(delta)
+                self._output_chars += str_len(choice.get("text"))  # completions
+        block = as_dict(obj.get("usage"))  # may ride on a chunk with choices (OpenRouter)
+        if block is not None:
+            self._usage = map_usage(block, embeddings=self._embeddings) or self._usage
+
+    def _response_event(self, kind: str, obj: JSONObject) -> None:
+        if kind.endswith(".delta"):
+            if not kind.endswith("audio.delta"):  # base64 audio is not text
+                self._output_chars += str_len(obj.get("delta"))
+            return
+        response = as_dict(obj.get("response"))
+        if response is not None:  # created/in_progress/completed/incomplete/failed
+            self._response(response, body=False)
+
+    def _response(self, response: JSONObject, *, body: bool) -> None:
+        if self._model is None:
+            self._model = nonempty_str(response.get("model"))
+        block = as_dict(response.get("usage"))
+        if block is not None:
+            self._usage = map_usage(block) or self._usage
+        if body:
+            self._output_chars += sum(
+                _output_item_chars(i) for i in as_list(response.get("output"))
+            )
+
+
+_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+
+
+def _inject_include_usage(body: bytes, obj: JSONObject) -> bytes | None:
+    """The body with ``stream_options.include_usage`` set, or None if it cannot be set.
+
+    When the client sent no ``stream_options`` the key is spliced in after the opening
+    brace so every other byte goes upstream untouched; otherwise the object is merged
+    and re-serialized.
+    """
+    options = obj.get("stream_options")
+    if options is None and "stream_options" not in obj:
+        at = body.find(b"{")
+        return body[: at + 1] + _INCLUDE_USAGE + body[at + 1 :]
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        return None
+    try:
+        return orjson.dumps({**obj, "stream_options": {**options, "include_usage": True}})
+    except TypeError:
+        return None
+
+
+class OpenAIAdapter:
+    """OpenAI and every server that speaks its wire format."""
+
+    name = "openai"
+    error_style = "openai"
+
+    def inspect(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes,
+        *,
+        inject_stream_usage: bool,
+    ) -> RequestInfo:
+        op = classify(method, path)
+        if op == "other":
+            return RequestInfo(operation="other", body=body)
+        azure = _AZURE.search(path)
+        deployment = azure.group(1) if azure else None
+        obj = loads_object(body)
+        if obj is None:
+            return RequestInfo(operation=op, model=deployment, body=body)
+        stream = obj.get("stream") is True
+        info = RequestInfo(
+            operation=op,
+            model=nonempty_str(obj.get("model")) or deployment,
+            stream=stream,
+            max_output_tokens=first_int(obj, *_MAX_KEYS),
+            input_chars=text_chars(obj, _PROMPT_KEYS),
+            body=body,
+        )
+        if op != "chat" or not stream or not inject_stream_usage:
+            return info
+        options = as_dict(obj.get("stream_options"))
+        if options is not None and options.get("include_usage") is True:
+            return info  # the client asked for the usage chunk itself: leave it alone
+        rewritten = _inject_include_usage(body, obj)
+        if rewritten is None:
+            return info
+        return RequestInfo(
+            operation=info.operation,
+            model=info.model,
+            stream=True,
+            max_output_tokens=info.max_output_tokens,
+            input_chars=info.input_chars,
+            body=rewritten,
+            strip_usage_chunk=True,
+        )
+
+    def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
+        if info.operation not in OPERATIONS:
+            return NullParser()
+        return OpenAIParser(info.operation)
+
+    def output_filter(self, info: RequestInfo) -> UsageChunkFilter | None:
+        return UsageChunkFilter() if info.strip_usage_chunk else None
+
+
+# --- hiding the injected usage chunk -------------------------------------------------
+
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def is_usage_only_event(block: bytes) -> bool:
+    """True for the chunk ``include_usage`` adds: ``"choices": []`` and a usage object."""
+    if b'"usage"' not in block:  # byte scan first: almost every event stops here
+        return False
+    data = [
+        line[6:] if line[5:6] == b" " else line[5:]
+        for line in _LINE_END.split(block)
+        if line.startswith(b"data:")
+    ]
+    obj = loads_object(b"\n".join(data))
+    return obj is not None and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+
+class UsageChunkFilter:
+    """Removes the usage-only SSE event from what the client receives.
+
+    Every other byte passes unchanged (``[DONE]``, comments, CRLF framing). An event is
+    held back only until its terminating blank line arrives, since whether to drop it
+    is known only then. A body that is not SSE (an error JSON) passes straight through.
+    """
+
+    __slots__ = ("_passthrough", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._passthrough: bool | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        if self._passthrough is None:
+            head = (self._pending + data).lstrip()
+            if head:
+                self._passthrough = head[:1] in (b"{", b"[")
+        if self._passthrough:
+            out, self._pending = self._pending + data, b""
+            return out
+        buf = self._pending + data if self._pending else data
+        out_parts: list[bytes] = []
+        emit_from = pos = 0
+        for m in _EVENT_END.finditer(buf, max(0, len(self._pending) - 3)):
+            end = m.end()
+            if end == len(buf) and buf[-1] == 0x0D:  # a CR may be half of a CRLF
+                break
+            if is_usage_only_event(buf[pos:end]):
+                out_parts.append(buf[emit_from:pos])
+                emit_from = end
+            pos = end
+        out_parts.append(buf[emit_from:pos])
+        self._pending = buf[pos:]
+        return b"".join(out_parts)
+
+    def close(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        if not self._passthrough and is_usage_only_event(rest):
+            return b""
+        return rest

@@ -1,0 +1,314 @@
+"""The catch-all forwarding handler (SPEC 1): stream bytes through, tap the adapter.
+
+It orchestrates and knows no provider's JSON: route and session come from
+:mod:`routing`, request facts and parsers from the adapter, and all bookkeeping from
+:class:`~spendgate.accounting.Accountant`, which runs in ``finally`` so client
+hang-ups and upstream failures are billed and recorded like any other response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from spendgate.accounting import Accountant, Exchange
+from spendgate.budgets import Refusal
+from spendgate.errors import error_response, stream_error_bytes
+from spendgate.providers import get_adapter
+from spendgate.providers._api import Adapter
+from spendgate.routing import Router, RoutingError
+from spendgate.settings import Settings
+
+log = logging.getLogger("spendgate.proxy")
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Trailers", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)  # fmt: skip
+KEY_HEADERS = ("x-api-key", "x-goog-api-key", "api-key")
+
+
+class _Decoder(Protocol):
+    def decompress(self, data: bytes) -> bytes: ...
+
+
+def _decoder(encoding: str) -> _Decoder | None:
+    """A decompressor for the parser's copy of a compressed body (the client gets it as is)."""
+    enc = encoding.strip().lower()
+    if enc in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
+    if enc == "br":
+        try:
+            import brotli  # type: ignore[import-not-found,unused-ignore]
+
+            return brotli.Decompressor()  # type: ignore[no-any-return,unused-ignore]
+        except ImportError:
+            return None
+    return None
+
+
+def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """First 12 hex chars of the API key's SHA-256: enough to tell keys apart, never the key."""
+    key = None
+    auth = headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    for name in KEY_HEADERS:
+        key = key or headers.get(name)
+    key = key or query.get("key")
+    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
+
+
+def upstream_headers(headers: CIMultiDictProxy[str], drop_encoding: bool) -> CIMultiDict[str]:
+    connection_listed = {
+        h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in connection_listed or low.startswith("x-spendgate-"):
+            continue
+        out.add(name, value)
+    if drop_encoding:  # we must edit the stream, so ask for it uncompressed
+        out["Accept-Encoding"] = "identity"
+    return out
+
+
+def client_headers(headers: CIMultiDictProxy[str], keep_length: bool) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP and not (keep_length and low == "content-length"):
+            continue
+        out.add(name, value)
+    return out
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+class ProxyHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        router: Router,
+        accountant: Accountant,
+        client: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.router = router
+        self.acct = accountant
+        self.client = client
+        self.metrics = accountant.metrics
+        self._cut = settings.on_budget_mid_stream == "cut"
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.upstream_total_timeout_s,
+            connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_idle_timeout_s,
+        )
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        try:
+            target = self.router.resolve(request.rel_url.raw_path, request.headers)
+        except RoutingError as exc:
+            return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
+        route = target.route
+        adapter = get_adapter(route.adapter)
+        try:
+            body = await read_body(request, self.settings.max_request_bytes)
+        except BodyTooLarge:
+            msg = f"request body exceeds max_request_bytes ({self.settings.max_request_bytes})"
+            return error_response(adapter.error_style, 413, msg, "request_too_large")
+        info = adapter.inspect(
+            request.method,
+            target.path,
+            request.rel_url.query,
+            body,
+            inject_stream_usage=self.settings.inject_stream_usage,
+        )
+        ex = Exchange(target, info, key_fingerprint=key_fingerprint(request.headers, request.rel_url.query))
+        refusal = await self.acct.admit(ex)
+        if refusal is not None:
+            return self._refuse(adapter, refusal, route.name)
+        try:
+            return await self._forward(request, adapter, ex)
+        finally:
+            await self.acct.finish(ex)
+
+    def _refuse(self, adapter: Adapter, refusal: Refusal, route: str) -> web.Response:
+        self.metrics.budget_rejections.labels(route).inc()
+        budget = "" if refusal.budget_usd is None else f"{refusal.budget_usd:.6f}"
+        headers = {
+            "X-Spendgate-Session": refusal.session_id,
+            "X-Spendgate-Budget-Usd": budget,
+            "X-Spendgate-Spent-Usd": f"{refusal.spent_usd:.6f}",
+            "x-should-retry": "false",
+        }
+        return error_response(
+            adapter.error_style, 402, refusal.message(), "budget_exceeded",
+            "session_budget_exceeded", headers,
+        )  # fmt: skip
+
+    def _upstream_error(self, adapter: Adapter, ex: Exchange, status: int, kind: str, msg: str) -> web.Response:
+        ex.status, ex.error = status, kind
+        self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
+        log.warning("upstream %s for %s: %s", kind, ex.target.route.name, msg)
+        return error_response(adapter.error_style, status, msg, "upstream_error")
+
+    async def _forward(self, request: web.Request, adapter: Adapter, ex: Exchange) -> web.StreamResponse:
+        route, info = ex.target.route, ex.info
+        url = route.upstream + ex.target.path
+        qs = request.rel_url.raw_query_string
+        if qs:
+            url += "?" + qs
+        headers = upstream_headers(request.headers, info.strip_usage_chunk)
+        for name, value in route.headers:
+            headers[name] = value
+        try:
+            up = await self.client.request(
+                request.method,
+                aiohttp.client.URL(url, encoded=True),
+                headers=headers,
+                data=info.body if info.body or request.can_read_body else None,
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError):
+            return self._upstream_error(
+                adapter, ex, 504, "timeout", f"upstream {route.upstream} did not answer in time"
+            )
+        except aiohttp.ClientError as exc:
+            return self._upstream_error(
+                adapter, ex, 502, "connect", f"upstream {route.upstream} is unreachable: {exc}"
+            )
+        async with up:
+            return await self._stream(request, adapter, ex, up)
+
+    async def _stream(
+        self, request: web.Request, adapter: Adapter, ex: Exchange, up: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        info = ex.info
+        ex.status = up.status
+        ctype = up.headers.get("Content-Type", "")
+        encoding = up.headers.get("Content-Encoding", "")
+        ok = up.status < 400
+        ex.parser = parser = adapter.parser(info, up.status, ctype)
+        decoder = _decoder(encoding) if encoding else None
+        feed_parser = not encoding or decoder is not None
+        out_filter = adapter.output_filter(info) if ok and not encoding else None
+        resp = web.StreamResponse(status=up.status, reason=up.reason)
+        resp.headers.extend(client_headers(up.headers, keep_length=out_filter is None))
+        live = ok and info.stream
+        cut = live and self._cut
+        await resp.prepare(request)
+        if live:
+            self.metrics.active_streams.inc()
+        try:
+            async for chunk in up.content.iter_any():
+                if ex.ttft is None:
+                    ex.ttft = time.perf_counter() - ex.t0
+                out = out_filter.feed(chunk) if out_filter is not None else chunk
+                if out:
+                    await resp.write(out)
+                if feed_parser:
+                    try:
+                        parser.feed(decoder.decompress(chunk) if decoder is not None else chunk)
+                    except Exception:  # a broken compressed body: stop parsing, keep forwarding
+                        feed_parser = False
+                if live:
+                    self.acct.live(ex)
+                    if cut and self.acct.over_budget(ex):
+                        parser.close()
+                        await self._cut_stream(adapter, ex, resp)
+                        return resp
+            if out_filter is not None:
+                tail = out_filter.close()
+                if tail:
+                    await resp.write(tail)
+            parser.close()
+            await resp.write_eof()
+        except ConnectionError:
+            ex.aborted = True  # the client hung up; bill what was streamed
+            parser.close()
+        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else "reset"
+            ex.error = f"upstream_{kind}"
+            self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
+            log.warning("upstream %s mid-response on %s: %s", kind, ex.target.route.name, exc)
+            parser.close()
+            await self._end_broken(request, adapter, ex, resp, ctype)
+        finally:
+            if live:
+                self.metrics.active_streams.dec()
+        return resp
+
+    async def _cut_stream(self, adapter: Adapter, ex: Exchange, resp: web.StreamResponse) -> None:
+        ex.error = "budget_cut"
+        spent = self.acct.ledger.spent(ex.target.session_id)
+        msg = (
+            f"spendgate stopped this stream: session '{ex.target.session_id}' ran out of budget "
+            f"(spent ${spent:.4f} before this response)."
+        )
+        try:
+            await resp.write(
+                stream_error_bytes(
+                    adapter.error_style, 402, msg, "budget_exceeded", "session_budget_exceeded"
+                )
+            )
+            await resp.write_eof()
+        except ConnectionError:
+            ex.aborted = True
+
+    async def _end_broken(
+        self,
+        request: web.Request,
+        adapter: Adapter,
+        ex: Exchange,
+        resp: web.StreamResponse,
+        ctype: str,
+    ) -> None:
+        """The upstream broke after headers went out: say so in-band, or cut the connection."""
+        try:
+            if "event-stream" in ctype or "ndjson" in ctype:
+                msg = f"spendgate: upstream {ex.target.route.upstream} broke mid-response"
+                await resp.write(stream_error_bytes(adapter.error_style, 502, msg, "upstream_error"))
+                await resp.write_eof()
+            else:
+                # A JSON body cut short must look cut short: drop the connection.
+                if request.transport is not None:
+                    request.transport.close()
+        except ConnectionError:
+            ex.aborted = True
+
+
+def _style(adapter_name: str) -> str:
+    try:
+        return get_adapter(adapter_name).error_style
+    except KeyError:
+        return "openai"

@@ -1,0 +1,101 @@
+"""Session summaries shared by the API and the command line (which reads the file directly)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from spendgate.events import context_data
+from spendgate.pricing import PriceTable
+from spendgate.records import SessionRecord
+from spendgate.store import Store
+
+
+def _float(value: Decimal | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def session_json(rec: SessionRecord, spent: Decimal) -> dict[str, Any]:
+    return {
+        "sessionId": rec.id,
+        "createdAt": rec.created_at,
+        "label": rec.label,
+        "budgetUsd": _float(rec.budget_usd),
+        "spentUsd": float(spent),
+        "remainingUsd": None if rec.budget_usd is None else float(rec.budget_usd - spent),
+        "paused": rec.paused,
+        "pauseReason": rec.pause_reason,
+    }
+
+
+def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        (r["key"] if r["key"] is not None else "unknown"): {
+            "inputTokens": r["input_tokens"],
+            "outputTokens": r["output_tokens"],
+            "cachedInputTokens": r["cached_input_tokens"],
+            "cacheWriteTokens": r["cache_write_tokens"],
+            "reasoningTokens": r["reasoning_tokens"],
+            "costUsd": r["cost_usd"],
+            "messageCount": r["message_count"],
+        }
+        for r in rows
+    }
+
+
+async def session_summary(
+    store: Store, prices: PriceTable, rec: SessionRecord, spent: Decimal
+) -> dict[str, Any]:
+    """SPEC 7's ``SessionCostSummary``."""
+    (tot,) = await store.totals(rec.id)
+    latest = await store.latest_message(rec.id)
+    context = None
+    if latest is not None:
+        price = prices.resolve(latest.model, latest.provider) if latest.model else None
+        window = price.context_window if price else None
+        context = context_data(rec.id, latest.model, latest.total_tokens, window)
+    summary = session_json(rec, spent)
+    summary.update(
+        totalInputTokens=tot["input_tokens"],
+        totalOutputTokens=tot["output_tokens"],
+        totalCachedInputTokens=tot["cached_input_tokens"],
+        totalCacheWriteTokens=tot["cache_write_tokens"],
+        totalReasoningTokens=tot["reasoning_tokens"],
+        totalCostUsd=tot["cost_usd"] if tot["message_count"] else 0.0,
+        messageCount=tot["message_count"],
+        byModel=_group(await store.totals(rec.id, "model")),
+        byAgent=_group(await store.totals(rec.id, "agent_id")),
+        context=context,
+    )
+    return summary
+
+
+async def sessions_list(
+    store: Store, spent_of: Callable[[str], Decimal] | None = None
+) -> list[dict[str, Any]]:
+    """Every session with its totals, newest activity first.
+
+    ``spent_of`` is the live ledger's view; without one (the CLI) the rows' sum is used.
+    """
+    out = []
+    for row in await store.session_totals():
+        rec = SessionRecord(
+            row["id"],
+            row["created_at"],
+            None if row["budget_usd"] is None else Decimal(repr(row["budget_usd"])),
+            bool(row["paused"]),
+            row["pause_reason"],
+            row["label"],
+        )
+        summed = Decimal(repr(row["cost_usd"] or 0))
+        item = session_json(rec, spent_of(rec.id) if spent_of else summed)
+        item.update(
+            totalCostUsd=row["cost_usd"],
+            messageCount=row["message_count"] or 0,
+            totalInputTokens=row["input_tokens"] or 0,
+            totalOutputTokens=row["output_tokens"] or 0,
+            lastActivityAt=row["last_at"],
+        )
+        out.append(item)
+    return out

@@ -1,0 +1,63 @@
+"""``GET /api/events``: the live event stream (SPEC 6).
+
+Filters by session and type, replays from ``Last-Event-ID``, sends a keep-alive
+comment every 15 s, and ends when the bus drops this subscriber for being slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from aiohttp import web
+
+from spendgate.events import EVENT_TYPES, Event
+from spendgate.keys import ACCOUNTANT
+
+KEEPALIVE_S = 15.0
+
+
+def encode(event: Event) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), orjson.dumps(event.data))
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    bus = request.app[ACCOUNTANT].bus
+    sessions = request.query.getall("session", [])
+    types = [t for v in request.query.getall("types", []) for t in v.split(",") if t]
+    unknown = set(types) - set(EVENT_TYPES)
+    if unknown:
+        raise web.HTTPBadRequest(
+            text=f"unknown event types {sorted(unknown)}; known: {', '.join(EVENT_TYPES)}"
+        )
+    last = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    try:
+        last_id = int(last) if last else None
+    except ValueError:
+        last_id = None
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await resp.prepare(request)
+    sub, backlog = bus.subscribe(sessions, types, last_id)
+    try:
+        await resp.write(b": connected\n\n" + b"".join(encode(e) for e in backlog))
+        while True:
+            try:
+                event = await asyncio.wait_for(sub.get(), KEEPALIVE_S)
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            if event is None:  # dropped for being slow: end, the client reconnects
+                break
+            await resp.write(encode(event))
+        await resp.write_eof()
+    except ConnectionError:
+        pass  # the subscriber went away
+    finally:
+        bus.unsubscribe(sub)
+    return resp

@@ -1,0 +1,385 @@
+"""The storage seam and its SQLite implementation (SPEC 4).
+
+The request path never waits for the disk: ``add_message``/``save_session`` only append
+to an in-memory queue, and a single writer task commits batches on a short interval.
+Reads call ``flush()`` first, so every API read reflects every finished request.
+If the database is locked or the disk is full, batches are retried with backoff and
+the queue (bounded) keeps them; only past that bound are rows dropped, loudly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+from spendgate.records import MessageRecord, SessionRecord
+
+log = logging.getLogger("spendgate.store")
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        budget_usd REAL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        pause_reason TEXT,
+        label TEXT,
+        updated_at REAL
+    );
+    CREATE TABLE token_usage (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        session_id TEXT NOT NULL,
+        agent_id TEXT,
+        route TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT,
+        endpoint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        stream INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cached_input_tokens INTEGER NOT NULL,
+        cache_write_tokens INTEGER NOT NULL,
+        reasoning_tokens INTEGER NOT NULL,
+        total_tokens INTEGER NOT NULL,
+        cost_usd REAL,
+        estimated INTEGER NOT NULL,
+        aborted INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        ttft_ms REAL,
+        duration_ms REAL NOT NULL,
+        key_fingerprint TEXT,
+        error TEXT
+    );
+    CREATE INDEX token_usage_session ON token_usage (session_id, seq);
+    """,
+)
+
+_MESSAGE_COLUMNS = (
+    "id, session_id, agent_id, route, provider, model, endpoint, status, stream, input_tokens, "
+    "output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
+    "cost_usd, estimated, aborted, started_at, ttft_ms, duration_ms, key_fingerprint, error"
+)
+_INSERT_MESSAGE = (
+    f"INSERT OR IGNORE INTO token_usage ({_MESSAGE_COLUMNS}) "
+    f"VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS.split(',')))})"
+)
+_UPSERT_SESSION = (
+    "INSERT INTO sessions (id, created_at, budget_usd, paused, pause_reason, label, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET budget_usd=excluded.budget_usd, "
+    "paused=excluded.paused, pause_reason=excluded.pause_reason, label=excluded.label, "
+    "updated_at=excluded.updated_at"
+)
+_TOTALS = (
+    "COUNT(*) AS message_count, COALESCE(SUM(input_tokens), 0) AS input_tokens, "
+    "COALESCE(SUM(output_tokens), 0) AS output_tokens, "
+    "COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, "
+    "COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens, "
+    "COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens, SUM(cost_usd) AS cost_usd, "
+    "MAX(started_at) AS last_at"
+)
+
+
+def _money(value: float | None) -> Decimal | None:
+    return None if value is None else Decimal(repr(value))
+
+
+def _message_params(m: MessageRecord) -> tuple[Any, ...]:
+    return (
+        m.id, m.session_id, m.agent_id, m.route, m.provider, m.model, m.endpoint, m.status,
+        int(m.stream), m.input_tokens, m.output_tokens, m.cached_input_tokens,
+        m.cache_write_tokens, m.reasoning_tokens, m.total_tokens,
+        None if m.cost_usd is None else float(m.cost_usd), int(m.estimated), int(m.aborted),
+        m.started_at, m.ttft_ms, m.duration_ms, m.key_fingerprint, m.error,
+    )  # fmt: skip
+
+
+def _message_from_row(r: aiosqlite.Row) -> MessageRecord:
+    return MessageRecord(
+        id=r["id"], session_id=r["session_id"], agent_id=r["agent_id"], route=r["route"],
+        provider=r["provider"], model=r["model"], endpoint=r["endpoint"], status=r["status"],
+        stream=bool(r["stream"]), input_tokens=r["input_tokens"],
+        output_tokens=r["output_tokens"], cached_input_tokens=r["cached_input_tokens"],
+        cache_write_tokens=r["cache_write_tokens"], reasoning_tokens=r["reasoning_tokens"],
+        cost_usd=_money(r["cost_usd"]), estimated=bool(r["estimated"]),
+        aborted=bool(r["aborted"]), started_at=r["started_at"], ttft_ms=r["ttft_ms"],
+        duration_ms=r["duration_ms"], key_fingerprint=r["key_fingerprint"], error=r["error"],
+    )  # fmt: skip
+
+
+def _session_params(s: SessionRecord) -> tuple[Any, ...]:
+    budget = None if s.budget_usd is None else float(s.budget_usd)
+    return (s.id, s.created_at, budget, int(s.paused), s.pause_reason, s.label, time.time())
+
+
+def _session_from_row(r: aiosqlite.Row) -> SessionRecord:
+    return SessionRecord(
+        id=r["id"],
+        created_at=r["created_at"],
+        budget_usd=_money(r["budget_usd"]),
+        paused=bool(r["paused"]),
+        pause_reason=r["pause_reason"],
+        label=r["label"],
+    )
+
+
+class Store(Protocol):
+    """What the proxy and API need from storage; a PostgreSQL store can slot in."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def add_message(self, message: MessageRecord) -> None: ...
+
+    def save_session(self, session: SessionRecord) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def load_sessions(self) -> list[SessionRecord]: ...
+
+    async def spend_by_session(self) -> dict[str, Decimal]: ...
+
+    async def session_totals(self) -> list[dict[str, Any]]: ...
+
+    async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]: ...
+
+    async def messages(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[list[MessageRecord], int | None]: ...
+
+    def iter_messages(self, session_id: str) -> AsyncIterator[MessageRecord]: ...
+
+    async def latest_message(self, session_id: str) -> MessageRecord | None: ...
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: Path,
+        flush_interval: float = 0.2,
+        max_queue: int = 200_000,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._interval = flush_interval
+        self._max_queue = max_queue
+        self._on_drop = on_drop
+        self._db: aiosqlite.Connection | None = None
+        self._pending: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._enqueued = 0
+        self._committed = 0
+        self._wake = asyncio.Event()
+        self._committed_cond = asyncio.Condition()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self, start_writer: bool = True) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, timeout=5.0, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await self._migrate(db)
+        self._db = db
+        if start_writer:
+            self._writer = asyncio.create_task(self._write_loop(), name="spendgate-writer")
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+            log.info("database %s migrated to schema version %d", self.path, number)
+
+    async def close(self) -> None:
+        """Write everything queued, then close (called on shutdown, SIGINT/SIGTERM)."""
+        self._closing = True
+        if self._writer is not None:
+            self._wake.set()
+            try:
+                await asyncio.wait_for(self._writer, timeout=30)
+            except (TimeoutError, asyncio.CancelledError):
+                log.error("gave up writing %d queued rows at shutdown", len(self._pending))
+            self._writer = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    # -- writes (never awaited by the request path) --------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def _enqueue(self, op: str, params: tuple[Any, ...]) -> None:
+        if len(self._pending) >= self._max_queue:
+            lost = self._pending.popleft()
+            log.error(
+                "storage queue full (%d): dropping a queued %s write; the database is failing",
+                self._max_queue,
+                lost[0],
+            )
+            if self._on_drop is not None:
+                self._on_drop(1)
+        self._pending.append((op, params))
+        self._enqueued += 1
+        if len(self._pending) >= 500:
+            self._wake.set()
+
+    def add_message(self, message: MessageRecord) -> None:
+        self._enqueue("message", _message_params(message))
+
+    def save_session(self, session: SessionRecord) -> None:
+        self._enqueue("session", _session_params(session))
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued before this call is committed."""
+        target = self._enqueued
+        if self._committed >= target:
+            return
+        if self._writer is None:
+            await self._write_batch()
+            return
+        self._wake.set()
+        async with self._committed_cond:
+            try:
+                await asyncio.wait_for(
+                    self._committed_cond.wait_for(lambda: self._committed >= target), timeout
+                )
+            except TimeoutError:
+                log.error("flush timed out with %d rows queued", len(self._pending))
+
+    async def _write_loop(self) -> None:
+        backoff = self._interval
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._pending:
+                try:
+                    await self._write_batch()
+                    backoff = self._interval
+                except Exception as exc:  # locked, disk full, I/O error: keep rows, retry
+                    log.error("database write failed (%s); %d rows kept for retry", exc, len(self._pending))
+                    backoff = min(backoff * 2, 5.0)
+                    if self._closing and backoff >= 5.0:
+                        return
+                    await asyncio.sleep(backoff)
+                    continue
+            if self._closing and not self._pending:
+                return
+
+    async def _write_batch(self) -> None:
+        if not self._pending:
+            return
+        batch = list(self._pending)
+        sessions = [p for op, p in batch if op == "session"]
+        messages = [p for op, p in batch if op == "message"]
+        db = self.db
+        try:
+            await db.execute("BEGIN")
+            if sessions:
+                await db.executemany(_UPSERT_SESSION, sessions)
+            if messages:
+                await db.executemany(_INSERT_MESSAGE, messages)
+            await db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        for _ in batch:
+            self._pending.popleft()
+        self._committed += len(batch)
+        async with self._committed_cond:
+            self._committed_cond.notify_all()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self.db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def load_sessions(self) -> list[SessionRecord]:
+        return [_session_from_row(r) for r in await self._fetchall("SELECT * FROM sessions")]
+
+    async def spend_by_session(self) -> dict[str, Decimal]:
+        rows = await self._fetchall(
+            "SELECT session_id, SUM(cost_usd) AS cost FROM token_usage GROUP BY session_id"
+        )
+        return {r["session_id"]: _money(r["cost"]) or Decimal(0) for r in rows}
+
+    async def session_totals(self) -> list[dict[str, Any]]:
+        await self.flush()
+        rows = await self._fetchall(
+            f"SELECT s.*, t.* FROM sessions s LEFT JOIN (SELECT session_id, {_TOTALS} "
+            "FROM token_usage GROUP BY session_id) t ON t.session_id = s.id "
+            "ORDER BY COALESCE(t.last_at, s.created_at) DESC"
+        )
+        return [dict(r) for r in rows]
+
+    async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]:
+        """Token and cost sums for a session, optionally per ``model`` or ``agent_id``."""
+        await self.flush()
+        if group_by not in (None, "model", "agent_id"):
+            raise ValueError(group_by)
+        key = f"{group_by} AS key, " if group_by else ""
+        tail = f" GROUP BY {group_by} ORDER BY {group_by}" if group_by else ""
+        rows = await self._fetchall(
+            f"SELECT {key}{_TOTALS} FROM token_usage WHERE session_id = ?{tail}", (session_id,)
+        )
+        return [dict(r) for r in rows]
+
+    async def messages(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[list[MessageRecord], int | None]:
+        await self.flush()
+        rows = await self._fetchall(
+            f"SELECT seq, {_MESSAGE_COLUMNS} FROM token_usage WHERE session_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (session_id, after, limit + 1),
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_message_from_row(r) for r in rows], (rows[-1]["seq"] if more else None)
+
+    async def iter_messages(self, session_id: str) -> AsyncIterator[MessageRecord]:
+        """All rows of a session in pages, so an export holds one page in memory at a time."""
+        after = 0
+        while True:
+            page, cursor = await self.messages(session_id, after, 1000)
+            for m in page:
+                yield m
+            if cursor is None:
+                return
+            after = cursor
+
+    async def latest_message(self, session_id: str) -> MessageRecord | None:
+        await self.flush()
+        rows = await self._fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM token_usage WHERE session_id = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (session_id,),
+        )
+        return _message_from_row(rows[0]) if rows else None

@@ -1,0 +1,547 @@
+"""Pricing (SPEC 3): model-id resolution, exact Decimal costs, converters, price files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from spendgate.pricing import (
+    ModelPrice,
+    PriceTable,
+    PriceTier,
+    PricingError,
+    bundled_attribution,
+    convert_litellm,
+    convert_models_dev,
+    detect_format,
+    import_table,
+    load_price_table,
+    model_price,
+    per_million,
+)
+from spendgate.usage import TokenCounts, Usage
+from tests.paths import PRICE_DATA
+
+D = Decimal
+
+
+@pytest.fixture(scope="module")
+def table() -> PriceTable:
+    return load_price_table()
+
+
+@pytest.fixture(scope="module")
+def litellm() -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads(PRICE_DATA.read_bytes())
+    return data
+
+
+def found(table: PriceTable, model: str, provider: str | None = None) -> ModelPrice:
+    price = table.resolve(model, provider)
+    assert price is not None, model
+    return price
+
+
+def small_table(aliases: dict[str, str] | None = None) -> PriceTable:
+    """A hand-made table, so each resolution rule is tested on its own."""
+    prices = {
+        m: ModelPrice(model=m, input=D(1), output=D(2))
+        for m in ("gpt-4o", "claude-3-5-sonnet", "gpt-4", "ollama/llama3", "xai/grok-4", "grok-4")
+    }
+    return PriceTable(prices, aliases)
+
+
+# --- resolution ---------------------------------------------------------------------
+
+
+def test_resolve_exact(table: PriceTable) -> None:
+    price = table.resolve("gpt-4o-2024-08-06")
+    assert price is not None and price.model == "gpt-4o-2024-08-06"
+
+
+def test_resolve_exact_tries_provider_prefixed_key_first() -> None:
+    t = small_table()
+    assert found(t, "grok-4", "xai").model == "xai/grok-4"
+    assert found(t, "grok-4").model == "grok-4"
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("openai/gpt-4o", "gpt-4o"), ("models/gpt-4o", "gpt-4o"), ("a/b/gpt-4o", "gpt-4o")],
+)
+def test_resolve_without_provider_prefix(model: str, expected: str) -> None:
+    assert found(small_table(), model).model == expected
+
+
+def test_resolve_gemini_models_prefix_on_bundled(table: PriceTable) -> None:
+    price = table.resolve("models/gemini-2.5-flash", "gemini")
+    assert price is not None and price.model == "gemini-2.5-flash"
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+        ("claude-3-5-sonnet-20240620", "claude-3-5-sonnet"),
+        ("gpt-4-0613", "gpt-4"),
+        ("claude-3-5-sonnet@20240620", "claude-3-5-sonnet"),
+        ("openai/gpt-4o-2024-08-06", "gpt-4o"),
+    ],
+)
+def test_resolve_without_date_suffix(model: str, expected: str) -> None:
+    assert found(small_table(), model).model == expected
+
+
+def test_resolve_ollama_tags() -> None:
+    t = small_table()
+    assert found(t, "llama3:latest", "ollama").model == "ollama/llama3"
+    assert found(t, "llama3:8b", "ollama").model == "ollama/llama3"
+
+
+def test_resolve_vertex_style_prefers_the_dated_first_party_id(table: PriceTable) -> None:
+    price = table.resolve("claude-3-5-sonnet@20240620")
+    assert price is not None and price.model == "claude-3-5-sonnet-20240620"
+
+
+def test_resolve_fine_tuned_openai_model(table: PriceTable) -> None:
+    price = table.resolve("ft:gpt-4o-mini-2024-07-18:acme::9xYz")
+    assert price is not None and price.model == "ft:gpt-4o-mini-2024-07-18"
+
+
+def test_resolve_alias_last() -> None:
+    t = small_table({"my-model": "gpt-4o-2024-08-06", "gpt-4": "gpt-4o"})
+    assert found(t, "my-model").model == "gpt-4o"
+    assert found(t, "openai/my-model").model == "gpt-4o"
+    # Aliases come after the exact id: a real entry is never shadowed.
+    assert found(t, "gpt-4").model == "gpt-4"
+
+
+def test_bundled_anthropic_aliases(table: PriceTable) -> None:
+    price = table.resolve("claude-sonnet-4-0")
+    assert price is not None and price.model == "claude-sonnet-4-20250514"
+
+
+def test_resolution_is_cached_including_misses() -> None:
+    t = small_table()
+    assert t.resolve("nope-1") is None
+    assert t.resolve("gpt-4o-2024-08-06") is t.resolve("gpt-4o-2024-08-06")
+    assert t._cache[("nope-1", None)] is None
+    assert t._cache[("gpt-4o-2024-08-06", None)] is t.get("gpt-4o")
+
+
+def test_unknown_model_costs_none_but_tokens_still_count(
+    table: PriceTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    usage = Usage(input_tokens=1200, output_tokens=300)
+    t = load_price_table()
+    with caplog.at_level(logging.WARNING, logger="spendgate.pricing"):
+        assert t.resolve("acme-llm-9000") is None
+        assert t.cost("acme-llm-9000", usage.counts()) is None
+        assert t.cost("acme-llm-9000", usage.counts()) is None
+        assert t.reserve_cost("acme-llm-9000", 1000, 4096) is None
+    assert usage.counts().total_tokens == 1500
+    warnings = [r for r in caplog.records if "acme-llm-9000" in r.getMessage()]
+    assert len(warnings) == 1  # once per model, not per request
+
+
+def test_entry_without_token_prices_costs_none() -> None:
+    t = PriceTable({"half": ModelPrice(model="half", input=D(1))})
+    assert t.cost("half", TokenCounts(input_tokens=10)) is None
+
+
+# --- costs, exact to the Decimal -------------------------------------------------------
+
+
+def test_cost_openai_gpt_4o_mini_with_cache(table: PriceTable) -> None:
+    # input 0.15, cached 0.075, output 0.6 per million
+    counts = TokenCounts(input_tokens=1149, cached_input_tokens=1024, output_tokens=353)
+    # (125 x 0.15 + 1024 x 0.075 + 353 x 0.6) / 1e6 = (18.75 + 76.8 + 211.8) / 1e6
+    assert table.cost("gpt-4o-mini", counts) == D("0.00030735")
+    assert table.cost("gpt-4o-mini-2024-07-18", counts, "openai") == D("0.00030735")
+
+
+def test_cost_gpt_5_nano_reasoning_billed_once(table: PriceTable) -> None:
+    # input 0.05, output 0.4 per million; the 192 reasoning tokens are inside the 228
+    counts = TokenCounts(input_tokens=34, output_tokens=228, reasoning_tokens=192)
+    # (34 x 0.05 + 228 x 0.4) / 1e6 = (1.7 + 91.2) / 1e6
+    assert table.cost("gpt-5-nano", counts) == D("0.0000929")
+
+
+def test_cost_anthropic_sonnet_4_6_cache_reads_and_writes(table: PriceTable) -> None:
+    # input 3, output 15, cache read 0.3, 5-minute write 3.75, 1-hour write 6 per million.
+    # Anthropic usage: input_tokens 12, cache_read 4000, cache_creation 2500 (1000 of them
+    # 1h), output 350 -> spendgate input_tokens = 12 + 4000 + 2500 = 6512.
+    counts = TokenCounts(
+        input_tokens=6512,
+        cached_input_tokens=4000,
+        cache_write_tokens=2500,
+        cache_write_1h_tokens=1000,
+        output_tokens=350,
+    )
+    # (12 x 3 + 4000 x 0.3 + 1500 x 3.75 + 1000 x 6 + 350 x 15) / 1e6
+    # = (36 + 1200 + 5625 + 6000 + 5250) / 1e6
+    assert table.cost("claude-sonnet-4-6", counts) == D("0.018111")
+
+
+def test_cost_claude_3_5_sonnet_20240620_derived_from_bedrock(table: PriceTable) -> None:
+    # input 3, output 15, cache read 0.3, 5m write 3.75, 1h write 6 (2 x input) per million
+    five_min = TokenCounts(
+        input_tokens=3100, cached_input_tokens=2000, cache_write_tokens=1000, output_tokens=200
+    )
+    # (100 x 3 + 2000 x 0.3 + 1000 x 3.75 + 200 x 15) / 1e6 = (300 + 600 + 3750 + 3000) / 1e6
+    assert table.cost("claude-3-5-sonnet-20240620", five_min) == D("0.00765")
+    one_hour = TokenCounts(
+        input_tokens=3100,
+        cached_input_tokens=2000,
+        cache_write_tokens=1000,
+        cache_write_1h_tokens=400,
+        output_tokens=200,
+    )
+    # (300 + 600 + 600 x 3.75 + 400 x 6 + 3000) / 1e6 = (300 + 600 + 2250 + 2400 + 3000) / 1e6
+    assert table.cost("claude-3-5-sonnet-20240620", one_hour) == D("0.00855")
+
+
+def test_cost_gemini_2_5_flash_thoughts_inside_output(table: PriceTable) -> None:
+    # input 0.3, cached 0.03, output 2.5 per million. promptTokenCount 5000 incl. 2048
+    # cached; candidates 300 + thoughts 700 = output 1000.
+    counts = TokenCounts(
+        input_tokens=5000, cached_input_tokens=2048, output_tokens=1000, reasoning_tokens=700
+    )
+    # (2952 x 0.3 + 2048 x 0.03 + 1000 x 2.5) / 1e6 = (885.6 + 61.44 + 2500) / 1e6
+    assert table.cost("gemini-2.5-flash", counts, "gemini") == D("0.00344704")
+
+
+def test_cost_gemini_2_5_pro_above_200k_tier(table: PriceTable) -> None:
+    # base: input 1.25, cached 0.125, output 10; above 200k: 2.5, 0.25, 15 per million
+    big = TokenCounts(input_tokens=250_000, cached_input_tokens=100_000, output_tokens=2000)
+    # (150000 x 2.5 + 100000 x 0.25 + 2000 x 15) / 1e6 = (375000 + 25000 + 30000) / 1e6
+    assert table.cost("gemini-2.5-pro", big) == D("0.43")
+    at_threshold = TokenCounts(input_tokens=200_000, output_tokens=2000)
+    # not above 200k: (200000 x 1.25 + 2000 x 10) / 1e6 = (250000 + 20000) / 1e6
+    assert table.cost("gemini-2.5-pro", at_threshold) == D("0.27")
+
+
+def test_cost_highest_tier_wins_and_missing_tier_fields_fall_back() -> None:
+    price = ModelPrice(
+        model="m",
+        input=D(1),
+        output=D(2),
+        cached_input=D("0.1"),
+        tiers=(PriceTier(100, input=D(3)), PriceTier(1000, input=D(5), output=D(7))),
+    )
+    # 2000 > 1000: input 5, output 7, cached from base 0.1:
+    # (1000 x 5 + 1000 x 0.1 + 10 x 7) / 1e6 = 5170 / 1e6
+    counts = TokenCounts(input_tokens=2000, cached_input_tokens=1000, output_tokens=10)
+    assert price.cost(counts) == D("0.00517")
+    # 500 > 100 only: input 3, output from base 2: (500 x 3 + 10 x 2) / 1e6
+    assert price.cost(TokenCounts(input_tokens=500, output_tokens=10)) == D("0.00152")
+
+
+def test_cost_cache_prices_fall_back() -> None:
+    # no cached/cache-write prices: reads and writes at input; 1h writes at cache_write
+    price = ModelPrice(model="m", input=D(2), output=D(4))
+    counts = TokenCounts(
+        input_tokens=100, cached_input_tokens=30, cache_write_tokens=20, cache_write_1h_tokens=5
+    )
+    assert price.cost(counts) == D("0.0002")  # 100 x 2 / 1e6
+    with_write = ModelPrice(model="m", input=D(2), output=D(4), cache_write=D("2.5"))
+    # (50 x 2 + 30 x 2 + 15 x 2.5 + 5 x 2.5) / 1e6 = (100 + 60 + 37.5 + 12.5) / 1e6
+    assert with_write.cost(counts) == D("0.00021")
+
+
+def test_reserve_cost(table: PriceTable) -> None:
+    # gpt-4o: input 2.5, output 10: (1000 x 2.5 + 4096 x 10) / 1e6 = (2500 + 40960) / 1e6
+    assert table.reserve_cost("gpt-4o", 1000, 4096) == D("0.04346")
+
+
+def test_price_to_json(table: PriceTable) -> None:
+    doc = found(table, "gemini-2.5-pro").to_json()
+    assert doc["input"] == 1.25 and doc["cachedInput"] == 0.125 and doc["source"] == "bundled"
+    assert doc["tiers"] == [
+        {
+            "aboveInputTokens": 200000,
+            "input": 2.5,
+            "output": 15.0,
+            "cachedInput": 0.25,
+            "cacheWrite": None,
+            "cacheWrite1h": None,
+        }
+    ]
+    assert doc["contextWindow"] == 1048576 and doc["maxOutputTokens"] == 65536
+    assert set(table.to_json()) == {"models", "aliases"}
+    json.dumps(table.to_json())
+
+
+# --- bundled table ----------------------------------------------------------------------
+
+
+def test_bundled_attribution_and_license() -> None:
+    text = bundled_attribution()
+    assert "LiteLLM" in text and "MIT" in text and "1.109.1" in text
+    assert "claude-3-5-sonnet-20240620" in text  # derived entries are declared
+    data = resources.files("spendgate").joinpath("data")
+    assert "MIT License" in data.joinpath("LICENSE-model_prices.txt").read_text()
+    assert len(data.joinpath("prices.json").read_bytes()) < 400_000
+
+
+def test_bundled_covers_the_built_in_providers(table: PriceTable) -> None:
+    for model, provider in [
+        ("gpt-4o", "openai"),
+        ("gpt-4.1", "openai"),
+        ("o3", "openai"),
+        ("text-embedding-3-small", "openai"),
+        ("claude-sonnet-4-6", "anthropic"),
+        ("claude-opus-4-1-20250805", "anthropic"),
+        ("gemini-2.5-flash", "gemini"),
+        ("llama3", "ollama"),
+        ("deepseek-chat", "deepseek"),
+    ]:
+        price = table.resolve(model, provider)
+        assert price is not None and price.priced, model
+        assert price.provider == provider, model
+
+
+def test_bundled_matches_the_public_table(table: PriceTable, litellm: dict[str, Any]) -> None:
+    """Every bundled entry not marked derived carries the public table's prices exactly."""
+    bundled = orjson.loads(
+        resources.files("spendgate").joinpath("data", "prices.json").read_bytes()
+    )
+    converted = convert_litellm(litellm)
+    checked = 0
+    for key, raw in bundled["models"].items():
+        if "_derived_from" in raw:
+            continue
+        gemini_key = f"gemini/{key}"  # the build drops this prefix
+        source_key = gemini_key if raw["provider"] == "gemini" and gemini_key in converted else key
+        assert model_price(key, converted[source_key]) == table.get(key), key
+        checked += 1
+    assert checked > 300
+
+
+# --- converters -------------------------------------------------------------------------
+
+
+def test_per_million_is_exact() -> None:
+    assert per_million(2.5e-06) == D("2.5") and str(per_million(2.5e-06)) == "2.5"
+    assert str(per_million(1.25e-07)) == "0.125"
+    assert str(per_million(1.5e-05)) == "15"
+    assert str(per_million(1e-4)) == "100"
+    assert per_million("abc") is None and per_million(None) is None
+
+
+def test_convert_litellm_whole_public_table(litellm: dict[str, Any]) -> None:
+    converted = convert_litellm(litellm)
+    assert "sample_spec" not in converted
+    priced = [
+        k
+        for k, v in litellm.items()
+        if k != "sample_spec"
+        and isinstance(v.get("input_cost_per_token"), int | float)
+        and isinstance(v.get("output_cost_per_token"), int | float)
+    ]
+    assert len(priced) > 3000
+    for key in priced:
+        spec, entry = litellm[key], converted[key]
+        assert entry["input"] == D(repr(float(spec["input_cost_per_token"]))) * 1_000_000, key
+        assert entry["output"] == D(repr(float(spec["output_cost_per_token"]))) * 1_000_000, key
+        assert model_price(key, entry).priced, key
+    for key, entry in converted.items():
+        model_price(key, entry)  # every converted entry is valid spendgate input
+
+
+def test_convert_litellm_spot_checks(litellm: dict[str, Any]) -> None:
+    c = convert_litellm(litellm)
+    assert c["gpt-4o-mini"] == {
+        "input": D("0.15"),
+        "output": D("0.6"),
+        "cached_input": D("0.075"),
+        "provider": "openai",
+        "context_window": 128000,
+        "max_output_tokens": 16384,
+    }
+    sonnet = c["claude-sonnet-4-6"]
+    assert (sonnet["cache_write"], sonnet["cache_write_1h"]) == (D("3.75"), D(6))
+    assert c["gemini/gemini-2.5-pro"]["tiers"] == [
+        {
+            "above_input_tokens": 200000,
+            "input": D("2.5"),
+            "output": D(15),
+            "cached_input": D("0.25"),
+        }
+    ]
+    assert c["gpt-5.4"]["tiers"][0]["above_input_tokens"] == 272000
+    assert c["gemini/gemma-3-27b-it"]["tiers"][0]["above_input_tokens"] == 128000
+    assert c["mistral/mistral-embed"]["output"] == 0  # embeddings: no generated tokens
+    assert "dall-e-3" not in c  # priced per image
+
+
+MODELS_DEV = {
+    "openai": {
+        "id": "openai",
+        "models": {
+            "gpt-4o": {
+                "id": "gpt-4o",
+                "cost": {"input": 2.5, "output": 10, "cache_read": 1.25},
+                "limit": {"context": 128000, "output": 16384},
+            },
+            "gpt-image-1": {"id": "gpt-image-1", "limit": {"context": 0, "output": 0}},
+        },
+    },
+    "google": {
+        "models": {
+            "gemini-2.5-pro": {
+                "cost": {
+                    "input": 1.25,
+                    "output": 10,
+                    "cache_read": 0.31,
+                    "context_over_200k": {"input": 2.5, "output": 15, "cache_read": 0.625},
+                },
+                "limit": {"context": 1048576, "output": 65536},
+            }
+        }
+    },
+    "groq": {
+        "models": {
+            "llama-3.3-70b-versatile": {
+                "cost": {"input": 0.59, "output": 0.79},
+                "limit": {"context": 131072, "input": 120000, "output": 32768},
+            }
+        }
+    },
+}
+
+
+def test_convert_models_dev() -> None:
+    c = convert_models_dev(MODELS_DEV)
+    assert set(c) == {"gpt-4o", "gemini-2.5-pro", "groq/llama-3.3-70b-versatile"}
+    assert c["gpt-4o"] == {
+        "provider": "openai",
+        "input": D("2.5"),
+        "output": D(10),
+        "cached_input": D("1.25"),
+        "context_window": 128000,
+        "max_output_tokens": 16384,
+    }
+    assert c["gemini-2.5-pro"]["provider"] == "gemini"
+    assert c["gemini-2.5-pro"]["tiers"] == [
+        {
+            "above_input_tokens": 200000,
+            "input": D("2.5"),
+            "output": D(15),
+            "cached_input": D("0.625"),
+        }
+    ]
+    assert c["groq/llama-3.3-70b-versatile"]["context_window"] == 120000  # limit.input wins
+    assert convert_models_dev({"providers": MODELS_DEV}) == c
+    t = PriceTable({k: model_price(k, v) for k, v in c.items()})
+    assert t.resolve("llama-3.3-70b-versatile", "groq") is not None
+
+
+def test_detect_format(litellm: dict[str, Any]) -> None:
+    assert detect_format(litellm) == "litellm"
+    assert detect_format(MODELS_DEV) == "models.dev"
+    assert detect_format({"providers": MODELS_DEV}) == "models.dev"
+    assert detect_format({"models": {"x": {"input": 1, "output": 2}}}) == "spendgate"
+    with pytest.raises(PricingError):
+        detect_format({"hello": "world"})
+
+
+def test_import_table_detects_format(tmp_path: Path) -> None:
+    dev = tmp_path / "api.json"
+    dev.write_text(json.dumps(MODELS_DEV))
+    assert import_table(dev)["gpt-4o"]["input"] == D("2.5")
+    assert import_table(PRICE_DATA)["gpt-4o-mini"]["cached_input"] == D("0.075")
+
+
+# --- user price files -------------------------------------------------------------------
+
+USER_TOML = """
+[models."my-model"]
+input = 1.1
+output = 2.2
+cached_input = 0.11
+context_window = 32000
+
+[models."gpt-4o"]  # a partial override keeps the bundled fields it does not set
+input = 2.0
+
+[[models."my-tiered".tiers]]
+above_input_tokens = 1000
+input = 9
+
+[models."my-tiered"]
+input = 1
+output = 1
+
+[aliases]
+"house-model" = "my-model"
+"""
+
+
+def test_user_toml_overrides_and_adds(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(USER_TOML)
+    t = load_price_table(path, aliases={"cfg-alias": "gpt-4o"})
+    mine = t.resolve("my-model")
+    assert mine is not None and mine.source == str(path)
+    assert (mine.input, mine.output, mine.cached_input) == (D("1.1"), D("2.2"), D("0.11"))
+    assert mine.context_window == 32000
+    gpt = t.resolve("gpt-4o")
+    assert gpt is not None and gpt.source == str(path)
+    assert (gpt.input, gpt.output, gpt.cached_input) == (D(2), D(10), D("1.25"))
+    # (1000 x 2 + 100 x 10) / 1e6 with the overridden input price
+    assert t.cost("gpt-4o", TokenCounts(input_tokens=1000, output_tokens=100)) == D("0.003")
+    assert t.resolve("house-model") is mine
+    assert t.resolve("cfg-alias") is gpt
+    assert found(t, "my-tiered").tiers == (PriceTier(1000, input=D(9)),)
+    assert found(load_price_table(), "gpt-4o").input == D("2.5")
+
+
+def test_user_json_overrides_and_adds(tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text(
+        '{"models": {"my-model": {"input": 0.1, "output": "0.3"},'
+        ' "claude-sonnet-4-6": {"cache_write_1h": 7}}, "aliases": {"mm": "my-model"}}'
+    )
+    t = load_price_table(path)
+    assert found(t, "mm").output == D("0.3")
+    sonnet = t.resolve("claude-sonnet-4-6")
+    assert sonnet is not None and (sonnet.input, sonnet.cache_write_1h) == (D(3), D(7))
+
+
+def test_user_file_may_be_a_litellm_table(tmp_path: Path) -> None:
+    path = tmp_path / "litellm.json"
+    path.write_text(
+        json.dumps({"acme/x": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}})
+    )
+    t = load_price_table(path)
+    assert t.cost("x", TokenCounts(input_tokens=10, output_tokens=10), "acme") == D("0.00003")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[models."m"]\nouput = 1\n', "unknown field(s) ouput"),
+        ('[models."m"]\ninput = -1\n', "input must be a non-negative number"),
+        ('[models."m"]\ncontext_window = 1.5\n', "context_window must be a whole number"),
+        ('[models."m"\n', "not valid toml"),
+    ],
+)
+def test_bad_user_file_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(text)
+    with pytest.raises(PricingError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        load_price_table(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_user_file(tmp_path: Path) -> None:
+    with pytest.raises(PricingError, match="cannot read"):
+        load_price_table(tmp_path / "nope.toml")
