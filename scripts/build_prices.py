@@ -33,8 +33,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 OUT_DIR = ROOT / "src" / "spendgate" / "data"
 
 # litellm_provider values kept; gemini keys lose their "gemini/" prefix because the
-# Gemini API names models without it. Others keep LiteLLM's keys (xai/grok-4, ...),
-# found by resolve(model, provider=...) trying "provider/model" first.
+# Gemini API names models without it (convert_litellm(api_ids=True)). Others keep
+# LiteLLM's keys (xai/grok-4, ...), found by resolve(model, provider) trying
+# "provider/model" first.
 PROVIDERS = ("openai", "anthropic", "gemini", "ollama")
 COMPATIBLE = ("xai", "deepseek", "groq", "mistral", "openrouter")
 MODES = {"chat", "completion", "embedding", "responses"}
@@ -61,19 +62,14 @@ CLAUDE_ALIASES = {
 
 def select(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The kept entries, keyed as the providers' APIs name the models."""
-    wanted = {k: v for k, v in data.items() if isinstance(v, dict) and v.get("mode") in MODES}
-    chosen: dict[str, dict[str, Any]] = {}
-    prefixed: dict[str, dict[str, Any]] = {}
-    for key, spec in wanted.items():
-        provider = spec.get("litellm_provider")
-        if provider not in PROVIDERS + COMPATIBLE:
-            continue
-        if provider == "gemini" and key.startswith("gemini/"):
-            prefixed[key.removeprefix("gemini/")] = spec
-        else:
-            chosen[key] = spec
-    chosen.update(prefixed)  # gemini/<id> is LiteLLM's canonical Gemini API entry
-    return convert_litellm(chosen)
+    kept = {
+        k: v
+        for k, v in data.items()
+        if isinstance(v, dict)
+        and v.get("mode") in MODES
+        and v.get("litellm_provider") in PROVIDERS + COMPATIBLE
+    }
+    return convert_litellm(kept, api_ids=True)
 
 
 def derive_claude(data: dict[str, Any], models: dict[str, dict[str, Any]]) -> list[str]:

@@ -313,14 +313,12 @@ def test_bundled_matches_the_public_table(table: PriceTable, litellm: dict[str, 
     bundled = orjson.loads(
         resources.files("spendgate").joinpath("data", "prices.json").read_bytes()
     )
-    converted = convert_litellm(litellm)
+    converted = convert_litellm(litellm, api_ids=True)
     checked = 0
     for key, raw in bundled["models"].items():
         if "_derived_from" in raw:
             continue
-        gemini_key = f"gemini/{key}"  # the build drops this prefix
-        source_key = gemini_key if raw["provider"] == "gemini" and gemini_key in converted else key
-        assert model_price(key, converted[source_key]) == table.get(key), key
+        assert model_price(key, converted[key]) == table.get(key), key
         checked += 1
     assert checked > 300
 
@@ -523,6 +521,16 @@ def test_user_file_may_be_a_litellm_table(tmp_path: Path) -> None:
     )
     t = load_price_table(path)
     assert t.cost("x", TokenCounts(input_tokens=10, output_tokens=10), "acme") == D("0.00003")
+
+
+def test_whole_litellm_table_as_user_file_keeps_gemini_api_entries() -> None:
+    # LiteLLM keys Vertex AI's Gemini entries "gemini-2.5-pro" and the Gemini API's
+    # "gemini/gemini-2.5-pro": the Gemini API entry must win the bare id.
+    t = load_price_table(PRICE_DATA)
+    assert len(t) > 3000
+    price = found(t, "gemini-2.5-pro")
+    assert price.provider == "gemini" and price.source == str(PRICE_DATA)
+    assert found(t, "gpt-4o-mini").cached_input == D("0.075")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from tests.paths import FIXTURES
 
@@ -36,7 +37,7 @@ class Seen:
     method: str
     path: str
     query: str
-    headers: dict[str, str]
+    headers: CIMultiDict[str]
     body: bytes
 
     def json(self) -> Any:
@@ -79,7 +80,7 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(
-            Seen(request.method, request.path, request.query_string, dict(request.headers), body)
+            Seen(request.method, request.path, request.query_string, CIMultiDict(request.headers), body)
         )
         reply = self.replies.popleft() if self.replies else self.default
         if reply is None:

@@ -440,19 +440,27 @@ def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return entry
 
 
-def convert_litellm(data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def convert_litellm(data: Mapping[str, Any], *, api_ids: bool = False) -> dict[str, dict[str, Any]]:
     """LiteLLM's ``model_prices_and_context_window.json`` (USD per token) → spendgate entries.
 
     Entries priced only per image, second or query are skipped, as is ``sample_spec``.
-    ``*_above_NNNk_tokens`` prices become a tier above NNN,000 input tokens.
+    ``*_above_NNNk_tokens`` prices become a tier above NNN,000 input tokens. With
+    ``api_ids``, Gemini API entries (``gemini/<id>``) are keyed ``<id>``, as that API
+    names its models, replacing LiteLLM's same-named Vertex AI entry.
     """
     out: dict[str, dict[str, Any]] = {}
+    gemini: dict[str, dict[str, Any]] = {}
     for key, spec in data.items():
         if key == "sample_spec" or not isinstance(spec, Mapping):
             continue
         entry = _litellm_entry(spec)
-        if entry is not None:
+        if entry is None:
+            continue
+        if api_ids and entry.get("provider") == "gemini" and key.startswith("gemini/"):
+            gemini[key.removeprefix("gemini/")] = entry
+        else:
             out[key] = entry
+    out.update(gemini)
     return out
 
 
@@ -605,7 +613,7 @@ def read_price_file(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, st
     data = _parse(path)
     fmt = detect_format(data)
     if fmt == "litellm":
-        return convert_litellm(data), {}
+        return convert_litellm(data, api_ids=True), {}
     if fmt == "models.dev":
         return convert_models_dev(data), {}
     models, aliases = _spendgate_tables(data, str(path))
