@@ -71,6 +71,8 @@ class FakeUpstream:
         self.replies: deque[Reply] = deque()
         self.default: Reply | None = None
         self.seen: list[Seen] = []
+        self.gate: asyncio.Event | None = None
+        """When set, every reply waits for it (to hold requests in flight)."""
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
@@ -82,6 +84,8 @@ class FakeUpstream:
         self.seen.append(
             Seen(request.method, request.path, request.query_string, CIMultiDict(request.headers), body)
         )
+        if self.gate is not None:
+            await self.gate.wait()
         reply = self.replies.popleft() if self.replies else self.default
         if reply is None:
             return web.json_response({"error": "no scripted reply"}, status=599)

@@ -26,9 +26,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def api_error(status: int, message: str) -> web.HTTPException:
-    body = orjson.dumps({"error": {"message": message, "status": status}})
+    text = orjson.dumps({"error": {"message": message, "status": status}}).decode()
     cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}[status]
-    return cls(body=body, content_type="application/json")
+    return cls(text=text, content_type="application/json")
 
 
 def session_json(acct: Accountant, rec: SessionRecord) -> dict[str, Any]:

@@ -28,6 +28,13 @@ class Reservation:
     amount: Decimal
 
 
+def usd(amount: Decimal) -> str:
+    """Dollars for people: cents when that is exact enough, else up to six decimals."""
+    if amount == amount.quantize(Decimal("0.01")):
+        return f"${amount:,.2f}"
+    return "$" + format(amount.quantize(Decimal("0.000001")).normalize(), "f")
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     session_id: str
@@ -37,10 +44,10 @@ class Refusal:
 
     def message(self) -> str:
         sid = self.session_id
-        budget = "no budget" if self.budget_usd is None else f"a ${self.budget_usd:.2f} budget"
-        why = "was paused by hand" if self.reason == MANUAL else f"has reached {budget}"
+        budget = "no budget" if self.budget_usd is None else f"a {usd(self.budget_usd)} budget"
+        why = "was paused by hand" if self.reason == MANUAL else "has used up its budget"
         return (
-            f"spendgate paused session '{sid}': it {why} (spent ${self.spent_usd:.4f}, "
+            f"spendgate paused session '{sid}': it {why} (spent {usd(self.spent_usd)} of "
             f"{budget}). To continue, raise the budget (PUT /api/sessions/{sid}/budget or "
             f"`spendgate budget {sid} USD`) or resume it (POST /api/sessions/{sid}/resume or "
             f"`spendgate resume {sid}`)."
@@ -168,6 +175,9 @@ class MemoryLedger:
         if st.record.paused and st.record.pause_reason == BUDGET and not over:
             st.record.paused, st.record.pause_reason = False, None
             change.events.append(self._event(BUDGET_RESUMED, st, reason="budget raised"))
+        elif over and not st.record.paused:  # lowered below what is already spent
+            st.record.paused, st.record.pause_reason = True, BUDGET
+            change.events.append(self._event(BUDGET_PAUSED, st, reason=BUDGET))
         return change
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:

@@ -30,10 +30,11 @@ def budget_event(type_: str, session_id: str, budget: float | None, spent: float
     )
 
 
-def context_level(percent: float) -> str:
-    if percent >= 90:
+def context_level(tokens: int, window: int) -> str:
+    """Exact integer comparison: 79.9999 % is still ``ok``."""
+    if tokens * 100 >= 90 * window:
         return "critical"
-    if percent >= 80:
+    if tokens * 100 >= 80 * window:
         return "warning"
     return "ok"
 
@@ -50,7 +51,7 @@ def context_data(session_id: str, model: str | None, tokens: int, window: int | 
             "remainingTokens": None,
             "level": "unknown",
         }
-    percent = round(100.0 * tokens / window, 2)
+    percent = (tokens * 10_000 // window) / 100  # floored, so it never overstates the level
     return {
         "sessionId": session_id,
         "modelId": model,
@@ -58,5 +59,5 @@ def context_data(session_id: str, model: str | None, tokens: int, window: int | 
         "contextWindow": window,
         "percent": percent,
         "remainingTokens": max(0, window - tokens),
-        "level": context_level(percent),
+        "level": context_level(tokens, window),
     }

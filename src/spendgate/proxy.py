@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from spendgate.accounting import Accountant, Exchange
-from spendgate.budgets import Refusal
+from spendgate.budgets import Refusal, usd
 from spendgate.errors import error_response, stream_error_bytes
 from spendgate.providers import get_adapter
 from spendgate.providers._api import Adapter
@@ -94,6 +94,18 @@ def client_headers(headers: CIMultiDictProxy[str], keep_length: bool) -> CIMulti
             continue
         out.add(name, value)
     return out
+
+
+def event_end(data: bytes, ndjson: bool) -> int:
+    """Index just past the last complete SSE event (or NDJSON line) in ``data``, else -1.
+
+    A stream cut for budget must end between events, never inside one.
+    """
+    if ndjson:
+        i = data.rfind(b"\n")
+        return i + 1 if i >= 0 else -1
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
 class BodyTooLarge(Exception):
@@ -229,11 +241,20 @@ class ProxyHandler:
         await resp.prepare(request)
         if live:
             self.metrics.active_streams.inc()
+        ndjson = "ndjson" in ctype
+        cutting = False
         try:
             async for chunk in up.content.iter_any():
                 if ex.ttft is None:
                     ex.ttft = time.perf_counter() - ex.t0
                 out = out_filter.feed(chunk) if out_filter is not None else chunk
+                if cutting:  # over budget: stop at the first event boundary
+                    end = event_end(out, ndjson)
+                    if end >= 0:
+                        await resp.write(out[:end])
+                        parser.close()
+                        await self._cut_stream(adapter, ex, resp)
+                        return resp
                 if out:
                     await resp.write(out)
                 if feed_parser:
@@ -243,10 +264,12 @@ class ProxyHandler:
                         feed_parser = False
                 if live:
                     self.acct.live(ex)
-                    if cut and self.acct.over_budget(ex):
-                        parser.close()
-                        await self._cut_stream(adapter, ex, resp)
-                        return resp
+                    if cut and not cutting and self.acct.over_budget(ex):
+                        cutting = True
+                        if out and event_end(out, ndjson) == len(out):
+                            parser.close()
+                            await self._cut_stream(adapter, ex, resp)
+                            return resp
             if out_filter is not None:
                 tail = out_filter.close()
                 if tail:
@@ -273,7 +296,7 @@ class ProxyHandler:
         spent = self.acct.ledger.spent(ex.target.session_id)
         msg = (
             f"spendgate stopped this stream: session '{ex.target.session_id}' ran out of budget "
-            f"(spent ${spent:.4f} before this response)."
+            f"(spent {usd(spent)} before this response)."
         )
         try:
             await resp.write(

@@ -360,8 +360,7 @@ class FramedParser(BaseParser):
         except Exception:
             self._framer = _DEAD
             return
-        for payload in payloads:
-            self._payload(payload)
+        self._payloads(payloads)
 
     def close(self) -> None:
         if self._framer is None:
@@ -371,18 +370,18 @@ class FramedParser(BaseParser):
         except Exception:
             payloads = []
         self._framer = _DEAD
-        for payload in payloads:
-            self._payload(payload)
+        self._payloads(payloads)
 
-    def _payload(self, payload: bytes) -> None:
-        try:
-            if not self._wanted(payload):
-                return
-            obj = loads_object(payload)
-            if obj is not None:
-                self._handle(obj)
-        except Exception:  # a malformed payload must never reach the proxy
-            return
+    def _payloads(self, payloads: list[bytes]) -> None:
+        wanted, handle = self._wanted, self._handle
+        for payload in payloads:
+            try:
+                if wanted(payload):
+                    obj = orjson.loads(payload)
+                    if type(obj) is dict:
+                        handle(obj)
+            except Exception:  # bad JSON, bad UTF-8, a surprise shape: skip this payload
+                continue
 
 
 class _DeadFramer:

@@ -35,7 +35,7 @@ _FIELDS = (
     "cache_creation_input_tokens",
     "output_tokens",
 )
-_DELTA_TEXT = ("text", "partial_json", "thinking")  # text_delta, input_json_delta, thinking_delta
+_DELTA_TEXT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
 def _block_chars(block: Any) -> int:
@@ -63,8 +63,10 @@ class AnthropicParser(FramedParser):
         kind = obj.get("type")
         if kind == "content_block_delta":
             delta = as_dict(obj.get("delta"))
-            if delta:
-                self._output_chars += sum(str_len(delta.get(k)) for k in _DELTA_TEXT)
+            if delta is not None:
+                key = _DELTA_TEXT.get(delta.get("type"))
+                if key is not None:
+                    self._output_chars += str_len(delta.get(key))
             return
         message = as_dict(obj.get("message")) if kind == "message_start" else obj
         if message is None:
