@@ -63,9 +63,7 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 
 
 @pytest.fixture
-async def start_proxy(
-    upstream: FakeUpstream, tmp_path: Path
-) -> AsyncIterator[StartProxy]:
+async def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[StartProxy]:
     """Start (and later stop) a proxy whose built-in routes all point at the fake upstream."""
     started: list[Proxy] = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,9 @@ class Received:
 
 
 class EventsClient:
-    def __init__(self, http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.http, self.url, self.headers = http, url, headers or {}
         self.events: list[Received] = []
         self.comments = 0
@@ -36,10 +39,8 @@ class EventsClient:
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
 
     async def _run(self) -> None:
         async with self.http.get(self.url, headers=self.headers) as resp:
@@ -48,7 +49,7 @@ class EventsClient:
             decoder = SSEDecoder()
             async for chunk in resp.content.iter_any():
                 self._connected.set()
-                self.comments += chunk.count(b"\n:")+ chunk.startswith(b":")
+                self.comments += chunk.count(b"\n:") + chunk.startswith(b":")
                 for ev in decoder.feed(chunk):
                     evid = int(ev.id) if ev.id else None
                     self.events.append(Received(evid, ev.event, orjson.loads(ev.data)))
@@ -62,5 +63,7 @@ class EventsClient:
                 if pred(ev):
                     return ev
             if loop.time() > deadline:
-                raise AssertionError(f"no matching event in {[(e.type, e.data) for e in self.events]}")
+                raise AssertionError(
+                    f"no matching event in {[(e.type, e.data) for e in self.events]}"
+                )
             await asyncio.sleep(0.01)

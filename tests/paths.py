@@ -8,7 +8,9 @@ from typing import Any
 
 import orjson
 
-SHARED = Path(os.environ.get("SPENDGATE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(
+    os.environ.get("SPENDGATE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")
+)
 FIXTURES = SHARED / "fixtures"
 PRICE_DATA = SHARED / "data" / "model_prices_and_context_window.json"
 

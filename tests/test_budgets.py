@@ -18,7 +18,9 @@ MSG: Any = [{"role": "user", "content": "hi"}]
 
 
 def oai(proxy: Proxy, session: str = "b1") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=2)
+    return openai.AsyncOpenAI(
+        base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=2
+    )
 
 
 def completion(prompt: int, completion: int, model: str = "gpt-4o") -> Reply:
@@ -34,7 +36,9 @@ def completion(prompt: int, completion: int, model: str = "gpt-4o") -> Reply:
 
 
 async def put_budget(proxy: Proxy, session: str, usd: float | None) -> dict[str, Any]:
-    async with proxy.http.put(proxy.url(f"/api/sessions/{session}/budget"), json={"budgetUsd": usd}) as r:
+    async with proxy.http.put(
+        proxy.url(f"/api/sessions/{session}/budget"), json={"budgetUsd": usd}
+    ) as r:
         assert r.status == 200, await r.text()
         data: dict[str, Any] = await r.json()
         return data
@@ -77,7 +81,10 @@ async def test_anthropic_sdk_gets_its_own_error_shape(proxy: Proxy, upstream: Fa
         with pytest.raises(anthropic.APIStatusError) as err:
             await c.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=MSG)
     assert err.value.status_code == 402
-    assert err.value.body == {"type": "error", "error": {"type": "budget_exceeded", "message": err.value.body["error"]["message"]}}  # type: ignore[index]
+    assert err.value.body == {
+        "type": "error",
+        "error": {"type": "budget_exceeded", "message": err.value.body["error"]["message"]},
+    }  # type: ignore[index]
     assert "paused by hand" in err.value.message
     assert upstream.seen == []
 
@@ -100,7 +107,9 @@ async def test_gemini_and_ollama_shapes(proxy: Proxy, path: str, shape: str) -> 
         assert isinstance(body["error"], str) and "b3" in body["error"]
 
 
-async def test_raising_budget_and_resume_lift_the_pause(proxy: Proxy, upstream: FakeUpstream) -> None:
+async def test_raising_budget_and_resume_lift_the_pause(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
     upstream.default = completion(100, 100)
     await put_budget(proxy, "b4", 0.001)
     async with oai(proxy, "b4") as c:
@@ -171,7 +180,9 @@ async def test_default_budget_and_thresholds_emit_events(
     assert cost["budgetUsd"] == 0.01 and cost["paused"] is True
 
 
-async def test_budget_and_pause_survive_restart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+async def test_budget_and_pause_survive_restart(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
     upstream.default = completion(100, 100)
     first = await start_proxy()
     await put_budget(first, "keep", 0.001)
@@ -210,7 +221,9 @@ async def test_cut_policy_anthropic_event(start_proxy: StartProxy, upstream: Fak
     proxy = await start_proxy(on_budget_mid_stream="cut")
     await put_budget(proxy, "cut2", 0.0005)
     upstream.queue(fixture_reply("anthropic/messages_stream_tools_claude-3-5-sonnet.sse", 40))
-    c = anthropic.AsyncAnthropic(base_url=proxy.url("/s/cut2/anthropic"), api_key="k", max_retries=0)
+    c = anthropic.AsyncAnthropic(
+        base_url=proxy.url("/s/cut2/anthropic"), api_key="k", max_retries=0
+    )
     async with c:
         with pytest.raises(anthropic.APIStatusError, match="ran out of budget"):
             async with c.messages.stream(

@@ -82,7 +82,9 @@ async def test_replay_after_reconnect_and_filters(proxy: Proxy, upstream: FakeUp
             got = await first.wait_for(lambda e: e.type == "token.usage")
         # missed while disconnected: two more messages, in r1 and in another session
         await c.chat.completions.create(model="gpt-3.5-turbo", messages=MSG)
-        other = openai.AsyncOpenAI(base_url=proxy.url("/s/r2/openai/v1"), api_key="k", max_retries=0)
+        other = openai.AsyncOpenAI(
+            base_url=proxy.url("/s/r2/openai/v1"), api_key="k", max_retries=0
+        )
         async with other:
             await other.chat.completions.create(model="gpt-3.5-turbo", messages=MSG)
     headers = {"Last-Event-ID": str(got.id)}
@@ -130,7 +132,11 @@ async def test_summary_by_model_and_agent(proxy: Proxy, upstream: FakeUpstream) 
         fixture_reply("openai/chat_json_cached_gpt-4o-mini.json"),
         fixture_reply("openai/chat_json_cached_gpt-4o-mini.json"),
     )
-    for agent, model in (("planner", "gpt-3.5-turbo"), ("coder", "gpt-4o-mini"), ("coder", "gpt-4o-mini")):
+    for agent, model in (
+        ("planner", "gpt-3.5-turbo"),
+        ("coder", "gpt-4o-mini"),
+        ("coder", "gpt-4o-mini"),
+    ):
         c = openai.AsyncOpenAI(
             base_url=proxy.url(f"/s/multi/a/{agent}/openai/v1"), api_key="k", max_retries=0
         )
@@ -157,7 +163,8 @@ async def test_messages_pagination_and_export(proxy: Proxy, upstream: FakeUpstre
     upstream.queue(
         json_reply(
             {"id": "x", "object": "chat.completion", "created": 1, "model": "mystery-model",
-             "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+             "choices": [],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         )
     )  # fmt: skip
     c = openai.AsyncOpenAI(base_url=proxy.url("/s/exp/openai/v1"), api_key="k", max_retries=0)
@@ -201,7 +208,9 @@ async def test_admin_token_guards_api_and_events(start_proxy: StartProxy) -> Non
         async with proxy.http.get(proxy.url(path)) as r:
             assert r.status == 401
             assert "admin token" in await r.text()
-    async with proxy.http.get(proxy.url("/api/sessions"), headers={"Authorization": "Bearer s3cret"}) as r:
+    async with proxy.http.get(
+        proxy.url("/api/sessions"), headers={"Authorization": "Bearer s3cret"}
+    ) as r:
         assert r.status == 200
     async with proxy.http.get(proxy.url("/?token=s3cret")) as r:
         assert r.status == 200

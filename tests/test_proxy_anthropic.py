@@ -11,7 +11,9 @@ from tests.upstream import FakeUpstream, fixture_reply
 
 
 def client(proxy: Proxy, path: str = "/s/claude-run/anthropic") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=proxy.url(path), api_key="sk-ant-secret", max_retries=0)
+    return anthropic.AsyncAnthropic(
+        base_url=proxy.url(path), api_key="sk-ant-secret", max_retries=0
+    )
 
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -19,11 +21,15 @@ MSG = [{"role": "user", "content": "hello"}]
 
 async def test_stream_with_cache_write(proxy: Proxy, upstream: FakeUpstream) -> None:
     upstream.queue(fixture_reply("anthropic/messages_stream_cache_write_claude-3-5-sonnet.sse", 5))
-    async with client(proxy) as c:
-        async with c.messages.stream(
-            model="claude-3-5-sonnet-20240620", max_tokens=300, messages=MSG  # type: ignore[arg-type]
-        ) as stream:
-            text = await stream.get_final_text()
+    async with (
+        client(proxy) as c,
+        c.messages.stream(
+            model="claude-3-5-sonnet-20240620",
+            max_tokens=300,
+            messages=MSG,  # type: ignore[arg-type]
+        ) as stream,
+    ):
+        text = await stream.get_final_text()
     assert text
     seen = upstream.seen[0]
     assert seen.path == "/v1/messages"
@@ -44,7 +50,9 @@ async def test_json_with_cache_read(proxy: Proxy, upstream: FakeUpstream) -> Non
     upstream.queue(fixture_reply("anthropic/messages_json_cache_read_claude-3-5-sonnet.json"))
     async with client(proxy) as c:
         msg = await c.messages.create(
-            model="claude-3-5-sonnet-20240620", max_tokens=300, messages=MSG  # type: ignore[arg-type]
+            model="claude-3-5-sonnet-20240620",
+            max_tokens=300,
+            messages=MSG,  # type: ignore[arg-type]
         )
     assert msg.usage.cache_read_input_tokens == 1163
     cost = await proxy.cost("claude-run")
@@ -54,12 +62,18 @@ async def test_json_with_cache_read(proxy: Proxy, upstream: FakeUpstream) -> Non
 
 
 async def test_final_message_delta_revises_input(proxy: Proxy, upstream: FakeUpstream) -> None:
-    upstream.queue(fixture_reply("anthropic/messages_stream_server_tool_claude-sonnet-4-6.sse", 100))
-    async with client(proxy) as c:
-        async with c.messages.stream(
-            model="claude-sonnet-4-6", max_tokens=300, messages=MSG  # type: ignore[arg-type]
-        ) as stream:
-            await stream.get_final_message()
+    upstream.queue(
+        fixture_reply("anthropic/messages_stream_server_tool_claude-sonnet-4-6.sse", 100)
+    )
+    async with (
+        client(proxy) as c,
+        c.messages.stream(
+            model="claude-sonnet-4-6",
+            max_tokens=300,
+            messages=MSG,  # type: ignore[arg-type]
+        ) as stream,
+    ):
+        await stream.get_final_message()
     (row,) = await proxy.messages("claude-run")
     assert (row["inputTokens"], row["outputTokens"]) == (1591, 175)
 
@@ -72,7 +86,10 @@ async def test_unprefixed_messages_path_and_claude_code_headers(
         base_url=proxy.url(""),
         api_key="k",
         max_retries=0,
-        default_headers={"X-Claude-Code-Session-Id": "cc-123", "X-Claude-Code-Agent-Id": "explorer"},
+        default_headers={
+            "X-Claude-Code-Session-Id": "cc-123",
+            "X-Claude-Code-Agent-Id": "explorer",
+        },
     )
     async with c:
         await c.messages.create(model="claude-3-5-sonnet-20240620", max_tokens=10, messages=MSG)  # type: ignore[arg-type]

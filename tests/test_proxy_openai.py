@@ -17,7 +17,9 @@ def client(proxy: Proxy, session: str = "run-1", **kw: object) -> openai.AsyncOp
     )
 
 
-def chunk(content: str | None = None, usage: dict[str, object] | None = None, choices: bool = True) -> dict[str, object]:
+def chunk(
+    content: str | None = None, usage: dict[str, object] | None = None, choices: bool = True
+) -> dict[str, object]:
     return {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
@@ -30,7 +32,9 @@ def chunk(content: str | None = None, usage: dict[str, object] | None = None, ch
     }
 
 
-async def test_json_completion_is_forwarded_and_priced(proxy: Proxy, upstream: FakeUpstream) -> None:
+async def test_json_completion_is_forwarded_and_priced(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
     upstream.queue(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json"))
     async with client(proxy) as c:
         resp = await c.chat.completions.create(
@@ -88,7 +92,9 @@ async def test_client_that_asked_for_usage_gets_it(proxy: Proxy, upstream: FakeU
     assert (row["inputTokens"], row["outputTokens"]) == (12, 5)
 
 
-async def test_stream_without_usage_is_estimated(start_proxy: object, upstream: FakeUpstream) -> None:
+async def test_stream_without_usage_is_estimated(
+    start_proxy: object, upstream: FakeUpstream
+) -> None:
     proxy = await start_proxy(inject_stream_usage=False)  # type: ignore[operator]
     upstream.queue(fixture_reply("openai/chat_stream_nousage_gpt-5-nano.sse"))
     async with client(proxy) as c:
@@ -102,7 +108,9 @@ async def test_stream_without_usage_is_estimated(start_proxy: object, upstream: 
     assert row["outputTokens"] > 0 and row["inputTokens"] > 0
 
 
-async def test_unknown_model_costs_null_but_counts_tokens(proxy: Proxy, upstream: FakeUpstream) -> None:
+async def test_unknown_model_costs_null_but_counts_tokens(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
     upstream.queue(
         json_reply(
             {
@@ -111,14 +119,20 @@ async def test_unknown_model_costs_null_but_counts_tokens(proxy: Proxy, upstream
                 "created": 1,
                 "model": "my-private-model",
                 "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok"},
+                        "finish_reason": "stop",
+                    }
                 ],
                 "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
             }
         )
     )
     async with client(proxy) as c:
-        await c.chat.completions.create(model="my-private-model", messages=[{"role": "user", "content": "x"}])
+        await c.chat.completions.create(
+            model="my-private-model", messages=[{"role": "user", "content": "x"}]
+        )
     cost = await proxy.cost("run-1")
     assert cost["totalInputTokens"] == 7 and cost["totalOutputTokens"] == 2
     assert cost["totalCostUsd"] is None
@@ -128,11 +142,15 @@ async def test_unknown_model_costs_null_but_counts_tokens(proxy: Proxy, upstream
 async def test_upstream_error_is_passed_through_and_costs_nothing(
     proxy: Proxy, upstream: FakeUpstream
 ) -> None:
-    err = {"error": {"message": "Rate limit", "type": "rate_limit_error", "param": None, "code": None}}
+    err = {
+        "error": {"message": "Rate limit", "type": "rate_limit_error", "param": None, "code": None}
+    }
     upstream.queue(json_reply(err, status=429))
     async with client(proxy) as c:
         with pytest.raises(openai.RateLimitError, match="Rate limit"):
-            await c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+            await c.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+            )
     (row,) = await proxy.messages("run-1")
     assert row["status"] == 429 and row["costUsd"] == 0 and row["estimated"] is False
     assert row["inputTokens"] == 0
@@ -141,7 +159,9 @@ async def test_upstream_error_is_passed_through_and_costs_nothing(
 async def test_unprefixed_v1_path_and_default_session(proxy: Proxy, upstream: FakeUpstream) -> None:
     upstream.queue(fixture_reply("openai/chat_json_gpt-3.5-turbo.json"))
     async with openai.AsyncOpenAI(base_url=proxy.url("/v1"), api_key="k", max_retries=0) as c:
-        await c.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}])
+        await c.chat.completions.create(
+            model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}]
+        )
     assert upstream.seen[0].path == "/v1/chat/completions"
     cost = await proxy.cost("default")
     assert cost["messageCount"] == 1 and cost["totalInputTokens"] == 15

@@ -82,7 +82,13 @@ class FakeUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen.append(
-            Seen(request.method, request.path, request.query_string, CIMultiDict(request.headers), body)
+            Seen(
+                request.method,
+                request.rel_url.raw_path,
+                request.rel_url.raw_query_string,
+                CIMultiDict(request.headers),
+                body,
+            )
         )
         if self.gate is not None:
             await self.gate.wait()

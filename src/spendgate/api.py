@@ -75,7 +75,10 @@ async def session_messages(request: web.Request) -> web.Response:
         raise api_error(400, "cursor and limit must be integers") from None
     rows, cursor = await acct.store.messages(rec.id, after, limit)
     return json_response(
-        {"messages": [m.to_json() for m in rows], "nextCursor": None if cursor is None else str(cursor)}
+        {
+            "messages": [m.to_json() for m in rows],
+            "nextCursor": None if cursor is None else str(cursor),
+        }
     )
 
 
@@ -132,7 +135,9 @@ async def set_budget(request: web.Request) -> web.Response:
         if budget is not None and (not budget.is_finite() or budget < 0 or isinstance(raw, bool)):
             raise ValueError
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, InvalidOperation):
-        raise api_error(400, 'body must be {"budgetUsd": <USD ≥ 0, or null for unlimited>}') from None
+        raise api_error(
+            400, 'body must be {"budgetUsd": <USD ≥ 0, or null for unlimited>}'
+        ) from None
     change = await request.app[ACCOUNTANT].ledger.set_budget(sid, budget)
     return await _session_change(request, change)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
 from spendgate import api, dashboard, sse
@@ -24,8 +25,6 @@ from spendgate.settings import Settings
 from spendgate.store import SQLiteStore
 
 log = logging.getLogger("spendgate")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -44,7 +43,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     ledger.load(await store.load_sessions(), await store.spend_by_session())
     bus = MemoryBus(settings.event_history, settings.subscriber_queue)
     metrics.bind_gauges(
-        lambda: ledger.paused_count, lambda: bus.subscriber_count, lambda: store.queue_depth
+        lambda: ledger.paused_count,
+        lambda: bus.subscriber_count,
+        lambda: store.queue_depth,
+        budgets=ledger.budgets,
     )
     acct = Accountant(
         load_price_table(settings.pricing_file, settings.model_aliases),
@@ -77,14 +79,16 @@ async def _close_subscribers(app: web.Application) -> None:
         app[ACCOUNTANT].bus.close()
 
 
-def _auth_middleware(settings: Settings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(settings: Settings) -> Middleware:
     token = settings.admin_token
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        guarded = path.startswith("/api/") or path == "/" or (
-            path == "/metrics" and settings.metrics_require_token
+        guarded = (
+            path.startswith("/api/")
+            or path == "/"
+            or (path == "/metrics" and settings.metrics_require_token)
         )
         if token and guarded:
             given = request.headers.get("Authorization", "")
@@ -92,7 +96,9 @@ def _auth_middleware(settings: Settings) -> Callable[[web.Request, Handler], Awa
             if not given and (path == "/" or path == "/api/events"):
                 given = request.query.get("token", "")  # EventSource and links can't set headers
             if not hmac.compare_digest(given.encode(), token.encode()):
-                raise api.api_error(401, "missing or wrong admin token: send Authorization: Bearer <token>")
+                raise api.api_error(
+                    401, "missing or wrong admin token: send Authorization: Bearer <token>"
+                )
         return await handler(request)
 
     return auth
@@ -103,7 +109,9 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(settings)], client_max_size=settings.max_request_bytes)
+    app = web.Application(
+        middlewares=[_auth_middleware(settings)], client_max_size=settings.max_request_bytes
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app.cleanup_ctx.append(_resources)

@@ -64,7 +64,9 @@ class Change:
 
 
 class BudgetLedger(Protocol):
-    async def admit(self, session_id: str, reserve: Decimal) -> tuple[Reservation | Refusal, Change]: ...
+    async def admit(
+        self, session_id: str, reserve: Decimal
+    ) -> tuple[Reservation | Refusal, Change]: ...
 
     async def settle(self, reservation: Reservation, cost: Decimal | None) -> Change: ...
 
@@ -131,7 +133,9 @@ class MemoryLedger:
             type_, st.record.id, None if b is None else float(b), float(st.spent), **extra
         )
 
-    async def admit(self, session_id: str, reserve: Decimal) -> tuple[Reservation | Refusal, Change]:
+    async def admit(
+        self, session_id: str, reserve: Decimal
+    ) -> tuple[Reservation | Refusal, Change]:
         change = Change()
         st = self._state(session_id, change)
         rec = st.record
@@ -218,3 +222,11 @@ class MemoryLedger:
     @property
     def paused_count(self) -> int:
         return sum(1 for st in self._sessions.values() if st.record.paused)
+
+    def budgets(self) -> list[tuple[str, Decimal, Decimal]]:
+        """``(session, budget, spent)`` of every session that has a budget (for metrics)."""
+        out = []
+        for sid, st in self._sessions.items():
+            if st.record.budget_usd is not None:
+                out.append((sid, st.record.budget_usd, st.spent))
+        return out

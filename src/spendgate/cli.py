@@ -8,12 +8,11 @@ import csv
 import ipaddress
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from collections.abc import AsyncIterator
 
 import orjson
 
@@ -48,21 +47,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not settings.admin_token and not _is_loopback(settings.host):
-        if not settings.allow_remote_without_token:
-            print(
-                f"spendgate: refusing to listen on {settings.host} without SPENDGATE_ADMIN_TOKEN "
-                "(set one, or SPENDGATE_ALLOW_REMOTE_WITHOUT_TOKEN=true)",
-                file=sys.stderr,
-            )
-            return 2
+    remote = not settings.admin_token and not _is_loopback(settings.host)
+    if remote and not settings.allow_remote_without_token:
+        print(
+            f"spendgate: refusing to listen on {settings.host} without SPENDGATE_ADMIN_TOKEN "
+            "(set one, or SPENDGATE_ALLOW_REMOTE_WITHOUT_TOKEN=true)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
 
         uvloop.install()  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         pass
-    print(f"spendgate {__version__} on http://{settings.host}:{settings.port} (db {settings.db_path})")
+    print(
+        f"spendgate {__version__} on http://{settings.host}:{settings.port} (db {settings.db_path})"
+    )
     web.run_app(
         make_app(settings),
         host=settings.host,
@@ -86,7 +87,7 @@ async def _open_store(settings: Settings) -> AsyncIterator[Any]:
         await store.close()
 
 
-def _run(coro: Callable[[], Awaitable[int]]) -> int:
+def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(coro())
 
 
@@ -184,7 +185,9 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
     settings = _settings(args)
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     url = f"http://{host}:{settings.port}{path}"
-    req = urllib.request.Request(url, method=method, data=None if body is None else orjson.dumps(body))
+    req = urllib.request.Request(
+        url, method=method, data=None if body is None else orjson.dumps(body)
+    )
     req.add_header("Content-Type", "application/json")
     if settings.admin_token:
         req.add_header("Authorization", f"Bearer {settings.admin_token}")
@@ -195,7 +198,10 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
         print(f"spendgate: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
         return 1
     except urllib.error.URLError as exc:
-        print(f"spendgate: no proxy running at {url} ({exc.reason}); start `spendgate serve` first", file=sys.stderr)
+        print(
+            f"spendgate: no proxy running at {url} ({exc.reason}); start `spendgate serve` first",
+            file=sys.stderr,
+        )
         return 1
     print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -230,7 +236,11 @@ def cmd_pricing(args: argparse.Namespace) -> int:
         target = Path(args.to) if args.to else settings.pricing_file
         if target is None:
             target = settings.db_path.parent / "pricing.json"
-        count = pricing.import_into(Path(args.file), target)
+        try:
+            count = pricing.import_into(Path(args.file), target)
+        except (OSError, ValueError) as exc:
+            print(f"spendgate: cannot import {args.file}: {exc}", file=sys.stderr)
+            return 1
         print(f"imported {count} models into {target}; set SPENDGATE_PRICING_FILE={target}")
         return 0
     table = pricing.load_price_table(settings.pricing_file, settings.model_aliases)
@@ -254,10 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML settings file (or SPENDGATE_CONFIG)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("--config", default=argparse.SUPPRESS, help="TOML settings file")
-        sp.add_argument("--db", dest="db_path", default=None, help="SQLite file (SPENDGATE_DB_PATH)")
+        sp.add_argument(
+            "--db", dest="db_path", default=None, help="SQLite file (SPENDGATE_DB_PATH)"
+        )
         sp.set_defaults(func=fn)
         return sp
 

@@ -30,11 +30,22 @@ _ANTHROPIC_TYPE = {
 }
 
 
-def error_payload(style: str, status: int, message: str, kind: str, code: str | None = None) -> dict[str, object]:
+def error_payload(
+    style: str, status: int, message: str, kind: str, code: str | None = None
+) -> dict[str, object]:
     if style == "anthropic":
-        return {"type": "error", "error": {"type": _ANTHROPIC_TYPE.get(status, kind), "message": message}}
+        return {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_TYPE.get(status, kind), "message": message},
+        }
     if style == "gemini":
-        return {"error": {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}
+        return {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": _GEMINI_STATUS.get(status, "UNKNOWN"),
+            }
+        }
     if style == "ollama":
         return {"error": message}
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
@@ -58,7 +69,9 @@ def budget_payload(style: str, message: str) -> dict[str, object]:
     return error_payload(style, 402, message, "budget_exceeded", "session_budget_exceeded")
 
 
-def stream_error_bytes(style: str, status: int, message: str, kind: str, code: str | None = None) -> bytes:
+def stream_error_bytes(
+    style: str, status: int, message: str, kind: str, code: str | None = None
+) -> bytes:
     """A well-formed last event for a stream spendgate has to end early."""
     if style == "anthropic":
         payload = orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})

@@ -22,7 +22,9 @@ class Event:
     """Assigned by the bus on publish; increases across restarts."""
 
 
-def budget_event(type_: str, session_id: str, budget: float | None, spent: float, **extra: Any) -> Event:
+def budget_event(
+    type_: str, session_id: str, budget: float | None, spent: float, **extra: Any
+) -> Event:
     return Event(
         type_,
         session_id,
@@ -39,7 +41,9 @@ def context_level(tokens: int, window: int) -> str:
     return "ok"
 
 
-def context_data(session_id: str, model: str | None, tokens: int, window: int | None) -> dict[str, Any]:
+def context_data(
+    session_id: str, model: str | None, tokens: int, window: int | None
+) -> dict[str, Any]:
     """The context meter: the latest message's size against the model's window."""
     if not window:
         return {

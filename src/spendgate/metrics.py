@@ -1,19 +1,48 @@
 """Prometheus metrics on an injected registry (SPEC 8), plus the OTel GenAI histograms.
 
-Recording is called by the accountant, which guards it so a metrics failure never
-breaks forwarding.
+:meth:`Metrics.record` runs once per finished upstream response, after the client has
+its last byte, and the accountant guards it, so a metrics failure never breaks
+forwarding. Label children are cached so recording is a few dict look-ups. Gauges
+that mirror state (paused sessions, subscribers, queue depth, budget use) are read
+at scrape time and cost the request path nothing.
+
+Cardinality: series are per route, provider, model, status, token type. A ``session``
+label is added to requests, tokens and cost only with ``metrics_session_labels``
+(``SPENDGATE_METRICS_SESSION_LABELS=true``). The one per-session exception is
+``spendgate_session_budget_used_ratio`` (and its ``_budget_usd``/``_spent_usd``
+companions): exported only for sessions that have a budget, and at most
+``budget_series_limit`` of them (those closest to their budget), so the alert
+"session over 90 % of budget" works without opening the door to unbounded series.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from decimal import Decimal
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 
 from spendgate.records import MessageRecord
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
-TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+log = logging.getLogger("spendgate.metrics")
+
+# LLM latencies: 10 ms (a cached or tiny answer) to 5 min (a long reasoning stream).
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 180, 300,
+)  # fmt: skip
+# The OTel GenAI semantic conventions' advised boundaries: tokens in powers of 4,
+# seconds doubling from 10 ms (extended past 81.92 s to cover 5 min).
+GENAI_TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+GENAI_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    163.84, 327.68,
+)  # fmt: skip
 TOKEN_TYPES = (
     ("input", "input_tokens"),
     ("output", "output_tokens"),
@@ -21,92 +50,265 @@ TOKEN_TYPES = (
     ("cache_write", "cache_write_tokens"),
     ("reasoning", "reasoning_tokens"),
 )
+# spendgate operation → gen_ai.operation.name (semantic conventions' well-known values).
+GENAI_OPERATIONS = {
+    "chat": "chat",
+    "responses": "chat",
+    "messages": "chat",
+    "ollama_chat": "chat",
+    "completions": "text_completion",
+    "ollama_generate": "text_completion",
+    "embeddings": "embeddings",
+    "generate_content": "generate_content",
+    "stream_generate_content": "generate_content",
+}
+# spendgate provider id → gen_ai.provider.name where the conventions spell it differently.
+GENAI_PROVIDERS = {
+    "gemini": "gcp.gemini",
+    "vertex": "gcp.vertex_ai",
+    "azure": "azure.ai.openai",
+    "bedrock": "aws.bedrock",
+    "mistral": "mistral_ai",
+    "xai": "x_ai",
+}
+UNMETERED = ("", "other")
+
+BudgetSource = Callable[[], Iterable[tuple[str, Decimal, Decimal]]]
+"""Yields ``(session, budget_usd, spent_usd)`` for every session that has a budget."""
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class _Children(Generic[M]):
+    """``metric.labels(...)`` with the children cached (one dict look-up per call)."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self._kids: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        kid = self._kids.get(labels)
+        if kid is None:
+            kid = self._kids[labels] = self.metric.labels(*labels)
+        return kid
+
+
+class DecimalCounter:
+    """A counter summed in ``Decimal`` and exported as the nearest float.
+
+    Money adds up exactly however many requests there are: the exported
+    ``spendgate_cost_usd_total`` is ``float(sum of the rows' costs)``, not a float sum.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, labelnames
+        self._totals: dict[tuple[str, ...], Decimal] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: Decimal) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self._totals[labels] = self._totals.get(labels, Decimal(0)) + amount
+
+    def value(self, *labels: str) -> Decimal | None:
+        return self._totals.get(labels)
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, total in list(self._totals.items()):
+            family.add_metric(labels, float(total))
+        yield family
+
+
+class SessionBudgets:
+    """Per-session budget use, read from the ledger at scrape time.
+
+    Only sessions with a budget appear, at most ``limit`` of them (highest ratio first).
+    A zero budget counts as fully used (ratio 1).
+    """
+
+    RATIO = "spendgate_session_budget_used_ratio"
+    BUDGET = "spendgate_session_budget_usd"
+    SPENT = "spendgate_session_spent_usd"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.source: BudgetSource | None = None
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                self.RATIO, "Spent / budget of sessions that have a budget", labels=("session",)
+            ),
+            GaugeMetricFamily(self.BUDGET, "Budget of sessions that have one", labels=("session",)),
+            GaugeMetricFamily(
+                self.SPENT, "Spent so far by sessions that have a budget", labels=("session",)
+            ),
+        )
+
+    def describe(self) -> list[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        ratio, budget, spent = self._families()
+        rows: list[tuple[float, str, Decimal, Decimal]] = []
+        try:
+            for sid, b, s in self.source() if self.source else ():
+                rows.append((float(s / b) if b > 0 else 1.0, sid, b, s))
+        except Exception:  # a scrape must not fail because the ledger did
+            log.exception("could not read session budgets for metrics")
+            rows = []
+        rows.sort(key=lambda r: (-r[0], r[1]))
+        for r, sid, b, s in rows[: self.limit]:
+            ratio.add_metric((sid,), r)
+            budget.add_metric((sid,), float(b))
+            spent.add_metric((sid,), float(s))
+        yield from (ratio, budget, spent)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry, session_labels: bool = False) -> None:
+    """Every metric of SPEC 8, registered on ``registry`` (a fresh one per app or test)."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        session_labels: bool = False,
+        budget_series_limit: int = 500,
+    ) -> None:
         self.registry = registry
         self.session_labels = session_labels
         s = ("session",) if session_labels else ()
+        r = registry
         self.requests = Counter(
-            "spendgate_requests", "Upstream responses", ("route", "provider", "model", "status", *s),
-            registry=registry,
+            "spendgate_requests",
+            "Upstream responses (and spendgate's own 502/504)",
+            ("route", "provider", "model", "status", *s),
+            registry=r,
         )
         self.tokens = Counter(
-            "spendgate_tokens", "Tokens by type", ("provider", "model", "type", *s), registry=registry
+            "spendgate_tokens",
+            "Tokens billed, by type (input includes cached_input, output includes reasoning)",
+            ("provider", "model", "type", *s),
+            registry=r,
         )
-        self.cost = Counter(
-            "spendgate_cost_usd", "Cost in USD", ("provider", "model", *s), registry=registry
+        self.cost = DecimalCounter(
+            "spendgate_cost_usd", "Cost in USD of priced responses", ("provider", "model", *s)
+        )
+        r.register(self.cost)
+        self.unpriced = Counter(
+            "spendgate_unpriced_responses",
+            "Responses whose cost is unknown (no price)",
+            ("provider", "model"),
+            registry=r,
         )
         self.duration = Histogram(
-            "spendgate_request_duration_seconds", "Whole request duration",
-            ("provider", "model"), buckets=LATENCY_BUCKETS, registry=registry,
+            "spendgate_request_duration_seconds",
+            "Whole request duration, to the last byte",
+            ("provider", "model"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "spendgate_time_to_first_token_seconds", "Time to the first response byte",
-            ("provider", "model"), buckets=LATENCY_BUCKETS, registry=registry,
+            "spendgate_time_to_first_token_seconds",
+            "Time to the first response byte",
+            ("provider", "model"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "spendgate_upstream_errors", "Upstream failures by kind", ("route", "kind"),
-            registry=registry,
+            "spendgate_upstream_errors",
+            "Upstream failures by kind: connect, timeout, reset "
+            "(transport), http_5xx, http_429 (error responses)",
+            ("route", "kind"),
+            registry=r,
         )
         self.budget_rejections = Counter(
-            "spendgate_budget_rejections", "Requests refused with 402", ("route",), registry=registry
+            "spendgate_budget_rejections", "Requests refused with 402", ("route",), registry=r
         )
         self.active_streams = Gauge(
-            "spendgate_active_streams", "Responses being streamed now", registry=registry
+            "spendgate_active_streams", "Responses being streamed now", registry=r
         )
-        self.paused_sessions = Gauge(
-            "spendgate_paused_sessions", "Sessions paused now", registry=registry
-        )
+        self.paused_sessions = Gauge("spendgate_paused_sessions", "Sessions paused now", registry=r)
         self.event_subscribers = Gauge(
-            "spendgate_event_subscribers", "Connected /api/events clients", registry=registry
+            "spendgate_event_subscribers", "Connected /api/events clients", registry=r
         )
         self.store_queue = Gauge(
-            "spendgate_store_queue_depth", "Rows waiting for the database writer", registry=registry
+            "spendgate_store_queue_depth", "Rows waiting for the database writer", registry=r
         )
         self.store_dropped = Counter(
-            "spendgate_store_dropped_rows", "Rows dropped because the queue overflowed",
-            registry=registry,
+            "spendgate_store_dropped_rows", "Rows dropped because the queue overflowed", registry=r
         )
+        self.session_budgets = SessionBudgets(budget_series_limit)
+        r.register(self.session_budgets)
         self.genai_tokens = Histogram(
-            "gen_ai_client_token_usage", "OpenTelemetry GenAI: tokens per operation",
-            ("gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name",
-             "gen_ai_token_type"),
-            buckets=TOKEN_BUCKETS, registry=registry,
+            "gen_ai_client_token_usage",
+            "OpenTelemetry GenAI: tokens per operation (reported usage of successful responses)",
+            (
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_operation_name",
+                "gen_ai_token_type",
+            ),
+            buckets=GENAI_TOKEN_BUCKETS,
+            registry=r,
         )
         self.genai_duration = Histogram(
-            "gen_ai_client_operation_duration_seconds", "OpenTelemetry GenAI: operation duration",
+            "gen_ai_client_operation_duration_seconds",
+            "OpenTelemetry GenAI: operation duration",
             ("gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name"),
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
+            buckets=GENAI_DURATION_BUCKETS,
+            registry=r,
+        )
+        self._requests = _Children(self.requests)
+        self._tokens = _Children(self.tokens)
+        self._unpriced = _Children(self.unpriced)
+        self._duration = _Children(self.duration)
+        self._ttft = _Children(self.ttft)
+        self._errors = _Children(self.upstream_errors)
+        self._genai_tokens = _Children(self.genai_tokens)
+        self._genai_duration = _Children(self.genai_duration)
 
     def bind_gauges(
-        self, paused: Callable[[], float], subscribers: Callable[[], float], queue: Callable[[], float]
+        self,
+        paused: Callable[[], float],
+        subscribers: Callable[[], float],
+        queue: Callable[[], float],
+        budgets: BudgetSource | None = None,
     ) -> None:
         """Gauges read at scrape time, so nothing needs updating on the hot path."""
         self.paused_sessions.set_function(paused)
         self.event_subscribers.set_function(subscribers)
         self.store_queue.set_function(queue)
+        self.session_budgets.source = budgets
 
     def record(self, m: MessageRecord, operation: str, requested_model: str | None) -> None:
         """Everything one finished upstream response adds to the metrics."""
         model = m.model or "unknown"
         s = (m.session_id,) if self.session_labels else ()
-        self.requests.labels(m.route, m.provider, model, str(m.status), *s).inc()
+        self._requests(m.route, m.provider, model, str(m.status), *s).inc()
+        metered = operation not in UNMETERED
         for type_, attr in TOKEN_TYPES:
-            n = getattr(m, attr)
-            if n:
-                self.tokens.labels(m.provider, model, type_, *s).inc(n)
-        if m.cost_usd:
-            self.cost.labels(m.provider, model, *s).inc(float(m.cost_usd))
-        self.duration.labels(m.provider, model).observe(m.duration_ms / 1000)
+            n: int = getattr(m, attr)
+            if n or metered:  # metered models get every type's series, from zero
+                self._tokens(m.provider, model, type_, *s).inc(n)
+        if m.cost_usd is not None:
+            self.cost.inc((m.provider, model, *s), m.cost_usd)
+        elif metered:
+            self._unpriced(m.provider, model).inc()
+        if m.error is None and (m.status >= 500 or m.status == 429):
+            self._errors(m.route, "http_429" if m.status == 429 else "http_5xx").inc()
+        self._duration(m.provider, model).observe(m.duration_ms / 1000)
         if m.ttft_ms is not None:
-            self.ttft.labels(m.provider, model).observe(m.ttft_ms / 1000)
+            self._ttft(m.provider, model).observe(m.ttft_ms / 1000)
+        if not metered:
+            return  # not a GenAI operation (model lists, token counting, ...)
+        provider = GENAI_PROVIDERS.get(m.provider, m.provider)
+        op = GENAI_OPERATIONS.get(operation, operation)
         req_model = requested_model or model
-        self.genai_duration.labels(m.provider, req_model, operation).observe(m.duration_ms / 1000)
-        if m.status < 400:
-            self.genai_tokens.labels(m.provider, req_model, operation, "input").observe(m.input_tokens)
-            self.genai_tokens.labels(m.provider, req_model, operation, "output").observe(
-                m.output_tokens
-            )
+        self._genai_duration(provider, req_model, op).observe(m.duration_ms / 1000)
+        if m.status < 400 and not m.estimated:
+            self._genai_tokens(provider, req_model, op, "input").observe(m.input_tokens)
+            if op != "embeddings":
+                self._genai_tokens(provider, req_model, op, "output").observe(m.output_tokens)

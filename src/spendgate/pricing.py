@@ -689,3 +689,22 @@ def load_price_table(
     all_aliases.update(aliases or {})
     prices = {key: model_price(key, raw, source) for key, (raw, source) in raws.items()}
     return PriceTable(prices, all_aliases)
+
+
+def import_into(source: Path, target: Path) -> int:
+    """Merge a whole table (any supported format) into the user's JSON pricing file.
+
+    Imported entries replace existing ones of the same id; the file's aliases are kept.
+    Returns how many models were imported.
+    """
+    imported = import_table(source)
+    models: dict[str, dict[str, Any]] = {}
+    aliases: dict[str, str] = {}
+    if target.exists():
+        if target.suffix.lower() == ".toml":
+            raise PricingError(f"{target}: import writes JSON; choose a .json pricing file")
+        models, aliases = read_price_file(target)
+    models.update(imported)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(dumps_table(models, aliases, f"imported from {source.name}"))
+    return len(imported)

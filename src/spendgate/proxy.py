@@ -19,6 +19,7 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from spendgate.accounting import Accountant, Exchange
 from spendgate.budgets import Refusal, usd
@@ -164,7 +165,9 @@ class ProxyHandler:
             body,
             inject_stream_usage=self.settings.inject_stream_usage,
         )
-        ex = Exchange(target, info, key_fingerprint=key_fingerprint(request.headers, request.rel_url.query))
+        ex = Exchange(
+            target, info, key_fingerprint=key_fingerprint(request.headers, request.rel_url.query)
+        )
         refusal = await self.acct.admit(ex)
         if refusal is not None:
             return self._refuse(adapter, refusal, route.name)
@@ -187,13 +190,17 @@ class ProxyHandler:
             "session_budget_exceeded", headers,
         )  # fmt: skip
 
-    def _upstream_error(self, adapter: Adapter, ex: Exchange, status: int, kind: str, msg: str) -> web.Response:
+    def _upstream_error(
+        self, adapter: Adapter, ex: Exchange, status: int, kind: str, msg: str
+    ) -> web.Response:
         ex.status, ex.error = status, kind
         self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
         log.warning("upstream %s for %s: %s", kind, ex.target.route.name, msg)
         return error_response(adapter.error_style, status, msg, "upstream_error")
 
-    async def _forward(self, request: web.Request, adapter: Adapter, ex: Exchange) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, adapter: Adapter, ex: Exchange
+    ) -> web.StreamResponse:
         route, info = ex.target.route, ex.info
         url = route.upstream + ex.target.path
         qs = request.rel_url.raw_query_string
@@ -205,13 +212,13 @@ class ProxyHandler:
         try:
             up = await self.client.request(
                 request.method,
-                aiohttp.client.URL(url, encoded=True),
+                URL(url, encoded=True),
                 headers=headers,
                 data=info.body if info.body or request.can_read_body else None,
                 allow_redirects=False,
                 timeout=self._timeout,
             )
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return self._upstream_error(
                 adapter, ex, 504, "timeout", f"upstream {route.upstream} did not answer in time"
             )
@@ -276,10 +283,12 @@ class ProxyHandler:
                     await resp.write(tail)
             parser.close()
             await resp.write_eof()
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError) as exc:
             ex.aborted = True  # the client hung up; bill what was streamed
             parser.close()
-        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
             kind = "timeout" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else "reset"
             ex.error = f"upstream_{kind}"
             self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
@@ -320,7 +329,9 @@ class ProxyHandler:
         try:
             if "event-stream" in ctype or "ndjson" in ctype:
                 msg = f"spendgate: upstream {ex.target.route.upstream} broke mid-response"
-                await resp.write(stream_error_bytes(adapter.error_style, 502, msg, "upstream_error"))
+                await resp.write(
+                    stream_error_bytes(adapter.error_style, 502, msg, "upstream_error")
+                )
                 await resp.write_eof()
             else:
                 # A JSON body cut short must look cut short: drop the connection.

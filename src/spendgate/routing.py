@@ -121,7 +121,9 @@ class Router:
             "/s/{session}/), or an unprefixed /v1/... OpenAI or Anthropic path"
         )
 
-    def _from_headers(self, headers: Mapping[str, str], adapter: str) -> tuple[str | None, str | None]:
+    def _from_headers(
+        self, headers: Mapping[str, str], adapter: str
+    ) -> tuple[str | None, str | None]:
         session = headers.get("X-Spendgate-Session")
         agent = headers.get("X-Spendgate-Agent")
         for name, value in (("X-Spendgate-Session", session), ("X-Spendgate-Agent", agent)):

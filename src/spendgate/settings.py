@@ -33,7 +33,9 @@ class RouteConfig(BaseModel):
 
     prefix: str = Field(description="Path prefix, e.g. /groq")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.groq.com/openai")
-    adapter: str = Field(default="openai", description="Wire format: openai, anthropic, gemini, ollama")
+    adapter: str = Field(
+        default="openai", description="Wire format: openai, anthropic, gemini, ollama"
+    )
     provider: str | None = Field(default=None, description="Provider id for pricing and metrics")
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers added upstream (e.g. a key held by the proxy)"
@@ -79,7 +81,9 @@ DEFAULT_AGENT_HEADERS = [
         session=["session-id", "session_id", "conversation_id"],
         subagent=["x-openai-subagent"],
     ),
-    AgentHeaders(agent="opencode", session=["X-Session-Id"], parent_session=["x-parent-session-id"]),
+    AgentHeaders(
+        agent="opencode", session=["X-Session-Id"], parent_session=["x-parent-session-id"]
+    ),
     AgentHeaders(agent="goose", session=["agent-session-id"]),
 ]
 
@@ -101,14 +105,18 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Listen address")
     port: int = Field(default=8787, ge=0, le=65535, description="Listen port")
     db_path: Path = Field(default_factory=default_db_path, description="The SQLite file")
-    openai_base_url: str = Field(default="https://api.openai.com", description="Upstream of /openai")
+    openai_base_url: str = Field(
+        default="https://api.openai.com", description="Upstream of /openai"
+    )
     anthropic_base_url: str = Field(
         default="https://api.anthropic.com", description="Upstream of /anthropic"
     )
     gemini_base_url: str = Field(
         default="https://generativelanguage.googleapis.com", description="Upstream of /gemini"
     )
-    ollama_base_url: str = Field(default="http://127.0.0.1:11434", description="Upstream of /ollama")
+    ollama_base_url: str = Field(
+        default="http://127.0.0.1:11434", description="Upstream of /ollama"
+    )
     routes: list[RouteConfig] = Field(
         default_factory=list, description="Extra routes ([[routes]] in the TOML file)"
     )

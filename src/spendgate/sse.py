@@ -18,7 +18,11 @@ KEEPALIVE_S = 15.0
 
 
 def encode(event: Event) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), orjson.dumps(event.data))
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        event.id,
+        event.type.encode(),
+        orjson.dumps(event.data),
+    )
 
 
 async def events(request: web.Request) -> web.StreamResponse:

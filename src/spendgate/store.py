@@ -10,6 +10,7 @@ the queue (bounded) keeps them; only past that bound are rows dropped, loudly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -151,7 +152,9 @@ class Store(Protocol):
 
     async def session_totals(self) -> list[dict[str, Any]]: ...
 
-    async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]: ...
+    async def totals(
+        self, session_id: str, group_by: str | None = None
+    ) -> list[dict[str, Any]]: ...
 
     async def messages(
         self, session_id: str, after: int, limit: int
@@ -272,17 +275,19 @@ class SQLiteStore:
     async def _write_loop(self) -> None:
         backoff = self._interval
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._pending:
                 try:
                     await self._write_batch()
                     backoff = self._interval
                 except Exception as exc:  # locked, disk full, I/O error: keep rows, retry
-                    log.error("database write failed (%s); %d rows kept for retry", exc, len(self._pending))
+                    log.error(
+                        "database write failed (%s); %d rows kept for retry",
+                        exc,
+                        len(self._pending),
+                    )
                     backoff = min(backoff * 2, 5.0)
                     if self._closing and backoff >= 5.0:
                         return

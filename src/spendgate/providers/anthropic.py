@@ -35,7 +35,11 @@ _FIELDS = (
     "cache_creation_input_tokens",
     "output_tokens",
 )
-_DELTA_TEXT = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
+_DELTA_TEXT = {
+    "text_delta": "text",
+    "input_json_delta": "partial_json",
+    "thinking_delta": "thinking",
+}
 
 
 def _block_chars(block: Any) -> int:

@@ -1,0 +1,259 @@
+"""Bad input and broken peers: a clear error, unchanged bytes, and never a lost row."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import Proxy, StartProxy, eventually
+from tests.upstream import FakeUpstream, Reply, fixture_reply, sse_reply
+
+MSG: Any = [{"role": "user", "content": "hi"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unknown_route_is_400_in_openai_shape(proxy: Proxy) -> None:
+    async with proxy.http.post(proxy.url("/nowhere/v1/chat/completions"), json={}) as r:
+        assert r.status == 400
+        body = await r.json()
+    assert (
+        "no route" in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    )
+
+
+async def test_bad_session_id_is_400_and_forwarded_nowhere(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    c = anthropic.AsyncAnthropic(
+        base_url=proxy.url("/s/bad%20id/anthropic"), api_key="k", max_retries=0
+    )
+    async with c:
+        with pytest.raises(anthropic.BadRequestError, match="invalid session id"):
+            await c.messages.create(model="claude-sonnet-4-6", max_tokens=5, messages=MSG)
+    async with proxy.http.post(
+        proxy.url("/openai/v1/chat/completions"), json={}, headers={"X-Spendgate-Session": "a\tb"}
+    ) as r:
+        assert r.status == 400
+    assert upstream.seen == []
+
+
+async def test_body_over_limit_is_413(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    proxy = await start_proxy(max_request_bytes=1000)
+    c = openai.AsyncOpenAI(base_url=proxy.url("/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        with pytest.raises(openai.APIStatusError) as err:
+            await c.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x" * 2000}]
+            )
+    assert err.value.status_code == 413 and "max_request_bytes" in err.value.message
+    assert upstream.seen == []
+
+
+async def test_dead_upstream_is_502_and_recorded(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(openai_base_url=f"http://127.0.0.1:{free_port()}")
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/dead/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        with pytest.raises(openai.APIStatusError) as err:
+            await c.chat.completions.create(model="gpt-4o", messages=MSG)
+    assert err.value.status_code == 502 and "unreachable" in err.value.message
+    (row,) = await proxy.messages("dead")
+    assert row["status"] == 502 and row["error"] == "connect" and row["costUsd"] == 0
+
+
+async def test_hanging_upstream_is_504(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    proxy = await start_proxy(upstream_idle_timeout_s=0.2)
+    upstream.queue(Reply(hang=2.0, chunks=[b"{}"]))
+    async with proxy.http.post(
+        proxy.url("/s/hang/openai/v1/chat/completions"), json={"model": "gpt-4o"}
+    ) as r:
+        assert r.status == 504
+        assert "did not answer in time" in (await r.json())["error"]["message"]
+    (row,) = await proxy.messages("hang")
+    assert row["status"] == 504 and row["error"] == "timeout"
+
+
+def _words(n: int) -> list[dict[str, Any]]:
+    return [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+         "choices": [{"index": 0, "delta": {"content": "four char"}, "finish_reason": None}]}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+async def test_client_hangs_up_mid_stream(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.queue(sse_reply(_words(40), delay=0.02))
+    async with proxy.http.post(
+        proxy.url("/s/gone/openai/v1/chat/completions"),
+        json={"model": "gpt-4o", "messages": MSG, "stream": True},
+    ) as r:
+        await r.content.readexactly(200)  # read a little, then hang up
+    await eventually(lambda: _has_rows(proxy, "gone"))
+    (row,) = await proxy.messages("gone")
+    assert row["aborted"] is True and row["estimated"] is True
+    assert 0 < row["outputTokens"] < 40 * 3
+    ledger = proxy.acct.ledger
+    assert ledger.live_remaining("gone") is None  # no budget; and no reservation left behind:
+    assert not ledger._sessions["gone"].reserved  # type: ignore[attr-defined]
+
+
+async def _has_rows(proxy: Proxy, session: str) -> bool:
+    if proxy.acct.ledger.session(session) is None:
+        return False
+    return bool(await proxy.messages(session))
+
+
+async def test_upstream_reset_mid_stream(proxy: Proxy, upstream: FakeUpstream) -> None:
+    reply = sse_reply(_words(20))
+    reply.reset_after = 5
+    upstream.queue(reply)
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/reset/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        stream = await c.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+        with pytest.raises(openai.APIError, match="broke mid-response"):
+            async for _ in stream:
+                pass
+    (row,) = await proxy.messages("reset")
+    assert row["error"] == "upstream_reset" and row["estimated"] is True
+    assert row["outputTokens"] > 0
+
+
+async def test_garbled_stream_is_forwarded_unchanged(proxy: Proxy, upstream: FakeUpstream) -> None:
+    body = (
+        b": keep-alive\r\n\r\ndata: {not json\n\ndata: \xff\xfe\n\n"
+        b'data: {"choices":[{"index":0,"delta":{"content":"abcdefgh"}}],"model":"gpt-4o"}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    upstream.queue(
+        Reply(
+            chunks=[body[i : i + 3] for i in range(0, len(body), 3)],
+            content_type="text/event-stream",
+        )
+    )
+    async with proxy.http.post(
+        proxy.url("/s/garble/openai/v1/chat/completions"),
+        json={
+            "model": "gpt-4o",
+            "messages": MSG,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
+        assert await r.read() == body
+    (row,) = await proxy.messages("garble")
+    assert row["estimated"] is True and row["outputTokens"] == 2 and row["status"] == 200
+
+
+async def test_gzip_body_forwarded_as_is_and_metered(proxy: Proxy, upstream: FakeUpstream) -> None:
+    raw = (tests_fixture := "openai/chat_json_cached_gpt-4o-mini.json") and fixture_reply(
+        tests_fixture
+    ).chunks
+    zipped = gzip.compress(b"".join(raw))
+    upstream.queue(Reply(chunks=[zipped[:50], zipped[50:]], headers={"Content-Encoding": "gzip"}))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.post(
+            proxy.url("/s/gz/openai/v1/chat/completions"),
+            json={"model": "gpt-4o-mini", "messages": MSG},
+            headers={"Accept-Encoding": "gzip"},
+        ) as r,
+    ):
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert await r.read() == zipped
+    assert upstream.seen[0].headers["Accept-Encoding"] == "gzip"
+    (row,) = await proxy.messages("gz")
+    assert (row["inputTokens"], row["cachedInputTokens"], row["outputTokens"]) == (1149, 1024, 353)
+
+
+async def test_transparency_of_method_path_query_and_headers(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    upstream.queue(
+        Reply(chunks=[b'{"data": []}'], headers={"X-Request-Id": "req-1", "Set-Cookie": "a=1"})
+    )
+    async with proxy.http.get(
+        proxy.url("/s/t/openai/v1/models/a%2Fb?limit=2&after=x%20y"),
+        headers={
+            "Authorization": "Bearer sk-x",
+            "OpenAI-Organization": "org-1",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+        },
+    ) as r:
+        assert r.status == 200 and r.headers["X-Request-Id"] == "req-1"
+        assert await r.read() == b'{"data": []}'
+    seen = upstream.seen[0]
+    assert seen.method == "GET" and seen.query == "limit=2&after=x%20y"
+    assert seen.path == "/v1/models/a%2Fb"
+    assert seen.headers["OpenAI-Organization"] == "org-1" and "X-Hop" not in seen.headers
+    (row,) = await proxy.messages("t")
+    assert row["endpoint"] == "other" and row["inputTokens"] == 0
+
+
+async def test_api_keys_never_stored_or_emitted(
+    proxy: Proxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    secret = "sk-proj-SECRET-DO-NOT-STORE-123"
+    upstream.queue(fixture_reply("openai/chat_json_gpt-3.5-turbo.json"))
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/keys/openai/v1"), api_key=secret, max_retries=0)
+    async with c:
+        await c.chat.completions.create(model="gpt-3.5-turbo", messages=MSG)
+    await proxy.acct.store.flush()
+    db = proxy.settings.db_path
+    for f in db.parent.glob(db.name + "*"):
+        assert secret.encode() not in f.read_bytes()
+    async with proxy.http.get(proxy.url("/metrics")) as r:
+        assert secret not in await r.text()
+    export = await proxy.get_json("/api/sessions/keys/export?format=json")
+    assert secret not in str(export) and secret not in caplog.text
+    import hashlib
+
+    assert (
+        (await proxy.acct.store.latest_message("keys")).key_fingerprint
+        == hashlib.sha256(  # type: ignore[union-attr]
+            secret.encode()
+        ).hexdigest()[:12]
+    )
+
+
+async def test_malformed_request_body_is_forwarded_as_is(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    upstream.queue(fixture_reply("openai/chat_json_gpt-3.5-turbo.json"))
+    async with proxy.http.post(
+        proxy.url("/s/mal/openai/v1/chat/completions"),
+        data=b'{"model": "gpt-4o", oops',
+        headers={"Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 200
+    assert upstream.seen[0].body == b'{"model": "gpt-4o", oops'
+    (row,) = await proxy.messages("mal")
+    assert row["inputTokens"] == 15  # the provider's numbers still count
+
+
+async def test_shutdown_flushes_every_finished_row(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+    proxy = await start_proxy(flush_interval_ms=60_000)  # only the shutdown flush can write them
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/flush/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        await asyncio.gather(
+            *(c.chat.completions.create(model="gpt-3.5-turbo", messages=MSG) for _ in range(50))
+        )
+    await proxy.server.close()
+    again = await start_proxy()
+    cost = await again.cost("flush")
+    assert cost["messageCount"] == 50 and cost["totalInputTokens"] == 50 * 15

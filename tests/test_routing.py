@@ -1,0 +1,117 @@
+"""Routes, sessions and agents from paths and headers (SPEC 1): pure rules, then over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from spendgate.routing import Router, RoutingError, build_routes
+from spendgate.settings import RouteConfig, Settings
+from tests.conftest import Proxy
+from tests.upstream import FakeUpstream, fixture_reply
+
+
+@pytest.fixture
+def router() -> Router:
+    s = Settings(routes=[RouteConfig(prefix="/groq", upstream="https://api.groq.com/openai")])
+    return Router(build_routes(s), s.agent_headers)
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "upstream_path", "session", "agent"),
+    [
+        ("/openai/v1/chat/completions", "openai", "/v1/chat/completions", "default", None),
+        ("/s/run-42/openai/v1/responses", "openai", "/v1/responses", "run-42", None),
+        ("/s/run-42/a/sub.1/anthropic/v1/messages", "anthropic", "/v1/messages", "run-42", "sub.1"),
+        ("/v1/chat/completions", "openai", "/v1/chat/completions", "default", None),
+        ("/v1/embeddings", "openai", "/v1/embeddings", "default", None),
+        ("/v1/messages", "anthropic", "/v1/messages", "default", None),
+        ("/s/x/v1/messages", "anthropic", "/v1/messages", "x", None),
+        ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini",
+         "/v1beta/models/gemini-2.5-flash:generateContent", "default", None),
+        ("/ollama/api/chat", "ollama", "/api/chat", "default", None),
+        ("/groq/v1/chat/completions", "groq", "/v1/chat/completions", "default", None),
+    ],
+)  # fmt: skip
+def test_paths(
+    router: Router, path: str, route: str, upstream_path: str, session: str, agent: str | None
+) -> None:
+    t = router.resolve(path, {})
+    assert (t.route.name, t.path, t.session_id, t.agent_id) == (
+        route,
+        upstream_path,
+        session,
+        agent,
+    )
+
+
+def test_configured_route_provider_and_headers() -> None:
+    s = Settings(
+        routes=[
+            RouteConfig(
+                prefix="/deepseek",
+                upstream="https://api.deepseek.com/",
+                headers={"Authorization": "Bearer held-by-proxy"},
+            )
+        ]
+    )
+    t = Router(build_routes(s), s.agent_headers).resolve("/deepseek/chat/completions", {})
+    assert t.route.upstream == "https://api.deepseek.com" and t.route.provider == "deepseek"
+    assert t.route.headers == (("Authorization", "Bearer held-by-proxy"),)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/s/bad id/openai/v1/x", "/s//openai/v1/x", "/s/" + "a" * 129 + "/openai/v1/x",
+     "/s/ok/a/b%0d%0a/openai/v1/x", "/nowhere/v1/x", "/openai/../admin", "/openai/v1/%2e%2e/x"],
+)  # fmt: skip
+def test_bad_paths_are_refused(router: Router, path: str) -> None:
+    with pytest.raises(RoutingError):
+        router.resolve(path, {})
+
+
+def test_header_precedence(router: Router) -> None:
+    h = {"X-Spendgate-Session": "hdr", "X-Claude-Code-Session-Id": "cc"}
+    assert router.resolve("/s/path/openai/v1/x", h).session_id == "path"
+    assert router.resolve("/openai/v1/x", h).session_id == "hdr"
+    assert router.resolve("/openai/v1/x", {"X-Claude-Code-Session-Id": "cc"}).session_id == "cc"
+    with pytest.raises(RoutingError, match="X-Spendgate-Session"):
+        router.resolve("/openai/v1/x", {"X-Spendgate-Session": "no spaces"})
+    with pytest.raises(RoutingError, match="X-Spendgate-Agent"):
+        router.resolve("/openai/v1/x", {"X-Spendgate-Agent": "é"})
+
+
+@pytest.mark.parametrize(
+    ("headers", "session", "agent"),
+    [
+        ({"X-Claude-Code-Session-Id": "c1", "X-Claude-Code-Agent-Id": "a1"}, "c1", "a1"),
+        ({"session_id": "codex-1", "x-openai-subagent": "review"}, "codex-1", "review"),
+        ({"Session-Id": "codex-2"}, "codex-2", None),
+        ({"conversation_id": "codex-3"}, "codex-3", None),
+        ({"X-Session-Id": "oc-child", "x-parent-session-id": "oc-parent"}, "oc-parent", "oc-child"),
+        ({"X-Session-Id": "oc-1"}, "oc-1", None),
+        ({"agent-session-id": "goose-1"}, "goose-1", None),
+        ({"X-Claude-Code-Session-Id": "bad value!"}, "default", None),  # ignored, never an error
+    ],
+)
+def test_known_agent_headers(
+    router: Router, headers: dict[str, str], session: str, agent: str | None
+) -> None:
+    from multidict import CIMultiDict
+
+    t = router.resolve("/openai/v1/chat/completions", CIMultiDict(headers))
+    assert (t.session_id, t.agent_id) == (session, agent)
+
+
+async def test_codex_underscore_header_over_http(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.queue(fixture_reply("openai/chat_json_gpt-3.5-turbo.json"))
+    async with proxy.http.post(
+        proxy.url("/v1/chat/completions"),
+        json={"model": "gpt-3.5-turbo", "messages": []},
+        headers={"session_id": "codex-http", "X-Spendgate-Agent": "main"},
+    ) as r:
+        assert r.status == 200
+    rows = await proxy.messages("codex-http")
+    assert rows[0]["agentId"] == "main"
+    # spendgate's own headers are not forwarded; the agent's are
+    assert "X-Spendgate-Agent" not in upstream.seen[0].headers
+    assert upstream.seen[0].headers["session_id"] == "codex-http"
