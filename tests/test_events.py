@@ -220,3 +220,15 @@ async def test_admin_token_guards_api_and_events(start_proxy: StartProxy) -> Non
         assert r.status == 200 and (await r.json()) == {"status": "ok"}
     async with proxy.http.get(proxy.url("/metrics")) as r:
         assert r.status == 200
+
+
+async def test_cors_is_off_unless_configured(start_proxy: StartProxy) -> None:
+    plain = await start_proxy()
+    hdrs = {"Origin": "http://127.0.0.1:3000"}
+    async with plain.http.get(plain.url("/api/sessions"), headers=hdrs) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers
+    open_ = await start_proxy(cors_origins=["http://127.0.0.1:3000"])
+    async with open_.http.get(open_.url("/api/sessions"), headers=hdrs) as r:
+        assert r.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3000"
+    async with open_.http.options(open_.url("/api/sessions"), headers=hdrs) as r:
+        assert r.status == 204

@@ -104,14 +104,39 @@ def _auth_middleware(settings: Settings) -> Middleware:
     return auth
 
 
+def _cors_middleware(origins: list[str]) -> Middleware:
+    """CORS for /api, only for the configured origins (off by default)."""
+    allowed = set(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if not request.path.startswith("/api/") or origin is None or (
+            origin not in allowed and "*" not in allowed
+        ):
+            return await handler(request)
+        if request.method == "OPTIONS":
+            resp: web.StreamResponse = web.Response(status=204)
+        else:
+            resp = await handler(request)
+        resp.headers["Access-Control-Allow-Origin"] = origin
+        resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, Last-Event-ID"
+        resp.headers["Access-Control-Allow-Methods"] = "GET, PUT, POST, OPTIONS"
+        resp.headers["Vary"] = "Origin"
+        return resp
+
+    return cors
+
+
 async def _proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY](request)
 
 
 def make_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
-    app = web.Application(
-        middlewares=[_auth_middleware(settings)], client_max_size=settings.max_request_bytes
-    )
+    middlewares = [_auth_middleware(settings)]
+    if settings.cors_origins:
+        middlewares.insert(0, _cors_middleware(settings.cors_origins))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     app.cleanup_ctx.append(_resources)

@@ -1,0 +1,388 @@
+"""The dashboard page: served self-contained, then driven in a real headless Chromium.
+
+The browser tests need Debian's ``chromium`` (or ``SPENDGATE_CHROMIUM``) and the
+``playwright`` Python package; without them they skip, saying which is missing. Set
+``SPENDGATE_DASHBOARD_SCREENSHOT=docs/dashboard.png`` to keep the README's screenshot
+(``python docs/make_screenshot.py`` does that).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import Proxy, StartProxy, eventually
+from tests.upstream import FakeUpstream, json_reply, sse_reply
+
+WAIT_MS = 10_000  # every browser wait is bounded by this
+CHROMIUM = (
+    os.environ.get("SPENDGATE_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - depends on the machine
+    HAVE_PLAYWRIGHT = False
+else:
+    HAVE_PLAYWRIGHT = True
+
+needs_browser = pytest.mark.skipif(
+    not HAVE_PLAYWRIGHT or CHROMIUM is None,
+    reason=(
+        "browser test needs the playwright package (pip install playwright)"
+        if not HAVE_PLAYWRIGHT
+        else "browser test needs Chromium (apt-get install chromium, or set SPENDGATE_CHROMIUM)"
+    ),
+)
+
+
+# --- traffic --------------------------------------------------------------------------------
+
+
+def completion(model: str, prompt: int, output: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        },
+    }
+
+
+def chunk(content: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-2",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-2024-08-06",
+        "choices": []
+        if usage
+        else [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        "usage": usage,
+    }
+
+
+async def chat(
+    proxy: Proxy, upstream: FakeUpstream, session: str, model: str, prompt: int, output: int,
+    cached: int = 0, agent: str | None = None,
+) -> None:  # fmt: skip
+    """One non-streaming chat completion through the proxy with the official SDK."""
+    upstream.queue(json_reply(completion(model, prompt, output, cached)))
+    path = f"/s/{session}" + (f"/a/{agent}" if agent else "") + "/openai/v1"
+    async with openai.AsyncOpenAI(base_url=proxy.url(path), api_key="sk-t", max_retries=0) as c:
+        await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+
+
+# --- the page as served ---------------------------------------------------------------------
+
+
+async def test_page_is_self_contained_with_a_strict_policy(proxy: Proxy) -> None:
+    async with proxy.http.get(proxy.url("/")) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/html"
+        html = await resp.text()
+        csp = resp.headers["Content-Security-Policy"]
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+    # Works offline: nothing is loaded from anywhere but this origin.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html
+    assert "default-src 'none'" in csp and "'unsafe-inline'" not in csp
+    assert csp.count("'sha256-") == 2  # the one script and the one style
+    # Event data goes in as text, never as markup.
+    assert "innerHTML" not in html and "insertAdjacentHTML" not in html
+
+
+async def test_page_needs_the_admin_token_when_one_is_set(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(admin_token="s3cret")
+    async with proxy.http.get(proxy.url("/")) as resp:
+        assert resp.status == 401
+    async with proxy.http.get(proxy.url("/?token=s3cret")) as resp:
+        assert resp.status == 200
+
+
+# --- in the browser -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        expect.set_options(timeout=WAIT_MS)
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=WAIT_MS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def open_dashboard(browser: Browser, proxy: Proxy, query: str = "") -> Page:
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    await page.goto(proxy.url("/" + query))
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    await page.evaluate("window.__notReloaded = true")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
+def card(page: Page, session: str) -> Any:
+    return page.locator(f'section.session[data-session="{session}"]')
+
+
+async def assert_no_reload_and_no_errors(page: Page) -> None:
+    assert await page.evaluate("window.__notReloaded === true")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+@needs_browser
+async def test_sessions_cost_and_context_update_live(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    page = await open_dashboard(browser, proxy)
+    await expect(page.locator("#empty")).to_be_visible()
+
+    # gpt-4o: $2.50/M in, $10/M out, 128,000-token window.
+    # 110,000 in + 5,000 out = $0.325; context 115,000 / 128,000 = 89.8 % → warning.
+    await chat(proxy, upstream, "run-a", "gpt-4o", 110_000, 5_000)
+    c = card(page, "run-a")
+    await expect(c.locator(".session-cost")).to_have_text("$0.3250")
+    await expect(c.locator(".tin")).to_have_text("110,000")
+    await expect(c.locator(".tout")).to_have_text("5,000")
+    await expect(c.locator(".ctx-fill")).to_have_attribute("data-level", "warning")
+    await expect(c.locator(".ctx-text")).to_contain_text("115,000 / 128,000 tokens (89.8%)")
+    await expect(c.locator(".msg-row")).to_have_count(1)
+    await expect(c.locator(".msg-row .badge.cost")).to_have_text("$0.3250")
+    await expect(page.locator("#empty")).to_be_hidden()
+
+    # A second message: 116,000 + 2,000 = $0.31 more; 118,000 / 128,000 = 92.2 % → critical.
+    await chat(proxy, upstream, "run-a", "gpt-4o", 116_000, 2_000)
+    await expect(c.locator(".session-cost")).to_have_text("$0.6350")
+    await expect(c.locator(".tin")).to_have_text("226,000")
+    await expect(c.locator(".msgcount")).to_have_text("2")
+    await expect(c.locator(".ctx-fill")).to_have_attribute("data-level", "critical")
+    await expect(c.locator(".msg-row")).to_have_count(2)
+    await expect(c.locator(".msg-row .badge.cost").first).to_have_text("$0.3100")  # newest first
+    assert await c.locator("svg.spark polyline").get_attribute("points")
+    await expect(c.locator(".burn")).to_contain_text("/min")
+
+    # A model without a price: its cost is N/A, never $0, and the tokens still count.
+    await chat(proxy, upstream, "run-b", "my-private-model", 700, 20)
+    b = card(page, "run-b")
+    await expect(b.locator(".session-cost")).to_have_text("N/A")
+    await expect(b.locator(".msg-row .badge.cost")).to_have_text("N/A")
+    await expect(b.locator(".tin")).to_have_text("700")
+    await expect(page.locator("section.session").first).to_have_attribute("data-session", "run-b")
+
+    await assert_no_reload_and_no_errors(page)
+    shot = await page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
+    await assert_not_blank(browser, shot)
+
+
+@needs_browser
+async def test_a_running_stream_shows_up_before_it_ends(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    page = await open_dashboard(browser, proxy)
+    events = [chunk("word " * 20) for _ in range(40)]
+    upstream.queue(sse_reply([*events, chunk(usage={"prompt_tokens": 10, "completion_tokens": 800})], delay=0.05))
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url("/s/streamer/openai/v1"), api_key="k", max_retries=0
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "go"}], stream=True
+        )
+        c = card(page, "streamer")
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 5:  # mid-stream: a live row with an estimate, the session marked streaming
+                await expect(c.locator("tr.msg-row.live")).to_have_count(1)
+                await expect(c.locator(".streaming")).to_be_visible()
+                await expect(c.locator("tr.msg-row.live .badge.cost")).to_contain_text("~$")
+    # At the end the provider's numbers replace the estimate: 10 × 2.5 + 800 × 10 = $0.008025.
+    await expect(c.locator("tr.msg-row.live")).to_have_count(0)
+    await expect(c.locator(".msg-row .badge.cost")).to_have_text("$0.008025")
+    await expect(c.locator(".session-cost")).to_have_text("$0.008025")
+    await expect(c.locator(".streaming")).to_be_hidden()
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_resume_button_lifts_a_pause_with_the_admin_token(
+    browser: Browser, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(admin_token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    await chat(proxy, upstream, "run-p", "gpt-4o-mini", 1_000, 100)
+    page = await open_dashboard(browser, proxy, "?token=s3cret")
+    c = card(page, "run-p")
+    await expect(c.locator(".session-cost")).to_have_text("$0.000210")  # 1000 × 0.15 + 100 × 0.6 µ$
+    await expect(c.locator("button.resume")).to_be_hidden()
+
+    async with proxy.http.post(proxy.url("/api/sessions/run-p/pause"), headers=auth) as resp:
+        assert resp.status == 200
+    await expect(c).to_have_class(re.compile(r"\bpaused\b"))
+    await expect(c.locator(".state")).to_have_text("PAUSED")
+    await c.locator("button.resume").click()
+    await expect(c).not_to_have_class(re.compile(r"\bpaused\b"))
+    await expect(c.locator("button.resume")).to_be_hidden()
+
+    async def resumed() -> bool:
+        data = await proxy.get_json("/api/sessions/run-p/cost", headers=auth)
+        return data["paused"] is False
+
+    await eventually(resumed)
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_reconnects_after_the_stream_is_dropped(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    page = await open_dashboard(browser, proxy)
+    await chat(proxy, upstream, "run-r", "gpt-4o", 1_000, 100)
+    c = card(page, "run-r")
+    await expect(c.locator(".msgcount")).to_have_text("1")
+    proxy.acct.bus.close()  # what the proxy does to a subscriber that fell behind
+
+    async def resubscribed() -> bool:
+        return proxy.acct.bus.subscriber_count > 0
+
+    await eventually(resubscribed, timeout=WAIT_MS / 1000)
+    await chat(proxy, upstream, "run-r", "gpt-4o", 1_000, 100)
+    await expect(c.locator(".msgcount")).to_have_text("2")
+    await expect(c.locator(".session-cost")).to_have_text("$0.007000")
+    await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_model_comparison_and_badge_toggle(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    await chat(proxy, upstream, "run-c", "gpt-4o", 20_000, 1_000, cached=10_000)
+    page = await open_dashboard(browser, proxy)
+    c = card(page, "run-c")
+    # 10,000 × 2.5 + 10,000 × 1.25 + 1,000 × 10 = 47,500 µ$
+    await expect(c.locator(".session-cost")).to_have_text("$0.047500")
+    await c.locator("details.compare > summary").click()
+    rows = c.locator("tr.cmp-row")
+    await expect(rows.first).to_be_visible()
+    costs = [
+        float(t.replace("$", "").replace(",", ""))
+        for t in await rows.locator("td:nth-child(3)").all_text_contents()
+    ]
+    assert len(costs) >= 5 and costs == sorted(costs)  # cheapest first
+    used = c.locator("tr.cmp-row.used")
+    await expect(used).to_have_count(1)
+    await expect(used.locator("td:nth-child(3)")).to_have_text("$0.047500")
+    await expect(used.locator("td:nth-child(4)")).to_have_text("same")
+
+    # The per-message cost badges can be hidden, and the choice survives a reload.
+    badge = c.locator(".msg-row .badge.cost")
+    await expect(badge).to_be_visible()
+    await page.locator("#badges").uncheck()
+    await expect(badge).to_be_hidden()
+    await page.reload()
+    await expect(card(page, "run-c").locator(".msg-row")).to_have_count(1)
+    await expect(card(page, "run-c").locator(".msg-row .badge.cost")).to_be_hidden()
+    assert not await page.locator("#badges").is_checked()
+
+
+@needs_browser
+async def test_screenshot_of_a_few_sessions(
+    browser: Browser, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A screenshot with traffic in it; also the README's image when asked for."""
+    proxy = await start_proxy(default_session_budget_usd=2.0)
+    page = await open_dashboard(browser, proxy)
+    for prompt, output in ((12_000, 900), (30_000, 1_400), (52_000, 2_100), (81_000, 2_600)):
+        await chat(proxy, upstream, "refactor-auth", "claude-sonnet-4-5", prompt, output, agent="planner")
+    for prompt, output in ((4_000, 300), (9_000, 700), (15_000, 900)):
+        await chat(proxy, upstream, "docs-writer", "gpt-4o-mini", prompt, output)
+    for prompt, output in ((90_000, 3_000), (104_000, 4_000), (112_000, 4_500)):
+        await chat(proxy, upstream, "bugfix-1423", "gpt-4o", prompt, output, cached=60_000)
+    await chat(proxy, upstream, "local-llama", "llama-3-private", 3_000, 400)
+    async with proxy.http.put(
+        proxy.url("/api/sessions/bugfix-1423/budget"), json={"budgetUsd": 0.8}
+    ) as resp:
+        assert resp.status == 200
+    await chat(proxy, upstream, "bugfix-1423", "gpt-4o", 118_000, 2_000, cached=100_000)
+    b = card(page, "bugfix-1423")
+    await expect(b).to_have_class(re.compile(r"\bpaused\b"))
+    await expect(b.locator(".ctx-fill")).to_have_attribute("data-level", "critical")
+    r = card(page, "refactor-auth")
+    await expect(r.locator(".msgcount")).to_have_text("4")
+    await r.locator("details.compare > summary").click()
+    await expect(r.locator("tr.cmp-row.used")).to_have_count(1)
+    await page.evaluate("window.scrollTo(0, 0)")
+    shot = await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+    await assert_not_blank(browser, shot)
+    target = os.environ.get("SPENDGATE_DASHBOARD_SCREENSHOT")
+    if target:
+        Path(target).write_bytes(shot)
+    await assert_no_reload_and_no_errors(page)
+
+
+# --- "not blank" ---------------------------------------------------------------------------
+
+COUNT_COLOURS = """async (b64) => {
+  const img = new Image();
+  img.src = "data:image/png;base64," + b64;
+  await img.decode();
+  const canvas = document.createElement("canvas");
+  canvas.width = img.width;
+  canvas.height = img.height;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const px = ctx.getImageData(0, 0, img.width, img.height).data;
+  const counts = new Map();
+  for (let i = 0; i < px.length; i += 4 * 5) {
+    const key = (px[i] << 16) | (px[i + 1] << 8) | px[i + 2];
+    counts.set(key, (counts.get(key) || 0) + 1);
+  }
+  return {width: img.width, height: img.height, colours: counts.size,
+          top: Math.max(...counts.values()) / (px.length / 20)};
+}"""
+
+
+async def assert_not_blank(browser: Browser, png: bytes) -> None:
+    """Decode the PNG (in a blank page of its own) and check it has content, not one colour."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    page = await browser.new_page()
+    try:
+        stats = await page.evaluate(COUNT_COLOURS, base64.b64encode(png).decode())
+    finally:
+        await page.close()
+    assert stats["width"] > 100 and stats["height"] > 100
+    assert stats["colours"] > 20, f"the screenshot looks blank: {stats}"
+    assert stats["top"] < 0.97, f"the screenshot is nearly one colour: {stats}"
