@@ -147,6 +147,7 @@ async def open_dashboard(browser: Browser, proxy: Proxy, query: str = "") -> Pag
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     await page.goto(proxy.url("/" + query))
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
     await page.evaluate("window.__notReloaded = true")
@@ -175,8 +176,8 @@ async def test_sessions_cost_and_context_update_live(
     await chat(proxy, upstream, "run-a", "gpt-4o", 110_000, 5_000)
     c = card(page, "run-a")
     await expect(c.locator(".session-cost")).to_have_text("$0.3250")
-    await expect(c.locator(".tin")).to_have_text("110,000")
-    await expect(c.locator(".tout")).to_have_text("5,000")
+    await expect(c.locator(".total-in")).to_have_text("110,000")
+    await expect(c.locator(".total-out")).to_have_text("5,000")
     await expect(c.locator(".ctx-fill")).to_have_attribute("data-level", "warning")
     await expect(c.locator(".ctx-text")).to_contain_text("115,000 / 128,000 tokens (89.8%)")
     await expect(c.locator(".msg-row")).to_have_count(1)
@@ -186,8 +187,8 @@ async def test_sessions_cost_and_context_update_live(
     # A second message: 116,000 + 2,000 = $0.31 more; 118,000 / 128,000 = 92.2 % → critical.
     await chat(proxy, upstream, "run-a", "gpt-4o", 116_000, 2_000)
     await expect(c.locator(".session-cost")).to_have_text("$0.6350")
-    await expect(c.locator(".tin")).to_have_text("226,000")
-    await expect(c.locator(".msgcount")).to_have_text("2")
+    await expect(c.locator(".total-in")).to_have_text("226,000")
+    await expect(c.locator(".total-msgs")).to_have_text("2")
     await expect(c.locator(".ctx-fill")).to_have_attribute("data-level", "critical")
     await expect(c.locator(".msg-row")).to_have_count(2)
     await expect(c.locator(".msg-row .badge.cost").first).to_have_text("$0.3100")  # newest first
@@ -199,7 +200,7 @@ async def test_sessions_cost_and_context_update_live(
     b = card(page, "run-b")
     await expect(b.locator(".session-cost")).to_have_text("N/A")
     await expect(b.locator(".msg-row .badge.cost")).to_have_text("N/A")
-    await expect(b.locator(".tin")).to_have_text("700")
+    await expect(b.locator(".total-in")).to_have_text("700")
     await expect(page.locator("section.session").first).to_have_attribute("data-session", "run-b")
 
     await assert_no_reload_and_no_errors(page)
@@ -271,7 +272,7 @@ async def test_reconnects_after_the_stream_is_dropped(
     page = await open_dashboard(browser, proxy)
     await chat(proxy, upstream, "run-r", "gpt-4o", 1_000, 100)
     c = card(page, "run-r")
-    await expect(c.locator(".msgcount")).to_have_text("1")
+    await expect(c.locator(".total-msgs")).to_have_text("1")
     proxy.acct.bus.close()  # what the proxy does to a subscriber that fell behind
 
     async def resubscribed() -> bool:
@@ -279,7 +280,7 @@ async def test_reconnects_after_the_stream_is_dropped(
 
     await eventually(resubscribed, timeout=WAIT_MS / 1000)
     await chat(proxy, upstream, "run-r", "gpt-4o", 1_000, 100)
-    await expect(c.locator(".msgcount")).to_have_text("2")
+    await expect(c.locator(".total-msgs")).to_have_text("2")
     await expect(c.locator(".session-cost")).to_have_text("$0.007000")
     await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
     await assert_no_reload_and_no_errors(page)
@@ -341,7 +342,7 @@ async def test_screenshot_of_a_few_sessions(
     await expect(b).to_have_class(re.compile(r"\bpaused\b"))
     await expect(b.locator(".ctx-fill")).to_have_attribute("data-level", "critical")
     r = card(page, "refactor-auth")
-    await expect(r.locator(".msgcount")).to_have_text("4")
+    await expect(r.locator(".total-msgs")).to_have_text("4")
     await r.locator("details.compare > summary").click()
     await expect(r.locator("tr.cmp-row.used")).to_have_count(1)
     await page.evaluate("window.scrollTo(0, 0)")

@@ -66,6 +66,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+COST_DIGITS = 10
+"""Sums of REAL costs are rounded to 1e-10 USD: far below any price step, and it removes
+binary float noise (0.010000000000000002 → 0.01)."""
+
 _MESSAGE_COLUMNS = (
     "id, session_id, agent_id, route, provider, model, endpoint, status, stream, input_tokens, "
     "output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
@@ -86,7 +90,8 @@ _TOTALS = (
     "COALESCE(SUM(output_tokens), 0) AS output_tokens, "
     "COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, "
     "COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens, "
-    "COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens, SUM(cost_usd) AS cost_usd, "
+    "COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens, "
+    f"ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost_usd, "
     "MAX(started_at) AS last_at"
 )
 
@@ -331,7 +336,8 @@ class SQLiteStore:
 
     async def spend_by_session(self) -> dict[str, Decimal]:
         rows = await self._fetchall(
-            "SELECT session_id, SUM(cost_usd) AS cost FROM token_usage GROUP BY session_id"
+            f"SELECT session_id, ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost FROM token_usage "
+            "GROUP BY session_id"
         )
         return {r["session_id"]: _money(r["cost"]) or Decimal(0) for r in rows}
 

@@ -1,0 +1,109 @@
+"""The real `spendgate serve` process: SIGTERM flushes every finished row; SIGKILL loses no file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.upstream import FakeUpstream, fixture_reply
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, db: Path) -> None:
+        self.proc, self.port, self.db = proc, port, db
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+async def serve(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Served]:
+    port = free_port()
+    db = tmp_path / "proc.db"
+    env = {
+        **os.environ,
+        "SPENDGATE_PORT": str(port),
+        "SPENDGATE_DB_PATH": str(db),
+        "SPENDGATE_OPENAI_BASE_URL": upstream.base_url,  # type: ignore[attr-defined]
+        "SPENDGATE_FLUSH_INTERVAL_MS": "60000",  # only the shutdown flush writes rows
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spendgate", "serve"], env=env, stdout=subprocess.DEVNULL
+    )
+    served = Served(proc, port, db)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(served.url("/healthz")) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+        else:
+            proc.kill()
+            raise AssertionError("spendgate serve did not start")
+    yield served
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+async def _burst(served: Served, n: int) -> None:
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> None:
+            async with http.post(
+                served.url("/s/proc/openai/v1/chat/completions"),
+                json={"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "x"}]},
+            ) as r:
+                assert r.status == 200
+                await r.read()
+
+        for start in range(0, n, 50):
+            await asyncio.gather(*(one() for _ in range(min(50, n - start))))
+
+
+async def test_sigterm_right_after_load_keeps_every_row(
+    serve: Served, upstream: FakeUpstream
+) -> None:
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+    await _burst(serve, 300)
+    serve.proc.send_signal(signal.SIGTERM)  # at once: the rows are still queued in memory
+    assert await asyncio.to_thread(serve.proc.wait, 30) == 0
+    with sqlite3.connect(serve.db) as db:
+        count, tokens = db.execute(
+            "SELECT COUNT(*), SUM(input_tokens) FROM token_usage WHERE session_id = 'proc'"
+        ).fetchone()
+    assert (count, tokens) == (300, 300 * 15)
+
+
+async def test_sigkill_leaves_a_database_that_opens_cleanly(
+    serve: Served, upstream: FakeUpstream
+) -> None:
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+    await _burst(serve, 50)
+    async with aiohttp.ClientSession() as http:  # a read flushes everything finished so far
+        async with http.get(serve.url("/api/sessions/proc/cost")) as r:
+            assert (await r.json())["messageCount"] == 50
+    serve.proc.kill()
+    await asyncio.to_thread(serve.proc.wait, 10)
+    with sqlite3.connect(serve.db) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        (count,) = db.execute("SELECT COUNT(*) FROM token_usage").fetchone()
+    assert count == 50

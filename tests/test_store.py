@@ -1,0 +1,110 @@
+"""The SQLite store: migrations, the batched writer, read-your-writes, and a failing disk."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+
+from spendgate.records import MessageRecord, SessionRecord
+from spendgate.store import MIGRATIONS, SQLiteStore
+from tests.conftest import StartProxy, eventually
+from tests.upstream import FakeUpstream, fixture_reply
+
+
+def row(i: int, session: str = "s", cost: str | None = "0.001") -> MessageRecord:
+    return MessageRecord(
+        id=f"m{i}", session_id=session, agent_id=None, route="openai", provider="openai",
+        model="gpt-4o", endpoint="chat", status=200, stream=False, input_tokens=10,
+        output_tokens=5, cached_input_tokens=0, cache_write_tokens=0, reasoning_tokens=0,
+        cost_usd=None if cost is None else Decimal(cost), estimated=False, aborted=False,
+        started_at=time.time(), ttft_ms=1.0, duration_ms=2.0,
+    )  # fmt: skip
+
+
+async def test_schema_version_and_wal(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "a.db")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    again = SQLiteStore(tmp_path / "a.db")  # reopening migrates nothing twice
+    await again.open()
+    await again.close()
+
+
+async def test_reads_see_queued_rows_and_totals_survive(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "b.db", flush_interval=60)
+    await store.open()
+    store.save_session(SessionRecord("s", time.time(), budget_usd=Decimal("2.5")))
+    for i in range(10):
+        store.add_message(row(i))
+    store.add_message(row(99, cost=None))
+    (tot,) = await store.totals("s")  # flushes first: read-your-writes
+    assert tot["message_count"] == 11 and tot["cost_usd"] == 0.01
+    await store.close()
+    store = SQLiteStore(tmp_path / "b.db")
+    await store.open()
+    assert await store.spend_by_session() == {"s": Decimal("0.01")}
+    (sess,) = await store.load_sessions()
+    assert sess.budget_usd == Decimal("2.5")
+    await store.close()
+
+
+async def test_locked_database_keeps_rows_and_retries(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store = SQLiteStore(path, flush_interval=0.02)
+    await store.open()
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    await store.db.execute("PRAGMA busy_timeout=10")
+    for i in range(20):
+        store.add_message(row(i))
+    await asyncio.sleep(0.3)
+    assert store.queue_depth == 20  # nothing lost, nothing written yet
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await eventually(lambda: _empty(store))
+    (tot,) = await store.totals("s")
+    assert tot["message_count"] == 20
+    await store.close()
+
+
+async def _empty(store: SQLiteStore) -> bool:
+    return store.queue_depth == 0
+
+
+async def test_queue_bound_drops_loudly(tmp_path: Path, caplog: object) -> None:
+    dropped: list[int] = []
+    store = SQLiteStore(tmp_path / "d.db", flush_interval=60, max_queue=5, on_drop=dropped.append)
+    await store.open()
+    for i in range(8):
+        store.add_message(row(i))
+    assert store.queue_depth == 5 and sum(dropped) == 3
+    assert "dropping" in caplog.text  # type: ignore[attr-defined]
+    await store.close()
+
+
+async def test_forwarding_continues_while_the_database_is_locked(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy()
+    await proxy.acct.store.db.execute("PRAGMA busy_timeout=10")  # type: ignore[attr-defined]
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+    blocker = sqlite3.connect(proxy.settings.db_path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/lock/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        for _ in range(5):
+            await c.chat.completions.create(
+                model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}]
+            )
+    assert proxy.acct.store.queue_depth >= 5
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert (await proxy.cost("lock"))["messageCount"] == 5
