@@ -198,75 +198,65 @@ def test_alerts_cover_budget_spend_rate_and_error_ratio() -> None:
             assert metric in names, f"alert {name} uses {metric}, which spendgate does not export"
 
 
-ALERT_TESTS: dict[str, Any] = {
-    "evaluation_interval": "1m",
-    "tests": [
-        {
-            "interval": "1m",
-            "input_series": [
-                {"series": 'spendgate_session_budget_used_ratio{session="near"}', "values": "0.5 0.95 1"},
-                {"series": 'spendgate_session_budget_used_ratio{session="fine"}', "values": "0.1 0.2 0.3"},
-                # 1 USD a minute = 60 USD/hour; 0.1 USD a minute = 6 USD/hour
-                {"series": 'spendgate_cost_usd_total{provider="openai",model="a"}', "values": "0+1x40"},
-                {"series": 'spendgate_requests_total{route="openai",status="200"}', "values": "0+100x40"},
-                {"series": 'spendgate_upstream_errors_total{route="openai",kind="http_5xx"}', "values": "0+20x40"},
-                {"series": 'spendgate_requests_total{route="anthropic",status="200"}', "values": "0+100x40"},
-                {"series": 'spendgate_upstream_errors_total{route="anthropic",kind="reset"}', "values": "0+1x40"},
-                {"series": 'up{job="spendgate",instance="spendgate:8787"}', "values": "0x10"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "0m", "alertname": "SpendgateSessionBudgetNearlySpent", "exp_alerts": []},
-                {
-                    "eval_time": "1m",
-                    "alertname": "SpendgateSessionBudgetNearlySpent",
-                    "exp_alerts": [{"exp_labels": {"session": "near", "severity": "warning"}}],
-                },
-                {"eval_time": "2m", "alertname": "SpendgateSpendRateHigh", "exp_alerts": []},
-                {
-                    "eval_time": "20m",
-                    "alertname": "SpendgateSpendRateHigh",
-                    "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
-                },
-                {
-                    "eval_time": "20m",
-                    "alertname": "SpendgateUpstreamErrorRatioHigh",
-                    "exp_alerts": [{"exp_labels": {"route": "openai", "severity": "warning"}}],
-                },
-                {
-                    "eval_time": "5m",
-                    "alertname": "SpendgateDown",
-                    "exp_alerts": [
-                        {
-                            "exp_labels": {
-                                "job": "spendgate",
-                                "instance": "spendgate:8787",
-                                "severity": "critical",
-                            }
-                        }
-                    ],
-                },
-            ],
-        },
-        {
-            "interval": "1m",
-            "input_series": [
-                {"series": 'spendgate_cost_usd_total{provider="openai",model="a"}', "values": "0+0.1x40"},
-                # a 100 % error ratio on 3 requests is not enough traffic to page anyone
-                {"series": 'spendgate_requests_total{route="openai",status="502"}', "values": "0 1 2 3 3 3 3 3 3 3"},
-                {"series": 'spendgate_upstream_errors_total{route="openai",kind="connect"}', "values": "0 1 2 3 3 3 3 3 3 3"},
-            ],
-            "alert_rule_test": [
-                {"eval_time": "20m", "alertname": "SpendgateSpendRateHigh", "exp_alerts": []},
-                {"eval_time": "8m", "alertname": "SpendgateUpstreamErrorRatioHigh", "exp_alerts": []},
-            ],
-        },
-    ],
-}  # fmt: skip
+# promtool's unit-test format; the expected annotations are filled in from the rules.
+ALERT_TESTS = """
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: spendgate_session_budget_used_ratio{session="near"}
+        values: 0.5 0.95 1
+      - series: spendgate_session_budget_used_ratio{session="fine"}
+        values: 0.1 0.2 0.3
+      # 1 USD a minute = 60 USD/hour
+      - series: spendgate_cost_usd_total{provider="openai",model="a"}
+        values: 0+1x40
+      # 20 % of openai's requests fail, 1 % of anthropic's
+      - series: spendgate_requests_total{route="openai",status="200"}
+        values: 0+100x40
+      - series: spendgate_upstream_errors_total{route="openai",kind="http_5xx"}
+        values: 0+20x40
+      - series: spendgate_requests_total{route="anthropic",status="200"}
+        values: 0+100x40
+      - series: spendgate_upstream_errors_total{route="anthropic",kind="reset"}
+        values: 0+1x40
+      - series: up{job="spendgate",instance="spendgate:8787"}
+        values: 0x10
+    alert_rule_test:
+      - {eval_time: 0m, alertname: SpendgateSessionBudgetNearlySpent, exp_alerts: []}
+      - eval_time: 1m
+        alertname: SpendgateSessionBudgetNearlySpent
+        exp_alerts: [{exp_labels: {session: near, severity: warning}}]
+      - {eval_time: 2m, alertname: SpendgateSpendRateHigh, exp_alerts: []}
+      - eval_time: 20m
+        alertname: SpendgateSpendRateHigh
+        exp_alerts: [{exp_labels: {severity: warning}}]
+      - eval_time: 20m
+        alertname: SpendgateUpstreamErrorRatioHigh
+        exp_alerts: [{exp_labels: {route: openai, severity: warning}}]
+      - eval_time: 5m
+        alertname: SpendgateDown
+        exp_alerts:
+          - exp_labels: {job: spendgate, instance: "spendgate:8787", severity: critical}
+  - interval: 1m
+    input_series:
+      # 0.1 USD a minute = 6 USD/hour
+      - series: spendgate_cost_usd_total{provider="openai",model="a"}
+        values: 0+0.1x40
+      # a 100 % error ratio on 3 requests is not enough traffic to page anyone
+      - series: spendgate_requests_total{route="openai",status="502"}
+        values: 0 1 2 3 3 3 3 3 3 3
+      - series: spendgate_upstream_errors_total{route="openai",kind="connect"}
+        values: 0 1 2 3 3 3 3 3 3 3
+    alert_rule_test:
+      - {eval_time: 20m, alertname: SpendgateSpendRateHigh, exp_alerts: []}
+      - {eval_time: 8m, alertname: SpendgateUpstreamErrorRatioHigh, exp_alerts: []}
+"""
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
-    tests = {"rule_files": [str(ALERTS)], **ALERT_TESTS}
+    tests = {"rule_files": [str(ALERTS)], **yaml.safe_load(ALERT_TESTS)}
     for case in tests["tests"]:
         for check in case["alert_rule_test"]:
             for alert in check["exp_alerts"]:  # compare labels only: fill in the annotations
