@@ -91,47 +91,109 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(coro())
 
 
+def _no_database(settings: Settings) -> bool:
+    """Reports read the file directly; say so plainly (and create nothing) when it is missing."""
+    if settings.db_path.exists():
+        return False
+    print(
+        f"spendgate: no database at {settings.db_path} (nothing recorded yet? "
+        "point --db or SPENDGATE_DB_PATH at the proxy's file)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
+    """Every session with its totals, newest activity first; needs no running proxy."""
     from spendgate import reports
 
     async def go() -> int:
-        async with _open_store(_settings(args)) as store:
+        settings = _settings(args)
+        if _no_database(settings):
+            return 1
+        async with _open_store(settings) as store:
             rows = await reports.sessions_list(store)
         if args.format == "json":
             print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
             return 0
+        import time
+
+        from rich import box
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table("session", "messages", "input", "output", "cost", "budget", "paused")
+        console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
+        if not rows:
+            console.print(f"no sessions recorded in {settings.db_path}", markup=False)
+            return 0
+        table = Table(
+            title=f"{len(rows)} sessions", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+        )
+        widest = max(len(r["sessionId"]) for r in rows)
+        table.add_column("session", no_wrap=True, min_width=min(24, widest))
+        for name in ("msgs", "input", "output", "cost", "budget"):
+            table.add_column(name, justify="right", no_wrap=True)
+        table.add_column("last active", no_wrap=True)
+        table.add_column("state")
         for r in rows:
+            last = r["lastActivityAt"] or r["createdAt"]
+            state = Text("")
+            if r["paused"]:
+                state = Text(f"paused ({r['pauseReason'] or 'manual'})", style="bold red")
             table.add_row(
-                r["sessionId"], str(r["messageCount"]), str(r["totalInputTokens"]),
-                str(r["totalOutputTokens"]), _usd(r["totalCostUsd"]), _usd(r["budgetUsd"]),
-                "yes" if r["paused"] else "",
+                Text(r["sessionId"]), f"{r['messageCount']:,}", f"{r['totalInputTokens']:,}",
+                f"{r['totalOutputTokens']:,}", _cost(r["totalCostUsd"], r["messageCount"]),
+                _budget(r["budgetUsd"]),
+                time.strftime("%m-%d %H:%M", time.localtime(last)), state,
             )  # fmt: skip
-        Console().print(table)
+        console.print(table)
         return 0
 
     return _run(go)
 
 
 def _usd(value: float | None) -> str:
-    return "N/A" if value is None else f"${value:,.4f}"
+    """Dollars with the precision small amounts need; ``None`` (no price known) is ``N/A``."""
+    if value is None:
+        return "N/A"
+    if value == 0:
+        return "$0.00"
+    if abs(value) < 0.01:
+        return f"${value:.6f}"
+    return f"${value:.4f}" if abs(value) < 1 else f"${value:,.2f}"
+
+
+def _cost(value: float | None, messages: int, partly_unknown: bool = False) -> str:
+    """A total: nothing recorded costs $0; a sum with unpriced messages says so."""
+    if value is None:
+        return "$0.00" if not messages else "N/A"
+    return _usd(value) + (" + N/A" if partly_unknown else "")
+
+
+def _budget(value: float | None) -> str:
+    return "unlimited" if value is None else _usd(value)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """One session: totals by model and agent (table, json), or every message (csv)."""
     from spendgate import reports
     from spendgate.pricing import load_price_table
     from spendgate.records import EXPORT_COLUMNS
 
     async def go() -> int:
         settings = _settings(args)
+        if _no_database(settings):
+            return 1
         async with _open_store(settings) as store:
             sessions = {s.id: s for s in await store.load_sessions()}
             rec = sessions.get(args.session)
             if rec is None:
-                print(f"spendgate: unknown session {args.session!r}", file=sys.stderr)
+                print(
+                    f"spendgate: unknown session {args.session!r} in {settings.db_path} "
+                    "(`spendgate sessions` lists them)",
+                    file=sys.stderr,
+                )
                 return 1
             if args.format == "csv":
                 writer = csv.writer(sys.stdout, lineterminator="\n")
@@ -153,28 +215,65 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
+    """The table report: totals, budget, context, then one table per model and per agent."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
+    unknown = any(g["costUsd"] is None for g in s["byModel"].values())
+    total = _cost(s["totalCostUsd"], s["messageCount"], unknown and s["totalCostUsd"] is not None)
+    count = f"  {s['messageCount']:,} messages  "
+    head = Text.assemble((s["sessionId"], "bold"), count, (total, "bold"))
+    if s["paused"]:
+        head.append(f"  PAUSED ({s['pauseReason'] or 'manual'})", style="bold red")
+    console.print(head)
+    budget = f"budget {_budget(s['budgetUsd'])}"
+    if s["budgetUsd"] is not None:
+        budget += f", {_usd(s['remainingUsd'])} left"
+    console.print(budget, markup=False, highlight=False)
     console.print(
-        f"[bold]{s['sessionId']}[/]: {s['messageCount']} messages, {_usd(s['totalCostUsd'])}"
-        f" (budget {_usd(s['budgetUsd'])}{', PAUSED' if s['paused'] else ''})"
+        f"tokens: input {s['totalInputTokens']:,} (cache reads {s['totalCachedInputTokens']:,}, "
+        f"cache writes {s['totalCacheWriteTokens']:,}), output {s['totalOutputTokens']:,} "
+        f"(reasoning {s['totalReasoningTokens']:,})",
+        markup=False,
+        highlight=False,
     )
+    ctx = s.get("context")
+    if ctx:
+        window = (
+            f"of {ctx['contextWindow']:,} ({ctx['percent']}%, {ctx['level']})"
+            if ctx.get("percent") is not None
+            else "(window unknown)"
+        )
+        console.print(
+            f"context: {ctx['contextTokens']:,} tokens {window}, model {ctx['modelId']}",
+            markup=False,
+            highlight=False,
+        )
     for title, key in (("model", "byModel"), ("agent", "byAgent")):
-        table = Table(title, "messages", "input", "output", "cost", title=f"by {title}")
-        for name, g in s[key].items():
+        groups = s[key]
+        if not groups:
+            continue
+        table = Table(title=f"by {title}", title_justify="left", box=box.SIMPLE_HEAD)
+        table.add_column(title, no_wrap=True, min_width=min(24, max(map(len, groups))))
+        for name in ("msgs", "input", "cached", "output"):
+            table.add_column(name, justify="right", no_wrap=True)
+        table.add_column("cost", justify="right", no_wrap=True)
+        for name, g in sorted(groups.items(), key=lambda kv: -(kv[1]["costUsd"] or 0)):
             table.add_row(
-                name, str(g["messageCount"]), str(g["inputTokens"]), str(g["outputTokens"]),
-                _usd(g["costUsd"]),
+                Text(name), f"{g['messageCount']:,}", f"{g['inputTokens']:,}",
+                f"{g['cachedInputTokens']:,}", f"{g['outputTokens']:,}",
+                _cost(g["costUsd"], g["messageCount"]),
+            )  # fmt: skip
+        if len(groups) > 1:
+            table.add_section()
+            table.add_row(
+                Text("total", style="bold"), f"{s['messageCount']:,}", f"{s['totalInputTokens']:,}",
+                f"{s['totalCachedInputTokens']:,}", f"{s['totalOutputTokens']:,}", total,
             )  # fmt: skip
         console.print(table)
-    ctx = s.get("context")
-    if ctx and ctx.get("percent") is not None:
-        console.print(
-            f"context: {ctx['contextTokens']:,} of {ctx['contextWindow']:,} tokens "
-            f"({ctx['percent']}%, {ctx['level']})"
-        )
 
 
 def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:

@@ -9,10 +9,15 @@ at scrape time and cost the request path nothing.
 Cardinality: series are per route, provider, model, status, token type. A ``session``
 label is added to requests, tokens and cost only with ``metrics_session_labels``
 (``SPENDGATE_METRICS_SESSION_LABELS=true``). The one per-session exception is
-``spendgate_session_budget_used_ratio`` (and its ``_budget_usd``/``_spent_usd``
-companions): exported only for sessions that have a budget, and at most
-``budget_series_limit`` of them (those closest to their budget), so the alert
-"session over 90 % of budget" works without opening the door to unbounded series.
+``spendgate_session_budget_used_ratio{session}`` (with ``spendgate_session_budget_usd``
+and ``spendgate_session_spent_usd``): exported only for sessions that have a budget,
+and at most ``budget_series_limit`` of them (those closest to their budget), so the
+alert "session over 90 % of budget" works without opening the door to unbounded series.
+
+The OTel GenAI histograms use the semantic conventions' names and values
+(``gen_ai.provider.name`` ``gcp.gemini``, ``gen_ai.operation.name`` ``chat``, ...) and
+count only GenAI operations; token usage is the provider's own report, so error
+responses and estimated (aborted) streams add a duration but no token usage.
 """
 
 from __future__ import annotations

@@ -40,9 +40,14 @@ class SSEDecoder:
             self._buf = lines.pop()
         events: list[SSEEvent] = []
         data = self._data
-        for line in lines:
-            if line[:6] == b"data: ":  # the common case, short-circuited for speed
+        for line in lines:  # the two common lines are inlined: this is the hot path
+            if line[:6] == b"data: ":
                 data.append(line[6:])
+            elif not line and data:  # a blank line dispatches the event
+                value = data[0] if len(data) == 1 else b"\n".join(data)
+                events.append(SSEEvent(self._event or "message", value, self._id))
+                data = self._data = []
+                self._event = ""
             else:
                 self._line(line, events)
                 data = self._data

@@ -61,16 +61,15 @@ class AnthropicParser(FramedParser):
 
     def _wanted(self, payload: bytes) -> bool:
         # ping, content_block_stop and message_stop carry nothing we count.
-        return b'"usage"' in payload or b'"delta"' in payload or b'"content"' in payload
+        return b'"delta"' in payload or b'"usage"' in payload or b'"content"' in payload
 
     def _handle(self, obj: JSONObject) -> None:
         kind = obj.get("type")
         if kind == "content_block_delta":
             delta = as_dict(obj.get("delta"))
-            if delta is not None:
-                key = _DELTA_TEXT.get(delta.get("type"))
-                if key is not None:
-                    self._output_chars += str_len(delta.get(key))
+            key = _DELTA_TEXT.get(str(delta.get("type"))) if delta is not None else None
+            if delta is not None and key is not None:
+                self._output_chars += str_len(delta.get(key))
             return
         message = as_dict(obj.get("message")) if kind == "message_start" else obj
         if message is None:

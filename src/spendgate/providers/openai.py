@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -87,21 +88,26 @@ def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
     )
 
 
+_TEXT_KEYS = frozenset({"content", "reasoning_content", "reasoning", "refusal"})
+
+
 def message_chars(msg: JSONObject) -> int:
-    """Generated characters in a chat ``delta`` or ``message`` (text, reasoning, tool args)."""
-    n = (
-        str_len(msg.get("content"))
-        + str_len(msg.get("reasoning_content"))
-        + str_len(msg.get("reasoning"))
-        + str_len(msg.get("refusal"))
-    )
-    for call in as_list(msg.get("tool_calls")):
-        fn = as_dict(call.get("function")) if isinstance(call, dict) else None
-        if fn:
-            n += str_len(fn.get("arguments"))
-    legacy = as_dict(msg.get("function_call"))
-    if legacy:
-        n += str_len(legacy.get("arguments"))
+    """Generated characters in a chat ``delta`` or ``message`` (text, reasoning, tool args).
+
+    Walks the (small) dict once instead of probing every possible key: this runs for
+    every chunk of every stream.
+    """
+    n = 0
+    for key, value in msg.items():
+        if key in _TEXT_KEYS:
+            n += str_len(value)
+        elif key == "tool_calls":
+            for call in as_list(value):
+                fn = as_dict(call.get("function")) if isinstance(call, dict) else None
+                if fn:
+                    n += str_len(fn.get("arguments"))
+        elif key == "function_call" and isinstance(value, dict):  # legacy functions API
+            n += str_len(value.get("arguments"))
     return n
 
 
@@ -235,18 +241,11 @@ class OpenAIAdapter:
         options = as_dict(obj.get("stream_options"))
         if options is not None and options.get("include_usage") is True:
             return info  # the client asked for the usage chunk itself: leave it alone
+        # Absent or false: either way the client expects no usage chunk, so add and hide it.
         rewritten = _inject_include_usage(body, obj)
         if rewritten is None:
             return info
-        return RequestInfo(
-            operation=info.operation,
-            model=info.model,
-            stream=True,
-            max_output_tokens=info.max_output_tokens,
-            input_chars=info.input_chars,
-            body=rewritten,
-            strip_usage_chunk=True,
-        )
+        return replace(info, body=rewritten, strip_usage_chunk=True)
 
     def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
         if info.operation not in OPERATIONS:
@@ -261,11 +260,33 @@ class OpenAIAdapter:
 
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+_OBJECT_VALUE = re.compile(rb"\s*:\s*\{")
+_EMPTY_LIST_VALUE = re.compile(rb"\s*:\s*\[\s*\]")
+
+
+def _has_key_with(block: bytes, key: bytes, value: re.Pattern[bytes]) -> bool:
+    """Whether ``key`` occurs followed by a value matching ``value``: a byte-level probe,
+    found at memchr speed. A false positive (the bytes inside a string) only costs the
+    JSON parse that settles the question."""
+    at = block.find(key)
+    while at >= 0:
+        if value.match(block, at + len(key)):
+            return True
+        at = block.find(key, at + 1)
+    return False
 
 
 def is_usage_only_event(block: bytes) -> bool:
-    """True for the chunk ``include_usage`` adds: ``"choices": []`` and a usage object."""
-    if b'"usage"' not in block:  # byte scan first: almost every event stops here
+    """True for the chunk ``include_usage`` adds: ``"choices": []`` and a usage object.
+
+    With ``include_usage`` on, every chunk carries ``"usage":null``, so a byte scan for
+    ``"usage"`` alone rejects nothing; the key scans below reject ordinary chunks
+    without parsing JSON.
+    """
+    if not (
+        _has_key_with(block, b'"usage"', _OBJECT_VALUE)
+        and _has_key_with(block, b'"choices"', _EMPTY_LIST_VALUE)
+    ):
         return False
     data = [
         line[6:] if line[5:6] == b" " else line[5:]

@@ -1,0 +1,191 @@
+"""``spendgate sessions`` and ``spendgate report``: they read the database file directly.
+
+The database is written by a real proxy with real SDK traffic, which is then stopped:
+the reports must work with no proxy running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from spendgate.cli import main
+from spendgate.records import EXPORT_COLUMNS
+from tests.conftest import Proxy, StartProxy
+from tests.upstream import FakeUpstream, json_reply
+
+
+def completion(model: str, prompt: int, output: int, cached: int = 0) -> dict[str, object]:
+    return {
+        "id": "c", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": output,
+                  "total_tokens": prompt + output,
+                  "prompt_tokens_details": {"cached_tokens": cached}},
+    }  # fmt: skip
+
+
+async def send(
+    proxy: Proxy, upstream: FakeUpstream, path: str, model: str, prompt: int, output: int
+) -> None:
+    upstream.queue(json_reply(completion(model, prompt, output)))
+    async with openai.AsyncOpenAI(base_url=proxy.url(path), api_key="k", max_retries=0) as c:
+        await c.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.fixture
+async def db(start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path) -> Path:
+    """A database with two sessions of traffic, written by a proxy that is then stopped."""
+    proxy = await start_proxy()
+    # gpt-4o $2.50/$10 per M; gpt-4o-mini $0.15/$0.60 per M; my-private-model has no price.
+    await send(proxy, upstream, "/s/run-1/a/planner/openai/v1", "gpt-4o", 10_000, 1_000)  # $0.035
+    await send(proxy, upstream, "/s/run-1/a/coder/openai/v1", "gpt-4o-mini", 20_000, 2_000)
+    await send(proxy, upstream, "/s/run-1/a/coder/openai/v1", "gpt-4o", 1_000, 100)  # $0.0035
+    await send(proxy, upstream, "/s/run-1/openai/v1", "my-private-model", 700, 20)
+    await send(proxy, upstream, "/s/other/openai/v1", "gpt-4o-mini", 1_000, 100)
+    async with proxy.http.put(
+        proxy.url("/api/sessions/run-1/budget"), json={"budgetUsd": 5}
+    ) as resp:
+        assert resp.status == 200
+    async with proxy.http.post(proxy.url("/api/sessions/other/pause")) as resp:
+        assert resp.status == 200
+    await proxy.server.close()  # shutdown writes everything queued
+    return proxy.settings.db_path
+
+
+async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))  # it runs its own event loop
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_sessions_json_lists_totals_newest_first(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await run(capsys, "sessions", "--db", str(db), "--format", "json")
+    assert code == 0
+    rows = {r["sessionId"]: r for r in json.loads(out)}
+    assert list(rows) == ["other", "run-1"]
+    run1 = rows["run-1"]
+    assert run1["messageCount"] == 4
+    assert run1["totalInputTokens"] == 31_700 and run1["totalOutputTokens"] == 3_120
+    # 0.035 + (20,000 × 0.15 + 2,000 × 0.6) µ$ + 0.0035 = 0.035 + 0.0042 + 0.0035
+    assert run1["totalCostUsd"] == pytest.approx(0.0427)
+    assert run1["budgetUsd"] == 5.0 and run1["paused"] is False
+    assert rows["other"]["paused"] is True
+
+
+async def test_sessions_table(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = await run(capsys, "sessions", "--db", str(db))
+    assert code == 0
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("run-1")]
+    assert "31,700" in line and "3,120" in line and "$0.0427" in line and "$5.00" in line
+    (other,) = [ln for ln in out.splitlines() if ln.strip().startswith("other")]
+    assert "paused (manual)" in other and "unlimited" in other
+
+
+async def test_report_json_has_totals_by_model_and_agent(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await run(capsys, "report", "run-1", "--db", str(db), "--format", "json")
+    assert code == 0
+    s = json.loads(out)
+    assert s["sessionId"] == "run-1" and s["messageCount"] == 4
+    assert s["totalCostUsd"] == pytest.approx(0.0427)
+    assert s["remainingUsd"] == pytest.approx(5 - 0.0427)
+    by_model = s["byModel"]
+    assert set(by_model) == {"gpt-4o", "gpt-4o-mini", "my-private-model"}
+    assert by_model["gpt-4o"]["messageCount"] == 2
+    assert by_model["gpt-4o"]["inputTokens"] == 11_000
+    assert by_model["gpt-4o"]["costUsd"] == pytest.approx(0.0385)
+    assert by_model["my-private-model"]["costUsd"] is None  # unknown, never 0
+    by_agent = s["byAgent"]
+    assert by_agent["planner"]["costUsd"] == pytest.approx(0.035)
+    assert by_agent["coder"]["messageCount"] == 2
+    assert by_agent["coder"]["costUsd"] == pytest.approx(0.0077)
+    assert sum(g["messageCount"] for g in by_agent.values()) == 4
+
+
+async def test_report_table(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = await run(capsys, "report", "run-1", "--db", str(db))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("run-1") and "4 messages" in lines[0]
+    assert "$0.0427 + N/A" in lines[0]  # one model has no price
+    assert "budget $5.00" in out and "left" in out
+    assert "by model" in out and "by agent" in out
+
+    def line(name: str) -> str:
+        (found,) = [ln for ln in lines if ln.strip().startswith(name + " ")]
+        return found
+
+    assert "11,000" in line("gpt-4o") and "$0.0385" in line("gpt-4o")
+    assert "$0.004200" in line("gpt-4o-mini")
+    assert "N/A" in line("my-private-model")
+    assert "$0.0350" in line("planner") and "$0.007700" in line("coder")
+    totals = [ln for ln in lines if ln.strip().startswith("total ")]
+    assert len(totals) == 2 and all("31,700" in t for t in totals)
+
+
+async def test_report_csv_is_one_row_per_message(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = await run(capsys, "report", "run-1", "--db", str(db), "--format", "csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == list(EXPORT_COLUMNS)
+    assert [r["modelId"] for r in rows] == ["gpt-4o", "gpt-4o-mini", "gpt-4o", "my-private-model"]
+    assert [r["agentId"] for r in rows] == ["planner", "coder", "coder", ""]
+    assert float(rows[0]["costUsd"]) == pytest.approx(0.035)
+    assert rows[3]["costUsd"] == ""  # unknown price: empty, not 0
+    assert sum(int(r["inputTokens"]) for r in rows) == 31_700
+
+
+async def test_unknown_session_and_missing_database(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await run(capsys, "report", "nope", "--db", str(db))
+    assert code == 1 and "unknown session 'nope'" in err
+    missing = tmp_path / "elsewhere" / "none.db"
+    for argv in (("sessions",), ("report", "run-1")):
+        code, _, err = await run(capsys, *argv, "--db", str(missing))
+        assert code == 1 and "no database at" in err
+    assert not missing.parent.exists()  # a report never creates a database
+
+
+async def test_empty_database(
+    start_proxy: StartProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = await start_proxy(db_path=tmp_path / "empty.db")
+    await proxy.server.close()
+    code, out, _ = await run(capsys, "sessions", "--db", str(tmp_path / "empty.db"))
+    assert code == 0 and "no sessions recorded" in out
+    code, out, _ = await run(
+        capsys, "sessions", "--db", str(tmp_path / "empty.db"), "--format", "json"
+    )
+    assert code == 0 and json.loads(out) == []
+
+
+async def test_report_as_a_real_command(db: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "spendgate", "report", "run-1", "--db", str(db), "--format", "csv"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 5  # header and four messages

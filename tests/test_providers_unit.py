@@ -1,0 +1,537 @@
+"""Adapter behaviour the recordings do not cover: the include_usage rewrite, hostile
+input, request inspection and the framing edge cases."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spendgate.providers import ADAPTERS, get_adapter
+from spendgate.providers._api import Adapter, NullParser, RequestInfo, ResponseParser
+from spendgate.providers._common import JSONElementFramer, as_int
+from spendgate.providers.anthropic import AnthropicAdapter
+from spendgate.providers.gemini import GeminiAdapter
+from spendgate.providers.ollama import OllamaAdapter
+from spendgate.providers.openai import OpenAIAdapter, UsageChunkFilter
+from spendgate.usage import Usage
+from tests.paths import FIXTURES
+
+OPENAI = OpenAIAdapter()
+ANTHROPIC = AnthropicAdapter()
+GEMINI = GeminiAdapter()
+OLLAMA = OllamaAdapter()
+
+
+def chat(body: dict[str, object], *, inject: bool = True) -> RequestInfo:
+    return OPENAI.inspect(
+        "POST", "/v1/chat/completions", {}, orjson.dumps(body), inject_stream_usage=inject
+    )
+
+
+def run(parser: ResponseParser, *pieces: bytes) -> ResponseParser:
+    for piece in pieces:
+        parser.feed(piece)
+    parser.close()
+    return parser
+
+
+def sse(*objs: object) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(o) + b"\n\n" for o in objs) + b"data: [DONE]\n\n"
+
+
+def filtered(data: bytes, pieces: list[bytes] | None = None) -> bytes:
+    f = UsageChunkFilter()
+    return b"".join([*(f.feed(p) for p in pieces or [data]), f.close()])
+
+
+# --- the include_usage rewrite ----------------------------------------------------------
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_inject_adds_include_usage_and_keeps_every_other_byte() -> None:
+    body = b'{"model": "gpt-4o",  "stream": true, "temperature": 1.50, "messages": []}'
+    info = OPENAI.inspect("POST", "/v1/chat/completions", {}, body, inject_stream_usage=True)
+    assert info.strip_usage_chunk and info.stream
+    assert orjson.loads(info.body) == {
+        **orjson.loads(body),
+        "stream_options": {"include_usage": True},
+    }
+    assert info.body.replace(b'"stream_options":{"include_usage":true},', b"") == body
+
+
+def test_inject_merges_existing_stream_options() -> None:
+    info = chat({"model": "m", "stream": True, "stream_options": {"x": 1}, "messages": MESSAGES})
+    assert orjson.loads(info.body)["stream_options"] == {"x": 1, "include_usage": True}
+    assert info.strip_usage_chunk
+    info = chat({"model": "m", "stream": True, "stream_options": None, "messages": MESSAGES})
+    assert orjson.loads(info.body)["stream_options"] == {"include_usage": True}
+    info = chat({"model": "m", "stream": True, "stream_options": {"include_usage": False}})
+    assert orjson.loads(info.body)["stream_options"] == {"include_usage": True}
+    assert info.strip_usage_chunk
+
+
+@pytest.mark.parametrize(
+    ("body", "inject"),
+    [
+        ({"model": "m", "stream": True, "stream_options": {"include_usage": True}}, True),
+        ({"model": "m", "stream": True}, False),
+        ({"model": "m", "stream": False}, True),
+        ({"model": "m"}, True),
+        ({"model": "m", "stream": True, "stream_options": "weird"}, True),
+    ],
+)
+def test_no_rewrite(body: dict[str, object], inject: bool) -> None:
+    raw = orjson.dumps(body)
+    info = OPENAI.inspect("POST", "/v1/chat/completions", {}, raw, inject_stream_usage=inject)
+    assert info.body == raw and not info.strip_usage_chunk
+    assert OPENAI.output_filter(info) is None
+
+
+def test_only_chat_is_rewritten() -> None:
+    raw = orjson.dumps({"model": "m", "stream": True, "input": "x"})
+    info = OPENAI.inspect("POST", "/v1/responses", {}, raw, inject_stream_usage=True)
+    assert info.body == raw and not info.strip_usage_chunk
+
+
+USAGE_CHUNK = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 3}}
+CONTENT_CHUNK = {"id": "c", "model": "m", "choices": [{"index": 0, "delta": {"content": "yo"}}]}
+
+
+def test_filter_removes_exactly_the_usage_only_event_under_every_split() -> None:
+    recorded = (FIXTURES / "openai/chat_stream_usage_gpt-4.sse").read_bytes()
+    done = recorded.index(b"data: [DONE]")
+    expected = recorded[: recorded.rindex(b"data: {", 0, done)] + recorded[done:]
+    for data, want in [
+        (recorded, expected),
+        (recorded.replace(b"\n", b"\r\n"), expected.replace(b"\n", b"\r\n")),
+        (b": keep-alive\n\n" + recorded, b": keep-alive\n\n" + expected),
+    ]:
+        assert b'"choices":[]' not in want
+        assert filtered(data) == want
+        for k in range(len(data) + 1):
+            assert filtered(data, [data[:k], data[k:]]) == want, k
+        assert filtered(data, [data[i : i + 1] for i in range(len(data))]) == want
+
+
+def test_filter_passes_other_streams_byte_for_byte() -> None:
+    for name in [
+        "openai/chat_stream_nousage_gpt-5-nano.sse",
+        "azure/chat_stream_content_filter_gpt-35-turbo.sse",  # first chunk: choices [] but no usage
+        "openai_compatible/openrouter_chat_stream_cached_reasoning_grok-4.sse",  # usage + choices
+    ]:
+        data = (FIXTURES / name).read_bytes()
+        assert filtered(data) == data
+        assert filtered(data, [data[i : i + 7] for i in range(0, len(data), 7)]) == data
+
+
+def test_filter_holds_an_event_only_until_its_end() -> None:
+    f = UsageChunkFilter()
+    assert f.feed(b'data: {"a": 1}\n') == b""
+    assert f.feed(b"\ndata: [DO") == b'data: {"a": 1}\n\n'
+    assert f.feed(b"NE]\n\n") == b"data: [DONE]\n\n"
+
+
+def test_filter_drops_an_unterminated_usage_event_at_close_and_passes_json() -> None:
+    content = b"data: " + orjson.dumps(CONTENT_CHUNK) + b"\n\n"
+    assert filtered(content + b"data: " + orjson.dumps(USAGE_CHUNK)) == content
+    error = b'{"error": "x",\n\n"choices": [],\n\n"usage": {}}'
+    assert filtered(error, [error[:5], error[5:]]) == error
+
+
+def test_stripped_stream_still_counts_usage() -> None:
+    info = chat({"model": "m", "stream": True, "messages": MESSAGES})
+    data = sse(CONTENT_CHUNK, USAGE_CHUNK)
+    parser = run(OPENAI.parser(info, 200, "text/event-stream"), data)
+    assert parser.usage == Usage(input_tokens=3)
+    assert filtered(data) == sse(CONTENT_CHUNK)
+
+
+# --- last report wins, never a sum ------------------------------------------------------
+
+
+def test_openai_last_usage_wins() -> None:
+    first = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+    last = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), sse(first, last))
+    assert parser.usage == Usage(input_tokens=7, output_tokens=2)
+
+
+def test_anthropic_fields_merge_latest_per_field() -> None:
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-x",'
+        b'"usage":{"input_tokens":10,"cache_read_input_tokens":4,"output_tokens":1,'
+        b'"cache_creation":{"ephemeral_1h_input_tokens":3}}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":20}}\n\n'
+    )
+    info = RequestInfo(operation="messages")
+    parser = run(ANTHROPIC.parser(info, 200, ""), events)
+    assert parser.usage == Usage(
+        input_tokens=24, output_tokens=9, cached_input_tokens=4, cache_write_1h_tokens=3
+    )
+    assert parser.model == "claude-x"
+
+
+def test_gemini_counts_may_go_down_and_empty_blocks_are_ignored() -> None:
+    chunks = [
+        {"usageMetadata": {"promptTokenCount": 15, "candidatesTokenCount": 9}},
+        {"usageMetadata": {"promptTokenCount": 13, "candidatesTokenCount": 8}},
+        {"usageMetadata": {"trafficType": "ON_DEMAND"}},
+    ]
+    info = RequestInfo(operation="stream_generate_content")
+    parser = run(GEMINI.parser(info, 200, ""), sse(*chunks))
+    assert parser.usage == Usage(input_tokens=13, output_tokens=8)
+
+
+# --- hostile input ------------------------------------------------------------------------
+
+ALL_PARSERS: list[tuple[Adapter, str]] = [
+    (OPENAI, "chat"),
+    (OPENAI, "responses"),
+    (OPENAI, "completions"),
+    (OPENAI, "embeddings"),
+    (ANTHROPIC, "messages"),
+    (GEMINI, "generate_content"),
+    (GEMINI, "stream_generate_content"),
+    (OLLAMA, "ollama_chat"),
+    (OLLAMA, "ollama_generate"),
+]
+GARBAGE = [
+    b'data: not json\n\ndata: {"usage": \n\n',
+    b'data: \xff\xfe{"usage":{}}\n\n',
+    b'data: {"choices": "nope", "usage": [1], "model": 5}\n\n',
+    b'data: {"type": "message_start", "message": "x"}\n\n',
+    b'data: {"type": "content_block_delta", "delta": ["x"]}\n\n',
+    b'data: {"candidates": [null, {"content": {"parts": [7]}}], "usageMetadata": 3}\n\n',
+    b'[{"candidates": {"x": 1}}, 5, "]", {"usageMetadata": null}]',
+    b'{"done": true, "prompt_eval_count": "3", "message": {"content": 4}}\n\xff\n',
+    b"]]]}}}",
+    b"data: " + b"[" * 5000 + b"\n\n",
+    b'{"model": "x", "usage": {"prompt_tokens": 1',  # truncated body
+    b"",
+]
+
+
+@pytest.mark.parametrize(("adapter", "operation"), ALL_PARSERS)
+def test_garbage_never_raises(adapter: Adapter, operation: str) -> None:
+    info = RequestInfo(operation=operation)
+    for data in GARBAGE:
+        for pieces in ([data], [data[i : i + 3] for i in range(0, len(data), 3)]):
+            parser = run(adapter.parser(info, 200, "text/event-stream"), *pieces)
+            assert parser.usage is None, data
+            assert parser.output_chars >= 0
+
+
+def test_wrong_types_give_partial_usage() -> None:
+    chunk = {"choices": [], "usage": {"prompt_tokens": "12", "completion_tokens": 5}}
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), sse(chunk))
+    assert parser.usage == Usage(output_tokens=5)
+    chunk = {"choices": [], "usage": {"prompt_tokens": "12", "completion_tokens": True}}
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), sse(chunk))
+    assert parser.usage is None
+
+
+def test_as_int() -> None:
+    assert [as_int(v) for v in (3, 0, 12.0, -1, True, "4", None, 1.5, [1])] == [
+        3,
+        0,
+        12,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ]
+
+
+def test_truncated_stream_keeps_what_arrived() -> None:
+    data = (FIXTURES / "anthropic/messages_stream_tools_claude-3-5-sonnet.sse").read_bytes()
+    parser = run(ANTHROPIC.parser(RequestInfo(operation="messages"), 200, ""), data[:1500])
+    assert parser.model == "claude-3-5-sonnet-20240620"
+    assert parser.usage is not None and parser.usage.output_tokens == 5  # message_start's
+    assert parser.output_chars > 0
+
+
+def test_non_utf8_delta_spoils_only_its_event() -> None:
+    good = {"choices": [{"delta": {"content": "abc"}}]}
+    data = b'data: {"choices":[{"delta":{"content":"\xff"}}]}\n\n' + sse(good)
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), data)
+    assert parser.output_chars == 3
+
+
+@pytest.mark.parametrize(
+    ("adapter", "path"),
+    [
+        (OPENAI, "/v1/chat/completions"),
+        (OPENAI, "/openai/deployments/dep-1/chat/completions"),
+        (ANTHROPIC, "/v1/messages"),
+        (GEMINI, "/v1beta/models/gemini-2.5-flash:generateContent"),
+        (OLLAMA, "/api/chat"),
+        (OLLAMA, "/v1/chat/completions"),
+    ],
+)
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"not json", b"[1, 2]", b"\xff\xfe", b'{"model": 5, "stream": "yes", "max_tokens": "9"}'],
+)
+def test_malformed_request_bodies(adapter: Adapter, path: str, body: bytes) -> None:
+    info = adapter.inspect("POST", path, {}, body, inject_stream_usage=True)
+    assert info.metered and info.operation != "other"
+    assert info.body == body and not info.strip_usage_chunk
+    assert info.max_output_tokens is None
+    if adapter is OPENAI or adapter is ANTHROPIC:
+        assert info.model in (None, "dep-1")
+
+
+# --- request inspection ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "operation"),
+    [
+        ("POST", "/v1/chat/completions", "chat"),
+        ("POST", "/v1/responses", "responses"),
+        ("POST", "/v1/completions", "completions"),
+        ("POST", "/v1/embeddings/", "embeddings"),
+        ("POST", "/api/v1/chat/completions", "chat"),
+        ("POST", "/v1/files", "other"),
+        ("GET", "/v1/chat/completions", "other"),
+        ("GET", "/v1/responses/resp_1", "other"),
+    ],
+)
+def test_openai_operations(method: str, path: str, operation: str) -> None:
+    info = OPENAI.inspect(method, path, {}, b"{}", inject_stream_usage=True)
+    assert info.operation == operation
+
+
+def test_openai_request_fields() -> None:
+    body = {
+        "model": "gpt-4o",
+        "stream": True,
+        "max_completion_tokens": 50,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "abcd"}]},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x" * 9999}}]},
+        ],
+    }
+    info = chat(body)
+    assert (info.model, info.stream, info.max_output_tokens) == ("gpt-4o", True, 50)
+    assert info.input_chars == len("user" * 2 + "text" + "abcd" + "image_url")
+
+
+def test_azure_model_falls_back_to_deployment() -> None:
+    path = "/openai/deployments/my-dep/chat/completions"
+    info = get_adapter("azure").inspect(
+        "POST", path, {"api-version": "2024-02-01"}, b'{"messages": []}', inject_stream_usage=True
+    )
+    assert (info.operation, info.model) == ("chat", "my-dep")
+
+
+def test_anthropic_request() -> None:
+    body = orjson.dumps(
+        {"model": "claude", "max_tokens": 64, "system": "sys", "messages": MESSAGES, "stream": True}
+    )
+    info = ANTHROPIC.inspect("POST", "/v1/messages", {}, body, inject_stream_usage=True)
+    assert (info.operation, info.model, info.stream, info.max_output_tokens) == (
+        "messages",
+        "claude",
+        True,
+        64,
+    )
+    assert info.input_chars == len("sys" + "user" + "hi")
+    count = ANTHROPIC.inspect(
+        "POST", "/v1/messages/count_tokens", {}, body, inject_stream_usage=True
+    )
+    assert count.operation == "other"
+    assert isinstance(ANTHROPIC.parser(count, 200, ""), NullParser)
+
+
+@pytest.mark.parametrize(
+    ("path", "operation", "model", "stream"),
+    [
+        (
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            "generate_content",
+            "gemini-2.5-flash",
+            False,
+        ),
+        ("/v1beta/models/g:streamGenerateContent", "stream_generate_content", "g", True),
+        (
+            "/v1/projects/p/locations/l/publishers/google/models/gemini-2.5-pro:streamGenerateContent",
+            "stream_generate_content",
+            "gemini-2.5-pro",
+            True,
+        ),
+        ("/v1beta/models/g:countTokens", "other", None, False),
+    ],
+)
+def test_gemini_paths(path: str, operation: str, model: str | None, stream: bool) -> None:
+    body = (
+        b'{"contents": [{"parts": [{"text": "hey"}]}], "generationConfig": {"maxOutputTokens": 7}}'
+    )
+    info = GEMINI.inspect("POST", path, {"alt": "sse"}, body, inject_stream_usage=True)
+    assert (info.operation, info.model, info.stream) == (operation, model, stream)
+    if operation != "other":
+        assert (info.max_output_tokens, info.input_chars) == (7, 3)
+
+
+def test_ollama_stream_defaults_to_true() -> None:
+    def inspect(body: dict[str, object]) -> RequestInfo:
+        raw = orjson.dumps(body)
+        return OLLAMA.inspect("POST", "/api/chat", {}, raw, inject_stream_usage=True)
+
+    assert inspect({"model": "llama3", "messages": MESSAGES}).stream is True
+    assert inspect({"model": "llama3", "stream": False}).stream is False
+    info = inspect({"model": "llama3", "options": {"num_predict": 12}})
+    assert (info.operation, info.model, info.max_output_tokens) == ("ollama_chat", "llama3", 12)
+    assert inspect({"model": "x", "options": {"num_predict": -1}}).max_output_tokens is None
+
+
+def test_ollama_non_streamed_body_and_openai_paths() -> None:
+    body = b'{"model":"llama3","response":"hello","done":true,"prompt_eval_count":4,"eval_count":2}'
+    parser = run(OLLAMA.parser(RequestInfo(operation="ollama_generate"), 200, ""), body)
+    assert (parser.usage, parser.model, parser.output_chars) == (
+        Usage(input_tokens=4, output_tokens=2),
+        "llama3",
+        5,
+    )
+    raw = orjson.dumps({"model": "llama3", "stream": True, "messages": MESSAGES})
+    info = OLLAMA.inspect("POST", "/v1/chat/completions", {}, raw, inject_stream_usage=True)
+    assert (info.operation, info.strip_usage_chunk) == ("chat", True)
+    assert OLLAMA.output_filter(info) is not None
+    chunk = {
+        "model": "llama3",
+        "choices": [],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 2},
+    }
+    parser = run(OLLAMA.parser(info, 200, ""), sse(chunk))
+    assert parser.usage == Usage(input_tokens=4, output_tokens=2)
+
+
+def test_registry() -> None:
+    assert ADAPTERS["azure"] is ADAPTERS["openai"] is ADAPTERS["openai_compatible"]
+    assert {a.error_style for a in ADAPTERS.values()} == {"openai", "anthropic", "gemini", "ollama"}
+    with pytest.raises(KeyError, match="unknown adapter 'bedrock'"):
+        get_adapter("bedrock")
+
+
+def test_embeddings_and_json_bodies() -> None:
+    info = RequestInfo(operation="embeddings")
+    body = (
+        b'{"object":"list","data":[],"model":"text-embedding-3-small",'
+        b'"usage":{"prompt_tokens":8,"total_tokens":8}}'
+    )
+    parser = run(OPENAI.parser(info, 200, "application/json"), body[:10], body[10:])
+    assert parser.usage == Usage(input_tokens=8, output_tokens=0)
+    body = (
+        b'{"object":"response","model":"gpt-5","output":[{"type":"message","content":'
+        b'[{"type":"output_text","text":"hey"}]}],"usage":{"input_tokens":3,"output_tokens":9,'
+        b'"output_tokens_details":{"reasoning_tokens":6}}}'
+    )
+    parser = run(OPENAI.parser(RequestInfo(operation="responses"), 200, ""), body)
+    assert parser.usage == Usage(input_tokens=3, output_tokens=9, reasoning_tokens=6)
+    assert (parser.model, parser.output_chars) == ("gpt-5", 3)
+
+
+def test_responses_events_count_deltas_and_take_incomplete_usage() -> None:
+    events = [
+        {"type": "response.created", "response": {"model": "gpt-5", "usage": None}},
+        {"type": "response.reasoning_summary_text.delta", "delta": "think"},
+        {"type": "response.output_text.delta", "delta": "hi"},
+        {"type": "response.function_call_arguments.delta", "delta": "{}"},
+        {"type": "response.output_audio.delta", "delta": "QUJD"},  # base64 audio: not text
+        {"type": "response.output_text.done", "text": "hi"},
+        {
+            "type": "response.incomplete",
+            "response": {"model": "gpt-5", "usage": {"input_tokens": 4, "output_tokens": 16}},
+        },
+    ]
+    parser = run(OPENAI.parser(RequestInfo(operation="responses"), 200, ""), sse(*events))
+    assert (parser.usage, parser.model, parser.output_chars) == (
+        Usage(input_tokens=4, output_tokens=16),
+        "gpt-5",
+        len("think" + "hi" + "{}"),
+    )
+
+
+def test_completions_and_gemini_function_calls() -> None:
+    chunks = [
+        {"model": "gpt-3.5-turbo-instruct", "choices": [{"text": "abc", "index": 0}]},
+        {"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}},
+    ]
+    parser = run(OPENAI.parser(RequestInfo(operation="completions"), 200, ""), sse(*chunks))
+    assert (parser.usage, parser.model, parser.output_chars) == (
+        Usage(input_tokens=2, output_tokens=1),
+        "gpt-3.5-turbo-instruct",
+        3,
+    )
+    call = {"functionCall": {"name": "f", "args": {"city": "Paris"}}}
+    body = orjson.dumps({"candidates": [{"content": {"parts": [call]}}]})
+    parser = run(GEMINI.parser(RequestInfo(operation="generate_content"), 200, ""), body)
+    assert parser.output_chars == len(b'{"city":"Paris"}')
+
+
+# --- the Gemini JSON-array stream ---------------------------------------------------------
+
+
+def gemini_array_stream() -> tuple[bytes, bytes]:
+    """The SSE recording re-framed as the JSON array Gemini sends without ``alt=sse``."""
+    sse_data = (FIXTURES / "gemini/stream_gemini-2.0-flash-exp.sse").read_bytes()
+    elements = [line[6:] for line in sse_data.split(b"\r\n") if line.startswith(b"data: ")]
+    tricky = orjson.dumps({"candidates": [{"content": {"parts": [{"text": 'a "[{" \\ }]'}]}}]})
+    return b"[" + b"\r\n,".join([tricky, *elements]) + b"]", sse_data
+
+
+def test_gemini_array_stream_matches_sse_under_every_split() -> None:
+    array, sse_data = gemini_array_stream()
+    info = RequestInfo(operation="stream_generate_content")
+    reference = run(GEMINI.parser(info, 200, ""), sse_data)
+    for k in range(len(array) + 1):
+        parser = run(GEMINI.parser(info, 200, "application/json"), array[:k], array[k:])
+        assert parser.usage == reference.usage == Usage(input_tokens=13, output_tokens=8), k
+        assert parser.model == "gemini-2.0-flash-exp"
+        assert parser.output_chars == reference.output_chars + len('a "[{" \\ }]'), k
+
+
+def test_element_framer_yields_elements_as_they_complete() -> None:
+    framer = JSONElementFramer()
+    assert framer.feed(b' [{"a": "}\\') == []
+    assert framer.feed(b'""}, 1, ["x"') == [b'{"a": "}\\""}']
+    assert framer.feed(b"]\r\n,{}] trailing {}") == [b'["x"]', b"{}"]
+    assert framer.close() == []
+    framer = JSONElementFramer()
+    assert framer.feed(b'{"a": [1]} {"b": 2}') == [b'{"a": [1]}', b'{"b": 2}']
+    assert JSONElementFramer().feed(b'"just a string" {}') == []
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("adapter", "operation"), ALL_PARSERS)
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from(
+                [b"data: ", b"\n", b"\r\n", b"{", b"}", b"[", b"]", b'"', b"\\", b'"usage":']
+            ),
+        ),
+        max_size=30,
+    )
+)
+def test_random_bytes_never_raise(adapter: Adapter, operation: str, data: list[bytes]) -> None:
+    parser = adapter.parser(RequestInfo(operation=operation), 200, "")
+    for piece in data:
+        parser.feed(piece)
+    parser.close()
+    assert parser.output_chars >= 0
+    _ = (parser.usage, parser.model)
+    stream = b"".join(data)
+    f = UsageChunkFilter()
+    out = b"".join([*(f.feed(p) for p in data), f.close()])
+    assert len(out) <= len(stream)

@@ -1,0 +1,301 @@
+"""``spendgate top``: its renderer fed with events, and the real command in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import io
+import os
+import pty
+import re
+import signal
+import struct
+import subprocess
+import sys
+import termios
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from rich.console import Console
+
+from spendgate.settings import Settings
+from spendgate.top import Follower, TopState, proxy_url, sse_events
+from tests.conftest import StartProxy, eventually
+from tests.upstream import FakeUpstream, json_reply
+
+NOW = 1_700_000_000.0
+ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z]|[=>78])")
+
+
+def screen(state: TopState, now: float = NOW, width: int = 170, max_rows: int = 30) -> str:
+    """What the view shows, as plain text."""
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(state.render(now, max_rows=max_rows))
+    return console.export_text()
+
+
+def usage(
+    sid: str,
+    mid: str,
+    inp: int,
+    out: int,
+    cost: float | None,
+    spent: float,
+    *,
+    final: bool = True,
+    t: float = NOW,
+    model: str = "gpt-4o",
+) -> dict[str, object]:
+    """A ``token.usage`` event's data."""
+    data = {
+        "messageId": mid, "sessionId": sid, "agentId": None, "inputTokens": inp,
+        "outputTokens": out, "cachedInputTokens": 0, "cacheWriteTokens": 0,
+        "reasoningTokens": 0, "totalTokens": inp + out, "costUsd": cost,
+        "sessionCostUsd": spent, "modelId": model, "providerId": "openai", "final": final,
+        "estimated": not final, "timestamp": t,
+    }  # fmt: skip
+    return data
+
+
+def row(sid: str, **kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "sessionId": sid, "createdAt": NOW - 600, "label": None, "budgetUsd": None,
+        "spentUsd": 0.0, "remainingUsd": None, "paused": False, "pauseReason": None,
+        "totalCostUsd": None, "messageCount": 0, "totalInputTokens": 0,
+        "totalOutputTokens": 0, "lastActivityAt": None,
+    }  # fmt: skip
+    base.update(kw)
+    return base
+
+
+# --- the renderer ------------------------------------------------------------------------------
+
+
+def test_renders_sessions_from_the_list_and_events() -> None:
+    state = TopState("http://127.0.0.1:8787")
+    state.status = "live"
+    old = row(
+        "old-run",
+        spentUsd=0.25,
+        totalCostUsd=0.25,
+        messageCount=3,
+        totalInputTokens=3000,
+        totalOutputTokens=300,
+        lastActivityAt=NOW - 300,
+    )
+    state.load_sessions([old, row("budgeted", budgetUsd=1.0, createdAt=NOW - 200)], sent_at=0.0)
+    # Received a minute ago, by a clock that agrees with the proxy's.
+    event = usage("budgeted", "m1", 110_000, 5_000, 0.325, 0.325, t=NOW - 60)
+    state.apply("token.usage", event, received_at=NOW - 60)
+    context = {
+        "sessionId": "budgeted", "modelId": "gpt-4o", "contextTokens": 115_000,
+        "contextWindow": 128_000, "percent": 89.84, "remainingTokens": 13_000, "level": "warning",
+    }  # fmt: skip
+    state.apply("context.usage", context, received_at=NOW - 60)
+    text = screen(state)
+    assert "spendgate top" in text and "http://127.0.0.1:8787" in text and "live" in text
+    lines = [ln for ln in text.splitlines() if "budgeted" in ln or "old-run" in ln]
+    assert "budgeted" in lines[0] and "old-run" in lines[1]  # newest activity first
+    b = lines[0]
+    assert "110,000" in b and "5,000" in b
+    assert b.count("$0.3250") == 2  # spent, and burnt per minute (one message, a minute ago)
+    assert "32% of $1.00" in b  # budget bar
+    assert "89.8% gpt-4o" in b  # context bar
+    assert "~2 min" in b  # $0.675 left at $0.325/min
+    o = lines[1]
+    assert "$0.2500" in o and "3,000" in o and "unlimited" in o and "idle" in o
+    assert "sessions 2" in text and "total $0.5750" in text
+
+
+def test_paused_streaming_and_unknown_cost() -> None:
+    state = TopState("http://x")
+    state.apply("token.usage", usage("s", "m1", 100, 20, None, 0.0, model="mystery"), 1.0)
+    (line,) = [ln for ln in screen(state).splitlines() if ln.startswith("│s ")]
+    assert "N/A" in line and "$0.00" not in line  # unknown is never shown as free
+    state.apply("token.usage", usage("s", "m2", 50, 7, 0.0001, 0.0001, final=False), 2.0)
+    (line,) = [ln for ln in screen(state).splitlines() if ln.startswith("│s ")]
+    assert "streaming" in line
+    assert "150" in line and "27" in line  # live estimates count until the final arrives
+    paused = {"sessionId": "s", "budgetUsd": 0.0001, "spentUsd": 0.0001, "reason": "budget"}
+    state.apply("budget.paused", paused, 3.0)
+    assert "PAUSED" in screen(state)
+    resumed = {"sessionId": "s", "budgetUsd": 1.0, "spentUsd": 0.0001, "reason": "resumed"}
+    state.apply("budget.resumed", resumed, 4.0)
+    assert "PAUSED" not in screen(state)
+
+
+def test_list_after_events_does_not_count_twice() -> None:
+    state = TopState("http://x")
+    state.apply("token.usage", usage("s", "m1", 100, 10, 0.001, 0.001), received_at=5.0)
+    assert state.sessions["s"].totals() == (100, 10, 1)
+    listed = row(
+        "s",
+        spentUsd=0.001,
+        totalCostUsd=0.001,
+        messageCount=1,
+        totalInputTokens=100,
+        totalOutputTokens=10,
+    )
+    # A list asked for after that event includes it: the totals come from the list alone.
+    state.load_sessions([listed], sent_at=6.0)
+    assert state.sessions["s"].totals() == (100, 10, 1)
+    # A list asked for before a newer event keeps that event on top of it.
+    state.apply("token.usage", usage("s", "m2", 1, 1, 0.001, 0.002), received_at=9.0)
+    state.load_sessions([listed], sent_at=8.0)
+    view = state.sessions["s"]
+    assert view.totals() == (101, 11, 2)
+    assert view.spent == 0.002  # the event is newer than that list
+
+
+def test_many_sessions_are_cut_to_the_screen() -> None:
+    state = TopState("http://x")
+    state.load_sessions([row(f"s{i:02}", createdAt=NOW + i) for i in range(40)], sent_at=0.0)
+    text = screen(state, max_rows=5)
+    assert "s39" in text and "s34" not in text and "… 35 more" in text
+
+
+async def test_sse_parser_handles_comments_and_multiline_data() -> None:
+    async def lines() -> AsyncIterator[bytes]:
+        for line in (
+            b": connected\n", b"\n", b"id: 7\r\n", b"event: token.usage\n", b"data: {\"a\":\n",
+            b"data: 1}\n", b"\n", b": keep-alive\n", b"\n", b"id: 8\n", b"data:x\n", b"\n",
+        ):  # fmt: skip
+            yield line
+
+    got = [e async for e in sse_events(lines())]
+    assert got == [("7", "token.usage", '{"a":\n1}'), ("8", "message", "x")]
+
+
+def test_proxy_url_from_settings(tmp_path: Path) -> None:
+    assert proxy_url(Settings(db_path=tmp_path / "x.db")) == "http://127.0.0.1:8787"
+    assert (
+        proxy_url(Settings(db_path=tmp_path / "x.db", host="0.0.0.0", port=9))
+        == "http://127.0.0.1:9"
+    )
+    assert proxy_url(Settings(db_path=tmp_path / "x.db", host="::1", port=9)) == "http://[::1]:9"
+
+
+async def test_says_so_when_no_proxy_is_running() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    state = TopState(f"http://127.0.0.1:{port}")
+    async with aiohttp.ClientSession() as http:
+        task = asyncio.create_task(Follower(state, http).follow())
+
+        async def reported() -> bool:
+            return state.status.startswith("cannot reach the proxy")
+
+        try:
+            await eventually(reported)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert "cannot reach the proxy" in screen(state)
+
+
+# --- the real command in a pseudo-terminal ------------------------------------------------------
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, its output collected by the event loop."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 170, 0, 0))
+        self.proc = subprocess.Popen(
+            args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, close_fds=True
+        )
+        os.close(slave)
+        self.raw = bytearray()
+        self.closed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+            self.closed.set()
+            return
+        self.raw += data
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw.decode("utf-8", errors="replace"))
+
+    async def wait_for(self, *needles: str, timeout: float = 15.0) -> None:
+        async def shown() -> bool:
+            return all(n in self.text for n in needles)
+
+        try:
+            await eventually(shown, timeout)
+        except AssertionError:
+            raise AssertionError(f"{needles} not on screen:\n{self.text[-3000:]}") from None
+
+    async def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        try:
+            code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), 15)
+            await asyncio.wait_for(self.closed.wait(), 5)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            asyncio.get_running_loop().remove_reader(self.master)
+            os.close(self.master)
+        return code
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+async def test_top_follows_a_live_proxy_and_quits_cleanly_on_ctrl_c(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = await start_proxy(admin_token="s3cret")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
+    env.update(
+        SPENDGATE_HOST="127.0.0.1",
+        SPENDGATE_PORT=str(proxy.server.port),
+        SPENDGATE_ADMIN_TOKEN="s3cret",
+        SPENDGATE_DB_PATH=str(tmp_path / "unused.db"),
+        TERM="xterm-256color",
+        COLUMNS="170",
+        LINES="40",
+    )
+    term = Terminal([sys.executable, "-m", "spendgate", "top"], env, tmp_path)
+    try:
+        await term.wait_for("spendgate top", "live", "no sessions yet")
+        reply = {
+            "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 110_000, "completion_tokens": 5_000,
+                      "total_tokens": 115_000},
+        }  # fmt: skip
+        upstream.queue(json_reply(reply))
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url("/s/run-top/openai/v1"), api_key="k", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+            )
+        # The session, its cost (110,000 × 2.5 + 5,000 × 10 µ$), tokens and context appear.
+        await term.wait_for("run-top", "$0.3250", "110,000", "89.8% gpt-4o")
+        async with proxy.http.post(
+            proxy.url("/api/sessions/run-top/pause"), headers={"Authorization": "Bearer s3cret"}
+        ) as resp:
+            assert resp.status == 200
+        await term.wait_for("PAUSED")
+    finally:
+        code = await term.stop()
+    assert code == 0, term.text[-2000:]
+    assert "Traceback" not in term.text
+    assert term.raw.rstrip().endswith(b"\x1b[?1049l") or b"\x1b[?1049l" in term.raw[-200:]
