@@ -347,6 +347,8 @@ async def test_screenshot_of_a_few_sessions(
     b = card(page, "bugfix-1423")
     await expect(b).to_have_class(re.compile(r"\bpaused\b"))
     await expect(b.locator(".ctx-fill")).to_have_attribute("data-level", "critical")
+    await expect(b.locator(".total-msgs")).to_have_text("4")
+    await expect(b.locator(".total-in")).to_have_text("424,000")
     r = card(page, "refactor-auth")
     await expect(r.locator(".total-msgs")).to_have_text("4")
     await r.locator("details.compare > summary").click()

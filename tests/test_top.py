@@ -127,27 +127,40 @@ def test_paused_streaming_and_unknown_cost() -> None:
     assert "PAUSED" not in screen(state)
 
 
-def test_list_after_events_does_not_count_twice() -> None:
+def test_lists_and_events_never_count_a_message_twice() -> None:
     state = TopState("http://x")
+
+    def listed(msgs: int, sent_at: float) -> None:
+        row_ = row(
+            "s",
+            messageCount=msgs,
+            totalInputTokens=100 * msgs,
+            totalOutputTokens=10 * msgs,
+            totalCostUsd=0.001 * msgs,
+            spentUsd=0.001 * msgs,
+        )
+        state.load_sessions([row_], sent_at=sent_at)
+
+    def totals() -> tuple[int, int, int]:
+        return state.sessions["s"].totals()
+
+    listed(0, sent_at=1.0)
     state.apply("token.usage", usage("s", "m1", 100, 10, 0.001, 0.001), received_at=5.0)
-    assert state.sessions["s"].totals() == (100, 10, 1)
-    listed = row(
-        "s",
-        spentUsd=0.001,
-        totalCostUsd=0.001,
-        messageCount=1,
-        totalInputTokens=100,
-        totalOutputTokens=10,
-    )
-    # A list asked for after that event includes it: the totals come from the list alone.
-    state.load_sessions([listed], sent_at=6.0)
-    assert state.sessions["s"].totals() == (100, 10, 1)
-    # A list asked for before a newer event keeps that event on top of it.
-    state.apply("token.usage", usage("s", "m2", 1, 1, 0.001, 0.002), received_at=9.0)
-    state.load_sessions([listed], sent_at=8.0)
-    view = state.sessions["s"]
-    assert view.totals() == (101, 11, 2)
-    assert view.spent == 0.002  # the event is newer than that list
+    assert totals() == (100, 10, 1)
+    # Asked for before m1 arrived, yet it counts m1: the race that must not double it.
+    listed(1, sent_at=4.0)
+    assert totals() == (100, 10, 1)
+    state.apply("token.usage", usage("s", "m2", 100, 10, 0.001, 0.002), received_at=9.0)
+    listed(1, sent_at=8.0)  # does not include m2 yet: m2 still shows on top of it
+    assert totals() == (200, 20, 2)
+    listed(0, sent_at=3.0)  # a late answer to an older request changes nothing
+    assert totals() == (200, 20, 2)
+    listed(2, sent_at=10.0)
+    assert totals() == (200, 20, 2) and state.sessions["s"].recent == []
+    # Before any list, only finals that came before it was asked for are surely in it.
+    state.apply("token.usage", usage("t", "m3", 7, 1, 0.001, 0.001), received_at=20.0)
+    state.load_sessions([row("t", messageCount=1, totalInputTokens=7, totalOutputTokens=1)], 21.0)
+    assert state.sessions["t"].totals() == (7, 1, 1)
 
 
 def test_many_sessions_are_cut_to_the_screen() -> None:

@@ -172,7 +172,7 @@ class ProxyHandler:
         if refusal is not None:
             return self._refuse(adapter, refusal, route.name)
         try:
-            return await self._forward(request, adapter, ex)
+            return await self._forward(request, adapter, ex, body)
         finally:
             await self.acct.finish(ex)
 
@@ -199,7 +199,7 @@ class ProxyHandler:
         return error_response(adapter.error_style, status, msg, "upstream_error")
 
     async def _forward(
-        self, request: web.Request, adapter: Adapter, ex: Exchange
+        self, request: web.Request, adapter: Adapter, ex: Exchange, body: bytes
     ) -> web.StreamResponse:
         route, info = ex.target.route, ex.info
         url = route.upstream + ex.target.path
@@ -214,7 +214,7 @@ class ProxyHandler:
                 request.method,
                 URL(url, encoded=True),
                 headers=headers,
-                data=info.body if info.body or request.can_read_body else None,
+                data=info.body or body or None,  # the adapter's rewrite, else the original
                 allow_redirects=False,
                 timeout=self._timeout,
             )

@@ -64,6 +64,17 @@ def level_of(percent: float) -> str:
     return "critical" if percent >= 90 else "warning" if percent >= 80 else "ok"
 
 
+@dataclass(slots=True)
+class Final:
+    """A final message's tokens, until a session list surely includes them."""
+
+    at: float
+    input: int
+    output: int
+    counted: bool = False
+    """Believed to be in the newest list's totals already."""
+
+
 @dataclass
 class SessionView:
     id: str
@@ -71,10 +82,10 @@ class SessionView:
     budget: float | None = None
     paused: bool = False
     reason: str | None = None
-    base: tuple[int, int, int] = (0, 0, 0)
-    """input, output, messages as of the last session list."""
-    recent: list[tuple[float, int, int]] = field(default_factory=list)
-    """Finals (received at, input, output) the last list may not include yet."""
+    base: tuple[int, int, int] | None = None
+    """input, output, messages as of the newest session list."""
+    recent: list[Final] = field(default_factory=list)
+    """Finals in arrival order that the newest list may not include."""
     live: dict[str, tuple[int, int]] = field(default_factory=dict)
     finals: list[tuple[float, float]] = field(default_factory=list)
     """(server time, cost) of recent final messages, for the burn rate."""
@@ -86,9 +97,10 @@ class SessionView:
     """When an event last set ``cost`` / ``paused`` / ``context`` (our clock)."""
 
     def totals(self) -> tuple[int, int, int]:
-        inp, out, msgs = self.base
-        for _, i, o in self.recent:
-            inp, out, msgs = inp + i, out + o, msgs + 1
+        inp, out, msgs = self.base or (0, 0, 0)
+        for f in self.recent:
+            if not f.counted:
+                inp, out, msgs = inp + f.input, out + f.output, msgs + 1
         for i, o in self.live.values():
             inp, out = inp + i, out + o
         return inp, out, msgs
@@ -138,18 +150,42 @@ class TopState:
             if self._fresh(view, "cost", sent_at):
                 view.spent = float(r.get("spentUsd") or 0.0)
             msgs = int(r.get("messageCount") or 0)
+            if not self._count_once(view, msgs, sent_at):
+                continue
             view.base = (
                 int(r.get("totalInputTokens") or 0),
                 int(r.get("totalOutputTokens") or 0),
                 msgs,
             )
-            view.recent = [x for x in view.recent if x[0] >= sent_at]
             if msgs:
                 if r.get("totalCostUsd") is None:
                     view.has_unknown = True
                 else:
                     view.has_known = True
             view.last_at = max(view.last_at, r.get("lastActivityAt") or r.get("createdAt") or 0.0)
+
+    @staticmethod
+    def _count_once(view: SessionView, msgs: int, sent_at: float) -> bool:
+        """Mark the pending finals a list of ``msgs`` messages includes; False if it is stale.
+
+        Finals arrive in the order the proxy stored their rows (it stores, then publishes),
+        and a list sees a prefix of the rows: a list counting n more messages than the last
+        one includes the first n finals still pending. A final that came before the list was
+        asked for is in it for sure, so it is forgotten; any guess is thus put right by the
+        next list.
+        """
+        if view.base is not None and msgs < view.base[2]:
+            return False  # an older answer overtaken by a newer one
+        added = msgs - view.base[2] if view.base is not None else 0
+        for final in view.recent:
+            if final.counted:
+                continue
+            if added > 0:
+                final.counted, added = True, added - 1
+            elif final.at < sent_at:
+                final.counted = True
+        view.recent = [f for f in view.recent if f.at >= sent_at]
+        return True
 
     def load_summary(self, summary: dict[str, Any], sent_at: float) -> None:
         """A ``SessionCostSummary``: the context meter, and which costs are unknown."""
@@ -195,7 +231,7 @@ class TopState:
             view.live[mid] = tokens
             return
         view.live.pop(mid, None)
-        view.recent.append((at, *tokens))
+        view.recent.append(Final(at, *tokens))
         cost = d.get("costUsd")
         if cost is None:
             view.has_unknown = view.has_unknown or sum(tokens) > 0
