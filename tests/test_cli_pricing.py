@@ -1,0 +1,82 @@
+"""`spendgate pricing MODEL` and `spendgate pricing import FILE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from spendgate.cli import main
+from tests.conftest import StartProxy
+from tests.paths import PRICE_DATA
+
+
+def test_pricing_shows_resolved_entry_and_source(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pricing", "openai/gpt-4o-2024-08-06"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["model"] in ("gpt-4o-2024-08-06", "gpt-4o")
+    assert shown["input"] == 2.5 and shown["output"] == 10 and shown["source"] == "bundled"
+
+
+def test_unknown_model_says_na(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pricing", "no-such-model-xyz"]) == 1
+    assert "N/A" in capsys.readouterr().err
+
+
+def test_import_public_table_then_use_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "mine.json"
+    assert main(["pricing", "import", str(PRICE_DATA), "--to", str(target)]) == 0
+    assert "imported" in capsys.readouterr().out
+    monkeypatch.setenv("SPENDGATE_PRICING_FILE", str(target))
+    # a model only the full public table has (a Bedrock id), now priced from the user's file
+    assert main(["pricing", "anthropic.claude-3-5-sonnet-20240620-v1:0"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["input"] == 3 and shown["source"] == str(target)
+
+
+def test_import_bad_file_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["pricing", "import", str(bad), "--to", str(tmp_path / "out.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("spendgate: cannot import") and err.count("\n") == 1
+
+
+def test_bad_setting_is_one_readable_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SPENDGATE_ON_BUDGET_MID_STREAM", "explode")
+    assert main(["pricing", "gpt-4o"]) == 2
+    err = capsys.readouterr().err
+    assert "SPENDGATE_ON_BUDGET_MID_STREAM" in err and err.count("\n") == 1
+
+
+def test_serve_refuses_remote_bind_without_token(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "SPENDGATE_ADMIN_TOKEN" in capsys.readouterr().err
+
+
+async def test_budget_and_resume_go_through_the_running_proxy(
+    start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    proxy = await start_proxy(admin_token="tok")
+    monkeypatch.setenv("SPENDGATE_PORT", str(proxy.server.port))
+    monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok")
+    assert await asyncio.to_thread(main, ["budget", "cli-run", "$1.50"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["budgetUsd"] == 1.5
+    assert proxy.acct.ledger.session("cli-run") is not None
+    assert await asyncio.to_thread(main, ["pause", "cli-run"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["paused"] is True
+    assert await asyncio.to_thread(main, ["resume", "cli-run"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["paused"] is False
+    assert await asyncio.to_thread(main, ["budget", "cli-run", "lots"]) == 2
+    monkeypatch.setenv("SPENDGATE_PORT", "1")  # nothing listens there
+    assert await asyncio.to_thread(main, ["resume", "cli-run"]) == 1
+    assert "start `spendgate serve`" in capsys.readouterr().err
