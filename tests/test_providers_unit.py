@@ -535,3 +535,28 @@ def test_random_bytes_never_raise(adapter: Adapter, operation: str, data: list[b
     f = UsageChunkFilter()
     out = b"".join([*(f.feed(p) for p in data), f.close()])
     assert len(out) <= len(stream)
+
+
+_EVENT = st.sampled_from(
+    [
+        b"data: " + orjson.dumps(CONTENT_CHUNK) + b"\n\n",
+        b"data: " + orjson.dumps(USAGE_CHUNK) + b"\n\n",
+        b": keep-alive\n\n",
+        b"data: {not json\n\n",
+        b'data: {"usage":{"x":1},"choices":[]\n\n',  # broken JSON that looks like usage
+        b"data: \xff\xfe\n\n",
+        b"event: x\r\ndata: " + orjson.dumps(CONTENT_CHUNK) + b"\r\n\r\n",
+    ]
+)
+
+
+@given(events=st.lists(_EVENT, max_size=12), cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_filter_property_only_usage_events_vanish(events: list[bytes], cuts: list[int]) -> None:
+    """Whatever the stream and however it is split, the client gets every byte except
+    the complete, valid usage-only events."""
+    usage_only = b"data: " + orjson.dumps(USAGE_CHUNK) + b"\n\n"
+    data = b"".join(events) + b"data: [DONE]\n\n"
+    want = b"".join(e for e in events if e != usage_only) + b"data: [DONE]\n\n"
+    points = sorted({min(c, len(data)) for c in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert filtered(data, pieces) == want
