@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 TOKEN_USAGE = "token.usage"
 CONTEXT_USAGE = "context.usage"
 BUDGET_WARNING = "budget.warning"
@@ -20,6 +22,17 @@ class Event:
     data: dict[str, Any]
     id: int = field(default=0)
     """Assigned by the bus on publish; increases across restarts."""
+    wire: bytes | None = field(default=None, repr=False)
+    """The SSE encoding, made once however many subscribers receive it."""
+
+    def encoded(self) -> bytes:
+        if self.wire is None:
+            self.wire = b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                self.id,
+                self.type.encode(),
+                orjson.dumps(self.data),
+            )
+        return self.wire
 
 
 def budget_event(

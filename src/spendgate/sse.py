@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 from aiohttp import web
 
-from spendgate.events import EVENT_TYPES, Event
+from spendgate.events import EVENT_TYPES
 from spendgate.keys import ACCOUNTANT
 
 KEEPALIVE_S = 15.0
-
-
-def encode(event: Event) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
-        event.id,
-        event.type.encode(),
-        orjson.dumps(event.data),
-    )
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -49,7 +40,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     sub, backlog = bus.subscribe(sessions, types, last_id)
     try:
-        await resp.write(b": connected\n\n" + b"".join(encode(e) for e in backlog))
+        await resp.write(b": connected\n\n" + b"".join(e.encoded() for e in backlog))
         while True:
             try:
                 event = await asyncio.wait_for(sub.get(), KEEPALIVE_S)
@@ -58,7 +49,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                 continue
             if event is None:  # dropped for being slow: end, the client reconnects
                 break
-            await resp.write(encode(event))
+            await resp.write(event.encoded())
         await resp.write_eof()
     except ConnectionError:
         pass  # the subscriber went away
