@@ -50,6 +50,6 @@ def test_bench_quick_runs_end_to_end(tmp_path: Path) -> None:
     assert store["stored_rows"] == store["expected"] > 0
     assert store["sustained"]["committed_rows_per_s"] > 0
 
-    assert len(results["targets"]) == 8
+    assert len(results["targets"]) == 10
     text = out.read_text()
     assert "## Targets" in text and "CPU µs/req" in text and "aiohttp" in text

@@ -45,14 +45,18 @@ except ImportError:  # pragma: no cover - depends on the machine
 else:
     HAVE_PLAYWRIGHT = True
 
-needs_browser = pytest.mark.skipif(
-    not HAVE_PLAYWRIGHT or CHROMIUM is None,
-    reason=(
-        "browser test needs the playwright package (pip install playwright)"
-        if not HAVE_PLAYWRIGHT
-        else "browser test needs Chromium (apt-get install chromium, or set SPENDGATE_CHROMIUM)"
-    ),
+MISSING = (
+    "browser test needs the playwright package (pip install playwright)"
+    if not HAVE_PLAYWRIGHT
+    else "browser test needs Chromium (apt-get install chromium, or set SPENDGATE_CHROMIUM)"
+    if CHROMIUM is None
+    else None
 )
+needs_browser = pytest.mark.skipif(
+    MISSING is not None and not os.environ.get("SPENDGATE_REQUIRE_BROWSER"),
+    reason=str(MISSING),
+)
+"""Skipped without a browser, unless ``SPENDGATE_REQUIRE_BROWSER`` is set (CI): then they fail."""
 
 
 # --- traffic --------------------------------------------------------------------------------
@@ -132,6 +136,8 @@ async def test_page_needs_the_admin_token_when_one_is_set(start_proxy: StartProx
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
+    if MISSING is not None:
+        pytest.fail(f"SPENDGATE_REQUIRE_BROWSER is set, but the {MISSING}")
     async with async_playwright() as pw:
         expect.set_options(timeout=WAIT_MS)
         b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=WAIT_MS)
@@ -203,6 +209,14 @@ async def test_sessions_cost_and_context_update_live(
     await expect(b.locator(".total-in")).to_have_text("700")
     await expect(page.locator("section.session").first).to_have_attribute("data-session", "run-b")
 
+    # Model names come from upstream responses: they are shown as text, never run as markup.
+    evil = '<img src=x onerror="window.__xss = 1">'
+    await chat(proxy, upstream, "run-x", evil, 10, 1)
+    x = card(page, "run-x")
+    await expect(x.locator(".msg-row td.model")).to_have_text(evil)
+    assert await x.locator("img").count() == 0
+    assert await page.evaluate("window.__xss === undefined")
+
     await assert_no_reload_and_no_errors(page)
     shot = await page.screenshot(path=str(tmp_path / "live.png"), full_page=True)
     await assert_not_blank(browser, shot)
@@ -213,10 +227,10 @@ async def test_a_running_stream_shows_up_before_it_ends(
     browser: Browser, proxy: Proxy, upstream: FakeUpstream
 ) -> None:
     page = await open_dashboard(browser, proxy)
-    events = [chunk("word " * 20) for _ in range(40)]
+    events = [chunk("word " * 20) for _ in range(50)]  # five seconds: time to look mid-stream
     upstream.queue(
         sse_reply(
-            [*events, chunk(usage={"prompt_tokens": 10, "completion_tokens": 800})], delay=0.05
+            [*events, chunk(usage={"prompt_tokens": 10, "completion_tokens": 800})], delay=0.1
         )
     )
     async with openai.AsyncOpenAI(
@@ -229,7 +243,7 @@ async def test_a_running_stream_shows_up_before_it_ends(
         n = 0
         async for _ in stream:
             n += 1
-            if n == 5:  # mid-stream: a live row with an estimate, the session marked streaming
+            if n == 3:  # mid-stream: a live row with an estimate, the session marked streaming
                 await expect(c.locator("tr.msg-row.live")).to_have_count(1)
                 await expect(c.locator(".streaming")).to_be_visible()
                 await expect(c.locator("tr.msg-row.live .badge.cost")).to_contain_text("~$")

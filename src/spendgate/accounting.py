@@ -6,9 +6,10 @@ guarded: a failing subscriber, metric or queue can never break a client's respon
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -25,6 +26,11 @@ from spendgate.usage import TokenCounts, estimate_tokens
 
 log = logging.getLogger("spendgate.accounting")
 
+# Message ids: a random per-process prefix and a counter (unique across restarts and
+# replicas, and no system call per request as uuid4 makes).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_SEQ = itertools.count()
+
 
 @dataclass(slots=True)
 class Exchange:
@@ -33,7 +39,7 @@ class Exchange:
     target: Target
     info: RequestInfo
     parser: ResponseParser | None = None
-    id: str = field(default_factory=lambda: "msg_" + uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: f"msg_{_ID_PREFIX}{next(_ID_SEQ):010x}")
     key_fingerprint: str | None = None
     reservation: Reservation | None = None
     started_at: float = field(default_factory=time.time)
@@ -42,7 +48,8 @@ class Exchange:
     status: int = 0
     aborted: bool = False
     error: str | None = None
-    last_live: float = 0.0
+    last_live: float = field(default_factory=time.perf_counter)
+    """When the last live update went out (the first one waits one interval too)."""
 
     @property
     def model(self) -> str | None:

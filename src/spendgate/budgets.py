@@ -99,6 +99,7 @@ class _State:
 class MemoryLedger:
     def __init__(self, thresholds: list[float], default_budget: Decimal | None) -> None:
         self._thresholds = sorted(thresholds)
+        self._fractions = [(t, Decimal(repr(t))) for t in self._thresholds]
         self._default_budget = default_budget
         self._sessions: dict[str, _State] = {}
         self._ids = itertools.count(1)
@@ -125,7 +126,7 @@ class MemoryLedger:
         if budget <= 0:
             return list(self._thresholds)
         frac = st.spent / budget
-        return [t for t in self._thresholds if frac >= Decimal(repr(t))]
+        return [t for t, d in self._fractions if frac >= d]
 
     def _event(self, type_: str, st: _State, **extra: object) -> Event:
         b = st.record.budget_usd

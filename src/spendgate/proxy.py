@@ -9,6 +9,7 @@ hang-ups and upstream failures are billed and recorded like any other response.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -64,12 +65,18 @@ def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str
     """First 12 hex chars of the API key's SHA-256: enough to tell keys apart, never the key."""
     key = None
     auth = headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
+    if auth[:7].lower() == "bearer ":
         key = auth[7:].strip()
     for name in KEY_HEADERS:
         key = key or headers.get(name)
     key = key or query.get("key")
-    return hashlib.sha256(key.encode()).hexdigest()[:12] if key else None
+    return _fingerprint(key) if key else None
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(key: str) -> str:
+    # An agent sends the same key on every request: hash it once.
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def upstream_headers(headers: CIMultiDictProxy[str], drop_encoding: bool) -> CIMultiDict[str]:

@@ -43,13 +43,21 @@ async def events(request: web.Request) -> web.StreamResponse:
         await resp.write(b": connected\n\n" + b"".join(e.encoded() for e in backlog))
         while True:
             try:
-                event = await asyncio.wait_for(sub.get(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    event = await sub.get()
             except TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue
+            batch = []
+            while event is not None:  # send everything queued in one write
+                batch.append(event.encoded())
+                if sub.queue.empty():
+                    break
+                event = sub.queue.get_nowait()
+            if batch:
+                await resp.write(b"".join(batch))
             if event is None:  # dropped for being slow: end, the client reconnects
                 break
-            await resp.write(event.encoded())
         await resp.write_eof()
     except ConnectionError:
         pass  # the subscriber went away

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -55,7 +57,7 @@ def duration(minutes: float) -> str:
     return f"~{round(minutes / 1440)} d"
 
 
-def bar(fraction: float, width: int = 10) -> str:
+def bar(fraction: float, width: int = 5) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "█" * filled + "░" * (width - filled)
 
@@ -253,23 +255,21 @@ class TopState:
             f"sessions [bold]{len(views)}[/]  total [bold]{usd(total)}[/]  "
             f"burn [bold]{usd(sum(rates.values()))}/min[/]   [dim]Ctrl-C quits[/]"
         )
-        table = Table(expand=True, pad_edge=False)
-        table.add_column("session", overflow="fold", ratio=3)
-        table.add_column("state", no_wrap=True)
-        table.add_column("cost", justify="right", no_wrap=True)
-        table.add_column("budget", no_wrap=True)
-        table.add_column("in", justify="right", no_wrap=True)
-        table.add_column("out", justify="right", no_wrap=True)
-        table.add_column("msgs", justify="right", no_wrap=True)
-        table.add_column("context", no_wrap=True)
-        table.add_column("$/min", justify="right", no_wrap=True)
-        table.add_column("to budget", no_wrap=True)
+        # Fixed widths for the figures; the session id takes what is left.
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True)
+        table.add_column("session", no_wrap=True, min_width=8, ratio=1)
+        for name, width, right in (
+            ("state", 9, False), ("cost", 9, True), ("budget", 16, False), ("in", 8, True),
+            ("out", 7, True), ("msgs", 4, True), ("context", 11, False), ("$/min", 9, True),
+            ("budget in", 9, False),
+        ):  # fmt: skip
+            table.add_column(name, width=width, justify="right" if right else "left", no_wrap=True)
         for v in views[:max_rows]:
             table.add_row(*self._row(v, rates[v.id]))
         if len(views) > max_rows:
             table.add_row(f"… {len(views) - max_rows} more", *[""] * 9)
         if not views:
-            table.add_row("[dim]no sessions yet[/]", *[""] * 9)
+            return Group(head, table, Text("no sessions yet", style="dim"))
         return Group(head, table)
 
     def _row(self, v: SessionView, rate: float) -> list[str | Text]:
@@ -283,19 +283,17 @@ class TopState:
         else:
             frac = v.spent / v.budget if v.budget > 0 else 1.0
             style = LEVEL_STYLE[level_of(frac * 100)]
-            budget = Text(f"{bar(frac)} {frac * 100:.0f}% of {usd(v.budget)}", style=style)
+            budget = Text(f"{bar(frac)} {frac * 100:.0f}% {usd(v.budget)}", style=style)
             left = v.budget - v.spent
-            eta = (
-                "spent" if left <= 0 else duration(left / rate) if rate > 0 else f"{usd(left)} left"
-            )
+            eta = "spent" if left <= 0 else duration(left / rate) if rate > 0 else "—"
         ctx: str | Text = Text("—", style="dim")
         c = v.context
         if c and isinstance(c.get("percent"), int | float) and c.get("contextWindow"):
             pct = float(c["percent"])
-            ctx = Text(f"{bar(pct / 100)} {pct:.1f}% {c.get('modelId') or ''}".rstrip())
+            ctx = Text(f"{bar(pct / 100)} {pct:.1f}%")
             ctx.stylize(LEVEL_STYLE[level_of(pct)])
         elif c:
-            ctx = Text(f"{c.get('contextTokens', 0):,} tok, window unknown", style="dim")
+            ctx = Text("window unknown", style="dim")
         return [
             v.id, state, v.cost_text(), budget, f"{inp:,}", f"{out:,}", f"{msgs:,}", ctx,
             f"{usd(rate)}" if rate else "idle", eta,
@@ -404,6 +402,11 @@ class Follower:
 
 
 async def watch(state: TopState, token: str | None, console: Console) -> None:
+    """Follow the proxy and redraw until cancelled (Ctrl-C, or SIGTERM: same clean exit)."""
+    main = asyncio.current_task()
+    if main is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession(headers=headers) as http:
         follower = Follower(state, http)
@@ -432,6 +435,6 @@ def proxy_url(settings: Settings) -> str:
 def run_top(settings: Settings) -> int:
     """Show the live view until Ctrl-C; the terminal is restored and the exit code is 0."""
     state = TopState(proxy_url(settings))
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(watch(state, settings.admin_token, Console()))
     return 0

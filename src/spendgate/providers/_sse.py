@@ -7,11 +7,12 @@ UTF-8 sequence only spoils the one event that holds it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class SSEEvent:
+class SSEEvent(NamedTuple):
+    """One event (a tuple: built for every event of every stream, so it must be cheap)."""
+
     event: str
     data: bytes
     id: str = ""

@@ -125,9 +125,13 @@ def _output_item_chars(item: Any) -> int:
 class OpenAIParser(FramedParser):
     """Chat chunks, Responses events, or one JSON body of any of the four endpoints."""
 
+    DEFER_LIMIT = 256
+    """Deferred chunks kept before they are counted anyway (bounds memory)."""
+
     def __init__(self, operation: str) -> None:
         super().__init__()
         self._embeddings = operation == "embeddings"
+        self._deferred: list[bytes] = []
 
     def _wanted(self, payload: bytes) -> bool:
         # Cheap byte checks before orjson: ``[DONE]`` and non-JSON lines are skipped,
@@ -137,7 +141,30 @@ class OpenAIParser(FramedParser):
             return payload.lstrip()[:1] == b"{"
         if b'"type":"response.' in payload[:40]:
             return b'"usage"' in payload or b'.delta"' in payload or self._model is None
+        if self._model is not None and not _has_key_with(payload, b'"usage"', _OBJECT_VALUE):
+            # A plain delta chunk matters only for the output estimate, which is read
+            # only for live updates or when no usage arrives: count it lazily.
+            self._deferred.append(payload)
+            if len(self._deferred) >= self.DEFER_LIMIT:
+                self._count_deferred()
+            return False
         return True
+
+    @property
+    def output_chars(self) -> int:
+        if self._deferred:
+            self._count_deferred()
+        return self._output_chars
+
+    def _count_deferred(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for payload in pending:
+            try:
+                obj = orjson.loads(payload)
+                if type(obj) is dict:
+                    self._handle(obj)
+            except Exception:  # bad JSON, bad UTF-8: skip, as for any payload
+                continue
 
     def _handle(self, obj: JSONObject) -> None:
         kind = obj.get("type")
@@ -320,6 +347,12 @@ class UsageChunkFilter:
             out, self._pending = self._pending + data, b""
             return out
         buf = self._pending + data if self._pending else data
+        if b"[]" not in buf and b"\r" not in buf:
+            # Fast path, almost every chunk: no empty list, so no usage-only event ends
+            # here; pass every complete event and hold only the unfinished tail.
+            cut = buf.rfind(b"\n\n") + 2
+            self._pending = buf[cut:] if cut > 1 else buf
+            return buf[:cut] if cut > 1 else b""
         out_parts: list[bytes] = []
         emit_from = pos = 0
         for m in _EVENT_END.finditer(buf, max(0, len(self._pending) - 3)):
