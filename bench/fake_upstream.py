@@ -2,7 +2,8 @@
 
 ``POST .../chat/completions`` answers a ``chat.completion`` JSON body with usage, or,
 when the request body says ``"stream": true``, 64 SSE content chunks, a usage-only
-chunk and ``data: [DONE]``. There is no artificial delay unless ``--chunk-delay`` (or a
+chunk and ``data: [DONE]`` (with ``include_usage`` requested, the content chunks carry
+``"usage":null`` as OpenAI's do). There is no artificial delay unless ``--chunk-delay`` (or a
 request's ``X-Bench-Chunk-Delay`` header) asks for a pause before each chunk, which
 keeps streams open for the open-streams test.
 
@@ -22,14 +23,19 @@ MODEL = "gpt-4o-mini-2024-07-18"
 CHUNKS = 64
 PROMPT_TOKENS = 42
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+_INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 
 
 def _sse(obj: object) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def stream_chunks(n: int = CHUNKS) -> list[bytes]:
-    """n content chunks, then the usage-only chunk and [DONE], each one SSE event."""
+def stream_chunks(n: int = CHUNKS, usage_null: bool = False) -> list[bytes]:
+    """n content chunks, then the usage-only chunk and [DONE], each one SSE event.
+
+    ``usage_null``: every content chunk carries ``"usage":null``, as OpenAI's do when the
+    request set ``stream_options.include_usage``.
+    """
     base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000}
     out = []
     for i in range(n):
@@ -37,7 +43,10 @@ def stream_chunks(n: int = CHUNKS) -> list[bytes]:
         if i == 0:
             delta["role"] = "assistant"
         choice = {"index": 0, "delta": delta, "finish_reason": "stop" if i == n - 1 else None}
-        out.append(_sse({**base, "model": MODEL, "choices": [choice]}))
+        chunk = {**base, "model": MODEL, "choices": [choice]}
+        if usage_null:
+            chunk["usage"] = None
+        out.append(_sse(chunk))
     usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": 42 + n}
     out.append(_sse({**base, "model": MODEL, "choices": [], "usage": usage}))
     out.append(b"data: [DONE]\n\n")
@@ -69,7 +78,7 @@ def completion_body(n: int = CHUNKS) -> bytes:
 
 
 def make_app(chunk_delay: float = 0.0) -> web.Application:
-    chunks = stream_chunks()
+    plain, with_usage = stream_chunks(), stream_chunks(usage_null=True)
     body = completion_body()
     sse_headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -79,6 +88,7 @@ def make_app(chunk_delay: float = 0.0) -> web.Application:
             return web.Response(body=body, content_type="application/json")
         header = request.headers.get("X-Bench-Chunk-Delay")
         delay = float(header) if header else chunk_delay
+        chunks = with_usage if _INCLUDE_USAGE_RE.search(data) else plain
         resp = web.StreamResponse(headers=sse_headers)
         await resp.prepare(request)
         for chunk in chunks:

@@ -1,7 +1,8 @@
 """The floor: the thinnest useful aiohttp passthrough proxy, to measure spendgate against.
 
 One shared ClientSession; method, path, query, body and end-to-end headers go upstream;
-the status, headers and body bytes come back chunk by chunk as they arrive.
+the status, headers (Content-Length included, as spendgate keeps it when it does not
+edit the body) and body bytes come back chunk by chunk as they arrive.
 
     python -m bench.floor_proxy --port 9002 --upstream http://127.0.0.1:9001
 """
@@ -13,7 +14,8 @@ import argparse
 import aiohttp
 from aiohttp import web
 
-HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "upgrade"}
+HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer"}
+REQUEST_DROP = HOP | {"host", "content-length"}  # aiohttp sets both for the upstream
 
 
 def make_app(upstream: str) -> web.Application:
@@ -26,7 +28,7 @@ def make_app(upstream: str) -> web.Application:
         await app["client"].close()
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in REQUEST_DROP}
         async with request.app["client"].request(
             request.method,
             upstream + request.rel_url.raw_path_qs,
@@ -56,6 +58,12 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
     args = p.parse_args()
+    try:  # the same event loop as ``spendgate serve`` picks, for a fair comparison
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+
+        uvloop.install()  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        pass
     web.run_app(
         make_app(args.upstream.rstrip("/")),
         host="127.0.0.1",

@@ -29,6 +29,7 @@ MESSAGES = [
     {"role": "system", "content": "You are a benchmark. Answer with 64 tokens."},
     {"role": "user", "content": "Count to sixty-four, one word per token, please."},
 ]
+DROPPED = "the server ended the event stream (dropped as too slow?)"
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-0123456789"}
 
 
@@ -193,7 +194,7 @@ async def cmd_sse(args: argparse.Namespace) -> None:
                                 stamp = orjson.loads(line[6:])["timestamp"]
                                 lags.append(now - stamp)
                                 stamps.append(stamp)
-                errors.append("stream ended (dropped by the server?)")
+                errors.append(DROPPED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -216,6 +217,7 @@ async def cmd_sse(args: argparse.Namespace) -> None:
             "connected": connected,
             "events": len(lags),
             "errors": len(errors),
+            "dropped": errors.count(DROPPED),
             "first_errors": errors[:3],
             "p50_ms": _ms(percentile(lags, 50)),
             "p99_ms": _ms(percentile(lags, 99)),

@@ -30,9 +30,31 @@ from bench import run as bench
 TOP = 30
 
 
-def summarize_raw(path: Path) -> str:
+OWNERS = (
+    ("spendgate/", "spendgate"),
+    ("floor_proxy.py", "floor proxy"),
+    ("aiohttp/", "aiohttp"),
+    ("multidict/", "aiohttp"),
+    ("yarl/", "aiohttp"),
+    ("prometheus_client/", "prometheus_client"),
+    ("aiosqlite/", "aiosqlite (writer thread)"),
+    ("selector_events.py", "asyncio socket I/O"),
+    ("selectors.py", "asyncio socket I/O"),
+    ("asyncio/", "asyncio"),
+)
+
+
+def owner(frame: str) -> str:
+    for fragment, name in OWNERS:
+        if fragment in frame:
+            return name
+    return "other"
+
+
+def summarize_raw(path: Path, requests: float = 0) -> str:
     """py-spy's raw (collapsed stacks) output, summarized."""
     total = 0
+    owners: collections.Counter[str] = collections.Counter()
     self_time: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     innermost: collections.Counter[str] = collections.Counter()
@@ -45,10 +67,13 @@ def summarize_raw(path: Path) -> str:
         total += n
         frames = stack.split(";")
         self_time[frames[-1]] += n
+        owners[owner(frames[-1])] += n
         for frame in set(frames):
             inclusive[frame] += n
         for frame in reversed(frames):
-            if "spendgate/" in frame and "__main__" not in frame and "cli.py" not in frame:
+            if any(m in frame for m in ("spendgate/", "floor_proxy.py")) and not any(
+                m in frame for m in ("__main__", "cli.py", "run_app", "main (")
+            ):
                 innermost[frame] += n
                 modules[frame.split("(", 1)[1].split(":", 1)[0]] += n
                 break
@@ -58,10 +83,14 @@ def summarize_raw(path: Path) -> str:
     def pct(n: int) -> str:
         return f"{n / total * 100:5.1f}%"
 
-    out = [f"{total} samples (busy only)", "", "## Self time, top functions", ""]
+    out = [f"{total} samples (busy only)", "", "## Self time by owner of the innermost frame", ""]
+    for name, n in owners.most_common():
+        per = f"  ({n / requests * 1000:7.1f} samples per 1000 requests)" if requests else ""
+        out.append(f"{pct(n)}  {name:<28}{per}")
+    out += ["", "## Self time, top functions", ""]
     out += [f"{pct(n)}  {name}" for name, n in self_time.most_common(TOP)]
     out += ["", "## spendgate functions, including what they call", ""]
-    spend = [(k, v) for k, v in inclusive.most_common() if "spendgate/" in k]
+    spend = [(k, v) for k, v in inclusive.most_common() if "spendgate/" in k or "floor" in k]
     out += [f"{pct(n)}  {name}" for name, n in spend if n / total >= 0.005][: TOP * 2]
     out += ["", "## Time under the innermost spendgate frame (its own code + libs it calls)", ""]
     out += [f"{pct(n)}  {name}" for name, n in innermost.most_common(TOP)]
@@ -81,6 +110,8 @@ def summarize_pstats(path: Path) -> str:
 async def profile(args: argparse.Namespace) -> str:
     bench.raise_nofile()
     pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if args.target == "floor" and not pyspy:
+        raise SystemExit("profiling the floor proxy needs py-spy")
     if args.profiler == "cprofile":
         pyspy = None
     elif args.profiler == "py-spy" and not pyspy:
@@ -91,7 +122,9 @@ async def profile(args: argparse.Namespace) -> str:
         servers = [upstream]
         try:
             stats_file = tmp / "spendgate.pstats"
-            if pyspy:
+            if args.target == "floor":
+                spendgate = await bench.start_floor(tmp, upstream)
+            elif pyspy:
                 spendgate = await bench.start_spendgate(tmp, upstream)
             else:
                 spendgate = await start_cprofiled(tmp, upstream, stats_file)
@@ -111,7 +144,7 @@ async def profile(args: argparse.Namespace) -> str:
                 )  # fmt: skip
                 await asyncio.wait_for(proc.wait(), args.seconds + 60)
                 result = await load
-                summary = summarize_raw(raw)
+                summary = summarize_raw(raw, result["rps"] * int(args.seconds))
             else:
                 result = await load
                 spendgate.proc.send_signal(signal.SIGINT)
@@ -121,7 +154,7 @@ async def profile(args: argparse.Namespace) -> str:
             for server in reversed(servers):
                 await bench.stop_server(server)
     head = (
-        f"# spendgate profile: {args.mode} load, {args.concurrency} clients, "
+        f"# {args.target} profile: {args.mode} load, {args.concurrency} clients, "
         f"{'py-spy' if pyspy else 'cProfile'}\n\n"
         f"load: {result['requests']} requests, {result['rps']:.0f} req/s, "
         f"p50 {result['p50_ms']:.2f} ms\n\n"
@@ -161,6 +194,7 @@ def cprofile_serve(stats: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("stream", "json"), default="stream")
+    p.add_argument("--target", choices=("spendgate", "floor"), default="spendgate")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("-c", "--concurrency", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "profile.md")

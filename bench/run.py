@@ -64,7 +64,7 @@ FULL = Sizes(
     requests={"json": 6000, "stream": 2500},
     reps=3,
     concurrency=16,
-    paced_fraction=0.3,
+    paced_fraction=0.15,
     paced_s=8.0,
     hold_streams=1000,
     hold_ramp_s=2.0,
@@ -80,13 +80,13 @@ QUICK = Sizes(
     requests={"json": 200, "stream": 60},
     reps=1,
     concurrency=16,
-    paced_fraction=0.3,
-    paced_s=0.7,
+    paced_fraction=0.15,
+    paced_s=0.4,
     hold_streams=30,
     hold_ramp_s=0.2,
     hold_chunk_delay_s=0.01,
     sse_subscribers=5,
-    sse_load_s=1.0,
+    sse_load_s=0.6,
     store_rate=1_000,
     store_duration_s=0.5,
     store_burst=2_000,
@@ -435,11 +435,19 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         out.append((f"CPU per request ≤ 1.3× floor ({mode})", f"{ratio:.2f}×", ratio <= 1.3))
     for mode in MODES:
         sg, fl = rows[("spendgate", mode)], rows[("floor", mode)]
-        added = sg.median("p50_ms", paced=True) - fl.median("p50_ms", paced=True)
         c, rate = results["sizes"].concurrency, fl.paced[0]["rate"] if fl.paced else 0
+        added = sg.median("p50_ms") - fl.median("p50_ms")
         out.append(
             (
-                f"p50 added latency ≤ 1 ms, {c} clients at {rate:,.0f} req/s ({mode})",
+                f"p50 added latency ≤ 1 ms, {c} clients, closed loop ({mode})",
+                f"{added:+.2f} ms",
+                added <= 1,
+            )
+        )
+        added = sg.median("p50_ms", paced=True) - fl.median("p50_ms", paced=True)
+        out.append(
+            (
+                f"p50 added latency ≤ 1 ms, {c} clients paced at {rate:,.0f} req/s ({mode})",
                 f"{added:+.2f} ms",
                 added <= 1,
             )
@@ -461,7 +469,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     p99 = sse["p99_ms"] if sse["p99_ms"] is not None else float("inf")
     ok = p99 <= 50 and sse["connected"] == sse["subscribers"] and sse["errors"] == 0
     out.append(
-        (f"{sse['subscribers']} SSE subscribers, p99 event lag ≤ 50 ms", f"{p99:.1f} ms", ok)
+        (
+            f"{sse['subscribers']} SSE subscribers, p99 event lag ≤ 50 ms, none dropped",
+            f"{p99:.1f} ms, {sse['dropped']} dropped",
+            ok,
+        )
     )
     st = results["store"]["sustained"]
     ok = st["committed_rows_per_s"] >= 10_000 and not st["queue_growing"]
@@ -498,7 +510,7 @@ def report(results: dict[str, Any], command: str) -> str:
     lines += [f"| {name} | {value} | {_ok(ok)} |" for name, value, ok in targets(results)]
     lines += [
         "",
-        f"## Throughput, latency, CPU ({sizes.concurrency} concurrent clients)",
+        f"## Throughput, latency, CPU (closed loop, {sizes.concurrency} concurrent clients)",
         "",
         f"Requests per measured run: {sizes.requests['json']:,} non-streaming, "
         f"{sizes.requests['stream']:,} streaming (64 content chunks + usage chunk + [DONE]); "
@@ -535,7 +547,8 @@ def report(results: dict[str, Any], command: str) -> str:
         "The closed loop above saturates the 2 cores, so its latencies are mostly queueing "
         "(≈ clients × the busiest process's CPU per request). Here both proxies get the same "
         f"fixed request rate, {sizes.paced_fraction:.0%} of the floor's closed-loop req/s, from "
-        f"{sizes.concurrency} clients for {sizes.paced_s} s; the latency target is judged here.",
+        f"{sizes.concurrency} clients for {sizes.paced_s} s: the latency a client sees "
+        "added under ordinary load.",
         "",
         "| proxy | mode | offered req/s | p50 ms | p99 ms | CPU µs/req | errors |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -587,10 +600,17 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{sizes.sse_load_s} s ({ld['requests']:,} requests, {_f(ld['rps'])} req/s, "
         f"p50 {_f(ld['p50_ms'], 2)} ms). Lag = receive time − the event's `timestamp`.",
         "",
-        "| events received | events/s | lag p50 ms | lag p99 ms | lag max ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| events received | events/s | lag p50 ms | lag p99 ms | lag max ms "
+        "| subscribers dropped | other errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         f"| {sse['events']:,} | {_f(sse['events_per_s'])} | {_f(sse['p50_ms'], 2)} | "
-        f"{_f(sse['p99_ms'], 2)} | {_f(sse['max_ms'], 2)} | {sse['errors']} |",
+        f"{_f(sse['p99_ms'], 2)} | {_f(sse['max_ms'], 2)} | {sse['dropped']} | "
+        f"{sse['errors'] - sse['dropped']} |",
+        "",
+        "p99 lag of the events created in each second: "
+        + ", ".join(_f(v) for v in sse["p99_ms_by_second"])
+        + " ms. A dropped subscriber is one spendgate cut off for falling behind (its queue "
+        "of `SPENDGATE_SUBSCRIBER_QUEUE` events full); its later events are not counted.",
     ]
     st, bu = results["store"]["sustained"], results["store"]["burst"]
     lines += [

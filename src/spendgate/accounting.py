@@ -78,9 +78,13 @@ class Exchange:
         if self.status >= 400:
             return (reported.counts() if reported else TokenCounts()), False
         complete = not self.aborted and self.error is None
-        if reported is not None and complete:
-            if reported.input_tokens is not None and reported.output_tokens is not None:
-                return reported.counts(), False
+        if (
+            reported is not None
+            and complete
+            and reported.input_tokens is not None
+            and reported.output_tokens is not None
+        ):
+            return reported.counts(), False
         return self.estimated_counts(), True
 
 

@@ -40,7 +40,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     sub, backlog = bus.subscribe(sessions, types, last_id)
     try:
-        await resp.write(b": connected\n\n" + b"".join(e.encoded() for e in backlog))
+        await resp.write(b"retry: 1000\n: connected\n\n" + b"".join(e.encoded() for e in backlog))
         while True:
             try:
                 async with asyncio.timeout(KEEPALIVE_S):
