@@ -7,6 +7,13 @@ chunk and ``data: [DONE]`` (with ``include_usage`` requested, the content chunks
 request's ``X-Bench-Chunk-Delay`` header) asks for a pause before each chunk, which
 keeps streams open for the open-streams test.
 
+Faults, for the soak test (bench/soak.py), only when a request's ``X-Bench-Fault`` header
+asks for one (``kind[:arg]``): ``500`` / ``429`` answer an OpenAI-style error JSON with that
+status; ``hang:S`` waits S seconds before answering; ``reset:N`` sends N stream chunks (or,
+non-streaming, nothing) then resets the TCP connection (RST); ``cut:N`` sends the headers
+and N bytes of the JSON body (whose Content-Length promises more), then resets;
+``stall:N:S`` sends N stream chunks, then goes silent for S seconds.
+
     python -m bench.fake_upstream --port 9001 [--chunk-delay 0.1]
 """
 
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import socket
+import struct
 
 import orjson
 from aiohttp import web
@@ -77,6 +86,70 @@ def completion_body(n: int = CHUNKS) -> bytes:
     )
 
 
+def error_body(status: int) -> bytes:
+    kind = "rate_limit_exceeded" if status == 429 else "server_error"
+    message = f"bench fault: upstream answered {status}"
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+async def reset(request: web.Request) -> None:
+    """Send what is buffered, then abort the connection with a TCP RST (SO_LINGER 0)."""
+    transport = request.transport
+    if transport is None:
+        return
+    for _ in range(100):  # what was written must reach the peer before the RST
+        if not transport.get_write_buffer_size():
+            break
+        await asyncio.sleep(0.01)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def faulty(
+    request: web.Request, fault: str, stream: bool, chunks: list[bytes], body: bytes
+) -> web.StreamResponse:
+    """The ``X-Bench-Fault`` modes (see the module docstring); ConnectionError = peer gone."""
+    kind, _, arg = fault.partition(":")
+    if kind in ("500", "429"):
+        headers = {"Retry-After": "1"} if kind == "429" else None
+        return web.Response(
+            status=int(kind), body=error_body(int(kind)), content_type="application/json",
+            headers=headers,
+        )  # fmt: skip
+    if kind == "hang":
+        await asyncio.sleep(float(arg or 5))
+        return web.Response(body=body, content_type="application/json")
+    if kind == "cut":
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        await resp.write(body[: int(arg or 40)])
+        await reset(request)
+        return resp
+    if kind == "reset" and not stream:
+        await reset(request)
+        return web.Response(status=500)  # never sent: the connection is gone
+    if kind in ("reset", "stall"):
+        count, _, pause = arg.partition(":")
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        for chunk in chunks[: int(count or 3)]:
+            await resp.write(chunk)
+        if kind == "reset":
+            await reset(request)
+            return resp
+        await asyncio.sleep(float(pause or 5))
+        for chunk in chunks[int(count or 3) :]:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    return web.Response(status=400, text=f"unknown X-Bench-Fault {fault!r}")
+
+
 def make_app(chunk_delay: float = 0.0) -> web.Application:
     plain, with_usage = stream_chunks(), stream_chunks(usage_null=True)
     body = completion_body()
@@ -84,6 +157,13 @@ def make_app(chunk_delay: float = 0.0) -> web.Application:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         data = await request.read()
+        fault = request.headers.get("X-Bench-Fault")
+        if fault:
+            chunks = with_usage if _INCLUDE_USAGE_RE.search(data) else plain
+            try:
+                return await faulty(request, fault, bool(_STREAM_RE.search(data)), chunks, body)
+            except ConnectionError:  # the proxy gave up on us first (its idle timeout)
+                return web.Response(status=499)
         if not _STREAM_RE.search(data):
             return web.Response(body=body, content_type="application/json")
         header = request.headers.get("X-Bench-Chunk-Delay")

@@ -218,6 +218,8 @@ async def test_api_keys_never_stored_or_emitted(
         assert secret not in await r.text()
     export = await proxy.get_json("/api/sessions/keys/export?format=json")
     assert secret not in str(export) and secret not in caplog.text
+    history = proxy.acct.bus._history  # type: ignore[attr-defined]
+    assert history and all(secret.encode() not in e.encoded() for e in history)
     import hashlib
 
     assert (
@@ -257,3 +259,21 @@ async def test_shutdown_flushes_every_finished_row(
     again = await start_proxy()
     cost = await again.cost("flush")
     assert cost["messageCount"] == 50 and cost["totalInputTokens"] == 50 * 15
+
+
+async def test_upstream_stalls_mid_stream(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    """The idle timeout (not a total one) ends a stream whose upstream went silent."""
+    proxy = await start_proxy(upstream_idle_timeout_s=0.3)
+    reply = sse_reply(_words(10))
+    reply.stall_after, reply.hang = 4, 5.0
+    upstream.queue(reply)
+    client = openai.AsyncOpenAI(base_url=proxy.url("/s/stall/openai/v1"), api_key="k", max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+        got = 0
+        with pytest.raises(openai.APIError, match="broke mid-response"):
+            async for _ in stream:
+                got += 1
+    assert got == 4
+    (row,) = await proxy.messages("stall")
+    assert row["error"] == "upstream_timeout" and row["estimated"] is True

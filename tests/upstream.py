@@ -30,6 +30,8 @@ class Reply:
     """Sleep this long before answering at all (timeouts)."""
     reset_after: int | None = None
     """Drop the connection after this many chunks (a broken upstream)."""
+    stall_after: int | None = None
+    """Go silent for ``hang`` seconds after this many chunks (a stuck upstream)."""
 
 
 @dataclass
@@ -95,7 +97,7 @@ class FakeUpstream:
         reply = self.replies.popleft() if self.replies else self.default
         if reply is None:
             return web.json_response({"error": "no scripted reply"}, status=599)
-        if reply.hang:
+        if reply.hang and reply.stall_after is None:
             await asyncio.sleep(reply.hang)
         resp = web.StreamResponse(status=reply.status, headers=reply.headers)
         resp.content_type = reply.content_type
@@ -105,6 +107,8 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
+            if reply.stall_after == i:
+                await asyncio.sleep(reply.hang)
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             await resp.write(chunk)
