@@ -18,6 +18,7 @@ import orjson
 from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
     FramedParser,
+    SSEFramer,
     JSONObject,
     as_dict,
     as_int,
@@ -122,16 +123,24 @@ def _output_item_chars(item: Any) -> int:
     return n
 
 
+MAX_LAZY_BYTES = 1 << 20
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+MAX_TAIL = 1 << 16
+
+
 class OpenAIParser(FramedParser):
     """Chat chunks, Responses events, or one JSON body of any of the four endpoints."""
-
-    DEFER_LIMIT = 256
-    """Deferred chunks kept before they are counted anyway (bounds memory)."""
 
     def __init__(self, operation: str) -> None:
         super().__init__()
         self._embeddings = operation == "embeddings"
-        self._deferred: list[bytes] = []
+        self._lazy: list[bytes] = []
+        """Complete SSE events that cannot hold usage, framed only if the estimate is read."""
+        self._lazy_size = 0
+        self._tail = b""
+        """Bytes of an event not yet complete, held back from the framer."""
+        self._at_boundary = False
+        """The framer holds no partial event (so bytes may bypass it)."""
 
     def _wanted(self, payload: bytes) -> bool:
         # Cheap byte checks before orjson: ``[DONE]`` and non-JSON lines are skipped,
@@ -141,30 +150,48 @@ class OpenAIParser(FramedParser):
             return payload.lstrip()[:1] == b"{"
         if b'"type":"response.' in payload[:40]:
             return b'"usage"' in payload or b'.delta"' in payload or self._model is None
-        if self._model is not None and not _has_key_with(payload, b'"usage"', _OBJECT_VALUE):
-            # A plain delta chunk matters only for the output estimate, which is read
-            # only for live updates or when no usage arrives: count it lazily.
-            self._deferred.append(payload)
-            if len(self._deferred) >= self.DEFER_LIMIT:
-                self._count_deferred()
-            return False
         return True
+
+    def feed(self, data: bytes) -> None:
+        # Once the model is known, whole events that cannot hold a usage object are
+        # set aside unparsed: they matter only for the output estimate, which is read
+        # for live updates or when no usage arrives. Most streams end with reported
+        # usage, so their delta chunks are never framed or parsed at all.
+        if self._at_boundary and self._model is not None and b"\r" not in data:
+            buf = self._tail + data if self._tail else data
+            if len(buf) <= MAX_TAIL and _USAGE_OBJECT.search(buf) is None:
+                cut = buf.rfind(b"\n\n") + 2
+                if cut > 1:
+                    self._lazy.append(buf[:cut])
+                    self._lazy_size += cut
+                    buf = buf[cut:]
+                self._tail = buf
+                if self._lazy_size > MAX_LAZY_BYTES:
+                    self._count_lazy()
+                return
+            data, self._tail = buf, b""
+        super().feed(data)
+        self._at_boundary = isinstance(self._framer, SSEFramer) and data.endswith(b"\n\n")
+
+    def close(self) -> None:
+        if self._usage is None:
+            self._count_lazy()  # no usage came: the estimate needs every delta
+        tail, self._tail, self._lazy, self._lazy_size = self._tail, b"", [], 0
+        if tail:
+            super().feed(tail)
+        super().close()
+
+    def _count_lazy(self) -> None:
+        lazy, self._lazy, self._lazy_size = self._lazy, [], 0
+        framer = SSEFramer()  # the blocks are whole events: a fresh framer reads them
+        for block in lazy:
+            self._payloads(framer.feed(block))
 
     @property
     def output_chars(self) -> int:
-        if self._deferred:
-            self._count_deferred()
+        if self._lazy:
+            self._count_lazy()
         return self._output_chars
-
-    def _count_deferred(self) -> None:
-        pending, self._deferred = self._deferred, []
-        for payload in pending:
-            try:
-                obj = orjson.loads(payload)
-                if type(obj) is dict:
-                    self._handle(obj)
-            except Exception:  # bad JSON, bad UTF-8: skip, as for any payload
-                continue
 
     def _handle(self, obj: JSONObject) -> None:
         kind = obj.get("type")
