@@ -267,7 +267,9 @@ async def test_upstream_stalls_mid_stream(start_proxy: StartProxy, upstream: Fak
     reply = sse_reply(_words(10))
     reply.stall_after, reply.hang = 4, 5.0
     upstream.queue(reply)
-    client = openai.AsyncOpenAI(base_url=proxy.url("/s/stall/openai/v1"), api_key="k", max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=proxy.url("/s/stall/openai/v1"), api_key="k", max_retries=0
+    )
     async with client:
         stream = await client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
         got = 0

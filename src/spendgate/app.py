@@ -111,8 +111,10 @@ def _cors_middleware(origins: list[str]) -> Middleware:
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if not request.path.startswith("/api/") or origin is None or (
-            origin not in allowed and "*" not in allowed
+        if (
+            not request.path.startswith("/api/")
+            or origin is None
+            or (origin not in allowed and "*" not in allowed)
         ):
             return await handler(request)
         if request.method == "OPTIONS":

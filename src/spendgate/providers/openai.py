@@ -18,8 +18,8 @@ import orjson
 from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
     FramedParser,
-    SSEFramer,
     JSONObject,
+    SSEFramer,
     as_dict,
     as_int,
     as_list,
