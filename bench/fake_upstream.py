@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import socket
 import struct
@@ -31,6 +32,7 @@ from aiohttp import web
 MODEL = "gpt-4o-mini-2024-07-18"
 CHUNKS = 64
 PROMPT_TOKENS = 42
+RESET_GRACE_S = 0.2
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 _INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 
@@ -101,6 +103,8 @@ async def reset(request: web.Request) -> None:
         if not transport.get_write_buffer_size():
             break
         await asyncio.sleep(0.01)
+    # ... and be read by it: a RST discards what the peer's kernel holds unread.
+    await asyncio.sleep(RESET_GRACE_S)
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -143,9 +147,10 @@ async def faulty(
             await reset(request)
             return resp
         await asyncio.sleep(float(pause or 5))
-        for chunk in chunks[int(count or 3) :]:
-            await resp.write(chunk)
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionError):  # the proxy gave up first (idle timeout)
+            for chunk in chunks[int(count or 3) :]:
+                await resp.write(chunk)
+            await resp.write_eof()
         return resp
     return web.Response(status=400, text=f"unknown X-Bench-Fault {fault!r}")
 
@@ -171,11 +176,12 @@ def make_app(chunk_delay: float = 0.0) -> web.Application:
         chunks = with_usage if _INCLUDE_USAGE_RE.search(data) else plain
         resp = web.StreamResponse(headers=sse_headers)
         await resp.prepare(request)
-        for chunk in chunks:
-            if delay:
-                await asyncio.sleep(delay)
-            await resp.write(chunk)
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionError):  # the client (or proxy) hung up
+            for chunk in chunks:
+                if delay:
+                    await asyncio.sleep(delay)
+                await resp.write(chunk)
+            await resp.write_eof()
         return resp
 
     app = web.Application()
