@@ -495,7 +495,13 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def sampler(pid: int, t0: float, stop: asyncio.Event, out: list[dict[str, float]]) -> None:
+async def sampler(
+    pid: int,
+    t0: float,
+    stop: asyncio.Event,
+    out: list[dict[str, float]],
+    requests: Callable[[], int],
+) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError, KeyError):
             out.append(
@@ -503,6 +509,7 @@ async def sampler(pid: int, t0: float, stop: asyncio.Event, out: list[dict[str, 
                     "t": time.monotonic() - t0,
                     "rss_kb": status_kb(pid, "VmRSS"),
                     "fds": fd_count(pid),
+                    "requests": requests(),
                 }
             )
         await pause_for(stop, SAMPLE_EVERY_S)
@@ -621,7 +628,9 @@ async def drive_spendgate(args: argparse.Namespace, tmp: Path, upstream: Server)
         stop, stop_sampler = asyncio.Event(), asyncio.Event()
         samples: list[dict[str, float]] = []
         controls, sse = Controls(), SSEStats()
-        sampler_task = asyncio.create_task(sampler(sg.pid, t0, stop_sampler, samples))
+        sampler_task = asyncio.create_task(
+            sampler(sg.pid, t0, stop_sampler, samples, lambda: len(traffic.reqs))
+        )
         side = [
             asyncio.create_task(controller(http, base, stop, random.Random(rng.random()), controls))
         ]
@@ -978,6 +987,8 @@ def rss_check(res: dict[str, Any], info: dict[str, Any]) -> Check:
         return Check("RSS flat", "too few samples", False)
     a, b = statistics.median(first) / 1024, statistics.median(last) / 1024
     growth = (b - a) / a
+    slope = _slope_mb_per_min(steady)
+    slope_last = _slope_mb_per_min([s for s in steady if s["t"] >= warm + 2 * third])
     fd_first = statistics.median(s["fds"] for s in steady if s["t"] < warm + third)
     fd_last = statistics.median(s["fds"] for s in steady if s["t"] >= warm + 2 * third)
     info.update(
@@ -985,16 +996,26 @@ def rss_check(res: dict[str, Any], info: dict[str, Any]) -> Check:
         rss_last_mb=b,
         rss_growth=growth,
         warm_s=warm,
+        slope=slope,
+        slope_last=slope_last,
         fd_first=fd_first,
         fd_last=fd_last,
     )
     return Check(
         f"RSS flat: median of the last third vs the first third after a {warm:.0f} s warm-up "
         f"(≤ {RSS_GROWTH_LIMIT:.0%} growth)",
-        f"{a:.1f} → {b:.1f} MB ({b - a:+.2f} MB, {growth:+.1%}); open fds {fd_first:.0f} → "
-        f"{fd_last:.0f}",
+        f"{a:.1f} → {b:.1f} MB ({b - a:+.2f} MB, {growth:+.1%}); trend {slope:+.2f} MB/min "
+        f"({slope_last:+.2f} in the last third); open fds {fd_first:.0f} → {fd_last:.0f}",
         growth <= RSS_GROWTH_LIMIT,
     )
+
+
+def _slope_mb_per_min(samples: list[dict[str, float]]) -> float:
+    """Least-squares slope of RSS over time."""
+    if len(samples) < 3:
+        return float("nan")
+    fit = statistics.linear_regression([s["t"] for s in samples], [s["rss_kb"] for s in samples])
+    return fit.slope * 60 / 1024
 
 
 def events_check(res: dict[str, Any], rows: list[dict[str, Any]]) -> Check:
@@ -1232,12 +1253,17 @@ def rss_section(res: dict[str, Any], info: dict[str, Any]) -> list[str]:
             f"Median RSS after the {info['warm_s']:.0f} s warm-up: first third "
             f"{info['rss_first_mb']:.1f} MB, last third {info['rss_last_mb']:.1f} MB "
             f"({info['rss_last_mb'] - info['rss_first_mb']:+.2f} MB, "
-            f"{info['rss_growth']:+.1%})."
+            f"{info['rss_growth']:+.1%}); least-squares trend {info['slope']:+.2f} MB/min "
+            f"after the warm-up, {info['slope_last']:+.2f} MB/min in the last third. Part of "
+            "any growth is SQLite's page cache (its default, 2 MiB per connection) filling "
+            "as `GET /api/sessions` reads the whole `token_usage` table; it stops there."
         )
-    lines += ["", "| t (s) | RSS MB | open fds |", "|---:|---:|---:|"]
+    lines += ["", "| t (s) | requests | RSS MB | open fds |", "|---:|---:|---:|---:|"]
     step = max(1, round(15 / SAMPLE_EVERY_S))
     for smp in samples[::step]:
-        lines.append(f"| {smp['t']:.0f} | {_mb(smp['rss_kb'])} | {smp['fds']:.0f} |")
+        lines.append(
+            f"| {smp['t']:.0f} | {smp['requests']:,.0f} | {_mb(smp['rss_kb'])} | {smp['fds']:.0f} |"
+        )
     return lines
 
 

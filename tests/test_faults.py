@@ -279,3 +279,42 @@ async def test_upstream_stalls_mid_stream(start_proxy: StartProxy, upstream: Fak
     assert got == 4
     (row,) = await proxy.messages("stall")
     assert row["error"] == "upstream_timeout" and row["estimated"] is True
+
+
+async def test_reset_before_headers_is_502_reset(proxy: Proxy, upstream: FakeUpstream) -> None:
+    upstream.queue(Reply(drop=True))
+    async with proxy.http.post(proxy.url("/s/drop/openai/v1/chat/completions"), json={}) as r:
+        assert r.status == 502
+        assert "closed the connection" in (await r.json())["error"]["message"]
+    (row,) = await proxy.messages("drop")
+    assert row["error"] == "reset" and row["status"] == 502
+
+
+async def test_client_that_gives_up_before_an_answer_is_aborted(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(upstream_idle_timeout_s=0.5)
+    upstream.queue(Reply(hang=2.0, chunks=[b"{}"]))
+    with pytest.raises(TimeoutError):
+        async with proxy.http.post(
+            proxy.url("/s/impatient/openai/v1/chat/completions"),
+            json={"model": "gpt-4o"},
+            timeout=aiohttp.ClientTimeout(total=0.1),
+        ) as r:
+            await r.read()
+    await eventually(lambda: _has_rows(proxy, "impatient"))
+    (row,) = await proxy.messages("impatient")
+    # 504 if the proxy noticed at the timeout, 499 if aiohttp cancelled the handler first
+    assert row["status"] in (499, 504) and row["aborted"] is True
+    assert row["costUsd"] == 0
+
+
+async def test_a_subscriber_that_left_is_forgotten_without_an_event(proxy: Proxy) -> None:
+    async with proxy.http.get(proxy.url("/api/events?session=quiet")) as r:
+        await r.content.readline()
+        assert proxy.acct.bus.subscriber_count == 1
+
+    async def gone() -> bool:
+        return proxy.acct.bus.subscriber_count == 0
+
+    await eventually(gone, timeout=5)  # within the 1 s poll, not the 15 s keep-alive

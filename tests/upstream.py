@@ -30,6 +30,8 @@ class Reply:
     """Sleep this long before answering at all (timeouts)."""
     reset_after: int | None = None
     """Drop the connection after this many chunks (a broken upstream)."""
+    drop: bool = False
+    """Reset the connection before sending any header."""
     stall_after: int | None = None
     """Go silent for ``hang`` seconds after this many chunks (a stuck upstream)."""
 
@@ -97,6 +99,10 @@ class FakeUpstream:
         reply = self.replies.popleft() if self.replies else self.default
         if reply is None:
             return web.json_response({"error": "no scripted reply"}, status=599)
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
         if reply.hang and reply.stall_after is None:
             await asyncio.sleep(reply.hang)
         resp = web.StreamResponse(status=reply.status, headers=reply.headers)

@@ -40,6 +40,8 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 KEY_HEADERS = ("x-api-key", "x-goog-api-key", "api-key")
+CLIENT_CLOSED = 499
+"""Row status when the client left before the upstream answered (nginx's convention)."""
 
 
 class _Decoder(Protocol):
@@ -180,6 +182,11 @@ class ProxyHandler:
             return self._refuse(adapter, refusal, route.name)
         try:
             return await self._forward(request, adapter, ex, body)
+        except asyncio.CancelledError:
+            ex.aborted = True  # the client left and aiohttp cancelled this handler
+            if ex.status == 0:
+                ex.status = CLIENT_CLOSED  # before the upstream answered
+            raise
         finally:
             await self.acct.finish(ex)
 
@@ -198,9 +205,11 @@ class ProxyHandler:
         )  # fmt: skip
 
     def _upstream_error(
-        self, adapter: Adapter, ex: Exchange, status: int, kind: str, msg: str
+        self, request: web.Request, adapter: Adapter, ex: Exchange, status: int, kind: str, msg: str
     ) -> web.Response:
         ex.status, ex.error = status, kind
+        if request.transport is None or request.transport.is_closing():
+            ex.aborted = True  # the client gave up while we waited for the upstream
         self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
         log.warning("upstream %s for %s: %s", kind, ex.target.route.name, msg)
         return error_response(adapter.error_style, status, msg, "upstream_error")
@@ -227,12 +236,19 @@ class ProxyHandler:
             )
         except TimeoutError:
             return self._upstream_error(
-                adapter, ex, 504, "timeout", f"upstream {route.upstream} did not answer in time"
-            )
+                request, adapter, ex, 504, "timeout",
+                f"upstream {route.upstream} did not answer in time",
+            )  # fmt: skip
+        except aiohttp.ClientConnectorError as exc:
+            return self._upstream_error(
+                request, adapter, ex, 502, "connect",
+                f"upstream {route.upstream} is unreachable: {exc}",
+            )  # fmt: skip
         except aiohttp.ClientError as exc:
             return self._upstream_error(
-                adapter, ex, 502, "connect", f"upstream {route.upstream} is unreachable: {exc}"
-            )
+                request, adapter, ex, 502, "reset",
+                f"upstream {route.upstream} closed the connection before answering: {exc}",
+            )  # fmt: skip
         async with up:
             return await self._stream(request, adapter, ex, up)
 

@@ -14,6 +14,7 @@ from spendgate.events import EVENT_TYPES
 from spendgate.keys import ACCOUNTANT
 
 KEEPALIVE_S = 15.0
+POLL_S = 1.0
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -41,13 +42,22 @@ async def events(request: web.Request) -> web.StreamResponse:
     sub, backlog = bus.subscribe(sessions, types, last_id)
     try:
         await resp.write(b"retry: 1000\n: connected\n\n" + b"".join(e.encoded() for e in backlog))
+        quiet = 0.0
         while True:
             try:
-                async with asyncio.timeout(KEEPALIVE_S):
+                async with asyncio.timeout(POLL_S):
                     event = await sub.get()
             except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                # Notice a client that left (its transport is gone) within a second,
+                # rather than at the next write; keep-alive every KEEPALIVE_S.
+                if request.transport is None or request.transport.is_closing():
+                    break
+                quiet += POLL_S
+                if quiet >= KEEPALIVE_S:
+                    quiet = 0.0
+                    await resp.write(b": keep-alive\n\n")
                 continue
+            quiet = 0.0
             batch = []
             while event is not None:  # send everything queued in one write
                 batch.append(event.encoded())
