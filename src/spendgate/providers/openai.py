@@ -126,6 +126,7 @@ def _output_item_chars(item: Any) -> int:
 MAX_LAZY_BYTES = 1 << 20
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 MAX_TAIL = 1 << 16
+MAX_LAZY_PAYLOADS = 4096
 
 
 class OpenAIParser(FramedParser):
@@ -137,6 +138,9 @@ class OpenAIParser(FramedParser):
         self._lazy: list[bytes] = []
         """Complete SSE events that cannot hold usage, framed only if the estimate is read."""
         self._lazy_size = 0
+        self._lazy_payloads: list[bytes] = []
+        """JSON payloads of such events, when they arrived framed in a larger piece."""
+        self._counting = False
         self._tail = b""
         """Bytes of an event not yet complete, held back from the framer."""
         self._at_boundary = False
@@ -150,6 +154,11 @@ class OpenAIParser(FramedParser):
             return payload.lstrip()[:1] == b"{"
         if b'"type":"response.' in payload[:40]:
             return b'"usage"' in payload or b'.delta"' in payload or self._model is None
+        if self._model is not None and not self._counting and _USAGE_OBJECT.search(payload) is None:
+            self._lazy_payloads.append(payload)  # a delta: parsed only if the estimate is read
+            if len(self._lazy_payloads) >= MAX_LAZY_PAYLOADS:
+                self._count_lazy()
+            return False
         return True
 
     def feed(self, data: bytes) -> None:
@@ -174,22 +183,26 @@ class OpenAIParser(FramedParser):
         self._at_boundary = isinstance(self._framer, SSEFramer) and data.endswith(b"\n\n")
 
     def close(self) -> None:
-        if self._usage is None:
-            self._count_lazy()  # no usage came: the estimate needs every delta
-        tail, self._tail, self._lazy, self._lazy_size = self._tail, b"", [], 0
+        tail, self._tail = self._tail, b""
         if tail:
             super().feed(tail)
         super().close()
 
     def _count_lazy(self) -> None:
         lazy, self._lazy, self._lazy_size = self._lazy, [], 0
-        framer = SSEFramer()  # the blocks are whole events: a fresh framer reads them
-        for block in lazy:
-            self._payloads(framer.feed(block))
+        payloads, self._lazy_payloads = self._lazy_payloads, []
+        self._counting = True
+        try:
+            framer = SSEFramer()  # the blocks are whole events: a fresh framer reads them
+            for block in lazy:
+                payloads.extend(framer.feed(block))
+            self._payloads(payloads)
+        finally:
+            self._counting = False
 
     @property
     def output_chars(self) -> int:
-        if self._lazy:
+        if self._lazy or self._lazy_payloads:
             self._count_lazy()
         return self._output_chars
 
@@ -374,12 +387,8 @@ class UsageChunkFilter:
             out, self._pending = self._pending + data, b""
             return out
         buf = self._pending + data if self._pending else data
-        if b"[]" not in buf and b"\r" not in buf:
-            # Fast path, almost every chunk: no empty list, so no usage-only event ends
-            # here; pass every complete event and hold only the unfinished tail.
-            cut = buf.rfind(b"\n\n") + 2
-            self._pending = buf[cut:] if cut > 1 else buf
-            return buf[:cut] if cut > 1 else b""
+        if b"\r" not in buf:
+            return self._feed_lf(buf)
         out_parts: list[bytes] = []
         emit_from = pos = 0
         for m in _EVENT_END.finditer(buf, max(0, len(self._pending) - 3)):
@@ -393,6 +402,27 @@ class UsageChunkFilter:
         out_parts.append(buf[emit_from:pos])
         self._pending = buf[pos:]
         return b"".join(out_parts)
+
+    def _feed_lf(self, buf: bytes) -> bytes:
+        """LF framing, the usual case: only events holding an empty list are examined."""
+        last = buf.rfind(b"\n\n")
+        hold = last + 2 if last >= 0 else 0  # from here on: an event still arriving
+        out: list[bytes] = []
+        emit_from = 0
+        i = buf.find(b"[]")
+        while 0 <= i < hold:
+            start = buf.rfind(b"\n\n", 0, i)
+            start = 0 if start < 0 else start + 2
+            end = buf.find(b"\n\n", i) + 2
+            if is_usage_only_event(buf[start:end]):
+                out.append(buf[emit_from:start])
+                emit_from = end
+            i = buf.find(b"[]", end)
+        self._pending = buf[hold:]
+        if not out:
+            return buf[:hold]
+        out.append(buf[emit_from:hold])
+        return b"".join(out)
 
     def close(self) -> bytes:
         rest, self._pending = self._pending, b""
