@@ -296,8 +296,10 @@ class Metrics:
         metered = operation not in UNMETERED
         for type_, attr in TOKEN_TYPES:
             n: int = getattr(m, attr)
-            if n or metered:  # metered models get every type's series, from zero
+            if n:
                 self._tokens(m.provider, model, type_, *s).inc(n)
+            elif metered:  # metered models get every type's series, from zero
+                self._tokens(m.provider, model, type_, *s)
         if m.cost_usd is not None:
             self.cost.inc((m.provider, model, *s), m.cost_usd)
         elif metered:
