@@ -63,12 +63,6 @@ def error_response(
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
-def budget_payload(style: str, message: str) -> dict[str, object]:
-    if style == "anthropic":
-        return {"type": "error", "error": {"type": "budget_exceeded", "message": message}}
-    return error_payload(style, 402, message, "budget_exceeded", "session_budget_exceeded")
-
-
 def stream_error_bytes(
     style: str, status: int, message: str, kind: str, code: str | None = None
 ) -> bytes:
