@@ -119,5 +119,3 @@ class NullParser(BaseParser):
     def close(self) -> None:
         pass
 
-
-UNMETERED = RequestInfo(operation="")
