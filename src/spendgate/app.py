@@ -66,7 +66,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     router = Router(build_routes(settings), settings.agent_headers)
     app[ACCOUNTANT] = acct
     app[PROXY] = ProxyHandler(settings, router, acct, client)
-    log.info("spendgate: database %s, %d routes", settings.db_path, len(router.routes))
+    log.info("database %s, %d routes", settings.db_path, len(router.routes))
     try:
         yield
     finally:
