@@ -123,16 +123,13 @@ class BodyTooLarge(Exception):
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body (LLM requests are JSON), refusing more than ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        parts.append(chunk)
-    return b"".join(parts)
+    try:
+        return await request.read()  # the app's client_max_size is the same limit
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge from None
 
 
 class ProxyHandler:
