@@ -108,3 +108,27 @@ async def test_forwarding_continues_while_the_database_is_locked(
     blocker.execute("ROLLBACK")
     blocker.close()
     assert (await proxy.cost("lock"))["messageCount"] == 5
+
+
+async def test_export_streams_in_bounded_memory(start_proxy: StartProxy) -> None:
+    """A big session exports page by page: memory stays far below the export's size."""
+    import tracemalloc
+
+    proxy = await start_proxy()
+    store = proxy.acct.store
+    ledger = proxy.acct.ledger
+    await ledger.set_budget("big", None)  # makes the session known
+    for i in range(60_000):
+        store.add_message(row(i, session="big"))
+    await store.flush()
+    tracemalloc.start()
+    try:
+        size = 0
+        async with proxy.http.get(proxy.url("/api/sessions/big/export?format=csv")) as r:
+            async for chunk in r.content.iter_chunked(1 << 16):
+                size += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 6_000_000  # 60,000 rows of about 100 bytes
+    assert peak < size / 2, (peak, size)  # one page of rows at a time, not the session
