@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 
-from spendgate.records import MessageRecord, SessionRecord
+from spendgate.records import EXPORT_COLUMNS, MessageRecord, SessionRecord
 from spendgate.store import MIGRATIONS, SQLiteStore
 from tests.conftest import StartProxy, eventually
 from tests.upstream import FakeUpstream, fixture_reply
@@ -132,3 +132,8 @@ async def test_export_streams_in_bounded_memory(start_proxy: StartProxy) -> None
         tracemalloc.stop()
     assert size > 6_000_000  # 60,000 rows of about 100 bytes
     assert peak < size / 2, (peak, size)  # one page of rows at a time, not the session
+
+
+def test_export_columns_are_the_row_fields_in_order() -> None:
+    assert tuple(row(1).to_json()) == EXPORT_COLUMNS
+    assert row(1, cost=None).csv_cells()[EXPORT_COLUMNS.index("costUsd")] == ""

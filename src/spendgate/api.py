@@ -100,8 +100,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(EXPORT_COLUMNS)
         async for m in acct.store.iter_messages(rec.id):
-            row = m.to_json()
-            writer.writerow(["" if row[c] is None else row[c] for c in EXPORT_COLUMNS])
+            writer.writerow(m.csv_cells())
             if buf.tell() > 1 << 16:
                 await resp.write(buf.getvalue().encode())
                 buf.seek(0)
@@ -110,7 +109,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
     else:
         sep = b"["
         async for m in acct.store.iter_messages(rec.id):
-            await resp.write(sep + orjson.dumps({c: m.to_json()[c] for c in EXPORT_COLUMNS}))
+            await resp.write(sep + orjson.dumps(m.to_json()))
             sep = b","
         await resp.write(b"[]" if sep == b"[" else b"]")
     await resp.write_eof()

@@ -199,8 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 writer = csv.writer(sys.stdout, lineterminator="\n")
                 writer.writerow(EXPORT_COLUMNS)
                 async for m in store.iter_messages(rec.id):
-                    row = m.to_json()
-                    writer.writerow(["" if row[c] is None else row[c] for c in EXPORT_COLUMNS])
+                    writer.writerow(m.csv_cells())
                 return 0
             spent = (await store.spend_by_session()).get(rec.id, Decimal(0))
             prices = load_price_table(settings.pricing_file, settings.model_aliases)

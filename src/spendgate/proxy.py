@@ -279,7 +279,6 @@ class ProxyHandler:
                     end = event_end(out, ndjson)
                     if end >= 0:
                         await resp.write(out[:end])
-                        parser.close()
                         await self._cut_stream(adapter, ex, resp)
                         return resp
                 if out:
@@ -294,7 +293,6 @@ class ProxyHandler:
                     if cut and not cutting and self.acct.over_budget(ex):
                         cutting = True
                         if out and event_end(out, ndjson) == len(out):
-                            parser.close()
                             await self._cut_stream(adapter, ex, resp)
                             return resp
             if out_filter is not None:
@@ -321,6 +319,9 @@ class ProxyHandler:
         return resp
 
     async def _cut_stream(self, adapter: Adapter, ex: Exchange, resp: web.StreamResponse) -> None:
+        """End the stream early for budget; what was parsed so far is billed."""
+        if ex.parser is not None:
+            ex.parser.close()
         ex.error = "budget_cut"
         spent = self.acct.ledger.spent(ex.target.session_id)
         msg = (

@@ -65,8 +65,12 @@ class MessageRecord:
             "error": self.error,
         }
 
+    def csv_cells(self) -> list[Any]:
+        """One export row: the ``to_json`` values, with unknown (None) as an empty cell."""
+        return ["" if v is None else v for v in self.to_json().values()]
 
-EXPORT_COLUMNS = (
+
+EXPORT_COLUMNS = (  # the keys of MessageRecord.to_json, in order (a test checks it)
     "messageId",
     "sessionId",
     "agentId",

@@ -118,4 +118,3 @@ class NullParser(BaseParser):
 
     def close(self) -> None:
         pass
-
