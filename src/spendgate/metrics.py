@@ -2,7 +2,9 @@
 
 :meth:`Metrics.record` runs once per finished upstream response, after the client has
 its last byte, and the accountant guards it, so a metrics failure never breaks
-forwarding. Label children are cached so recording is a few dict look-ups. Gauges
+forwarding. What it updates are plain dicts (:class:`PlainCounter`,
+:class:`PlainHistogram`) that prometheus_client turns into families at scrape time, so
+recording is a few dict updates with no locks (it all runs on the event loop). Gauges
 that mirror state (paused sessions, subscribers, queue depth, budget use) are read
 at scrape time and cost the request path nothing.
 
@@ -22,14 +24,21 @@ responses and estimated (aborted) streams add a duration but no token usage.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
-from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from spendgate.records import MessageRecord
 
@@ -77,25 +86,10 @@ GENAI_PROVIDERS = {
     "xai": "x_ai",
 }
 UNMETERED = ("", "other")
+_ZERO = Decimal(0)
 
 BudgetSource = Callable[[], Iterable[tuple[str, Decimal, Decimal]]]
 """Yields ``(session, budget_usd, spent_usd)`` for every session that has a budget."""
-
-M = TypeVar("M", bound=MetricWrapperBase)
-
-
-class _Children(Generic[M]):
-    """``metric.labels(...)`` with the children cached (one dict look-up per call)."""
-
-    def __init__(self, metric: M) -> None:
-        self.metric = metric
-        self._kids: dict[tuple[str, ...], M] = {}
-
-    def __call__(self, *labels: str) -> M:
-        kid = self._kids.get(labels)
-        if kid is None:
-            kid = self._kids[labels] = self.metric.labels(*labels)
-        return kid
 
 
 class DecimalCounter:
@@ -112,7 +106,7 @@ class DecimalCounter:
     def inc(self, labels: tuple[str, ...], amount: Decimal) -> None:
         if amount < 0:
             raise ValueError("counters only go up")
-        self._totals[labels] = self._totals.get(labels, Decimal(0)) + amount
+        self._totals[labels] = self._totals.get(labels, _ZERO) + amount
 
     def value(self, *labels: str) -> Decimal | None:
         return self._totals.get(labels)
@@ -124,6 +118,69 @@ class DecimalCounter:
         family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
         for labels, total in list(self._totals.items()):
             family.add_metric(labels, float(total))
+        yield family
+
+
+class PlainCounter:
+    """A labelled counter that is a dict of numbers, exported at scrape time.
+
+    Everything that records runs on the event loop thread, so there is no lock to take,
+    and an increment is one dict update rather than a child look-up, a lock and a
+    validity check (what ``prometheus_client.Counter`` does, for threads we don't have).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, labelnames
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        self.values[labels] = self.values.get(labels, 0) + amount
+
+    def touch(self, labels: tuple[str, ...]) -> None:
+        """Make the series exist (at 0) without counting anything."""
+        self.values.setdefault(labels, 0)
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, total in list(self.values.items()):
+            family.add_metric(labels, total)
+        yield family
+
+
+class PlainHistogram:
+    """A labelled histogram kept as per-bucket counts, cumulated only at scrape time."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+    ) -> None:
+        self._name, self._doc, self._labelnames = name, documentation, labelnames
+        self._bounds = (*buckets, math.inf)
+        self._les = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+        """labels → [count in each bucket (not cumulative)..., sum]"""
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        row = self.series.get(labels)
+        if row is None:
+            row = self.series[labels] = [0] * (len(self._bounds) + 1)
+        row[bisect_left(self._bounds, value)] += 1  # ``le`` is inclusive
+        row[-1] += value
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, row in list(self.series.items()):
+            cumulative = itertools.accumulate(row[:-1])
+            family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), row[-1])
         yield family
 
 
@@ -186,42 +243,60 @@ class Metrics:
         self.session_labels = session_labels
         s = ("session",) if session_labels else ()
         r = registry
-        self.requests = Counter(
+        # Recorded once per response on the hot path: plain dicts, exported at scrape time.
+        self.requests = PlainCounter(
             "spendgate_requests",
             "Upstream responses (and spendgate's own 502/504)",
             ("route", "provider", "model", "status", *s),
-            registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = PlainCounter(
             "spendgate_tokens",
             "Tokens billed, by type (input includes cached_input, output includes reasoning)",
             ("provider", "model", "type", *s),
-            registry=r,
         )
         self.cost = DecimalCounter(
             "spendgate_cost_usd", "Cost in USD of priced responses", ("provider", "model", *s)
         )
-        r.register(self.cost)
-        self.unpriced = Counter(
+        self.unpriced = PlainCounter(
             "spendgate_unpriced_responses",
             "Responses whose cost is unknown (no price)",
             ("provider", "model"),
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = PlainHistogram(
             "spendgate_request_duration_seconds",
             "Whole request duration, to the last byte",
             ("provider", "model"),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = PlainHistogram(
             "spendgate_time_to_first_token_seconds",
             "Time to the first response byte",
             ("provider", "model"),
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        self.genai_tokens = PlainHistogram(
+            "gen_ai_client_token_usage",
+            "OpenTelemetry GenAI: tokens per operation (reported usage of successful responses)",
+            (
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_operation_name",
+                "gen_ai_token_type",
+            ),
+            GENAI_TOKEN_BUCKETS,
+        )
+        self.genai_duration = PlainHistogram(
+            "gen_ai_client_operation_duration_seconds",
+            "OpenTelemetry GenAI: operation duration",
+            ("gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name"),
+            GENAI_DURATION_BUCKETS,
+        )
+        for collector in (
+            self.requests, self.tokens, self.cost, self.unpriced, self.duration, self.ttft,
+            self.genai_tokens, self.genai_duration,
+        ):  # fmt: skip
+            r.register(collector)
+        # Rare events (errors, refusals) and scrape-time gauges: prometheus_client's own.
         self.upstream_errors = Counter(
             "spendgate_upstream_errors",
             "Upstream failures by kind: connect, timeout, reset "
@@ -232,8 +307,10 @@ class Metrics:
         self.budget_rejections = Counter(
             "spendgate_budget_rejections", "Requests refused with 402", ("route",), registry=r
         )
-        self.active_streams = Gauge(
-            "spendgate_active_streams", "Responses being streamed now", registry=r
+        self.active_streams = 0
+        """Responses being streamed now (the proxy counts; the gauge reads it)."""
+        Gauge("spendgate_active_streams", "Responses being streamed now", registry=r).set_function(
+            lambda: self.active_streams
         )
         self.paused_sessions = Gauge("spendgate_paused_sessions", "Sessions paused now", registry=r)
         self.event_subscribers = Gauge(
@@ -247,33 +324,6 @@ class Metrics:
         )
         self.session_budgets = SessionBudgets(budget_series_limit)
         r.register(self.session_budgets)
-        self.genai_tokens = Histogram(
-            "gen_ai_client_token_usage",
-            "OpenTelemetry GenAI: tokens per operation (reported usage of successful responses)",
-            (
-                "gen_ai_provider_name",
-                "gen_ai_request_model",
-                "gen_ai_operation_name",
-                "gen_ai_token_type",
-            ),
-            buckets=GENAI_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.genai_duration = Histogram(
-            "gen_ai_client_operation_duration_seconds",
-            "OpenTelemetry GenAI: operation duration",
-            ("gen_ai_provider_name", "gen_ai_request_model", "gen_ai_operation_name"),
-            buckets=GENAI_DURATION_BUCKETS,
-            registry=r,
-        )
-        self._requests = _Children(self.requests)
-        self._tokens = _Children(self.tokens)
-        self._unpriced = _Children(self.unpriced)
-        self._duration = _Children(self.duration)
-        self._ttft = _Children(self.ttft)
-        self._errors = _Children(self.upstream_errors)
-        self._genai_tokens = _Children(self.genai_tokens)
-        self._genai_duration = _Children(self.genai_duration)
 
     def bind_gauges(
         self,
@@ -292,30 +342,36 @@ class Metrics:
         """Everything one finished upstream response adds to the metrics."""
         model = m.model or "unknown"
         s = (m.session_id,) if self.session_labels else ()
-        self._requests(m.route, m.provider, model, str(m.status), *s).inc()
+        pm = (m.provider, model)
+        self.requests.inc((m.route, *pm, str(m.status), *s))
         metered = operation not in UNMETERED
+        tokens = self.tokens
         for type_, attr in TOKEN_TYPES:
             n: int = getattr(m, attr)
             if n:
-                self._tokens(m.provider, model, type_, *s).inc(n)
+                tokens.inc((*pm, type_, *s), n)
             elif metered:  # metered models get every type's series, from zero
-                self._tokens(m.provider, model, type_, *s)
+                tokens.touch((*pm, type_, *s))
         if m.cost_usd is not None:
-            self.cost.inc((m.provider, model, *s), m.cost_usd)
+            self.cost.inc((*pm, *s), m.cost_usd)
         elif metered:
-            self._unpriced(m.provider, model).inc()
+            self.unpriced.inc(pm)
         if m.error is None and (m.status >= 500 or m.status == 429):
-            self._errors(m.route, "http_429" if m.status == 429 else "http_5xx").inc()
-        self._duration(m.provider, model).observe(m.duration_ms / 1000)
+            kind = "http_429" if m.status == 429 else "http_5xx"
+            self.upstream_errors.labels(m.route, kind).inc()
+        seconds = m.duration_ms / 1000
+        self.duration.observe(pm, seconds)
         if m.ttft_ms is not None:
-            self._ttft(m.provider, model).observe(m.ttft_ms / 1000)
+            self.ttft.observe(pm, m.ttft_ms / 1000)
         if not metered:
             return  # not a GenAI operation (model lists, token counting, ...)
-        provider = GENAI_PROVIDERS.get(m.provider, m.provider)
-        op = GENAI_OPERATIONS.get(operation, operation)
-        req_model = requested_model or model
-        self._genai_duration(provider, req_model, op).observe(m.duration_ms / 1000)
+        genai = (
+            GENAI_PROVIDERS.get(m.provider, m.provider),
+            requested_model or model,
+            GENAI_OPERATIONS.get(operation, operation),
+        )
+        self.genai_duration.observe(genai, seconds)
         if m.status < 400 and not m.estimated:
-            self._genai_tokens(provider, req_model, op, "input").observe(m.input_tokens)
-            if op != "embeddings":
-                self._genai_tokens(provider, req_model, op, "output").observe(m.output_tokens)
+            self.genai_tokens.observe((*genai, "input"), m.input_tokens)
+            if genai[2] != "embeddings":
+                self.genai_tokens.observe((*genai, "output"), m.output_tokens)

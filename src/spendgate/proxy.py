@@ -267,7 +267,7 @@ class ProxyHandler:
         cut = live and self._cut
         await resp.prepare(request)
         if live:
-            self.metrics.active_streams.inc()
+            self.metrics.active_streams += 1
         ndjson = "ndjson" in ctype
         cutting = False
         try:
@@ -315,7 +315,7 @@ class ProxyHandler:
             await self._end_broken(request, adapter, ex, resp, ctype)
         finally:
             if live:
-                self.metrics.active_streams.dec()
+                self.metrics.active_streams -= 1
         return resp
 
     async def _cut_stream(self, adapter: Adapter, ex: Exchange, resp: web.StreamResponse) -> None:

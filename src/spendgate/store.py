@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,10 +76,34 @@ _MESSAGE_COLUMNS = (
     "output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
     "cost_usd, estimated, aborted, started_at, ttft_ms, duration_ms, key_fingerprint, error"
 )
-_INSERT_MESSAGE = (
-    f"INSERT OR IGNORE INTO token_usage ({_MESSAGE_COLUMNS}) "
-    f"VALUES ({', '.join('?' * len(_MESSAGE_COLUMNS.split(',')))})"
-)
+_MESSAGE_ROW = f"({', '.join('?' * len(_MESSAGE_COLUMNS.split(',')))})"
+INSERT_CHUNK = 256
+"""Rows per INSERT statement. One multi-row statement binds all its parameters in one C
+call and runs one step without the GIL, where ``executemany`` hands the GIL back and
+forth twice per row, which costs the event loop thread more than the insert itself."""
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_messages(rows: int) -> str:
+    values = ", ".join([_MESSAGE_ROW] * rows)
+    return f"INSERT OR IGNORE INTO token_usage ({_MESSAGE_COLUMNS}) VALUES {values}"
+
+
+def _insert_chunks(rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
+    """``rows`` as a few multi-row INSERTs: full chunks, then the rest in powers of two
+    (so at most a dozen distinct statements are ever prepared and cached)."""
+    i, n = 0, len(rows)
+    size = INSERT_CHUNK
+    while i < n:
+        while size > n - i:
+            size //= 2
+        flat: list[Any] = []
+        for row in rows[i : i + size]:
+            flat.extend(row)
+        yield _insert_messages(size), flat
+        i += size
+
+
 _UPSERT_SESSION = (
     "INSERT INTO sessions (id, created_at, budget_usd, paused, pause_reason, label, updated_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET budget_usd=excluded.budget_usd, "
@@ -312,8 +337,8 @@ class SQLiteStore:
             await db.execute("BEGIN")
             if sessions:
                 await db.executemany(_UPSERT_SESSION, sessions)
-            if messages:
-                await db.executemany(_INSERT_MESSAGE, messages)
+            for sql, params in _insert_chunks(messages):
+                await db.execute(sql, params)
             await db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
