@@ -6,12 +6,14 @@ guarded: a failing subscriber, metric or queue can never break a client's respon
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from spendgate.budgets import BudgetLedger, Change, Refusal, Reservation
 from spendgate.bus import EventBus
@@ -209,8 +211,10 @@ class Accountant:
         if ex.status < 400 and counts.total_tokens:
             price = self.prices.resolve(model, provider) if model else None
             window = price.context_window if price else None
-            data = context_data(rec.session_id, model, counts.total_tokens, window)
-            self._publish(Event(CONTEXT_USAGE, rec.session_id, data))
+            make = functools.partial(
+                context_data, rec.session_id, model, counts.total_tokens, window
+            )
+            self._publish(Event(CONTEXT_USAGE, rec.session_id, make=make))
         try:
             self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
         except Exception:
@@ -226,26 +230,43 @@ class Accountant:
         final: bool,
         estimated: bool,
     ) -> Event:
-        sid = ex.target.session_id
-        return Event(
-            TOKEN_USAGE,
-            sid,
-            {
-                "messageId": ex.id,
-                "sessionId": sid,
-                "agentId": ex.target.agent_id,
-                "inputTokens": counts.input_tokens,
-                "outputTokens": counts.output_tokens,
-                "cachedInputTokens": counts.cached_input_tokens,
-                "cacheWriteTokens": counts.cache_write_tokens,
-                "reasoningTokens": counts.reasoning_tokens,
-                "totalTokens": counts.total_tokens,
-                "costUsd": None if cost is None else float(cost),
-                "sessionCostUsd": float(session_cost),
-                "modelId": ex.model,
-                "providerId": ex.target.route.provider,
-                "final": final,
-                "estimated": estimated,
-                "timestamp": time.time(),
-            },
-        )
+        sid, target = ex.target.session_id, ex.target
+        make = functools.partial(
+            usage_data, ex.id, sid, target.agent_id, target.route.provider, ex.model,
+            counts, cost, session_cost, final, estimated, time.time(),
+        )  # fmt: skip
+        return Event(TOKEN_USAGE, sid, make=make)
+
+
+def usage_data(
+    message_id: str,
+    session_id: str,
+    agent_id: str | None,
+    provider: str,
+    model: str | None,
+    counts: TokenCounts,
+    cost: Decimal | None,
+    session_cost: Decimal,
+    final: bool,
+    estimated: bool,
+    timestamp: float,
+) -> dict[str, Any]:
+    """A ``token.usage`` payload (SPEC 6), from the values at the time of the event."""
+    return {
+        "messageId": message_id,
+        "sessionId": session_id,
+        "agentId": agent_id,
+        "inputTokens": counts.input_tokens,
+        "outputTokens": counts.output_tokens,
+        "cachedInputTokens": counts.cached_input_tokens,
+        "cacheWriteTokens": counts.cache_write_tokens,
+        "reasoningTokens": counts.reasoning_tokens,
+        "totalTokens": counts.total_tokens,
+        "costUsd": None if cost is None else float(cost),
+        "sessionCostUsd": float(session_cost),
+        "modelId": model,
+        "providerId": provider,
+        "final": final,
+        "estimated": estimated,
+        "timestamp": timestamp,
+    }

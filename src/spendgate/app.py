@@ -65,7 +65,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     router = Router(build_routes(settings), settings.agent_headers)
     app[ACCOUNTANT] = acct
-    app[PROXY] = ProxyHandler(settings, router, acct, client)
+    app[PROXY].attach(router, acct, client)
     log.info("database %s, %d routes", settings.db_path, len(router.routes))
     try:
         yield
@@ -143,10 +143,6 @@ def _cors_middleware(origins: list[str]) -> Middleware:
     return cors
 
 
-async def _proxy(request: web.Request) -> web.StreamResponse:
-    return await request.app[PROXY](request)
-
-
 def make_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
     middlewares = [_cors_middleware(settings.cors_origins)] if settings.cors_origins else []
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
@@ -155,5 +151,6 @@ def make_app(settings: Settings, registry: CollectorRegistry | None = None) -> w
     app.cleanup_ctx.append(_resources)
     app.on_shutdown.append(_close_subscribers)
     _add_admin_routes(app, settings)
-    app.router.add_route("*", "/{tail:.*}", _proxy)
+    app[PROXY] = proxy = ProxyHandler(settings)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

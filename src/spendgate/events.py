@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,15 +15,36 @@ BUDGET_RESUMED = "budget.resumed"
 EVENT_TYPES = (TOKEN_USAGE, CONTEXT_USAGE, BUDGET_WARNING, BUDGET_PAUSED, BUDGET_RESUMED)
 
 
-@dataclass(slots=True)
 class Event:
-    type: str
-    session_id: str
-    data: dict[str, Any]
-    id: int = field(default=0)
-    """Assigned by the bus on publish; increases across restarts."""
-    wire: bytes | None = field(default=None, repr=False)
-    """The SSE encoding, made once however many subscribers receive it."""
+    """One live event. Its ``data`` may be given, or made on first use by ``make``: most
+    events are only kept for replay and never read, so their payload is never built."""
+
+    __slots__ = ("_data", "_make", "id", "session_id", "type", "wire")
+
+    def __init__(
+        self,
+        type: str,
+        session_id: str,
+        data: dict[str, Any] | None = None,
+        make: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        if (data is None) == (make is None):
+            raise TypeError("an Event needs exactly one of data and make")
+        self.type = type
+        self.session_id = session_id
+        self._data = data
+        self._make = make
+        self.id = 0
+        """Assigned by the bus on publish; increases across restarts."""
+        self.wire: bytes | None = None
+        """The SSE encoding, made once however many subscribers receive it."""
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            assert self._make is not None
+            self._data, self._make = self._make(), None
+        return self._data
 
     def encoded(self) -> bytes:
         if self.wire is None:
@@ -33,6 +54,9 @@ class Event:
                 orjson.dumps(self.data),
             )
         return self.wire
+
+    def __repr__(self) -> str:
+        return f"Event({self.type!r}, {self.session_id!r}, id={self.id})"
 
 
 def budget_event(

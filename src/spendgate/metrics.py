@@ -29,7 +29,9 @@ import logging
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -92,61 +94,39 @@ BudgetSource = Callable[[], Iterable[tuple[str, Decimal, Decimal]]]
 """Yields ``(session, budget_usd, spent_usd)`` for every session that has a budget."""
 
 
-class DecimalCounter:
-    """A counter summed in ``Decimal`` and exported as the nearest float.
+class PlainCounter:
+    """A labelled counter kept as plain Python numbers, exported at scrape time.
 
-    Money adds up exactly however many requests there are: the exported
-    ``spendgate_cost_usd_total`` is ``float(sum of the rows' costs)``, not a float sum.
+    Everything that records runs on the event loop thread, so there is no lock to take.
+    Each series is a one-element list (a cell) that :class:`Metrics` keeps a reference
+    to, so counting is ``cell[0] += n``. Money is summed in ``Decimal`` and exported as
+    the nearest float: ``spendgate_cost_usd_total`` is ``float(sum of the rows' costs)``,
+    exact however many requests there are, not a float sum.
     """
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
         self._name, self._doc, self._labelnames = name, documentation, labelnames
-        self._totals: dict[tuple[str, ...], Decimal] = {}
+        self.cells: dict[tuple[str, ...], list[Any]] = {}
 
-    def inc(self, labels: tuple[str, ...], amount: Decimal) -> None:
+    def cell(self, labels: tuple[str, ...], zero: int | Decimal = 0) -> list[Any]:
+        """The series for ``labels``, created at ``zero`` if it does not exist yet."""
+        found = self.cells.get(labels)
+        if found is None:
+            found = self.cells[labels] = [zero]
+        return found
+
+    def inc(self, labels: tuple[str, ...], amount: int | Decimal = 1) -> None:
         if amount < 0:
             raise ValueError("counters only go up")
-        self._totals[labels] = self._totals.get(labels, _ZERO) + amount
-
-    def value(self, *labels: str) -> Decimal | None:
-        return self._totals.get(labels)
+        self.cell(labels, amount * 0)[0] += amount
 
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, total in list(self._totals.items()):
+        for labels, (total,) in list(self.cells.items()):
             family.add_metric(labels, float(total))
-        yield family
-
-
-class PlainCounter:
-    """A labelled counter that is a dict of numbers, exported at scrape time.
-
-    Everything that records runs on the event loop thread, so there is no lock to take,
-    and an increment is one dict update rather than a child look-up, a lock and a
-    validity check (what ``prometheus_client.Counter`` does, for threads we don't have).
-    """
-
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
-        self._name, self._doc, self._labelnames = name, documentation, labelnames
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
-        self.values[labels] = self.values.get(labels, 0) + amount
-
-    def touch(self, labels: tuple[str, ...]) -> None:
-        """Make the series exist (at 0) without counting anything."""
-        self.values.setdefault(labels, 0)
-
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, total in list(self.values.items()):
-            family.add_metric(labels, total)
         yield family
 
 
@@ -161,27 +141,52 @@ class PlainHistogram:
         buckets: tuple[float, ...],
     ) -> None:
         self._name, self._doc, self._labelnames = name, documentation, labelnames
-        self._bounds = (*buckets, math.inf)
-        self._les = [floatToGoString(b) for b in self._bounds]  # type: ignore[no-untyped-call]
-        self.series: dict[tuple[str, ...], list[float]] = {}
+        self.bounds = (*buckets, math.inf)
+        self._les = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        self.rows: dict[tuple[str, ...], list[float]] = {}
         """labels → [count in each bucket (not cumulative)..., sum]"""
 
+    def row(self, labels: tuple[str, ...]) -> list[float]:
+        found = self.rows.get(labels)
+        if found is None:
+            found = self.rows[labels] = [0] * (len(self.bounds) + 1)
+        return found
+
     def observe(self, labels: tuple[str, ...], value: float) -> None:
-        row = self.series.get(labels)
-        if row is None:
-            row = self.series[labels] = [0] * (len(self._bounds) + 1)
-        row[bisect_left(self._bounds, value)] += 1  # ``le`` is inclusive
-        row[-1] += value
+        _observe(self.row(labels), self.bounds, value)
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for labels, row in list(self.series.items()):
+        for labels, row in list(self.rows.items()):
             cumulative = itertools.accumulate(row[:-1])
             family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), row[-1])
         yield family
+
+
+def _observe(row: list[float], bounds: tuple[float, ...], value: float) -> None:
+    row[bisect_left(bounds, value)] += 1  # ``le`` is inclusive
+    row[-1] += value
+
+
+@dataclass(slots=True)
+class _Series:
+    """The cells one kind of response updates (same route, model, status, operation...),
+    found with one dict look-up per response. Cells that must not exist until first used
+    (a cost series for an unpriced model, GenAI token rows) start as None."""
+
+    requests: list[Any]
+    tokens: tuple[list[Any], ...]
+    """Cells for TOKEN_TYPES, in order; empty for unmetered operations."""
+    duration: list[float]
+    ttft: list[float]
+    genai_duration: list[float] | None
+    cost: list[Any] | None = None
+    unpriced: list[Any] | None = None
+    genai_input: list[float] | None = None
+    genai_output: list[float] | None = None
 
 
 class SessionBudgets:
@@ -244,6 +249,7 @@ class Metrics:
         s = ("session",) if session_labels else ()
         r = registry
         # Recorded once per response on the hot path: plain dicts, exported at scrape time.
+        self._series: dict[tuple[Any, ...], _Series] = {}
         self.requests = PlainCounter(
             "spendgate_requests",
             "Upstream responses (and spendgate's own 502/504)",
@@ -254,7 +260,7 @@ class Metrics:
             "Tokens billed, by type (input includes cached_input, output includes reasoning)",
             ("provider", "model", "type", *s),
         )
-        self.cost = DecimalCounter(
+        self.cost = PlainCounter(
             "spendgate_cost_usd", "Cost in USD of priced responses", ("provider", "model", *s)
         )
         self.unpriced = PlainCounter(
@@ -340,38 +346,79 @@ class Metrics:
 
     def record(self, m: MessageRecord, operation: str, requested_model: str | None) -> None:
         """Everything one finished upstream response adds to the metrics."""
-        model = m.model or "unknown"
-        s = (m.session_id,) if self.session_labels else ()
-        pm = (m.provider, model)
-        self.requests.inc((m.route, *pm, str(m.status), *s))
-        metered = operation not in UNMETERED
-        tokens = self.tokens
-        for type_, attr in TOKEN_TYPES:
-            n: int = getattr(m, attr)
-            if n:
-                tokens.inc((*pm, type_, *s), n)
-            elif metered:  # metered models get every type's series, from zero
-                tokens.touch((*pm, type_, *s))
+        session = m.session_id if self.session_labels else None
+        key = (m.route, m.provider, m.model, m.status, operation, requested_model, session)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._new_series(m, operation, requested_model)
+        series.requests[0] += 1
+        if series.tokens:
+            counts = (
+                m.input_tokens,
+                m.output_tokens,
+                m.cached_input_tokens,
+                m.cache_write_tokens,
+                m.reasoning_tokens,
+            )  # fmt: skip (the order of TOKEN_TYPES)
+            for cell, n in zip(series.tokens, counts, strict=True):
+                cell[0] += n
         if m.cost_usd is not None:
-            self.cost.inc((*pm, *s), m.cost_usd)
-        elif metered:
-            self.unpriced.inc(pm)
+            if series.cost is None:
+                series.cost = self.cost.cell(self._cost_labels(m), _ZERO)
+            series.cost[0] += m.cost_usd
+        elif series.genai_duration is not None:  # metered, and no price
+            if series.unpriced is None:
+                series.unpriced = self.unpriced.cell((m.provider, m.model or "unknown"))
+            series.unpriced[0] += 1
         if m.error is None and (m.status >= 500 or m.status == 429):
             kind = "http_429" if m.status == 429 else "http_5xx"
             self.upstream_errors.labels(m.route, kind).inc()
         seconds = m.duration_ms / 1000
-        self.duration.observe(pm, seconds)
+        _observe(series.duration, self.duration.bounds, seconds)
         if m.ttft_ms is not None:
-            self.ttft.observe(pm, m.ttft_ms / 1000)
-        if not metered:
+            _observe(series.ttft, self.ttft.bounds, m.ttft_ms / 1000)
+        if series.genai_duration is None:
             return  # not a GenAI operation (model lists, token counting, ...)
-        genai = (
+        _observe(series.genai_duration, self.genai_duration.bounds, seconds)
+        if m.status < 400 and not m.estimated:
+            bounds = self.genai_tokens.bounds
+            if series.genai_input is None:
+                genai = self._genai_labels(m, operation, requested_model)
+                series.genai_input = self.genai_tokens.row((*genai, "input"))
+                if genai[2] != "embeddings":
+                    series.genai_output = self.genai_tokens.row((*genai, "output"))
+            _observe(series.genai_input, bounds, m.input_tokens)
+            if series.genai_output is not None:
+                _observe(series.genai_output, bounds, m.output_tokens)
+
+    def _cost_labels(self, m: MessageRecord) -> tuple[str, ...]:
+        s = (m.session_id,) if self.session_labels else ()
+        return (m.provider, m.model or "unknown", *s)
+
+    @staticmethod
+    def _genai_labels(
+        m: MessageRecord, operation: str, requested_model: str | None
+    ) -> tuple[str, str, str]:
+        return (
             GENAI_PROVIDERS.get(m.provider, m.provider),
-            requested_model or model,
+            requested_model or m.model or "unknown",
             GENAI_OPERATIONS.get(operation, operation),
         )
-        self.genai_duration.observe(genai, seconds)
-        if m.status < 400 and not m.estimated:
-            self.genai_tokens.observe((*genai, "input"), m.input_tokens)
-            if genai[2] != "embeddings":
-                self.genai_tokens.observe((*genai, "output"), m.output_tokens)
+
+    def _new_series(self, m: MessageRecord, operation: str, requested_model: str | None) -> _Series:
+        model = m.model or "unknown"
+        s = (m.session_id,) if self.session_labels else ()
+        pm = (m.provider, model)
+        metered = operation not in UNMETERED
+        return _Series(
+            requests=self.requests.cell((m.route, *pm, str(m.status), *s)),
+            # metered models get every token type's series, from zero
+            tokens=tuple(self.tokens.cell((*pm, t, *s)) for t, _ in TOKEN_TYPES) if metered else (),
+            duration=self.duration.row(pm),
+            ttft=self.ttft.row(pm),
+            genai_duration=(
+                self.genai_duration.row(self._genai_labels(m, operation, requested_model))
+                if metered
+                else None
+            ),
+        )

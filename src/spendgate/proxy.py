@@ -19,12 +19,13 @@ from typing import Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from spendgate.accounting import Accountant, Exchange
 from spendgate.budgets import Refusal, usd
 from spendgate.errors import error_response, stream_error_bytes
+from spendgate.metrics import Metrics
 from spendgate.providers import get_adapter
 from spendgate.providers._api import Adapter
 from spendgate.routing import Router, RoutingError
@@ -81,29 +82,43 @@ def _fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def upstream_headers(headers: CIMultiDictProxy[str], drop_encoding: bool) -> CIMultiDict[str]:
-    connection_listed = {
-        h.strip().lower() for h in headers.get("Connection", "").split(",") if h.strip()
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in connection_listed or low.startswith("x-spendgate-"):
-            continue
-        out.add(name, value)
+# Peers send the same few header names every time: decide once per spelling.
+@functools.lru_cache(maxsize=1024)
+def _not_forwarded(name: str) -> bool:
+    low = name.lower()
+    return low in HOP_BY_HOP or low.startswith("x-spendgate-")
+
+
+@functools.lru_cache(maxsize=1024)
+def _not_returned(name: str, keep_length: bool) -> bool:
+    low = name.lower()
+    return low in HOP_BY_HOP and not (keep_length and low == "content-length")
+
+
+def upstream_headers(
+    headers: CIMultiDictProxy[str], drop_encoding: bool, extra: tuple[tuple[str, str], ...] = ()
+) -> list[tuple[str, str]]:
+    """The client's end-to-end headers for the upstream, then ``extra`` (replacing any
+    the client sent under those names). A list of pairs: aiohttp copies it anyway."""
+    connection = headers.get("Connection")
+    listed = {h.strip().lower() for h in connection.split(",")} if connection else ()
+    replaced = {name.lower() for name, _ in extra}
     if drop_encoding:  # we must edit the stream, so ask for it uncompressed
-        out["Accept-Encoding"] = "identity"
+        replaced.add("accept-encoding")
+        extra = (*extra, ("Accept-Encoding", "identity"))
+    out = [
+        (name, value)
+        for name, value in headers.items()
+        if not _not_forwarded(name)
+        and not (listed and name.lower() in listed)
+        and not (replaced and name.lower() in replaced)
+    ]
+    out.extend(extra)
     return out
 
 
-def client_headers(headers: CIMultiDictProxy[str], keep_length: bool) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP and not (keep_length and low == "content-length"):
-            continue
-        out.add(name, value)
-    return out
+def client_headers(headers: CIMultiDictProxy[str], keep_length: bool) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items() if not _not_returned(k, keep_length)]
 
 
 def event_end(data: bytes, ndjson: bool) -> int:
@@ -118,33 +133,21 @@ def event_end(data: bytes, ndjson: bool) -> int:
     return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body (LLM requests are JSON), refusing more than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge
-    try:
-        return await request.read()  # the app's client_max_size is the same limit
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge from None
-
-
 class ProxyHandler:
-    def __init__(
-        self,
-        settings: Settings,
-        router: Router,
-        accountant: Accountant,
-        client: aiohttp.ClientSession,
-    ) -> None:
+    """The catch-all route's handler.
+
+    It exists when the routes are registered; the parts that need the event loop (the
+    accountant and its store, the upstream client) are attached at startup, so
+    :meth:`handle` is the route handler itself: no wrapper coroutine on the hot path.
+    """
+
+    router: Router
+    acct: Accountant
+    metrics: Metrics
+    client: aiohttp.ClientSession
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.router = router
-        self.acct = accountant
-        self.client = client
-        self.metrics = accountant.metrics
         self._cut = settings.on_budget_mid_stream == "cut"
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_total_timeout_s,
@@ -152,17 +155,27 @@ class ProxyHandler:
             sock_read=settings.upstream_idle_timeout_s,
         )
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    def attach(self, router: Router, accountant: Accountant, client: aiohttp.ClientSession) -> None:
+        self.router = router
+        self.acct = accountant
+        self.metrics = accountant.metrics
+        self.client = client
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             target = self.router.resolve(request.rel_url.raw_path, request.headers)
         except RoutingError as exc:
             return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
         route = target.route
         adapter = get_adapter(route.adapter)
+        limit = self.settings.max_request_bytes
+        length = request.content_length
         try:
-            body = await read_body(request, self.settings.max_request_bytes)
-        except BodyTooLarge:
-            msg = f"request body exceeds max_request_bytes ({self.settings.max_request_bytes})"
+            if length is not None and length > limit:
+                raise web.HTTPRequestEntityTooLarge(limit, length)
+            body = await request.read()  # bounded: the app's client_max_size is the same limit
+        except web.HTTPRequestEntityTooLarge:
+            msg = f"request body exceeds max_request_bytes ({limit})"
             return error_response(adapter.error_style, 413, msg, "request_too_large")
         info = adapter.inspect(
             request.method,
@@ -219,9 +232,7 @@ class ProxyHandler:
         qs = request.rel_url.raw_query_string
         if qs:
             url += "?" + qs
-        headers = upstream_headers(request.headers, info.strip_usage_chunk)
-        for name, value in route.headers:
-            headers[name] = value
+        headers = upstream_headers(request.headers, info.strip_usage_chunk, route.headers)
         try:
             up = await self.client.request(
                 request.method,

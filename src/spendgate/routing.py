@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from spendgate.settings import AgentHeaders, RouteConfig, Settings
 
@@ -25,8 +26,9 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
+    """Where one request goes (a tuple: made for every request)."""
+
     route: Route
     path: str
     """The upstream path (raw, still percent-encoded), less spendgate's prefixes."""
@@ -80,6 +82,11 @@ class Router:
     def __init__(self, routes: list[Route], agent_headers: list[AgentHeaders]) -> None:
         self._routes = routes
         self._by_name = {r.name: r for r in routes}
+        # Candidates by the prefix's first segment, longest prefix first (as ``routes``).
+        self._by_head: dict[str, list[tuple[Route, str]]] = {}
+        for r in routes:
+            head = r.prefix[1:].partition("/")[0]
+            self._by_head.setdefault(head, []).append((r, r.prefix + "/"))
         self._agent_headers = agent_headers
 
     @property
@@ -94,7 +101,9 @@ class Router:
             if path.startswith("/a/"):
                 agent, path = _take_segment(path[3:], "agent")
         route, upstream_path = self._match(path)
-        if any(seg in (".", "..", "%2e%2e", "%2E%2E") for seg in upstream_path.split("/")):
+        if ("." in upstream_path or "%2" in upstream_path) and any(
+            seg in (".", "..", "%2e%2e", "%2E%2E") for seg in upstream_path.split("/")
+        ):
             raise RoutingError(f"path {raw_path!r} contains '.' or '..' segments", route.adapter)
         hs, ha = self._from_headers(headers, route.adapter)
         return Target(
@@ -105,8 +114,8 @@ class Router:
         )
 
     def _match(self, path: str) -> tuple[Route, str]:
-        for r in self._routes:
-            if path == r.prefix or path.startswith(r.prefix + "/"):
+        for r, with_slash in self._by_head.get(path[1:].partition("/")[0], ()):
+            if path.startswith(with_slash) or path == r.prefix:
                 return r, path[len(r.prefix) :]
         # The providers' own paths, so OPENAI_BASE_URL=http://host:8787/v1 just works.
         if path.startswith("/v1/messages") and "anthropic" in self._by_name:

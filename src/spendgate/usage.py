@@ -7,12 +7,11 @@ become zero (SPEC 2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """One response's tokens.
+class Usage(NamedTuple):
+    """One response's tokens (a tuple: made for every response, so it must be cheap).
 
     ``input_tokens`` counts *all* prompt tokens, cache reads and cache writes included;
     ``output_tokens`` counts all generated tokens, reasoning included. The breakdowns
@@ -44,8 +43,7 @@ class Usage:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class TokenCounts:
+class TokenCounts(NamedTuple):
     """Integer token fields as they are stored, emitted and priced."""
 
     input_tokens: int = 0

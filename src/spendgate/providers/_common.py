@@ -122,13 +122,19 @@ def text_chars(obj: JSONObject, keys: Iterable[str]) -> int:
     """
     total = 0
     stack: list[Any] = [obj.get(k) for k in keys]
-    while stack:
+    while stack:  # exact type checks: the values come from orjson
         value = stack.pop()
-        if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
             total += len(value)
-        elif isinstance(value, dict):
-            stack.extend(v for k, v in value.items() if k not in _BINARY_KEYS)
-        elif isinstance(value, list):
+        elif kind is dict:
+            for k, v in value.items():
+                if type(v) is str:
+                    if k not in _BINARY_KEYS:
+                        total += len(v)
+                elif v is not None and k not in _BINARY_KEYS:
+                    stack.append(v)
+        elif kind is list:
             stack.extend(value)
     return total
 

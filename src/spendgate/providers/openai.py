@@ -126,6 +126,8 @@ def _output_item_chars(item: Any) -> int:
 MAX_LAZY_BYTES = 1 << 20
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 MAX_TAIL = 1 << 16
+MAX_HELD = 1 << 16
+MAX_PROBES = 4
 MAX_LAZY_PAYLOADS = 4096
 
 
@@ -145,6 +147,9 @@ class OpenAIParser(FramedParser):
         """Bytes of an event not yet complete, held back from the framer."""
         self._at_boundary = False
         """The framer holds no partial event (so bytes may bypass it)."""
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._probes = 0
 
     def _wanted(self, payload: bytes) -> bool:
         # Cheap byte checks before orjson: ``[DONE]`` and non-JSON lines are skipped,
@@ -162,31 +167,67 @@ class OpenAIParser(FramedParser):
         return True
 
     def feed(self, data: bytes) -> None:
-        # Once the model is known, whole events that cannot hold a usage object are
-        # set aside unparsed: they matter only for the output estimate, which is read
-        # for live updates or when no usage arrives. Most streams end with reported
-        # usage, so their delta chunks are never framed or parsed at all.
-        if self._at_boundary and self._model is not None and b"\r" not in data:
-            buf = self._tail + data if self._tail else data
-            if len(buf) <= MAX_TAIL and _USAGE_OBJECT.search(buf) is None:
-                cut = buf.rfind(b"\n\n") + 2
-                if cut > 1:
-                    self._lazy.append(buf[:cut])
-                    self._lazy_size += cut
-                    buf = buf[cut:]
-                self._tail = buf
-                if self._lazy_size > MAX_LAZY_BYTES:
-                    self._count_lazy()
-                return
-            data, self._tail = buf, b""
+        # Once the model is known and the framer sits between events, pieces are only
+        # held: each is one list append. They are examined together when the numbers are
+        # read (usage, the estimate, close) or past MAX_HELD bytes, which turns a
+        # stream's per-chunk cost into one scan of its bytes. A piece holding many
+        # events (a whole short stream often arrives as one) has its first events
+        # framed one at a time until one names the model, and the rest held.
+        while self._model is None and self._probes < MAX_PROBES and b"\r" not in data:
+            end = data.find(b"\n\n") + 2
+            if end < 2 or end >= len(data):
+                break
+            self._probes += 1
+            self._frame(data[:end])
+            data = data[end:]
+        if self._at_boundary and self._model is not None:
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > MAX_HELD:
+                self._release()
+            return
+        self._frame(data)
+
+    def _frame(self, data: bytes) -> None:
         super().feed(data)
         self._at_boundary = isinstance(self._framer, SSEFramer) and data.endswith(b"\n\n")
 
+    def _release(self) -> None:
+        """Held pieces: whole events before the first usage object are set aside
+        unparsed (they matter only for the estimate); from that event on, parse."""
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held, self._held_size = [], 0
+        buf = self._tail + data if self._tail else data
+        self._tail = b""
+        if b"\r" in buf:  # CR line ends: only the framer reads those right
+            self._frame(buf)
+            return
+        usage = _USAGE_OBJECT.search(buf)
+        cut = buf.rfind(b"\n\n", 0, len(buf) if usage is None else usage.start()) + 2
+        if cut > 1:
+            self._lazy.append(buf[:cut])
+            self._lazy_size += cut
+            buf = buf[cut:]
+        if usage is None and len(buf) <= MAX_TAIL:
+            self._tail = buf  # the start of an event still arriving
+        elif buf:
+            self._frame(buf)
+        if self._lazy_size > MAX_LAZY_BYTES:
+            self._count_lazy()
+
     def close(self) -> None:
+        self._release()
         tail, self._tail = self._tail, b""
         if tail:
             super().feed(tail)
         super().close()
+
+    @property
+    def usage(self) -> Usage | None:
+        self._release()
+        return self._usage
 
     def _count_lazy(self) -> None:
         lazy, self._lazy, self._lazy_size = self._lazy, [], 0
@@ -202,6 +243,7 @@ class OpenAIParser(FramedParser):
 
     @property
     def output_chars(self) -> int:
+        self._release()
         if self._lazy or self._lazy_payloads:
             self._count_lazy()
         return self._output_chars
@@ -329,6 +371,7 @@ _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _OBJECT_VALUE = re.compile(rb"\s*:\s*\{")
 _EMPTY_LIST_VALUE = re.compile(rb"\s*:\s*\[\s*\]")
+_EMPTY_LIST = re.compile(rb"\[\s*\]")
 
 
 def _has_key_with(block: bytes, key: bytes, value: re.Pattern[bytes]) -> bool:
@@ -379,6 +422,14 @@ class UsageChunkFilter:
         self._passthrough: bool | None = None
 
     def feed(self, data: bytes) -> bytes:
+        if (
+            self._passthrough is False
+            and not self._pending
+            and data[-2:] == b"\n\n"
+            and _EMPTY_LIST.search(data) is None
+            and b"\r" not in data
+        ):
+            return data  # whole LF events, none holding an empty list: all pass
         if self._passthrough is None:
             head = (self._pending + data).lstrip()
             if head:
