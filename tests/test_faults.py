@@ -176,6 +176,52 @@ async def test_gzip_body_forwarded_as_is_and_metered(proxy: Proxy, upstream: Fak
     assert (row["inputTokens"], row["cachedInputTokens"], row["outputTokens"]) == (1149, 1024, 353)
 
 
+def _with_length(body: bytes, pieces: int = 2, **kw: Any) -> Reply:
+    """A JSON reply with a Content-Length (not chunked), sent in ``pieces`` writes."""
+    step = -(-len(body) // pieces)
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    headers = {"Content-Length": str(len(body)), **kw.pop("headers", {})}
+    return Reply(chunks=chunks, headers=headers, **kw)
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+async def test_json_of_known_length_is_sent_whole_and_unchanged(
+    proxy: Proxy, upstream: FakeUpstream, gzipped: bool
+) -> None:
+    body = b"".join(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json").chunks)
+    sent = gzip.compress(body) if gzipped else body
+    headers = {"Content-Encoding": "gzip", "X-Request-Id": "req_1"} if gzipped else {}
+    upstream.queue(_with_length(sent, pieces=3, headers={"X-Request-Id": "req_1", **headers}))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.post(
+            proxy.url("/s/whole/openai/v1/chat/completions"),
+            json={"model": "gpt-4o-mini", "messages": MSG},
+        ) as r,
+    ):
+        assert r.status == 200 and await r.read() == sent
+        assert r.headers["Content-Length"] == str(len(sent))
+        assert r.headers.getall("Content-Length") == [str(len(sent))]
+        assert r.headers["X-Request-Id"] == "req_1"
+        assert r.headers["Content-Type"] == "application/json"
+    (row,) = await proxy.messages("whole")
+    assert (row["inputTokens"], row["cachedInputTokens"], row["outputTokens"]) == (1149, 1024, 353)
+    assert row["estimated"] is False and row["ttftMs"] is not None
+
+
+async def test_json_cut_short_is_a_clean_502(proxy: Proxy, upstream: FakeUpstream) -> None:
+    body = b"".join(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json").chunks)
+    upstream.queue(_with_length(body, pieces=4, reset_after=2))  # promises more than it sends
+    c = openai.AsyncOpenAI(base_url=proxy.url("/s/short/openai/v1"), api_key="k", max_retries=0)
+    async with c:
+        with pytest.raises(openai.InternalServerError, match="broke off its response") as err:
+            await c.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert err.value.status_code == 502
+    (row,) = await proxy.messages("short")
+    assert row["status"] == 502 and row["error"] == "reset"
+    assert row["costUsd"] == 0 and row["outputTokens"] == 0
+
+
 async def test_transparency_of_method_path_query_and_headers(
     proxy: Proxy, upstream: FakeUpstream
 ) -> None:

@@ -19,7 +19,7 @@ from spendgate.budgets import BudgetLedger, Change, Refusal, Reservation
 from spendgate.bus import EventBus
 from spendgate.events import CONTEXT_USAGE, TOKEN_USAGE, Event, context_data
 from spendgate.metrics import Metrics
-from spendgate.pricing import PriceTable
+from spendgate.pricing import ModelPrice, PriceTable
 from spendgate.providers._api import RequestInfo, ResponseParser
 from spendgate.records import MessageRecord
 from spendgate.routing import Target
@@ -32,6 +32,7 @@ log = logging.getLogger("spendgate.accounting")
 # replicas, and no system call per request as uuid4 makes).
 _ID_PREFIX = os.urandom(8).hex()
 _ID_SEQ = itertools.count()
+_ZERO = Decimal(0)
 
 
 @dataclass(slots=True)
@@ -52,6 +53,9 @@ class Exchange:
     error: str | None = None
     last_live: float = field(default_factory=time.perf_counter)
     """When the last live update went out (the first one waits one interval too)."""
+    price: ModelPrice | None = None
+    priced_model: str | None = None
+    """The model ``price`` was looked up for (the response may name another)."""
 
     @property
     def model(self) -> str | None:
@@ -123,18 +127,26 @@ class Accountant:
         except Exception:
             log.exception("event bus failed to publish %s", ev.type)
 
+    def _price(self, ex: Exchange, model: str) -> ModelPrice | None:
+        """The price of ``model``, looked up once per exchange (and again only if the
+        response names a different model than the request)."""
+        if model != ex.priced_model:
+            ex.price = self.prices.priced(model, ex.target.route.provider)
+            ex.priced_model = model
+        return ex.price
+
     def reserve_cost(self, ex: Exchange) -> Decimal:
-        info, provider = ex.info, ex.target.route.provider
+        info = ex.info
         if not info.metered or info.model is None:
-            return Decimal(0)
+            return _ZERO
+        price = self._price(ex, info.model)
+        if price is None:
+            return _ZERO
         out = info.max_output_tokens or self._reserve_output
         if out is None:
-            price = self.prices.resolve(info.model, provider)
-            out = min(4096, (price.max_output_tokens if price else None) or 4096)
-        cost = self.prices.reserve_cost(
-            info.model, estimate_tokens(info.input_chars), out, provider=provider
-        )
-        return cost or Decimal(0)
+            out = min(4096, price.max_output_tokens or 4096)
+        counts = TokenCounts(input_tokens=estimate_tokens(info.input_chars), output_tokens=out)
+        return price.cost(counts) or _ZERO
 
     async def admit(self, ex: Exchange) -> Refusal | None:
         outcome, change = await self.ledger.admit(ex.target.session_id, self.reserve_cost(ex))
@@ -144,8 +156,9 @@ class Accountant:
         ex.reservation = outcome
         return None
 
-    def _cost(self, model: str | None, counts: TokenCounts, provider: str) -> Decimal | None:
-        return self.prices.cost(model, counts, provider) if model else None
+    def _cost(self, ex: Exchange, model: str | None, counts: TokenCounts) -> Decimal | None:
+        price = self._price(ex, model) if model else None
+        return None if price is None else price.cost(counts)
 
     # -- while streaming ---------------------------------------------------------------------
 
@@ -156,7 +169,7 @@ class Accountant:
             return
         ex.last_live = now
         counts = ex.estimated_counts()
-        cost = self._cost(ex.model, counts, ex.target.route.provider)
+        cost = self._cost(ex, ex.model, counts)
         spent = self.ledger.spent(ex.target.session_id)
         self._publish(self._usage_event(ex, counts, cost, spent + (cost or 0), False, True))
 
@@ -165,7 +178,7 @@ class Accountant:
         remaining = self.ledger.live_remaining(ex.target.session_id)
         if remaining is None:
             return False
-        cost = self._cost(ex.model, ex.estimated_counts(), ex.target.route.provider)
+        cost = self._cost(ex, ex.model, ex.estimated_counts())
         return cost is not None and cost >= remaining
 
     # -- at the end ------------------------------------------------------------------------------
@@ -173,7 +186,7 @@ class Accountant:
     async def finish(self, ex: Exchange) -> MessageRecord:
         counts, estimated = ex.final_counts()
         model, provider = ex.model, ex.target.route.provider
-        cost = self._cost(model, counts, provider)
+        cost = self._cost(ex, model, counts)
         if cost is None and counts.total_tokens == 0 and ex.status >= 400:
             cost = Decimal(0)  # an error that billed nothing costs nothing, known or not
         if ex.reservation is not None:
@@ -209,7 +222,7 @@ class Accountant:
         spent = self.ledger.spent(ex.target.session_id)
         self._publish(self._usage_event(ex, counts, cost, spent, True, estimated))
         if ex.status < 400 and counts.total_tokens:
-            price = self.prices.resolve(model, provider) if model else None
+            price = self.prices.resolve(model, provider) if model else None  # priced or not
             window = price.context_window if price else None
             make = functools.partial(
                 context_data, rec.session_id, model, counts.total_tokens, window

@@ -89,7 +89,7 @@ class ModelPrice:
             return None
         inp, out = base_in, base_out
         cached, write, write_1h = self.cached_input, self.cache_write, self.cache_write_1h
-        tier = self._tier(counts.input_tokens)
+        tier = self._tier(counts.input_tokens) if self.tiers else None
         if tier is not None:
             inp = base_in if tier.input is None else tier.input
             out = base_out if tier.output is None else tier.output
@@ -252,7 +252,8 @@ class PriceTable:
                     return hit
         return None
 
-    def _priced(self, model: str, provider: str | None) -> ModelPrice | None:
+    def priced(self, model: str, provider: str | None = None) -> ModelPrice | None:
+        """The price of ``model`` if both token prices are known; else None, logged once."""
         price = self.resolve(model, provider)
         if price is not None and price.priced:
             return price
@@ -268,7 +269,7 @@ class PriceTable:
 
     def cost(self, model: str, counts: TokenCounts, provider: str | None = None) -> Decimal | None:
         """USD for one response, or None when the model's price is unknown."""
-        price = self._priced(model, provider)
+        price = self.priced(model, provider)
         return None if price is None else price.cost(counts)
 
     def reserve_cost(

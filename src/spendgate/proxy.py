@@ -41,6 +41,8 @@ HOP_BY_HOP = frozenset(
     )
 )  # fmt: skip
 KEY_HEADERS = ("x-api-key", "x-goog-api-key", "api-key")
+WHOLE_BODY_BYTES = 8 << 20
+"""A non-streamed response up to this size (and of known length) is read whole."""
 CLIENT_CLOSED = 499
 """Row status when the client left before the upstream answered (nginx's convention)."""
 
@@ -258,7 +260,50 @@ class ProxyHandler:
                 f"upstream {route.upstream} closed the connection before answering: {exc}",
             )  # fmt: skip
         async with up:
+            length = up.content_length
+            if not ex.info.stream and length is not None and length <= WHOLE_BODY_BYTES:
+                return await self._whole(request, adapter, ex, up)
             return await self._stream(request, adapter, ex, up)
+
+    async def _whole(
+        self, request: web.Request, adapter: Adapter, ex: Exchange, up: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """A body of known, bounded size (a JSON answer): read whole, parsed once, sent with
+        the headers in one write. If the upstream breaks off, nothing has gone to the
+        client yet, so it gets a clean 502 instead of a truncated body."""
+        ex.status = up.status
+        encoding = up.headers.get("Content-Encoding", "")
+        ex.parser = parser = adapter.parser(ex.info, up.status, up.headers.get("Content-Type", ""))
+        try:
+            body = await up.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "reset"
+            return self._upstream_error(
+                request, adapter, ex, 502 if kind == "reset" else 504, kind,
+                f"upstream {ex.target.route.upstream} broke off its response: {exc}",
+            )  # fmt: skip
+        ex.ttft = time.perf_counter() - ex.t0
+        decoder = _decoder(encoding) if encoding else None
+        try:
+            if decoder is not None:
+                parser.feed(decoder.decompress(body))
+            elif not encoding:
+                parser.feed(body)
+        except Exception:  # a broken compressed body: unparsed, still forwarded
+            pass
+        parser.close()
+        resp = web.Response(
+            status=up.status,
+            reason=up.reason,
+            body=body,
+            headers=client_headers(up.headers, keep_length=False),  # aiohttp sets the length
+        )
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        except ConnectionError:
+            ex.aborted = True
+        return resp
 
     async def _stream(
         self, request: web.Request, adapter: Adapter, ex: Exchange, up: aiohttp.ClientResponse
