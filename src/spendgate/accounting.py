@@ -164,8 +164,10 @@ class Accountant:
 
     def live(self, ex: Exchange) -> None:
         """A throttled ``final: false`` update, only built when somebody listens."""
+        if not self.bus.subscriber_count:
+            return
         now = time.perf_counter()
-        if now - ex.last_live < self._live_interval or not self.bus.subscriber_count:
+        if now - ex.last_live < self._live_interval:
             return
         ex.last_live = now
         counts = ex.estimated_counts()

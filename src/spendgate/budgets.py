@@ -91,7 +91,11 @@ class _State:
     record: SessionRecord
     spent: Decimal = Decimal(0)
     reserved: dict[int, Decimal] = field(default_factory=dict)
+    reserved_total: Decimal = Decimal(0)
+    """The sum of ``reserved``, kept as it changes (admission reads it every request)."""
     warned: set[float] = field(default_factory=set)
+    next_warning_at: Decimal | None = None
+    """Spend at which the lowest threshold not yet warned about is crossed (None: none)."""
     override: bool = False
     """Resumed by hand while over budget: admit until the next settled request."""
 
@@ -109,6 +113,7 @@ class MemoryLedger:
         for rec in sessions:
             st = _State(rec, spend.get(rec.id, Decimal(0)))
             st.warned = set(self._crossed(st))
+            self._arm(st)
             self._sessions[rec.id] = st
 
     def _state(self, session_id: str, change: Change) -> _State:
@@ -116,6 +121,7 @@ class MemoryLedger:
         if st is None:
             rec = SessionRecord(session_id, time.time(), budget_usd=self._default_budget)
             st = self._sessions[session_id] = _State(rec)
+            self._arm(st)
             change.session, change.created = rec, True
         return st
 
@@ -125,8 +131,16 @@ class MemoryLedger:
             return []
         if budget <= 0:
             return list(self._thresholds)
-        frac = st.spent / budget
-        return [t for t, d in self._fractions if frac >= d]
+        return [t for t, d in self._fractions if st.spent >= budget * d]  # exact, no division
+
+    def _arm(self, st: _State) -> None:
+        """Where the next warning fires, so settling need not divide on every request."""
+        budget = st.record.budget_usd
+        pending = [d for t, d in self._fractions if t not in st.warned]
+        if budget is None or not pending:
+            st.next_warning_at = None
+        else:
+            st.next_warning_at = budget * min(pending) if budget > 0 else Decimal(0)
 
     def _event(self, type_: str, st: _State, **extra: object) -> Event:
         b = st.record.budget_usd
@@ -145,24 +159,29 @@ class MemoryLedger:
         if (
             rec.budget_usd is not None
             and not st.override
-            and st.spent + sum(st.reserved.values()) >= rec.budget_usd
+            and st.spent + st.reserved_total >= rec.budget_usd
         ):
             return Refusal(session_id, rec.budget_usd, st.spent, BUDGET), change
         res = Reservation(next(self._ids), session_id, reserve)
         st.reserved[res.id] = reserve
+        st.reserved_total += reserve
         return res, change
 
     async def settle(self, reservation: Reservation, cost: Decimal | None) -> Change:
         change = Change()
         st = self._state(reservation.session_id, change)
-        st.reserved.pop(reservation.id, None)
+        held = st.reserved.pop(reservation.id, None)
+        if held is not None:
+            st.reserved_total -= held
         if cost:
             st.spent += cost
         st.override = False
-        for t in self._crossed(st):
-            if t not in st.warned:
-                st.warned.add(t)
-                change.events.append(self._event(BUDGET_WARNING, st, threshold=t))
+        if st.next_warning_at is not None and st.spent >= st.next_warning_at:
+            for t in self._crossed(st):
+                if t not in st.warned:
+                    st.warned.add(t)
+                    change.events.append(self._event(BUDGET_WARNING, st, threshold=t))
+            self._arm(st)
         budget = st.record.budget_usd
         if budget is not None and st.spent >= budget and not st.record.paused:
             st.record.paused, st.record.pause_reason = True, BUDGET
@@ -176,6 +195,7 @@ class MemoryLedger:
         st.record.budget_usd = budget
         change.session = st.record
         st.warned &= set(self._crossed(st))  # re-arm the thresholds now below the spend
+        self._arm(st)
         over = budget is not None and st.spent >= budget
         if st.record.paused and st.record.pause_reason == BUDGET and not over:
             st.record.paused, st.record.pause_reason = False, None

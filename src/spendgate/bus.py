@@ -64,15 +64,14 @@ class MemoryBus:
     def subscriber_count(self) -> int:
         return len(self._subs)
 
-    def _next_id(self) -> int:
-        # Microseconds since the epoch, kept strictly increasing: ids grow across restarts
-        # without being stored, so an old Last-Event-ID never hides new events.
-        self._last_id = max(self._last_id + 1, time.time_ns() // 1000)
-        return self._last_id
-
     def publish(self, event: Event) -> None:
-        event.id = self._next_id()
+        # Ids are microseconds since the epoch, kept strictly increasing: they grow across
+        # restarts without being stored, so an old Last-Event-ID never hides new events.
+        now = time.time_ns() // 1000
+        event.id = self._last_id = now if now > self._last_id else self._last_id + 1
         self._history.append(event)
+        if not self._subs:
+            return
         for sub in list(self._subs):
             if not sub.wants(event):
                 continue

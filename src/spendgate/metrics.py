@@ -352,16 +352,13 @@ class Metrics:
         if series is None:
             series = self._series[key] = self._new_series(m, operation, requested_model)
         series.requests[0] += 1
-        if series.tokens:
-            counts = (
-                m.input_tokens,
-                m.output_tokens,
-                m.cached_input_tokens,
-                m.cache_write_tokens,
-                m.reasoning_tokens,
-            )  # fmt: skip (the order of TOKEN_TYPES)
-            for cell, n in zip(series.tokens, counts, strict=True):
-                cell[0] += n
+        if series.tokens:  # in the order of TOKEN_TYPES
+            inp, out, cached, write, reasoning = series.tokens
+            inp[0] += m.input_tokens
+            out[0] += m.output_tokens
+            cached[0] += m.cached_input_tokens
+            write[0] += m.cache_write_tokens
+            reasoning[0] += m.reasoning_tokens
         if m.cost_usd is not None:
             if series.cost is None:
                 series.cost = self.cost.cell(self._cost_labels(m), _ZERO)

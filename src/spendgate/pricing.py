@@ -100,15 +100,12 @@ class ModelPrice:
         cached = inp if cached is None else cached
         write = inp if write is None else write
         write_1h = write if write_1h is None else write_1h
-        writes_1h = min(counts.cache_write_1h_tokens, counts.cache_write_tokens)
-        writes_5m = counts.cache_write_tokens - writes_1h
-        total = (
-            counts.uncached_input_tokens * inp
-            + counts.cached_input_tokens * cached
-            + writes_5m * write
-            + writes_1h * write_1h
-            + counts.output_tokens * out
-        )
+        total = counts.uncached_input_tokens * inp + counts.output_tokens * out
+        if counts.cached_input_tokens:
+            total += counts.cached_input_tokens * cached
+        if counts.cache_write_tokens:
+            writes_1h = min(counts.cache_write_1h_tokens, counts.cache_write_tokens)
+            total += (counts.cache_write_tokens - writes_1h) * write + writes_1h * write_1h
         return total / MILLION
 
     def _tier(self, input_tokens: int) -> PriceTier | None:

@@ -121,7 +121,7 @@ def text_chars(obj: JSONObject, keys: Iterable[str]) -> int:
     Iterative, so deeply nested input cannot hit the recursion limit.
     """
     total = 0
-    stack: list[Any] = [obj.get(k) for k in keys]
+    stack: list[Any] = [v for k in keys if (v := obj.get(k)) is not None]
     while stack:  # exact type checks: the values come from orjson
         value = stack.pop()
         kind = type(value)

@@ -26,7 +26,6 @@ from spendgate.providers._common import (
     first_int,
     loads_object,
     nonempty_str,
-    reported,
     str_len,
     text_chars,
 )
@@ -61,31 +60,29 @@ def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
     ``prompt_tokens``/``input_tokens`` already include cached tokens and
     ``completion_tokens``/``output_tokens`` already include reasoning (SPEC 2).
     """
-    inp = as_int(block.get("prompt_tokens"))
+    get = block.get
+    inp = as_int(get("prompt_tokens"))
     if inp is None:
-        inp = as_int(block.get("input_tokens"))
-    out = as_int(block.get("completion_tokens"))
+        inp = as_int(get("input_tokens"))
+    out = as_int(get("completion_tokens"))
     if out is None:
-        out = as_int(block.get("output_tokens"))
+        out = as_int(get("output_tokens"))
     if out is None and embeddings and inp is not None:
         out = 0
-    details = as_dict(block.get("prompt_tokens_details")) or as_dict(
-        block.get("input_tokens_details")
-    )
-    cached = as_int(details.get("cached_tokens")) if details else None
-    if cached is None:
-        cached = as_int(block.get("prompt_cache_hit_tokens"))  # DeepSeek
-    details = as_dict(block.get("completion_tokens_details")) or as_dict(
-        block.get("output_tokens_details")
-    )
-    reasoning = as_int(details.get("reasoning_tokens")) if details else None
-    return reported(
-        Usage(
-            input_tokens=inp,
-            output_tokens=out,
-            cached_input_tokens=cached,
-            reasoning_tokens=reasoning,
-        )
+    details = get("prompt_tokens_details")
+    if type(details) is not dict:
+        details = get("input_tokens_details")
+    cached = as_int(details.get("cached_tokens")) if type(details) is dict else None
+    if cached is None and "prompt_cache_hit_tokens" in block:
+        cached = as_int(get("prompt_cache_hit_tokens"))  # DeepSeek
+    details = get("completion_tokens_details")
+    if type(details) is not dict:
+        details = get("output_tokens_details")
+    reasoning = as_int(details.get("reasoning_tokens")) if type(details) is dict else None
+    if inp is None and out is None and cached is None and reasoning is None:
+        return None  # an empty block is no report
+    return Usage(
+        input_tokens=inp, output_tokens=out, cached_input_tokens=cached, reasoning_tokens=reasoning
     )
 
 
@@ -258,14 +255,20 @@ class OpenAIParser(FramedParser):
             return
         if self._model is None:
             self._model = nonempty_str(obj.get("model"))  # Azure's first chunk has ""
-        for choice in as_list(obj.get("choices")):
-            if isinstance(choice, dict):
-                delta = as_dict(choice.get("delta")) or as_dict(choice.get("message"))
-                if delta:
-                    self._output_chars += message_chars(delta)
-                self._output_chars += str_len(choice.get("text"))  # completions
-        block = as_dict(obj.get("usage"))  # may ride on a chunk with choices (OpenRouter)
-        if block is not None:
+        choices = obj.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is dict:
+                    delta = choice.get("delta")
+                    if type(delta) is not dict or not delta:
+                        delta = choice.get("message")
+                    if type(delta) is dict and delta:
+                        self._output_chars += message_chars(delta)
+                    text = choice.get("text")  # completions
+                    if type(text) is str:
+                        self._output_chars += len(text)
+        block = obj.get("usage")  # may ride on a chunk with choices (OpenRouter)
+        if type(block) is dict:
             self._usage = map_usage(block, embeddings=self._embeddings) or self._usage
 
     def _response_event(self, kind: str, obj: JSONObject) -> None:
@@ -331,7 +334,7 @@ class OpenAIAdapter:
         op = classify(method, path)
         if op == "other":
             return RequestInfo(operation="other", body=body)
-        azure = _AZURE.search(path)
+        azure = _AZURE.search(path) if "/deployments/" in path else None
         deployment = azure.group(1) if azure else None
         obj = loads_object(body)
         if obj is None:
