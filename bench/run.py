@@ -185,15 +185,20 @@ async def start_upstream(tmp: Path) -> Server:
     return await start_server("upstream", argv, f"http://{HOST}:{port}/", tmp)
 
 
-async def start_floor(tmp: Path, upstream: Server, name: str = "floor") -> Server:
+async def start_floor(
+    tmp: Path, upstream: Server, name: str = "floor", wrap: Sequence[str] = ()
+) -> Server:
+    """``wrap``: a command to run the proxy under (bench/instructions.py: valgrind)."""
     port = free_port()
-    argv = [sys.executable, str(BENCH / "floor_proxy.py"), "--port", str(port)]
+    argv = [*wrap, sys.executable, str(BENCH / "floor_proxy.py"), "--port", str(port)]
     argv += ["--upstream", upstream.url.rstrip("/")]
     health = f"http://{HOST}:{port}/v1/models"
     return await start_server(name, argv, health, tmp, base_path=FLOOR_PATH)
 
 
-async def start_spendgate(tmp: Path, upstream: Server, name: str = "spendgate") -> Server:
+async def start_spendgate(
+    tmp: Path, upstream: Server, name: str = "spendgate", wrap: Sequence[str] = ()
+) -> Server:
     port = free_port()
     env = {
         "SPENDGATE_HOST": HOST,
@@ -203,7 +208,7 @@ async def start_spendgate(tmp: Path, upstream: Server, name: str = "spendgate") 
         # Budgets on: every session has one (large, so nothing is refused).
         "SPENDGATE_DEFAULT_SESSION_BUDGET_USD": "1000000",
     }
-    argv = [sys.executable, "-m", "spendgate", "serve"]
+    argv = [*wrap, sys.executable, "-m", "spendgate", "serve"]
     health = f"http://{HOST}:{port}/healthz"
     return await start_server(name, argv, health, tmp, env, base_path=SPENDGATE_PATH)
 

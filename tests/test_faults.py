@@ -327,6 +327,36 @@ async def test_upstream_stalls_mid_stream(start_proxy: StartProxy, upstream: Fak
     assert row["error"] == "upstream_timeout" and row["estimated"] is True
 
 
+async def test_a_slow_stream_that_keeps_sending_is_not_cut(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """Silence is measured between pieces: 1.2 s of stream with 0.15 s gaps outlives a
+    0.3 s idle timeout."""
+    proxy = await start_proxy(upstream_idle_timeout_s=0.3)
+    upstream.queue(sse_reply(_words(8), delay=0.15))
+    client = openai.AsyncOpenAI(base_url=proxy.url("/s/slow/openai/v1"), api_key="k", max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True)
+        assert len([chunk async for chunk in stream]) == 8
+    (row,) = await proxy.messages("slow")
+    assert row["error"] is None and row["status"] == 200
+
+
+async def test_json_that_stalls_mid_body_is_504(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(upstream_idle_timeout_s=0.3)
+    body = b"".join(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json").chunks)
+    upstream.queue(_with_length(body, pieces=4, stall_after=2, hang=5.0))
+    async with proxy.http.post(
+        proxy.url("/s/stuck/openai/v1/chat/completions"), json={"model": "gpt-4o-mini"}
+    ) as r:
+        assert r.status == 504
+        assert "went silent for 0.3 s" in (await r.json())["error"]["message"]
+    (row,) = await proxy.messages("stuck")
+    assert row["status"] == 504 and row["error"] == "timeout"
+
+
 async def test_reset_before_headers_is_502_reset(proxy: Proxy, upstream: FakeUpstream) -> None:
     upstream.queue(Reply(drop=True))
     async with proxy.http.post(proxy.url("/s/drop/openai/v1/chat/completions"), json={}) as r:

@@ -135,6 +135,48 @@ def event_end(data: bytes, ndjson: bool) -> int:
     return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
+class IdleWatch:
+    """Ends a response whose upstream has sent nothing for ``idle`` seconds.
+
+    aiohttp's ``sock_read`` timeout cancels and re-arms a timer on every read, two timer
+    operations for each streamed chunk. This looks at the response's byte count a few
+    times per ``idle`` instead and closes the response after a whole ``idle`` without
+    progress, so it fires between ``idle`` and 1.25 × ``idle`` of silence.
+    """
+
+    CHECKS = 4
+    __slots__ = ("_handle", "_loop", "_period", "_quiet", "_seen", "_up", "fired")
+
+    def __init__(self, up: aiohttp.ClientResponse, idle: float) -> None:
+        self._up = up
+        self._loop = asyncio.get_running_loop()
+        self._period = idle / self.CHECKS
+        self._seen = up.content.total_bytes
+        self._quiet = 0
+        self.fired = False
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def _tick(self) -> None:
+        total = self._up.content.total_bytes
+        if total != self._seen:
+            self._seen, self._quiet = total, 0
+        else:
+            self._quiet += 1
+            if self._quiet >= self.CHECKS:
+                self.fired = True
+                self._up.close()  # the pending read ends; check() tells why
+                return
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def check(self) -> None:
+        """After the body ended: raise if it ended because the upstream went silent."""
+        if self.fired:
+            raise TimeoutError("the upstream sent nothing for too long")
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class ProxyHandler:
     """The catch-all route's handler.
 
@@ -151,11 +193,13 @@ class ProxyHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cut = settings.on_budget_mid_stream == "cut"
+        # No ``sock_read``: aiohttp would re-arm a timer on every read. Silence is
+        # watched by ``asyncio.timeout`` until the headers and by IdleWatch after them.
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_total_timeout_s,
             connect=settings.upstream_connect_timeout_s,
-            sock_read=settings.upstream_idle_timeout_s,
         )
+        self._idle = settings.upstream_idle_timeout_s
 
     def attach(self, router: Router, accountant: Accountant, client: aiohttp.ClientSession) -> None:
         self.router = router
@@ -236,14 +280,15 @@ class ProxyHandler:
             url += "?" + qs
         headers = upstream_headers(request.headers, info.strip_usage_chunk, route.headers)
         try:
-            up = await self.client.request(
-                request.method,
-                URL(url, encoded=True),
-                headers=headers,
-                data=info.body or body or None,  # the adapter's rewrite, else the original
-                allow_redirects=False,
-                timeout=self._timeout,
-            )
+            async with asyncio.timeout(self._idle):  # until the response headers
+                up = await self.client.request(
+                    request.method,
+                    URL(url, encoded=True),
+                    headers=headers,
+                    data=info.body or body or None,  # the adapter's rewrite, else the original
+                    allow_redirects=False,
+                    timeout=self._timeout,
+                )
         except TimeoutError:
             return self._upstream_error(
                 request, adapter, ex, 504, "timeout",
@@ -260,13 +305,22 @@ class ProxyHandler:
                 f"upstream {route.upstream} closed the connection before answering: {exc}",
             )  # fmt: skip
         async with up:
-            length = up.content_length
-            if not ex.info.stream and length is not None and length <= WHOLE_BODY_BYTES:
-                return await self._whole(request, adapter, ex, up)
-            return await self._stream(request, adapter, ex, up)
+            watch = IdleWatch(up, self._idle)
+            try:
+                length = up.content_length
+                if not ex.info.stream and length is not None and length <= WHOLE_BODY_BYTES:
+                    return await self._whole(request, adapter, ex, up, watch)
+                return await self._stream(request, adapter, ex, up, watch)
+            finally:
+                watch.cancel()
 
     async def _whole(
-        self, request: web.Request, adapter: Adapter, ex: Exchange, up: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        adapter: Adapter,
+        ex: Exchange,
+        up: aiohttp.ClientResponse,
+        watch: IdleWatch,
     ) -> web.StreamResponse:
         """A body of known, bounded size (a JSON answer): read whole, parsed once, sent with
         the headers in one write. If the upstream breaks off, nothing has gone to the
@@ -276,12 +330,14 @@ class ProxyHandler:
         ex.parser = parser = adapter.parser(ex.info, up.status, up.headers.get("Content-Type", ""))
         try:
             body = await up.read()
+            watch.check()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            kind = "timeout" if isinstance(exc, TimeoutError) else "reset"
-            return self._upstream_error(
-                request, adapter, ex, 502 if kind == "reset" else 504, kind,
-                f"upstream {ex.target.route.upstream} broke off its response: {exc}",
-            )  # fmt: skip
+            upstream = ex.target.route.upstream
+            if watch.fired or isinstance(exc, TimeoutError):
+                msg = f"upstream {upstream} went silent for {self._idle:g} s mid-response"
+                return self._upstream_error(request, adapter, ex, 504, "timeout", msg)
+            msg = f"upstream {upstream} broke off its response: {exc}"
+            return self._upstream_error(request, adapter, ex, 502, "reset", msg)
         ex.ttft = time.perf_counter() - ex.t0
         decoder = _decoder(encoding) if encoding else None
         try:
@@ -306,7 +362,12 @@ class ProxyHandler:
         return resp
 
     async def _stream(
-        self, request: web.Request, adapter: Adapter, ex: Exchange, up: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        adapter: Adapter,
+        ex: Exchange,
+        up: aiohttp.ClientResponse,
+        watch: IdleWatch,
     ) -> web.StreamResponse:
         info = ex.info
         ex.status = up.status
@@ -351,6 +412,7 @@ class ProxyHandler:
                         if out and event_end(out, ndjson) == len(out):
                             await self._cut_stream(adapter, ex, resp)
                             return resp
+            watch.check()
             if out_filter is not None:
                 tail = out_filter.close()
                 if tail:
@@ -363,7 +425,7 @@ class ProxyHandler:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         except (aiohttp.ClientError, TimeoutError) as exc:
-            kind = "timeout" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) else "reset"
+            kind = "timeout" if watch.fired or isinstance(exc, TimeoutError) else "reset"
             ex.error = f"upstream_{kind}"
             self.metrics.upstream_errors.labels(ex.target.route.name, kind).inc()
             log.warning("upstream %s mid-response on %s: %s", kind, ex.target.route.name, exc)
