@@ -62,7 +62,7 @@ class Sizes:
 FULL = Sizes(
     warmup={"json": 1000, "stream": 400},
     requests={"json": 6000, "stream": 2500},
-    reps=3,
+    reps=5,
     concurrency=16,
     paced_fraction=0.15,
     paced_s=8.0,
@@ -301,6 +301,13 @@ class Row:
     def errors(self) -> int:
         return sum(r["errors"] for r in self.runs)
 
+    def paired(self, floor: Row, key: str, ratio: bool = True) -> float:
+        """Median over repetitions of this row's run against the floor run made next to
+        it (ratio, or difference): slow drifts of a shared machine cancel within a pair."""
+        pairs = zip(self.runs, floor.runs, strict=False)
+        values = [a[key] / b[key] if ratio else a[key] - b[key] for a, b in pairs]
+        return statistics.median(values) if values else float("nan")
+
 
 async def throughput(
     sizes: Sizes, upstream: Server, floor: Server, spendgate: Server
@@ -436,12 +443,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     out: list[tuple[str, str, bool]] = []
     for mode in MODES:
         sg, fl = rows[("spendgate", mode)], rows[("floor", mode)]
-        ratio = sg.median("cpu_us_per_req") / fl.median("cpu_us_per_req")
+        ratio = sg.paired(fl, "cpu_us_per_req")
         out.append((f"CPU per request ≤ 1.3× floor ({mode})", f"{ratio:.2f}×", ratio <= 1.3))
     for mode in MODES:
         sg, fl = rows[("spendgate", mode)], rows[("floor", mode)]
         c, rate = results["sizes"].concurrency, fl.paced[0]["rate"] if fl.paced else 0
-        added = sg.median("p50_ms") - fl.median("p50_ms")
+        added = sg.paired(fl, "p50_ms", ratio=False)
         out.append(
             (
                 f"p50 added latency ≤ 1 ms, {c} clients, closed loop ({mode})",
@@ -521,8 +528,9 @@ def report(results: dict[str, Any], command: str) -> str:
         f"{sizes.requests['stream']:,} streaming (64 content chunks + usage chunk + [DONE]); "
         f"{sizes.reps} run(s) each, floor and spendgate alternating, after a warm-up; "
         "medians shown. CPU per request = the proxy process's utime+stime delta over the "
-        "run / requests. Peak RSS = VmHWM after that mode's runs (cumulative per process: "
-        "non-streaming runs first).",
+        "run / requests. The CPU ratio and the closed-loop p50 targets are medians of each "
+        "spendgate run against the floor run beside it. Peak RSS = VmHWM after that mode's "
+        "runs (cumulative per process: non-streaming runs first).",
         "",
         "| proxy | mode | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MB | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -542,7 +550,7 @@ def report(results: dict[str, Any], command: str) -> str:
     for mode in MODES:
         sg, fl = rows[("spendgate", mode)], rows[("floor", mode)]
         ratios = [sg.median(k) / fl.median(k) for k in ("rps", "p50_ms", "p99_ms")]
-        ratios.append(sg.median("cpu_us_per_req") / fl.median("cpu_us_per_req"))
+        ratios.append(sg.paired(fl, "cpu_us_per_req"))
         ratios.append(sg.peak_rss_kb / fl.peak_rss_kb)
         lines.append(f"| {mode} | " + " | ".join(f"{r:.2f}×" for r in ratios) + " |")
     lines += [
