@@ -136,7 +136,7 @@ def event_end(data: bytes, ndjson: bool) -> int:
 
 
 class IdleWatch:
-    """Ends a response whose upstream has sent nothing for ``idle`` seconds.
+    """Ends a streamed response whose upstream has sent nothing for ``idle`` seconds.
 
     aiohttp's ``sock_read`` timeout cancels and re-arms a timer on every read, two timer
     operations for each streamed chunk. This looks at the response's byte count a few
@@ -148,6 +148,11 @@ class IdleWatch:
     __slots__ = ("_handle", "_loop", "_period", "_quiet", "_seen", "_up", "fired")
 
     def __init__(self, up: aiohttp.ClientResponse, idle: float) -> None:
+        # aiohttp's own read timeout bounded the wait for the headers; from here on
+        # this watch does the job, so switch that one off (if this aiohttp allows it).
+        protocol = up.connection.protocol if up.connection is not None else None
+        if protocol is not None and hasattr(protocol, "read_timeout"):
+            protocol.read_timeout = None
         self._up = up
         self._loop = asyncio.get_running_loop()
         self._period = idle / self.CHECKS
@@ -193,11 +198,10 @@ class ProxyHandler:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._cut = settings.on_budget_mid_stream == "cut"
-        # No ``sock_read``: aiohttp would re-arm a timer on every read. Silence is
-        # watched by ``asyncio.timeout`` until the headers and by IdleWatch after them.
         self._timeout = aiohttp.ClientTimeout(
             total=settings.upstream_total_timeout_s,
             connect=settings.upstream_connect_timeout_s,
+            sock_read=settings.upstream_idle_timeout_s,
         )
         self._idle = settings.upstream_idle_timeout_s
 
@@ -280,15 +284,14 @@ class ProxyHandler:
             url += "?" + qs
         headers = upstream_headers(request.headers, info.strip_usage_chunk, route.headers)
         try:
-            async with asyncio.timeout(self._idle):  # until the response headers
-                up = await self.client.request(
-                    request.method,
-                    URL(url, encoded=True),
-                    headers=headers,
-                    data=info.body or body or None,  # the adapter's rewrite, else the original
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                )
+            up = await self.client.request(
+                request.method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=info.body or body or None,  # the adapter's rewrite, else the original
+                allow_redirects=False,
+                timeout=self._timeout,
+            )
         except TimeoutError:
             return self._upstream_error(
                 request, adapter, ex, 504, "timeout",
@@ -305,11 +308,11 @@ class ProxyHandler:
                 f"upstream {route.upstream} closed the connection before answering: {exc}",
             )  # fmt: skip
         async with up:
+            length = up.content_length
+            if not ex.info.stream and length is not None and length <= WHOLE_BODY_BYTES:
+                return await self._whole(request, adapter, ex, up)
             watch = IdleWatch(up, self._idle)
             try:
-                length = up.content_length
-                if not ex.info.stream and length is not None and length <= WHOLE_BODY_BYTES:
-                    return await self._whole(request, adapter, ex, up, watch)
                 return await self._stream(request, adapter, ex, up, watch)
             finally:
                 watch.cancel()
@@ -320,7 +323,6 @@ class ProxyHandler:
         adapter: Adapter,
         ex: Exchange,
         up: aiohttp.ClientResponse,
-        watch: IdleWatch,
     ) -> web.StreamResponse:
         """A body of known, bounded size (a JSON answer): read whole, parsed once, sent with
         the headers in one write. If the upstream breaks off, nothing has gone to the
@@ -329,11 +331,10 @@ class ProxyHandler:
         encoding = up.headers.get("Content-Encoding", "")
         ex.parser = parser = adapter.parser(ex.info, up.status, up.headers.get("Content-Type", ""))
         try:
-            body = await up.read()
-            watch.check()
+            body = await up.read()  # aiohttp's sock_read bounds the silence
         except (aiohttp.ClientError, TimeoutError) as exc:
             upstream = ex.target.route.upstream
-            if watch.fired or isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError):
                 msg = f"upstream {upstream} went silent for {self._idle:g} s mid-response"
                 return self._upstream_error(request, adapter, ex, 504, "timeout", msg)
             msg = f"upstream {upstream} broke off its response: {exc}"
