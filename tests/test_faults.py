@@ -394,3 +394,33 @@ async def test_a_subscriber_that_left_is_forgotten_without_an_event(proxy: Proxy
         return proxy.acct.bus.subscriber_count == 0
 
     await eventually(gone, timeout=5)  # within the 1 s poll, not the 15 s keep-alive
+
+
+def test_upstream_headers_drop_hop_by_hop_and_let_the_route_replace() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from spendgate.proxy import client_headers, upstream_headers
+
+    sent = CIMultiDict(
+        [
+            ("Host", "127.0.0.1:8787"), ("Authorization", "Bearer client-key"),
+            ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("X-Keep", "a"),
+            ("X-Keep", "b"), ("x-spendgate-session", "s1"), ("Accept-Encoding", "gzip"),
+            ("Content-Length", "12"),
+        ]
+    )  # fmt: skip
+    out = upstream_headers(
+        CIMultiDictProxy(sent), True, (("authorization", "Bearer held-by-proxy"),)
+    )
+    assert out == [
+        ("X-Keep", "a"),
+        ("X-Keep", "b"),
+        ("authorization", "Bearer held-by-proxy"),
+        ("Accept-Encoding", "identity"),
+    ]
+    back = CIMultiDict([("Content-Length", "5"), ("Transfer-Encoding", "chunked"), ("X-A", "1")])
+    assert client_headers(CIMultiDictProxy(back), keep_length=True) == [
+        ("Content-Length", "5"),
+        ("X-A", "1"),
+    ]
+    assert client_headers(CIMultiDictProxy(back), keep_length=False) == [("X-A", "1")]
