@@ -584,3 +584,17 @@ async def test_a_failing_metric_never_breaks_forwarding(
     assert resp.usage is not None and resp.usage.completion_tokens == 353
     (row,) = await proxy.messages("run-1")
     assert row["outputTokens"] == 353
+
+
+def test_unmetered_tokens_are_counted_and_counters_never_go_down() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.record(message(model=None, endpoint="other", output_tokens=0), "other", None)
+    s = registry_samples(registry)
+    unknown = {"provider": "openai", "model": "unknown"}
+    assert value(s, "spendgate_tokens_total", type="input", **unknown) == 1200
+    assert value(s, "spendgate_tokens_total", type="output", **unknown) is None
+    with pytest.raises(ValueError, match="only go up"):
+        metrics.record(message(cost_usd=Decimal("-0.01")), "chat", "gpt-4o")
+    with pytest.raises(ValueError, match="only go up"):
+        metrics.record(message(output_tokens=-1), "chat", "gpt-4o")

@@ -115,11 +115,6 @@ class PlainCounter:
             found = self.cells[labels] = [zero]
         return found
 
-    def inc(self, labels: tuple[str, ...], amount: int | Decimal = 1) -> None:
-        if amount < 0:
-            raise ValueError("counters only go up")
-        self.cell(labels, amount * 0)[0] += amount
-
     def describe(self) -> list[Metric]:
         return [CounterMetricFamily(self._name, self._doc, labels=self._labelnames)]
 
@@ -152,9 +147,6 @@ class PlainHistogram:
             found = self.rows[labels] = [0] * (len(self.bounds) + 1)
         return found
 
-    def observe(self, labels: tuple[str, ...], value: float) -> None:
-        _observe(self.row(labels), self.bounds, value)
-
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
 
@@ -183,6 +175,8 @@ class _Series:
     duration: list[float]
     ttft: list[float]
     genai_duration: list[float] | None
+    cost_labels: tuple[str, ...]
+    genai_labels: tuple[str, str, str]
     cost: list[Any] | None = None
     unpriced: list[Any] | None = None
     genai_input: list[float] | None = None
@@ -351,21 +345,31 @@ class Metrics:
         series = self._series.get(key)
         if series is None:
             series = self._series[key] = self._new_series(m, operation, requested_model)
+        counts = (
+            m.input_tokens,
+            m.output_tokens,
+            m.cached_input_tokens,
+            m.cache_write_tokens,
+            m.reasoning_tokens,
+        )  # fmt: skip (the order of TOKEN_TYPES)
+        if min(counts) < 0 or (m.cost_usd is not None and m.cost_usd < 0):
+            raise ValueError("counters only go up")
         series.requests[0] += 1
         if series.tokens:  # in the order of TOKEN_TYPES
-            inp, out, cached, write, reasoning = series.tokens
-            inp[0] += m.input_tokens
-            out[0] += m.output_tokens
-            cached[0] += m.cached_input_tokens
-            write[0] += m.cache_write_tokens
-            reasoning[0] += m.reasoning_tokens
+            for cell, n in zip(series.tokens, counts, strict=True):
+                cell[0] += n
+        elif any(counts):  # unmetered: only the types it reports get a series
+            pm, s = series.cost_labels[:2], series.cost_labels[2:]
+            for (type_, _), n in zip(TOKEN_TYPES, counts, strict=True):
+                if n:
+                    self.tokens.cell((*pm, type_, *s))[0] += n
         if m.cost_usd is not None:
             if series.cost is None:
-                series.cost = self.cost.cell(self._cost_labels(m), _ZERO)
+                series.cost = self.cost.cell(series.cost_labels, _ZERO)
             series.cost[0] += m.cost_usd
         elif series.genai_duration is not None:  # metered, and no price
             if series.unpriced is None:
-                series.unpriced = self.unpriced.cell((m.provider, m.model or "unknown"))
+                series.unpriced = self.unpriced.cell(series.cost_labels[:2])
             series.unpriced[0] += 1
         if m.error is None and (m.status >= 500 or m.status == 429):
             kind = "http_429" if m.status == 429 else "http_5xx"
@@ -380,7 +384,7 @@ class Metrics:
         if m.status < 400 and not m.estimated:
             bounds = self.genai_tokens.bounds
             if series.genai_input is None:
-                genai = self._genai_labels(m, operation, requested_model)
+                genai = series.genai_labels
                 series.genai_input = self.genai_tokens.row((*genai, "input"))
                 if genai[2] != "embeddings":
                     series.genai_output = self.genai_tokens.row((*genai, "output"))
@@ -388,34 +392,23 @@ class Metrics:
             if series.genai_output is not None:
                 _observe(series.genai_output, bounds, m.output_tokens)
 
-    def _cost_labels(self, m: MessageRecord) -> tuple[str, ...]:
-        s = (m.session_id,) if self.session_labels else ()
-        return (m.provider, m.model or "unknown", *s)
-
-    @staticmethod
-    def _genai_labels(
-        m: MessageRecord, operation: str, requested_model: str | None
-    ) -> tuple[str, str, str]:
-        return (
-            GENAI_PROVIDERS.get(m.provider, m.provider),
-            requested_model or m.model or "unknown",
-            GENAI_OPERATIONS.get(operation, operation),
-        )
-
     def _new_series(self, m: MessageRecord, operation: str, requested_model: str | None) -> _Series:
         model = m.model or "unknown"
         s = (m.session_id,) if self.session_labels else ()
         pm = (m.provider, model)
         metered = operation not in UNMETERED
+        genai = (
+            GENAI_PROVIDERS.get(m.provider, m.provider),
+            requested_model or model,
+            GENAI_OPERATIONS.get(operation, operation),
+        )
         return _Series(
             requests=self.requests.cell((m.route, *pm, str(m.status), *s)),
             # metered models get every token type's series, from zero
             tokens=tuple(self.tokens.cell((*pm, t, *s)) for t, _ in TOKEN_TYPES) if metered else (),
             duration=self.duration.row(pm),
             ttft=self.ttft.row(pm),
-            genai_duration=(
-                self.genai_duration.row(self._genai_labels(m, operation, requested_model))
-                if metered
-                else None
-            ),
+            genai_duration=self.genai_duration.row(genai) if metered else None,
+            cost_labels=(*pm, *s),
+            genai_labels=genai,
         )
