@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -27,7 +27,7 @@ from spendgate.budgets import Refusal, usd
 from spendgate.errors import error_response, stream_error_bytes
 from spendgate.metrics import Metrics
 from spendgate.providers import get_adapter
-from spendgate.providers._api import Adapter
+from spendgate.providers._api import Adapter, ResponseParser
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
 
@@ -64,6 +64,17 @@ def _decoder(encoding: str) -> _Decoder | None:
         except ImportError:
             return None
     return None
+
+
+def parser_input(parser: ResponseParser, encoding: str) -> Callable[[bytes], None] | None:
+    """What the parser is fed raw body bytes through: directly, or through a decompressor
+    for a compressed body (the client gets it as is); None if the encoding is unreadable."""
+    if not encoding:
+        return parser.feed
+    decoder = _decoder(encoding)
+    if decoder is None:
+        return None
+    return lambda data: parser.feed(decoder.decompress(data))
 
 
 def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -325,10 +336,9 @@ class ProxyHandler:
         up: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         """A body of known, bounded size (a JSON answer): read whole, parsed once, sent with
-        the headers in one write. If the upstream breaks off, nothing has gone to the
-        client yet, so it gets a clean 502 instead of a truncated body."""
+        the headers in one write. If the upstream breaks off or goes silent, nothing has
+        gone to the client yet, so it gets a clean 502 or 504 instead of a truncated body."""
         ex.status = up.status
-        encoding = up.headers.get("Content-Encoding", "")
         ex.parser = parser = adapter.parser(ex.info, up.status, up.headers.get("Content-Type", ""))
         try:
             body = await up.read()  # aiohttp's sock_read bounds the silence
@@ -340,12 +350,10 @@ class ProxyHandler:
             msg = f"upstream {upstream} broke off its response: {exc}"
             return self._upstream_error(request, adapter, ex, 502, "reset", msg)
         ex.ttft = time.perf_counter() - ex.t0
-        decoder = _decoder(encoding) if encoding else None
+        feed = parser_input(parser, up.headers.get("Content-Encoding", ""))
         try:
-            if decoder is not None:
-                parser.feed(decoder.decompress(body))
-            elif not encoding:
-                parser.feed(body)
+            if feed is not None:
+                feed(body)
         except Exception:  # a broken compressed body: unparsed, still forwarded
             pass
         parser.close()
@@ -376,8 +384,7 @@ class ProxyHandler:
         encoding = up.headers.get("Content-Encoding", "")
         ok = up.status < 400
         ex.parser = parser = adapter.parser(info, up.status, ctype)
-        decoder = _decoder(encoding) if encoding else None
-        feed_parser = not encoding or decoder is not None
+        feed = parser_input(parser, encoding)
         out_filter = adapter.output_filter(info) if ok and not encoding else None
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(client_headers(up.headers, keep_length=out_filter is None))
@@ -401,11 +408,11 @@ class ProxyHandler:
                         return resp
                 if out:
                     await resp.write(out)
-                if feed_parser:
+                if feed is not None:
                     try:
-                        parser.feed(decoder.decompress(chunk) if decoder is not None else chunk)
+                        feed(chunk)
                     except Exception:  # a broken compressed body: stop parsing, keep forwarding
-                        feed_parser = False
+                        feed = None
                 if live:
                     self.acct.live(ex)
                     if cut and not cutting and self.acct.over_budget(ex):
