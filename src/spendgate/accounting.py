@@ -145,8 +145,7 @@ class Accountant:
         out = info.max_output_tokens or self._reserve_output
         if out is None:
             out = min(4096, price.max_output_tokens or 4096)
-        counts = TokenCounts(input_tokens=estimate_tokens(info.input_chars), output_tokens=out)
-        return price.cost(counts) or _ZERO
+        return price.reserve_cost(estimate_tokens(info.input_chars), out) or _ZERO
 
     async def admit(self, ex: Exchange) -> Refusal | None:
         outcome, change = await self.ledger.admit(ex.target.session_id, self.reserve_cost(ex))

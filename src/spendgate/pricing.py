@@ -108,6 +108,10 @@ class ModelPrice:
             total += (counts.cache_write_tokens - writes_1h) * write + writes_1h * write_1h
         return total / MILLION
 
+    def reserve_cost(self, input_tokens: int, output_tokens: int) -> Decimal | None:
+        """Estimated USD held against a budget while a request runs (all input uncached)."""
+        return self.cost(TokenCounts(input_tokens=input_tokens, output_tokens=output_tokens))
+
     def _tier(self, input_tokens: int) -> PriceTier | None:
         chosen = None
         for tier in self.tiers:
@@ -273,8 +277,8 @@ class PriceTable:
         self, model: str, input_tokens: int, output_tokens: int, provider: str | None = None
     ) -> Decimal | None:
         """Estimated USD held against a budget while a request runs (all input uncached)."""
-        counts = TokenCounts(input_tokens=input_tokens, output_tokens=output_tokens)
-        return self.cost(model, counts, provider)
+        price = self.priced(model, provider)
+        return None if price is None else price.reserve_cost(input_tokens, output_tokens)
 
     def to_json(self) -> dict[str, Any]:
         """The whole effective table for ``GET /api/pricing``."""
