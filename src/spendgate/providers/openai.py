@@ -140,11 +140,10 @@ class OpenAIParser(FramedParser):
         self._lazy_payloads: list[bytes] = []
         """JSON payloads of such events, when they arrived framed in a larger piece."""
         self._counting = False
-        self._tail = b""
-        """Bytes of an event not yet complete, held back from the framer."""
         self._at_boundary = False
         """The framer holds no partial event (so bytes may bypass it)."""
         self._held: list[bytes] = []
+        """Bytes not yet examined, from an event boundary on (see ``feed``)."""
         self._held_size = 0
         self._probes = 0
 
@@ -191,13 +190,12 @@ class OpenAIParser(FramedParser):
 
     def _release(self) -> None:
         """Held pieces: whole events before the first usage object are set aside
-        unparsed (they matter only for the estimate); from that event on, parse."""
+        unparsed (they matter only for the estimate); from that event on, parse. The
+        start of an event still arriving stays held."""
         if not self._held:
             return
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        buf = self._held[0] if len(self._held) == 1 else b"".join(self._held)
         self._held, self._held_size = [], 0
-        buf = self._tail + data if self._tail else data
-        self._tail = b""
         if b"\r" in buf:  # CR line ends: only the framer reads those right
             self._frame(buf)
             return
@@ -208,7 +206,8 @@ class OpenAIParser(FramedParser):
             self._lazy_size += cut
             buf = buf[cut:]
         if usage is None and len(buf) <= MAX_TAIL:
-            self._tail = buf  # the start of an event still arriving
+            if buf:
+                self._held, self._held_size = [buf], len(buf)
         elif buf:
             self._frame(buf)
         if self._lazy_size > MAX_LAZY_BYTES:
@@ -216,8 +215,8 @@ class OpenAIParser(FramedParser):
 
     def close(self) -> None:
         self._release()
-        tail, self._tail = self._tail, b""
-        if tail:
+        if self._held:  # an event that never got its blank line
+            (tail,), self._held, self._held_size = self._held, [], 0
             super().feed(tail)
         super().close()
 
