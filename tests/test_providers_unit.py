@@ -159,6 +159,37 @@ def test_openai_last_usage_wins() -> None:
     assert parser.usage == Usage(input_tokens=7, output_tokens=2)
 
 
+def _cumulative_chunk(i: int, usage: bool = True) -> dict[str, object]:
+    """A chunk as servers with continuous usage stats send it: text and a running total."""
+    block = {"prompt_tokens": 9, "completion_tokens": i + 1} if usage else None
+    return {
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "abcd"}}],
+        "usage": block,
+    }
+
+
+@pytest.mark.parametrize("last_null", [False, True])
+def test_openai_running_usage_on_every_chunk_ends_at_the_latest(last_null: bool) -> None:
+    # Held pieces are set aside up to a usage object, and counting them later (for the
+    # estimate) must not bring back an older total; also when the stream's last chunk
+    # says "usage": null after earlier objects.
+    chunks = [_cumulative_chunk(i) for i in range(12)]
+    if last_null:
+        chunks.append(_cumulative_chunk(12, usage=False))
+    data = sse(*chunks)
+    events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
+    for step in (1, 2, 5, len(events)):
+        parser = OPENAI.parser(chat({"stream": True}), 200, "text/event-stream")
+        for at in range(0, len(events), step):
+            parser.feed(b"".join(events[at : at + step]))
+            assert parser.usage is not None  # reading the numbers releases what is held
+            assert parser.output_chars > 0  # and reading the estimate counts what was set aside
+        parser.close()
+        assert parser.usage == Usage(input_tokens=9, output_tokens=12), step
+        assert parser.output_chars == 4 * len(chunks), step
+
+
 def test_anthropic_fields_merge_latest_per_field() -> None:
     events = (
         b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-x",'

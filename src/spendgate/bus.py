@@ -59,10 +59,8 @@ class MemoryBus:
         self._subs: set[Subscription] = set()
         self._queue_size = queue_size
         self._last_id = 0
-
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subs)
+        self.subscriber_count = 0
+        """Kept as a plain number: every streamed chunk asks whether anyone listens."""
 
     def publish(self, event: Event) -> None:
         # Ids are microseconds since the epoch, kept strictly increasing: they grow across
@@ -83,7 +81,7 @@ class MemoryBus:
 
     def _drop(self, sub: Subscription) -> None:
         """Forget a subscriber and wake its reader with the end marker."""
-        self._subs.discard(sub)
+        self.unsubscribe(sub)
         sub.dropped = True
         while not sub.queue.empty():
             sub.queue.get_nowait()
@@ -97,10 +95,12 @@ class MemoryBus:
         if last_event_id is not None:
             backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
         self._subs.add(sub)
+        self.subscriber_count = len(self._subs)
         return sub, backlog
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
+        self.subscriber_count = len(self._subs)
 
     def close(self) -> None:
         """End every subscriber's stream (at shutdown, so open SSE handlers return)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import gc
 import ipaddress
 import logging
 import sys
@@ -18,6 +19,13 @@ import orjson
 
 from spendgate import __version__
 from spendgate.settings import Settings, SettingsError, load_settings
+
+GC_THRESHOLDS = (10_000, 10, 10)
+"""The collector's thresholds while serving. Each request allocates a few hundred
+short-lived objects, nearly all freed by reference counting; at Python's default (a
+young collection every 700 allocations) the collector kept scanning the in-flight
+requests' objects. This measured about 4 % fewer instructions per request
+(``bench/instructions.py``) and no change in peak memory."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         pass
+    gc.set_threshold(*GC_THRESHOLDS)
     print(
         f"spendgate {__version__} on http://{settings.host}:{settings.port} (db {settings.db_path})"
     )

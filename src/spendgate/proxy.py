@@ -395,27 +395,30 @@ class ProxyHandler:
             self.metrics.active_streams += 1
         ndjson = "ndjson" in ctype
         cutting = False
+        # Per chunk, only local names: this loop runs for every piece of every stream.
+        write, acct = resp.write, self.acct
+        filter_feed = out_filter.feed if out_filter is not None else None
         try:
             async for chunk in up.content.iter_any():
                 if ex.ttft is None:
                     ex.ttft = time.perf_counter() - ex.t0
-                out = out_filter.feed(chunk) if out_filter is not None else chunk
+                out = filter_feed(chunk) if filter_feed is not None else chunk
                 if cutting:  # over budget: stop at the first event boundary
                     end = event_end(out, ndjson)
                     if end >= 0:
-                        await resp.write(out[:end])
+                        await write(out[:end])
                         await self._cut_stream(adapter, ex, resp)
                         return resp
                 if out:
-                    await resp.write(out)
+                    await write(out)
                 if feed is not None:
                     try:
                         feed(chunk)
                     except Exception:  # a broken compressed body: stop parsing, keep forwarding
                         feed = None
                 if live:
-                    self.acct.live(ex)
-                    if cut and not cutting and self.acct.over_budget(ex):
+                    acct.live(ex)
+                    if cut and not cutting and acct.over_budget(ex):
                         cutting = True
                         if out and event_end(out, ndjson) == len(out):
                             await self._cut_stream(adapter, ex, resp)

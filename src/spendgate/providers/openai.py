@@ -128,6 +128,18 @@ MAX_PROBES = 4
 MAX_LAZY_PAYLOADS = 4096
 
 
+def _usage_object_at(buf: bytes) -> int:
+    """Where a ``"usage": {`` starts in ``buf`` (-1 if none): everything before its event
+    can be set aside unparsed. The usage chunk is normally the last event, so one look
+    from the end finds it; a regex scan runs only when the last ``"usage"`` holds no
+    object (``null`` on every chunk of a stream still running)."""
+    at = buf.rfind(b'"usage"')
+    if at < 0 or _OBJECT_VALUE.match(buf, at + 7):
+        return at
+    found = _USAGE_OBJECT.search(buf, 0, at)
+    return -1 if found is None else found.start()
+
+
 class OpenAIParser(FramedParser):
     """Chat chunks, Responses events, or one JSON body of any of the four endpoints."""
 
@@ -189,7 +201,7 @@ class OpenAIParser(FramedParser):
         self._at_boundary = isinstance(self._framer, SSEFramer) and data.endswith(b"\n\n")
 
     def _release(self) -> None:
-        """Held pieces: whole events before the first usage object are set aside
+        """Held pieces: whole events before the usage object are set aside
         unparsed (they matter only for the estimate); from that event on, parse. The
         start of an event still arriving stays held."""
         if not self._held:
@@ -199,13 +211,13 @@ class OpenAIParser(FramedParser):
         if b"\r" in buf:  # CR line ends: only the framer reads those right
             self._frame(buf)
             return
-        usage = _USAGE_OBJECT.search(buf)
-        cut = buf.rfind(b"\n\n", 0, len(buf) if usage is None else usage.start()) + 2
+        usage = _usage_object_at(buf)
+        cut = buf.rfind(b"\n\n", 0, len(buf) if usage < 0 else usage) + 2
         if cut > 1:
             self._lazy.append(buf[:cut])
             self._lazy_size += cut
             buf = buf[cut:]
-        if usage is None and len(buf) <= MAX_TAIL:
+        if usage < 0 and len(buf) <= MAX_TAIL:
             if buf:
                 self._held, self._held_size = [buf], len(buf)
         elif buf:
@@ -267,7 +279,7 @@ class OpenAIParser(FramedParser):
                     if type(text) is str:
                         self._output_chars += len(text)
         block = obj.get("usage")  # may ride on a chunk with choices (OpenRouter)
-        if type(block) is dict:
+        if type(block) is dict and not self._counting:  # set-aside events are older
             self._usage = map_usage(block, embeddings=self._embeddings) or self._usage
 
     def _response_event(self, kind: str, obj: JSONObject) -> None:
@@ -283,7 +295,7 @@ class OpenAIParser(FramedParser):
         if self._model is None:
             self._model = nonempty_str(response.get("model"))
         block = as_dict(response.get("usage"))
-        if block is not None:
+        if block is not None and not self._counting:  # set-aside events are older
             self._usage = map_usage(block) or self._usage
         if body:
             self._output_chars += sum(
@@ -417,21 +429,25 @@ class UsageChunkFilter:
     is known only then. A body that is not SSE (an error JSON) passes straight through.
     """
 
-    __slots__ = ("_passthrough", "_pending")
+    __slots__ = ("_fast", "_passthrough", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""
         self._passthrough: bool | None = None
+        self._fast = False
+        """Known SSE and nothing held back: a piece of whole LF events may skip ``_feed``."""
 
     def feed(self, data: bytes) -> bytes:
-        if (
-            self._passthrough is False
-            and not self._pending
-            and data[-2:] == b"\n\n"
-            and _EMPTY_LIST.search(data) is None
-            and b"\r" not in data
-        ):
-            return data  # whole LF events, none holding an empty list: all pass
+        # The common piece passes as it is: it ends with a blank line (in LF or CRLF
+        # framing, that ends an event), so nothing stays held back, and nothing in it
+        # holds an empty list, so none of its events is the usage-only one.
+        if self._fast and data[-2:] == b"\n\n" and _EMPTY_LIST.search(data) is None:
+            return data
+        out = self._feed(data)
+        self._fast = self._passthrough is False and not self._pending
+        return out
+
+    def _feed(self, data: bytes) -> bytes:
         if self._passthrough is None:
             head = (self._pending + data).lstrip()
             if head:
