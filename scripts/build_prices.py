@@ -6,7 +6,7 @@ Run it when the public table is refreshed::
 
 It keeps the token-priced chat/completion/embedding/responses models of the built-in
 providers and a few popular OpenAI-compatible ones, converts them to spendgate's
-per-million format with :func:`spendgate.pricing.convert_litellm`, fills in
+per-million format with :func:`spendgate.price_files.convert_litellm`, fills in
 first-party ids of older Claude models that LiteLLM lists only under Bedrock, and
 copies LiteLLM's MIT license beside the output.
 """
@@ -27,7 +27,8 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from spendgate.pricing import convert_litellm, dumps_table, model_price  # noqa: E402
+from spendgate.price_files import convert_litellm, dumps_table  # noqa: E402
+from spendgate.pricing import model_price  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 OUT_DIR = ROOT / "src" / "spendgate" / "data"

@@ -12,17 +12,19 @@ from typing import Any
 import orjson
 import pytest
 
-from spendgate.pricing import (
-    ModelPrice,
-    PriceTable,
-    PriceTier,
-    PricingError,
+from spendgate.price_files import (
     bundled_attribution,
     convert_litellm,
     convert_models_dev,
     detect_format,
     import_table,
     load_price_table,
+)
+from spendgate.pricing import (
+    ModelPrice,
+    PriceTable,
+    PriceTier,
+    PricingError,
     model_price,
     per_million,
 )

@@ -18,7 +18,7 @@ from spendgate.budgets import MemoryLedger
 from spendgate.bus import MemoryBus
 from spendgate.keys import ACCOUNTANT, PROXY, REGISTRY, SETTINGS
 from spendgate.metrics import Metrics
-from spendgate.pricing import load_price_table
+from spendgate.price_files import load_price_table
 from spendgate.proxy import ProxyHandler
 from spendgate.routing import Router, build_routes
 from spendgate.settings import Settings

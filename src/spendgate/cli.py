@@ -187,7 +187,7 @@ def _budget(value: float | None) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     """One session: totals by model and agent (table, json), or every message (csv)."""
     from spendgate import reports
-    from spendgate.pricing import load_price_table
+    from spendgate.price_files import load_price_table
     from spendgate.records import EXPORT_COLUMNS
 
     async def go() -> int:
@@ -333,7 +333,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_pricing(args: argparse.Namespace) -> int:
-    from spendgate import pricing
+    from spendgate import price_files
 
     settings = _settings(args)
     if args.model == "import":
@@ -344,13 +344,13 @@ def cmd_pricing(args: argparse.Namespace) -> int:
         if target is None:
             target = settings.db_path.parent / "pricing.json"
         try:
-            count = pricing.import_into(Path(args.file), target)
+            count = price_files.import_into(Path(args.file), target)
         except (OSError, ValueError) as exc:
             print(f"spendgate: cannot import {args.file}: {exc}", file=sys.stderr)
             return 1
         print(f"imported {count} models into {target}; set SPENDGATE_PRICING_FILE={target}")
         return 0
-    table = pricing.load_price_table(settings.pricing_file, settings.model_aliases)
+    table = price_files.load_price_table(settings.pricing_file, settings.model_aliases)
     price = table.resolve(args.model)
     if price is None:
         print(f"spendgate: no price for {args.model!r} (its cost shows as N/A)", file=sys.stderr)
