@@ -209,6 +209,23 @@ async def test_json_of_known_length_is_sent_whole_and_unchanged(
     assert row["estimated"] is False and row["ttftMs"] is not None
 
 
+async def test_json_that_claims_gzip_but_is_not_passes_unchanged(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    garbled = b"\x1f\x8b not really gzip " + bytes(range(256))
+    upstream.queue(_with_length(garbled, headers={"Content-Encoding": "gzip"}))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.post(
+            proxy.url("/s/badgz/openai/v1/chat/completions"),
+            json={"model": "gpt-4o-mini", "messages": MSG},
+        ) as r,
+    ):
+        assert r.status == 200 and await r.read() == garbled
+    (row,) = await proxy.messages("badgz")
+    assert row["status"] == 200 and row["estimated"] is True and row["outputTokens"] == 0
+
+
 async def test_json_cut_short_is_a_clean_502(proxy: Proxy, upstream: FakeUpstream) -> None:
     body = b"".join(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json").chunks)
     upstream.queue(_with_length(body, pieces=4, reset_after=2))  # promises more than it sends

@@ -148,6 +148,18 @@ def test_whole(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
+def test_feed_whole_is_feed_then_close(case: Case) -> None:
+    # The proxy's non-streamed path hands over the whole body at once (JSON documents
+    # skip the framer); every recording, streamed ones too, must read the same.
+    reference = case.replay([case.data])
+    parser = case.parser()
+    parser.feed_whole(case.data)
+    got = (parser.usage, parser.model, parser.output_chars)
+    assert got == (reference.usage, reference.model, reference.output_chars), case.name
+    check(case, parser, "feed_whole")
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
 def test_every_split(case: Case) -> None:
     reference = case.replay([case.data])
     expected = (reference.usage, reference.model, reference.output_chars)

@@ -77,6 +77,18 @@ def parser_input(parser: ResponseParser, encoding: str) -> Callable[[bytes], Non
     return lambda data: parser.feed(decoder.decompress(data))
 
 
+def parse_whole(parser: ResponseParser, encoding: str, body: bytes) -> None:
+    """Parse a whole body, decompressing the parser's copy first if need be (the client
+    gets it as is); a body that cannot be decompressed stays unparsed."""
+    if encoding:
+        decoder = _decoder(encoding)
+        try:
+            body = decoder.decompress(body) if decoder is not None else b""
+        except Exception:  # a broken compressed body: unparsed, still forwarded
+            body = b""
+    parser.feed_whole(body)
+
+
 def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
     """First 12 hex chars of the API key's SHA-256: enough to tell keys apart, never the key."""
     key = None
@@ -350,13 +362,7 @@ class ProxyHandler:
             msg = f"upstream {upstream} broke off its response: {exc}"
             return self._upstream_error(request, adapter, ex, 502, "reset", msg)
         ex.ttft = time.perf_counter() - ex.t0
-        feed = parser_input(parser, up.headers.get("Content-Encoding", ""))
-        try:
-            if feed is not None:
-                feed(body)
-        except Exception:  # a broken compressed body: unparsed, still forwarded
-            pass
-        parser.close()
+        parse_whole(parser, up.headers.get("Content-Encoding", ""), body)
         resp = web.Response(
             status=up.status,
             reason=up.reason,

@@ -46,6 +46,9 @@ class ResponseParser(Protocol):
     def close(self) -> None:
         """The body ended (or was cut short); parse whatever is buffered."""
 
+    def feed_whole(self, body: bytes) -> None:
+        """The whole body at once, in place of ``feed`` then ``close``."""
+
     @property
     def usage(self) -> Usage | None:
         """The latest usage the provider reported (the last report wins), or None."""
@@ -117,4 +120,7 @@ class NullParser(BaseParser):
         pass
 
     def close(self) -> None:
+        pass
+
+    def feed_whole(self, body: bytes) -> None:
         pass

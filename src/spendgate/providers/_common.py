@@ -338,6 +338,9 @@ class FramedParser(BaseParser):
     failure is contained: a bad payload is skipped, a broken framer stops parsing.
     """
 
+    ONE_JSON_DOCUMENT = True
+    """A JSON body is one document (``BodyFramer``), so a whole one can skip framing."""
+
     def __init__(self) -> None:
         super().__init__()
         self._framer: Framer | None = None
@@ -367,6 +370,20 @@ class FramedParser(BaseParser):
             self._framer = _DEAD
             return
         self._payloads(payloads)
+
+    def feed_whole(self, body: bytes) -> None:
+        # A non-streamed answer is nearly always one JSON object: parse it directly.
+        if (
+            self.ONE_JSON_DOCUMENT
+            and self._framer is None
+            and body[:1] == b"{"
+            and len(body) <= MAX_BODY_BYTES
+        ):
+            self._framer = _DEAD
+            self._payloads([body])
+            return
+        self.feed(body)
+        self.close()
 
     def close(self) -> None:
         if self._framer is None:

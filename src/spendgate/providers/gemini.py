@@ -76,6 +76,8 @@ def _part_chars(part: Any) -> int:
 class GeminiParser(FramedParser):
     """``GenerateContentResponse`` objects from SSE, a JSON array stream or one body."""
 
+    ONE_JSON_DOCUMENT = False  # the JSON stream is an array of objects
+
     def _json_framer(self) -> Framer:
         return JSONElementFramer()
 

@@ -37,6 +37,8 @@ _PROMPT_KEYS = ("messages", "prompt", "system", "suffix", "tools")
 class OllamaParser(FramedParser):
     """One JSON object per line; a non-streamed body is simply a single line."""
 
+    ONE_JSON_DOCUMENT = False  # NDJSON: a line per object
+
     def _json_framer(self) -> Framer:
         return self._text_framer()
 
