@@ -11,6 +11,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from multidict import CIMultiDictProxy
 
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.upstream import FakeUpstream, Reply, fixture_reply, sse_reply
@@ -184,6 +185,18 @@ def _with_length(body: bytes, pieces: int = 2, **kw: Any) -> Reply:
     return Reply(chunks=chunks, headers=headers, **kw)
 
 
+async def _raw_chat(proxy: Proxy, session: str) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    """A chat request whose answer is read as raw bytes (nothing decompressed)."""
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as http,
+        http.post(
+            proxy.url(f"/s/{session}/openai/v1/chat/completions"),
+            json={"model": "gpt-4o-mini", "messages": MSG},
+        ) as r,
+    ):
+        return r.status, r.headers, await r.read()
+
+
 @pytest.mark.parametrize("gzipped", [False, True])
 async def test_json_of_known_length_is_sent_whole_and_unchanged(
     proxy: Proxy, upstream: FakeUpstream, gzipped: bool
@@ -192,18 +205,11 @@ async def test_json_of_known_length_is_sent_whole_and_unchanged(
     sent = gzip.compress(body) if gzipped else body
     headers = {"Content-Encoding": "gzip", "X-Request-Id": "req_1"} if gzipped else {}
     upstream.queue(_with_length(sent, pieces=3, headers={"X-Request-Id": "req_1", **headers}))
-    async with (
-        aiohttp.ClientSession(auto_decompress=False) as http,
-        http.post(
-            proxy.url("/s/whole/openai/v1/chat/completions"),
-            json={"model": "gpt-4o-mini", "messages": MSG},
-        ) as r,
-    ):
-        assert r.status == 200 and await r.read() == sent
-        assert r.headers["Content-Length"] == str(len(sent))
-        assert r.headers.getall("Content-Length") == [str(len(sent))]
-        assert r.headers["X-Request-Id"] == "req_1"
-        assert r.headers["Content-Type"] == "application/json"
+    status, got_headers, got = await _raw_chat(proxy, "whole")
+    assert status == 200 and got == sent
+    assert got_headers.getall("Content-Length") == [str(len(sent))]
+    assert got_headers["X-Request-Id"] == "req_1"
+    assert got_headers["Content-Type"] == "application/json"
     (row,) = await proxy.messages("whole")
     assert (row["inputTokens"], row["cachedInputTokens"], row["outputTokens"]) == (1149, 1024, 353)
     assert row["estimated"] is False and row["ttftMs"] is not None
@@ -214,14 +220,7 @@ async def test_json_that_claims_gzip_but_is_not_passes_unchanged(
 ) -> None:
     garbled = b"\x1f\x8b not really gzip " + bytes(range(256))
     upstream.queue(_with_length(garbled, headers={"Content-Encoding": "gzip"}))
-    async with (
-        aiohttp.ClientSession(auto_decompress=False) as http,
-        http.post(
-            proxy.url("/s/badgz/openai/v1/chat/completions"),
-            json={"model": "gpt-4o-mini", "messages": MSG},
-        ) as r,
-    ):
-        assert r.status == 200 and await r.read() == garbled
+    assert (await _raw_chat(proxy, "badgz"))[::2] == (200, garbled)
     (row,) = await proxy.messages("badgz")
     assert row["status"] == 200 and row["estimated"] is True and row["outputTokens"] == 0
 
