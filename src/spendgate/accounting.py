@@ -11,7 +11,6 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -35,27 +34,37 @@ _ID_SEQ = itertools.count()
 _ZERO = Decimal(0)
 
 
-@dataclass(slots=True)
 class Exchange:
-    """One request's bookkeeping state, from admission to its row."""
+    """One request's bookkeeping state, from admission to its row.
 
-    target: Target
-    info: RequestInfo
-    parser: ResponseParser | None = None
-    id: str = field(default_factory=lambda: f"msg_{_ID_PREFIX}{next(_ID_SEQ):010x}")
-    key_fingerprint: str | None = None
-    reservation: Reservation | None = None
-    started_at: float = field(default_factory=time.time)
-    t0: float = field(default_factory=time.perf_counter)
-    ttft: float | None = None
-    status: int = 0
-    aborted: bool = False
-    error: str | None = None
-    last_live: float = field(default_factory=time.perf_counter)
-    """When the last live update went out (the first one waits one interval too)."""
-    price: ModelPrice | None = None
-    priced_model: str | None = None
-    """The model ``price`` was looked up for (the response may name another)."""
+    A plain class rather than a dataclass: one is built per request, and a generated
+    ``__init__`` with default factories costs several times this one.
+    """
+
+    __slots__ = (
+        "aborted", "error", "id", "info", "key_fingerprint", "last_live", "parser", "price",
+        "priced_model", "reservation", "started_at", "status", "t0", "target", "ttft",
+    )  # fmt: skip
+
+    def __init__(
+        self, target: Target, info: RequestInfo, key_fingerprint: str | None = None
+    ) -> None:
+        self.target = target
+        self.info = info
+        self.key_fingerprint = key_fingerprint
+        self.id = f"msg_{_ID_PREFIX}{next(_ID_SEQ):010x}"
+        self.parser: ResponseParser | None = None
+        self.reservation: Reservation | None = None
+        self.started_at = time.time()
+        self.t0 = self.last_live = time.perf_counter()
+        """``last_live``: when the last live update went out (the first waits one interval)."""
+        self.ttft: float | None = None
+        self.status = 0
+        self.aborted = False
+        self.error: str | None = None
+        self.price: ModelPrice | None = None
+        self.priced_model: str | None = None
+        """The model ``price`` was looked up for (the response may name another)."""
 
     @property
     def model(self) -> str | None:

@@ -88,6 +88,7 @@ class Router:
             head = r.prefix[1:].partition("/")[0]
             self._by_head.setdefault(head, []).append((r, r.prefix + "/"))
         self._agent_headers = agent_headers
+        self._agent_session_names = tuple(n for ah in agent_headers for n in ah.session)
 
     @property
     def routes(self) -> list[Route]:
@@ -148,6 +149,11 @@ class Router:
 
     def _known_agent(self, headers: Mapping[str, str]) -> tuple[str | None, str | None]:
         """A coding agent's own headers; an invalid value is ignored, never an error."""
+        for name in self._agent_session_names:
+            if name in headers:
+                break
+        else:
+            return None, None  # no coding agent's session header (the usual case)
         for ah in self._agent_headers:
             sid = _first_valid(headers, ah.session)
             if sid is None:

@@ -9,15 +9,14 @@ usage out, no I/O, never raising into the proxy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from spendgate.usage import Usage
 
 
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What an adapter learned from a request body and path."""
+class RequestInfo(NamedTuple):
+    """What an adapter learned from a request body and path (a tuple: one is made per
+    request, and a tuple is the cheapest immutable record to build)."""
 
     operation: str
     """Short operation name (``chat``, ``responses``, ``messages``, ...); ``""`` if unmetered."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -368,7 +367,7 @@ class OpenAIAdapter:
         rewritten = _inject_include_usage(body, obj)
         if rewritten is None:
             return info
-        return replace(info, body=rewritten, strip_usage_chunk=True)
+        return info._replace(body=rewritten, strip_usage_chunk=True)
 
     def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
         if info.operation not in OPERATIONS:
