@@ -1253,7 +1253,7 @@ def rss_section(res: dict[str, Any], info: dict[str, Any]) -> list[str]:
             f"{info['rss_growth']:+.1%}); least-squares trend {info['slope']:+.2f} MB/min "
             f"after the warm-up, {info['slope_last']:+.2f} MB/min in the last third. Part of "
             "any growth is SQLite's page cache (its default, 2 MiB per connection) filling "
-            "as `GET /api/sessions` reads the whole `token_usage` table; it stops there."
+            "as the API reads `token_usage`; it stops there."
         )
     lines += ["", "| t (s) | requests | RSS MB | open fds |", "|---:|---:|---:|---:|"]
     step = max(1, round(15 / SAMPLE_EVERY_S))

@@ -7,8 +7,10 @@ import sqlite3
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import openai
+import pytest
 
 from spendgate.records import EXPORT_COLUMNS, MessageRecord, SessionRecord
 from spendgate.store import MIGRATIONS, SQLiteStore
@@ -53,6 +55,67 @@ async def test_reads_see_queued_rows_and_totals_survive(tmp_path: Path) -> None:
     assert await store.spend_by_session() == {"s": Decimal("0.01")}
     (sess,) = await store.load_sessions()
     assert sess.budget_usd == Decimal("2.5")
+    await store.close()
+
+
+def _summed_from_scratch(path: Path) -> dict[str, tuple[object, ...]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT session_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), "
+            "ROUND(SUM(cost_usd), 10), MAX(started_at) FROM token_usage GROUP BY session_id"
+        ).fetchall()
+    return {r[0]: r[1:] for r in rows}
+
+
+async def test_session_totals_follow_new_rows_and_match_the_whole_table(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "t.db", flush_interval=60)
+    await store.open()
+    for sid in ("c", "a", "b"):
+        store.save_session(SessionRecord(sid, time.time()))
+    for batch in range(4):
+        for i in range(25):
+            cost = None if i % 5 == 0 else "0.0013"
+            store.add_message(row(batch * 100 + i, session="ab"[i % 2], cost=cost))
+        # Two reads at once still count each row once.
+        first, second = await asyncio.gather(store.session_totals(), store.session_totals())
+        assert first == second
+        got = {
+            r["id"]: (r["message_count"], r["input_tokens"], r["output_tokens"], r["cost_usd"],
+                      r["last_at"])
+            for r in first
+        }  # fmt: skip
+        assert got == {**_summed_from_scratch(tmp_path / "t.db"), "c": (0, 0, 0, None, None)}
+        assert first[-1]["id"] == "c"  # no activity yet: its creation time orders it
+    await store.close()
+
+
+async def test_session_totals_never_count_a_batch_that_rolls_back(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "r.db")
+    await store.open(start_writer=False)
+    store.save_session(SessionRecord("s", time.time()))
+    for i in range(5):
+        store.add_message(row(i))
+    at_commit, go_on = asyncio.Event(), asyncio.Event()
+    execute = store.db.execute
+
+    async def stalled_commit() -> None:
+        at_commit.set()
+        await go_on.wait()
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def patched(sql: str, *args: Any) -> Any:  # the first COMMIT stalls, then fails
+        return stalled_commit() if sql == "COMMIT" and not go_on.is_set() else execute(sql, *args)
+
+    store.db.execute = patched  # type: ignore[method-assign]
+    batch = asyncio.create_task(store.flush())
+    await at_commit.wait()  # the rows are inserted but not committed
+    reader = asyncio.create_task(store.session_totals())
+    await asyncio.sleep(0.05)
+    go_on.set()
+    with pytest.raises(sqlite3.OperationalError):
+        await batch
+    (tot,) = await reader  # its own flush wrote the rows again, for good this time
+    assert tot["message_count"] == 5 and tot["cost_usd"] == 0.005
     await store.close()
 
 

@@ -121,6 +121,29 @@ _TOTALS = (
 )
 
 
+_NO_TOTALS: dict[str, Any] = {
+    "message_count": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
+    "cache_write_tokens": 0, "reasoning_tokens": 0, "cost_usd": None, "last_at": None,
+}  # fmt: skip
+_SUMMED = ("message_count", "input_tokens", "output_tokens", "cached_input_tokens",
+           "cache_write_tokens", "reasoning_tokens")  # fmt: skip
+
+
+def _add_totals(into: dict[str, Any], r: aiosqlite.Row) -> None:
+    """Add one ``_TOTALS`` row (the sums over some new rows) to a session's running totals."""
+    for key in _SUMMED:
+        into[key] += r[key]
+    if r["cost_usd"] is not None:  # NULL: no priced row among them
+        into["cost_usd"] = (into["cost_usd"] or Decimal(0)) + Decimal(repr(r["cost_usd"]))
+    if r["last_at"] is not None and (into["last_at"] is None or r["last_at"] > into["last_at"]):
+        into["last_at"] = r["last_at"]
+
+
+def _cost(total: Decimal | None) -> float | None:
+    """A running cost total as the API shows it: rounded as SQL's ROUND(SUM(cost_usd))."""
+    return None if total is None else float(round(total, COST_DIGITS))
+
+
 def _money(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(repr(value))
 
@@ -215,6 +238,11 @@ class SQLiteStore:
         self._committed_cond = asyncio.Condition()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._tx = asyncio.Lock()
+        """Held from BEGIN to COMMIT/ROLLBACK: reads that must see only committed rows wait."""
+        self._totals: dict[str, dict[str, Any]] = {}
+        self._totals_seq = 0
+        """``_totals`` holds every row up to this ``seq``."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -333,17 +361,18 @@ class SQLiteStore:
         sessions = [p for op, p in batch if op == "session"]
         messages = [p for op, p in batch if op == "message"]
         db = self.db
-        try:
-            await db.execute("BEGIN")
-            if sessions:
-                await db.executemany(_UPSERT_SESSION, sessions)
-            for sql, params in _insert_chunks(messages):
-                await db.execute(sql, params)
-            await db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                await db.execute("ROLLBACK")
-            raise
+        async with self._tx:
+            try:
+                await db.execute("BEGIN")
+                if sessions:
+                    await db.executemany(_UPSERT_SESSION, sessions)
+                for sql, params in _insert_chunks(messages):
+                    await db.execute(sql, params)
+                await db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    await db.execute("ROLLBACK")
+                raise
         for _ in batch:
             self._pending.popleft()
         self._committed += len(batch)
@@ -360,20 +389,40 @@ class SQLiteStore:
         return [_session_from_row(r) for r in await self._fetchall("SELECT * FROM sessions")]
 
     async def spend_by_session(self) -> dict[str, Decimal]:
-        rows = await self._fetchall(
-            f"SELECT session_id, ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost FROM token_usage "
-            "GROUP BY session_id"
-        )
-        return {r["session_id"]: _money(r["cost"]) or Decimal(0) for r in rows}
+        await self.flush()
+        await self._refresh_totals()
+        return {sid: _money(_cost(t["cost_usd"])) or Decimal(0) for sid, t in self._totals.items()}
 
     async def session_totals(self) -> list[dict[str, Any]]:
+        """Every session row with its message totals, newest activity first.
+
+        The totals are kept between calls and brought up to date from the rows added
+        since (``seq`` only grows), so a call reads the new rows, not the whole table.
+        """
         await self.flush()
-        rows = await self._fetchall(
-            f"SELECT s.*, t.* FROM sessions s LEFT JOIN (SELECT session_id, {_TOTALS} "
-            "FROM token_usage GROUP BY session_id) t ON t.session_id = s.id "
-            "ORDER BY COALESCE(t.last_at, s.created_at) DESC"
-        )
-        return [dict(r) for r in rows]
+        sessions = await self._refresh_totals("SELECT * FROM sessions")
+        out = []
+        for s in sessions:
+            tot = self._totals.get(s["id"], _NO_TOTALS)
+            row = {**dict(s), **tot, "session_id": s["id"] if s["id"] in self._totals else None}
+            row["cost_usd"] = _cost(tot["cost_usd"])
+            out.append(row)
+        out.sort(key=lambda r: r["last_at"] or r["created_at"], reverse=True)
+        return out
+
+    async def _refresh_totals(self, then: str | None = None) -> list[aiosqlite.Row]:
+        """Add the rows committed since the last call to ``_totals``; then run ``then`` (a
+        query that must see the same committed state) and return its rows."""
+        async with self._tx:  # committed rows only: a batch rolled back is never counted
+            new = await self._fetchall(
+                f"SELECT session_id, MAX(seq) AS max_seq, {_TOTALS} FROM token_usage "
+                "WHERE seq > ? GROUP BY +session_id",  # +: read by seq, not the session index
+                (self._totals_seq,),
+            )
+            for r in new:
+                _add_totals(self._totals.setdefault(r["session_id"], dict(_NO_TOTALS)), r)
+                self._totals_seq = max(self._totals_seq, r["max_seq"])
+            return await self._fetchall(then) if then else []
 
     async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]:
         """Token and cost sums for a session, optionally per ``model`` or ``agent_id``."""
