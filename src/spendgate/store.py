@@ -390,7 +390,8 @@ class SQLiteStore:
 
     async def spend_by_session(self) -> dict[str, Decimal]:
         await self.flush()
-        await self._refresh_totals()
+        async with self._tx:
+            await self._add_new_rows()
         return {sid: _money(_cost(t["cost_usd"])) or Decimal(0) for sid, t in self._totals.items()}
 
     async def session_totals(self) -> list[dict[str, Any]]:
@@ -400,29 +401,27 @@ class SQLiteStore:
         since (``seq`` only grows), so a call reads the new rows, not the whole table.
         """
         await self.flush()
-        sessions = await self._refresh_totals("SELECT * FROM sessions")
+        async with self._tx:  # the sessions as committed with those rows
+            await self._add_new_rows()
+            sessions = await self._fetchall("SELECT * FROM sessions")
         out = []
         for s in sessions:
             tot = self._totals.get(s["id"], _NO_TOTALS)
-            row = {**dict(s), **tot, "session_id": s["id"] if s["id"] in self._totals else None}
-            row["cost_usd"] = _cost(tot["cost_usd"])
-            out.append(row)
+            out.append({**dict(s), **tot, "cost_usd": _cost(tot["cost_usd"])})
         out.sort(key=lambda r: r["last_at"] or r["created_at"], reverse=True)
         return out
 
-    async def _refresh_totals(self, then: str | None = None) -> list[aiosqlite.Row]:
-        """Add the rows committed since the last call to ``_totals``; then run ``then`` (a
-        query that must see the same committed state) and return its rows."""
-        async with self._tx:  # committed rows only: a batch rolled back is never counted
-            new = await self._fetchall(
-                f"SELECT session_id, MAX(seq) AS max_seq, {_TOTALS} FROM token_usage "
-                "WHERE seq > ? GROUP BY +session_id",  # +: read by seq, not the session index
-                (self._totals_seq,),
-            )
-            for r in new:
-                _add_totals(self._totals.setdefault(r["session_id"], dict(_NO_TOTALS)), r)
-                self._totals_seq = max(self._totals_seq, r["max_seq"])
-            return await self._fetchall(then) if then else []
+    async def _add_new_rows(self) -> None:
+        """Add the rows committed since the last call to ``_totals``. Call it holding
+        ``_tx``, so only committed rows are read: a batch rolled back is never counted."""
+        new = await self._fetchall(
+            f"SELECT session_id, MAX(seq) AS max_seq, {_TOTALS} FROM token_usage "
+            "WHERE seq > ? GROUP BY +session_id",  # +: read by seq, not the session index
+            (self._totals_seq,),
+        )
+        for r in new:
+            _add_totals(self._totals.setdefault(r["session_id"], dict(_NO_TOTALS)), r)
+            self._totals_seq = max(self._totals_seq, r["max_seq"])
 
     async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]:
         """Token and cost sums for a session, optionally per ``model`` or ``agent_id``."""
