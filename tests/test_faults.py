@@ -76,12 +76,17 @@ async def test_dead_upstream_is_502_and_recorded(start_proxy: StartProxy) -> Non
 async def test_hanging_upstream_is_504(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
     proxy = await start_proxy(upstream_idle_timeout_s=0.2)
     upstream.queue(Reply(hang=2.0, chunks=[b"{}"]))
+    await _expect_504(proxy, "hang", "gpt-4o", "did not answer in time")
+
+
+async def _expect_504(proxy: Proxy, session: str, model: str, says: str) -> None:
+    """A chat request that must end in spendgate's 504 saying ``says``, with a timeout row."""
     async with proxy.http.post(
-        proxy.url("/s/hang/openai/v1/chat/completions"), json={"model": "gpt-4o"}
+        proxy.url(f"/s/{session}/openai/v1/chat/completions"), json={"model": model}
     ) as r:
         assert r.status == 504
-        assert "did not answer in time" in (await r.json())["error"]["message"]
-    (row,) = await proxy.messages("hang")
+        assert says in (await r.json())["error"]["message"]
+    (row,) = await proxy.messages(session)
     assert row["status"] == 504 and row["error"] == "timeout"
 
 
@@ -364,13 +369,7 @@ async def test_json_that_stalls_mid_body_is_504(
     proxy = await start_proxy(upstream_idle_timeout_s=0.3)
     body = b"".join(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json").chunks)
     upstream.queue(_with_length(body, pieces=4, stall_after=2, hang=5.0))
-    async with proxy.http.post(
-        proxy.url("/s/stuck/openai/v1/chat/completions"), json={"model": "gpt-4o-mini"}
-    ) as r:
-        assert r.status == 504
-        assert "went silent for 0.3 s" in (await r.json())["error"]["message"]
-    (row,) = await proxy.messages("stuck")
-    assert row["status"] == 504 and row["error"] == "timeout"
+    await _expect_504(proxy, "stuck", "gpt-4o-mini", "went silent for 0.3 s")
 
 
 async def test_reset_before_headers_is_502_reset(proxy: Proxy, upstream: FakeUpstream) -> None:
