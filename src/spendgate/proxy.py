@@ -66,27 +66,28 @@ def _decoder(encoding: str) -> _Decoder | None:
     return None
 
 
-def parser_input(parser: ResponseParser, encoding: str) -> Callable[[bytes], None] | None:
-    """What the parser is fed raw body bytes through: directly, or through a decompressor
-    for a compressed body (the client gets it as is); None if the encoding is unreadable."""
+def decoded(feed: Callable[[bytes], None], encoding: str) -> Callable[[bytes], None] | None:
+    """``feed`` for raw body bytes: itself, or behind a decompressor for a compressed
+    body (the parser reads a decompressed copy, the client gets the bytes as they came);
+    None if the encoding is unreadable."""
     if not encoding:
-        return parser.feed
+        return feed
     decoder = _decoder(encoding)
     if decoder is None:
         return None
-    return lambda data: parser.feed(decoder.decompress(data))
+    return lambda data: feed(decoder.decompress(data))
 
 
 def parse_whole(parser: ResponseParser, encoding: str, body: bytes) -> None:
-    """Parse a whole body, decompressing the parser's copy first if need be (the client
-    gets it as is); a body that cannot be decompressed stays unparsed."""
-    if encoding:
-        decoder = _decoder(encoding)
-        try:
-            body = decoder.decompress(body) if decoder is not None else b""
-        except Exception:  # a broken compressed body: unparsed, still forwarded
-            body = b""
-    parser.feed_whole(body)
+    """Parse a whole body; one that cannot be decompressed stays unparsed."""
+    feed = decoded(parser.feed_whole, encoding)
+    try:
+        if feed is not None:
+            feed(body)
+            return
+    except Exception:  # a broken compressed body: unparsed, still forwarded
+        pass
+    parser.feed_whole(b"")
 
 
 def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -390,7 +391,7 @@ class ProxyHandler:
         encoding = up.headers.get("Content-Encoding", "")
         ok = up.status < 400
         ex.parser = parser = adapter.parser(info, up.status, ctype)
-        feed = parser_input(parser, encoding)
+        feed = decoded(parser.feed, encoding)
         out_filter = adapter.output_filter(info) if ok and not encoding else None
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(client_headers(up.headers, keep_length=out_filter is None))
