@@ -13,10 +13,14 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from spendgate.accounting import Accountant
 from spendgate.app import make_app
-from spendgate.keys import ACCOUNTANT
+from spendgate.budgets import BudgetLedger
+from spendgate.bus import EventBus
+from spendgate.keys import BUS, LEDGER, METRICS, PRICES, STORE
+from spendgate.metrics import Metrics
+from spendgate.pricing import PriceTable
 from spendgate.settings import Settings
+from spendgate.store import Store
 from tests.upstream import FakeUpstream
 
 
@@ -32,8 +36,24 @@ class Proxy:
         return str(self.server.make_url(path))
 
     @property
-    def acct(self) -> Accountant:
-        return self.app[ACCOUNTANT]
+    def store(self) -> Store:
+        return self.app[STORE]
+
+    @property
+    def ledger(self) -> BudgetLedger:
+        return self.app[LEDGER]
+
+    @property
+    def bus(self) -> EventBus:
+        return self.app[BUS]
+
+    @property
+    def prices(self) -> PriceTable:
+        return self.app[PRICES]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
 
     async def get_json(self, path: str, **kw: Any) -> Any:
         async with self.http.get(self.url(path), **kw) as resp:

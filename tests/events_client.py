@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from spendgate.providers._sse import SSEDecoder
+from spendgate.providers._sse_decoder import SSEDecoder
 
 
 @dataclass

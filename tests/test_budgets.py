@@ -164,9 +164,9 @@ async def test_default_budget_and_thresholds_emit_events(
 ) -> None:
     proxy = await start_proxy(default_session_budget_usd=0.01, budget_thresholds=[0.5, 0.9])
     upstream.default = completion(1000, 300)  # 2500 + 3000 = $0.0055 each
-    ledger = proxy.acct.ledger
+    ledger = proxy.ledger
     assert isinstance(ledger, MemoryLedger)
-    sub, _ = proxy.acct.bus.subscribe(["d1"], ["budget.warning", "budget.paused"], None)
+    sub, _ = proxy.bus.subscribe(["d1"], ["budget.warning", "budget.paused"], None)
     async with oai(proxy, "d1") as c:
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
@@ -193,7 +193,7 @@ async def test_budget_and_pause_survive_restart(
     cost = await second.cost("keep")
     assert cost["paused"] is True and cost["budgetUsd"] == 0.001
     assert cost["totalCostUsd"] == pytest.approx(0.00125)
-    assert second.acct.ledger.spent("keep") == Decimal("0.00125")
+    assert second.ledger.spent("keep") == Decimal("0.00125")
 
 
 async def test_cut_policy_ends_stream_with_provider_error(

@@ -71,7 +71,7 @@ async def test_budget_and_resume_go_through_the_running_proxy(
     monkeypatch.setenv("SPENDGATE_ADMIN_TOKEN", "tok")
     assert await asyncio.to_thread(main, ["budget", "cli-run", "$1.50"]) == 0
     assert orjson.loads(capsys.readouterr().out)["budgetUsd"] == 1.5
-    assert proxy.acct.ledger.session("cli-run") is not None
+    assert proxy.ledger.session("cli-run") is not None
     assert await asyncio.to_thread(main, ["pause", "cli-run"]) == 0
     assert orjson.loads(capsys.readouterr().out)["paused"] is True
     assert await asyncio.to_thread(main, ["resume", "cli-run"]) == 0

@@ -53,7 +53,7 @@ def _message(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 
 async def test_context_meter_levels(proxy: Proxy, upstream: FakeUpstream) -> None:
     # claude-sonnet-4-6's window is 1,000,000 tokens in the bundled table
-    window = proxy.acct.prices.resolve("claude-sonnet-4-6").context_window  # type: ignore[union-attr]
+    window = proxy.prices.resolve("claude-sonnet-4-6").context_window  # type: ignore[union-attr]
     assert window == 1_000_000
     upstream.queue(
         json_reply(_message(700_000, 99_999)),  # 79.9999 % → ok

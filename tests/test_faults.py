@@ -109,13 +109,13 @@ async def test_client_hangs_up_mid_stream(proxy: Proxy, upstream: FakeUpstream) 
     (row,) = await proxy.messages("gone")
     assert row["aborted"] is True and row["estimated"] is True
     assert 0 < row["outputTokens"] < 40 * 3
-    ledger = proxy.acct.ledger
+    ledger = proxy.ledger
     assert ledger.live_remaining("gone") is None  # no budget; and no reservation left behind:
     assert not ledger._sessions["gone"].reserved  # type: ignore[attr-defined]
 
 
 async def _has_rows(proxy: Proxy, session: str) -> bool:
-    if proxy.acct.ledger.session(session) is None:
+    if proxy.ledger.session(session) is None:
         return False
     return bool(await proxy.messages(session))
 
@@ -277,7 +277,7 @@ async def test_api_keys_never_stored_or_emitted(
     c = openai.AsyncOpenAI(base_url=proxy.url("/s/keys/openai/v1"), api_key=secret, max_retries=0)
     async with c:
         await c.chat.completions.create(model="gpt-3.5-turbo", messages=MSG)
-    await proxy.acct.store.flush()
+    await proxy.store.flush()
     db = proxy.settings.db_path
     for f in db.parent.glob(db.name + "*"):
         assert secret.encode() not in f.read_bytes()
@@ -285,12 +285,12 @@ async def test_api_keys_never_stored_or_emitted(
         assert secret not in await r.text()
     export = await proxy.get_json("/api/sessions/keys/export?format=json")
     assert secret not in str(export) and secret not in caplog.text
-    history = proxy.acct.bus._history  # type: ignore[attr-defined]
+    history = proxy.bus._history  # type: ignore[attr-defined]
     assert history and all(secret.encode() not in e.encoded() for e in history)
     import hashlib
 
     assert (
-        (await proxy.acct.store.latest_message("keys")).key_fingerprint
+        (await proxy.store.latest_message("keys")).key_fingerprint
         == hashlib.sha256(  # type: ignore[union-attr]
             secret.encode()
         ).hexdigest()[:12]
@@ -403,10 +403,10 @@ async def test_client_that_gives_up_before_an_answer_is_aborted(
 async def test_a_subscriber_that_left_is_forgotten_without_an_event(proxy: Proxy) -> None:
     async with proxy.http.get(proxy.url("/api/events?session=quiet")) as r:
         await r.content.readline()
-        assert proxy.acct.bus.subscriber_count == 1
+        assert proxy.bus.subscriber_count == 1
 
     async def gone() -> bool:
-        return proxy.acct.bus.subscriber_count == 0
+        return proxy.bus.subscriber_count == 0
 
     await eventually(gone, timeout=5)  # within the 1 s poll, not the 15 s keep-alive
 

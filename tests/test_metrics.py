@@ -577,7 +577,7 @@ async def test_a_failing_metric_never_breaks_forwarding(
     def explode(*args: object) -> None:
         raise RuntimeError("metrics are down")
 
-    monkeypatch.setattr(proxy.acct.metrics, "record", explode)
+    monkeypatch.setattr(proxy.metrics, "record", explode)
     upstream.queue(fixture_reply("openai/chat_json_cached_gpt-4o-mini.json"))
     async with oa(proxy, "run-1") as c:
         resp = await c.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]

@@ -157,7 +157,7 @@ async def test_forwarding_continues_while_the_database_is_locked(
     start_proxy: StartProxy, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy()
-    await proxy.acct.store.db.execute("PRAGMA busy_timeout=10")  # type: ignore[attr-defined]
+    await proxy.store.db.execute("PRAGMA busy_timeout=10")  # type: ignore[attr-defined]
     upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
     blocker = sqlite3.connect(proxy.settings.db_path, timeout=0, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -167,7 +167,7 @@ async def test_forwarding_continues_while_the_database_is_locked(
             await c.chat.completions.create(
                 model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}]
             )
-    assert proxy.acct.store.queue_depth >= 5
+    assert proxy.store.queue_depth >= 5
     blocker.execute("ROLLBACK")
     blocker.close()
     assert (await proxy.cost("lock"))["messageCount"] == 5
@@ -178,8 +178,8 @@ async def test_export_streams_in_bounded_memory(start_proxy: StartProxy) -> None
     import tracemalloc
 
     proxy = await start_proxy()
-    store = proxy.acct.store
-    ledger = proxy.acct.ledger
+    store = proxy.store
+    ledger = proxy.ledger
     await ledger.set_budget("big", None)  # makes the session known
     for i in range(60_000):
         store.add_message(row(i, session="big"))

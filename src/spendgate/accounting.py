@@ -34,6 +34,17 @@ _ID_SEQ = itertools.count()
 _ZERO = Decimal(0)
 
 
+def apply_change(change: Change, store: Store, bus: EventBus) -> None:
+    """Persist and publish what a ledger call changed (the ledger only returns it)."""
+    if change.session is not None:
+        store.save_session(change.session)
+    for ev in change.events:
+        try:
+            bus.publish(ev)
+        except Exception:
+            log.exception("event bus failed to publish %s", ev.type)
+
+
 class Exchange:
     """One request's bookkeeping state, from admission to its row.
 
@@ -125,10 +136,7 @@ class Accountant:
     # -- sessions and budgets --------------------------------------------------------------
 
     def apply(self, change: Change) -> None:
-        if change.session is not None:
-            self.store.save_session(change.session)
-        for ev in change.events:
-            self._publish(ev)
+        apply_change(change, self.store, self.bus)
 
     def _publish(self, ev: Event) -> None:
         try:

@@ -12,9 +12,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spendgate import reports
-from spendgate.accounting import Accountant
-from spendgate.budgets import Change
-from spendgate.keys import ACCOUNTANT, REGISTRY
+from spendgate.accounting import apply_change
+from spendgate.budgets import BudgetLedger, Change
+from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, STORE
 from spendgate.records import EXPORT_COLUMNS, SessionRecord
 from spendgate.routing import valid_id
 
@@ -31,8 +31,8 @@ def api_error(status: int, message: str) -> web.HTTPException:
     return cls(text=text, content_type="application/json")
 
 
-def session_json(acct: Accountant, rec: SessionRecord) -> dict[str, Any]:
-    return reports.session_json(rec, acct.ledger.spent(rec.id))
+def session_json(ledger: BudgetLedger, rec: SessionRecord) -> dict[str, Any]:
+    return reports.session_json(rec, ledger.spent(rec.id))
 
 
 def _session_id(request: web.Request) -> str:
@@ -42,38 +42,37 @@ def _session_id(request: web.Request) -> str:
     return sid
 
 
-def _known_session(request: web.Request) -> tuple[Accountant, SessionRecord]:
-    acct = request.app[ACCOUNTANT]
+def _known_session(request: web.Request) -> SessionRecord:
     sid = _session_id(request)
-    rec = acct.ledger.session(sid)
+    rec = request.app[LEDGER].session(sid)
     if rec is None:
         raise api_error(404, f"unknown session {sid!r}")
-    return acct, rec
+    return rec
 
 
 @routes.get("/api/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    acct = request.app[ACCOUNTANT]
-    sessions = await reports.sessions_list(acct.store, acct.ledger.spent)
+    sessions = await reports.sessions_list(request.app[STORE], request.app[LEDGER].spent)
     return json_response({"sessions": sessions})
 
 
 @routes.get("/api/sessions/{id}/cost")
 async def session_cost(request: web.Request) -> web.Response:
-    acct, rec = _known_session(request)
-    spent = acct.ledger.spent(rec.id)
-    return json_response(await reports.session_summary(acct.store, acct.prices, rec, spent))
+    rec = _known_session(request)
+    app = request.app
+    spent = app[LEDGER].spent(rec.id)
+    return json_response(await reports.session_summary(app[STORE], app[PRICES], rec, spent))
 
 
 @routes.get("/api/sessions/{id}/messages")
 async def session_messages(request: web.Request) -> web.Response:
-    acct, rec = _known_session(request)
+    rec = _known_session(request)
     try:
         after = int(request.query.get("cursor") or 0)
         limit = min(max(int(request.query.get("limit") or 100), 1), 1000)
     except ValueError:
         raise api_error(400, "cursor and limit must be integers") from None
-    rows, cursor = await acct.store.messages(rec.id, after, limit)
+    rows, cursor = await request.app[STORE].messages(rec.id, after, limit)
     return json_response(
         {
             "messages": [m.to_json() for m in rows],
@@ -84,7 +83,8 @@ async def session_messages(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{id}/export")
 async def session_export(request: web.Request) -> web.StreamResponse:
-    acct, rec = _known_session(request)
+    rec = _known_session(request)
+    store = request.app[STORE]
     fmt = request.query.get("format", "csv")
     if fmt not in ("csv", "json"):
         raise api_error(400, "format must be csv or json")
@@ -99,7 +99,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(EXPORT_COLUMNS)
-        async for m in acct.store.iter_messages(rec.id):
+        async for m in store.iter_messages(rec.id):
             writer.writerow(m.csv_cells())
             if buf.tell() > 1 << 16:
                 await resp.write(buf.getvalue().encode())
@@ -108,7 +108,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
         await resp.write(buf.getvalue().encode())
     else:
         sep = b"["
-        async for m in acct.store.iter_messages(rec.id):
+        async for m in store.iter_messages(rec.id):
             await resp.write(sep + orjson.dumps(m.to_json()))
             sep = b","
         await resp.write(b"[]" if sep == b"[" else b"]")
@@ -117,11 +117,12 @@ async def session_export(request: web.Request) -> web.StreamResponse:
 
 
 async def _session_change(request: web.Request, change: Change) -> web.Response:
-    acct = request.app[ACCOUNTANT]
-    acct.apply(change)
-    rec = acct.ledger.session(_session_id(request))
+    app = request.app
+    apply_change(change, app[STORE], app[BUS])
+    ledger = app[LEDGER]
+    rec = ledger.session(_session_id(request))
     assert rec is not None
-    return json_response(session_json(acct, rec))
+    return json_response(session_json(ledger, rec))
 
 
 @routes.put("/api/sessions/{id}/budget")
@@ -137,32 +138,32 @@ async def set_budget(request: web.Request) -> web.Response:
         raise api_error(
             400, 'body must be {"budgetUsd": <USD ≥ 0, or null for unlimited>}'
         ) from None
-    change = await request.app[ACCOUNTANT].ledger.set_budget(sid, budget)
+    change = await request.app[LEDGER].set_budget(sid, budget)
     return await _session_change(request, change)
 
 
 @routes.post("/api/sessions/{id}/pause")
 async def pause(request: web.Request) -> web.Response:
-    acct, rec = _known_session(request)
-    return await _session_change(request, await acct.ledger.pause(rec.id))
+    rec = _known_session(request)
+    return await _session_change(request, await request.app[LEDGER].pause(rec.id))
 
 
 @routes.post("/api/sessions/{id}/resume")
 async def resume(request: web.Request) -> web.Response:
-    acct, rec = _known_session(request)
-    return await _session_change(request, await acct.ledger.resume(rec.id))
+    rec = _known_session(request)
+    return await _session_change(request, await request.app[LEDGER].resume(rec.id))
 
 
 @routes.get("/api/pricing")
 async def pricing(request: web.Request) -> web.Response:
-    prices = request.app[ACCOUNTANT].prices
+    prices = request.app[PRICES]
     return json_response({"models": [p.to_json() for p in prices]})
 
 
 @routes.get("/api/pricing/{model:.+}")
 async def pricing_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
-    price = request.app[ACCOUNTANT].prices.resolve(model)
+    price = request.app[PRICES].resolve(model)
     if price is None:
         raise api_error(404, f"no price for model {model!r}")
     return json_response(price.to_json())

@@ -12,11 +12,21 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
-from spendgate import api, dashboard, sse
+from spendgate import api, dashboard, event_stream
 from spendgate.accounting import Accountant
 from spendgate.budgets import MemoryLedger
 from spendgate.bus import MemoryBus
-from spendgate.keys import ACCOUNTANT, PROXY, REGISTRY, SETTINGS
+from spendgate.keys import (
+    ACCOUNTANT,
+    BUS,
+    LEDGER,
+    METRICS,
+    PRICES,
+    PROXY,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+)
 from spendgate.metrics import Metrics
 from spendgate.price_files import load_price_table
 from spendgate.proxy import ProxyHandler
@@ -48,8 +58,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         lambda: store.queue_depth,
         budgets=ledger.budgets,
     )
+    prices = load_price_table(settings.pricing_file, settings.model_aliases)
     acct = Accountant(
-        load_price_table(settings.pricing_file, settings.model_aliases),
+        prices,
         ledger,
         store,
         bus,
@@ -64,6 +75,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     router = Router(build_routes(settings), settings.agent_headers)
+    app[STORE], app[LEDGER], app[BUS], app[PRICES], app[METRICS] = (
+        store,
+        ledger,
+        bus,
+        prices,
+        metrics,
+    )
     app[ACCOUNTANT] = acct
     app[PROXY].attach(router, acct, client)
     log.info("database %s, %d routes", settings.db_path, len(router.routes))
@@ -75,8 +93,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_subscribers(app: web.Application) -> None:
-    if ACCOUNTANT in app:
-        app[ACCOUNTANT].bus.close()
+    if BUS in app:
+        app[BUS].close()
 
 
 def _guarded(handler: Handler, token: str, query_token: bool) -> Handler:
@@ -105,7 +123,7 @@ def _add_admin_routes(app: web.Application, settings: Settings) -> None:
     token = settings.admin_token
     table = [
         *(r for r in api.routes if isinstance(r, web.RouteDef)),
-        web.get("/api/events", sse.events),
+        web.get("/api/events", event_stream.events),
         web.get("/", dashboard.page),
     ]
     for r in table:

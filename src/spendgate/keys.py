@@ -1,4 +1,6 @@
-"""Typed application state (aiohttp ``AppKey``s), shared by app, api and sse modules."""
+"""Typed application state (aiohttp ``AppKey``s): one key per part, so the API, the
+event stream and the proxy each take the parts they use and nothing reaches them
+through another part (docs/reference.md, "Design")."""
 
 from __future__ import annotations
 
@@ -6,10 +8,21 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from spendgate.accounting import Accountant
+from spendgate.budgets import BudgetLedger
+from spendgate.bus import EventBus
+from spendgate.metrics import Metrics
+from spendgate.pricing import PriceTable
 from spendgate.proxy import ProxyHandler
 from spendgate.settings import Settings
+from spendgate.store import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+STORE = web.AppKey("store", Store)
+LEDGER = web.AppKey("ledger", BudgetLedger)
+BUS = web.AppKey("bus", EventBus)
+PRICES = web.AppKey("prices", PriceTable)
+METRICS = web.AppKey("metrics", Metrics)
 ACCOUNTANT = web.AppKey("accountant", Accountant)
+"""Only the proxy's per-request meters use it (through ``PROXY``); kept for tests."""
 PROXY = web.AppKey("proxy", ProxyHandler)

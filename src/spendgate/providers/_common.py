@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from spendgate.providers._api import BaseParser
-from spendgate.providers._sse import SSEDecoder
+from spendgate.providers._sse_decoder import SSEDecoder
 from spendgate.usage import Usage
 
 MAX_BODY_BYTES = 64 * 1024 * 1024

@@ -11,14 +11,14 @@ import asyncio
 from aiohttp import web
 
 from spendgate.events import EVENT_TYPES
-from spendgate.keys import ACCOUNTANT
+from spendgate.keys import BUS
 
 KEEPALIVE_S = 15.0
 POLL_S = 1.0
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    bus = request.app[ACCOUNTANT].bus
+    bus = request.app[BUS]
     sessions = request.query.getall("session", [])
     types = [t for v in request.query.getall("types", []) for t in v.split(",") if t]
     unknown = set(types) - set(EVENT_TYPES)
