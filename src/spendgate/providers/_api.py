@@ -48,6 +48,10 @@ class ResponseParser(Protocol):
     def feed_whole(self, body: bytes) -> None:
         """The whole body at once, in place of ``feed`` then ``close``."""
 
+    def settle(self) -> None:
+        """Bring ``usage``, ``model`` and ``output_chars`` up to date mid-stream (a parser
+        may hold bytes unexamined until asked); ``close`` does the same at the end."""
+
     @property
     def usage(self) -> Usage | None:
         """The latest usage the provider reported (the last report wins), or None."""
@@ -110,6 +114,9 @@ class BaseParser:
     @property
     def output_chars(self) -> int:
         return self._output_chars
+
+    def settle(self) -> None:
+        pass  # nothing held back: every piece is examined as it arrives
 
 
 class NullParser(BaseParser):

@@ -231,6 +231,11 @@ class OpenAIParser(FramedParser):
             super().feed(tail)
         super().close()
 
+    def settle(self) -> None:
+        self._release()
+        if self._lazy or self._lazy_payloads:
+            self._count_lazy()
+
     @property
     def usage(self) -> Usage | None:
         self._release()
