@@ -2,7 +2,11 @@
 
 Run it when the public table is refreshed::
 
-    python scripts/build_prices.py [--source PATH] [--source-version 1.109.1]
+    python scripts/build_prices.py [--source PATH] [--license PATH] [--source-version 1.109.1]
+
+``--source`` defaults to the copy vendored for the tests
+(tests/fixtures/prices/model_prices_and_context_window.json) and ``--license`` to the
+LICENSE-model_prices.txt beside the source.
 
 It keeps the token-priced chat/completion/embedding/responses models of the built-in
 providers and a few popular OpenAI-compatible ones, converts them to spendgate's
@@ -30,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from spendgate.price_files import convert_litellm, dumps_table  # noqa: E402
 from spendgate.pricing import model_price  # noqa: E402
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+VENDORED = ROOT / "tests" / "fixtures" / "prices"
 OUT_DIR = ROOT / "src" / "spendgate" / "data"
 
 # litellm_provider values kept; gemini keys lose their "gemini/" prefix because the
@@ -110,14 +114,15 @@ def derive_claude(data: dict[str, Any], models: dict[str, dict[str, Any]]) -> li
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--source", type=Path, default=SHARED_DATA / "model_prices_and_context_window.json"
+        "--source", type=Path, default=VENDORED / "model_prices_and_context_window.json"
     )
-    ap.add_argument("--license", type=Path, default=SHARED_DATA / "LICENSE-model_prices.txt")
+    ap.add_argument("--license", type=Path, help="LiteLLM's license (default: beside --source)")
     ap.add_argument(
         "--source-version", default="1.109.1", help="litellm package version of --source"
     )
     ap.add_argument("--out", type=Path, default=OUT_DIR / "prices.json")
     args = ap.parse_args(argv)
+    license_file: Path = args.license or args.source.parent / "LICENSE-model_prices.txt"
 
     raw = args.source.read_bytes()
     data: dict[str, Any] = orjson.loads(raw)
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(dumps_table(models, aliases, attribution))
-    shutil.copyfile(args.license, args.out.parent / "LICENSE-model_prices.txt")
+    shutil.copyfile(license_file, args.out.parent / "LICENSE-model_prices.txt")
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({len(models)} models, {len(derived)} derived, {size // 1024} KB)")
     return 0

@@ -1,18 +1,14 @@
-"""Where the shared recordings and price data live (``../shared`` beside the repo)."""
+"""Where the vendored recordings and price data live (``tests/fixtures``, see its README)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-SHARED = Path(
-    os.environ.get("SPENDGATE_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")
-)
-FIXTURES = SHARED / "fixtures"
-PRICE_DATA = SHARED / "data" / "model_prices_and_context_window.json"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PRICE_DATA = FIXTURES / "prices" / "model_prices_and_context_window.json"
 
 
 def manifest() -> list[dict[str, Any]]:
