@@ -414,7 +414,7 @@ async def test_a_subscriber_that_left_is_forgotten_without_an_event(proxy: Proxy
 def test_upstream_headers_drop_hop_by_hop_and_let_the_route_replace() -> None:
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    from spendgate.proxy import client_headers, upstream_headers
+    from spendgate.forwarding import client_headers, upstream_headers
 
     sent = CIMultiDict(
         [

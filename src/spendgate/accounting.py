@@ -1,25 +1,27 @@
-"""From a finished (or running) exchange to money: price → ledger → store → events → metrics.
+"""From a request's meter to money: price → ledger → store → events → metrics
+(docs/reference.md §13).
 
-The proxy calls this and nothing else for bookkeeping. Each step after the ledger is
-guarded: a failing subscriber, metric or queue can never break a client's response.
+The :class:`Accountant` holds the parts every request shares and makes one
+:class:`~spendgate.meter.Meter` per request; the meter calls back here for admission,
+live updates, the budget cut and the bookkeeping at the end. The proxy never calls
+this module except to make a meter. Each step after the ledger is guarded: a failing
+subscriber, metric or queue can never break a client's response.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import os
 import time
 from decimal import Decimal
-from typing import Any
 
-from spendgate.budgets import BudgetLedger, Change, Refusal, Reservation
+from spendgate.budgets import BudgetLedger, Change, Refusal
 from spendgate.bus import EventBus
-from spendgate.events import CONTEXT_USAGE, TOKEN_USAGE, Event, context_data
+from spendgate.events import CONTEXT_USAGE, TOKEN_USAGE, Event, context_data, token_usage_data
+from spendgate.meter import Meter
 from spendgate.metrics import Metrics
 from spendgate.pricing import ModelPrice, PriceTable
-from spendgate.providers._api import RequestInfo, ResponseParser
+from spendgate.providers._api import Adapter, RequestInfo
 from spendgate.records import MessageRecord
 from spendgate.routing import Target
 from spendgate.store import Store
@@ -27,10 +29,6 @@ from spendgate.usage import TokenCounts, estimate_tokens
 
 log = logging.getLogger("spendgate.accounting")
 
-# Message ids: a random per-process prefix and a counter (unique across restarts and
-# replicas, and no system call per request as uuid4 makes).
-_ID_PREFIX = os.urandom(8).hex()
-_ID_SEQ = itertools.count()
 _ZERO = Decimal(0)
 
 
@@ -43,75 +41,6 @@ def apply_change(change: Change, store: Store, bus: EventBus) -> None:
             bus.publish(ev)
         except Exception:
             log.exception("event bus failed to publish %s", ev.type)
-
-
-class Exchange:
-    """One request's bookkeeping state, from admission to its row.
-
-    A plain class rather than a dataclass: one is built per request, and a generated
-    ``__init__`` with default factories costs several times this one.
-    """
-
-    __slots__ = (
-        "aborted", "error", "id", "info", "key_fingerprint", "last_live", "parser", "price",
-        "priced_model", "reservation", "started_at", "status", "t0", "target", "ttft",
-    )  # fmt: skip
-
-    def __init__(
-        self, target: Target, info: RequestInfo, key_fingerprint: str | None = None
-    ) -> None:
-        self.target = target
-        self.info = info
-        self.key_fingerprint = key_fingerprint
-        self.id = f"msg_{_ID_PREFIX}{next(_ID_SEQ):010x}"
-        self.parser: ResponseParser | None = None
-        self.reservation: Reservation | None = None
-        self.started_at = time.time()
-        self.t0 = self.last_live = time.perf_counter()
-        """``last_live``: when the last live update went out (the first waits one interval)."""
-        self.ttft: float | None = None
-        self.status = 0
-        self.aborted = False
-        self.error: str | None = None
-        self.price: ModelPrice | None = None
-        self.priced_model: str | None = None
-        """The model ``price`` was looked up for (the response may name another)."""
-
-    @property
-    def model(self) -> str | None:
-        return (self.parser.model if self.parser else None) or self.info.model
-
-    def estimated_counts(self) -> TokenCounts:
-        """Estimates from the request size and the deltas streamed so far."""
-        reported = self.parser.usage if self.parser else None
-        out = estimate_tokens(self.parser.output_chars) if self.parser else 0
-        if reported is not None:
-            return TokenCounts(
-                input_tokens=reported.input_tokens or estimate_tokens(self.info.input_chars),
-                output_tokens=max(reported.output_tokens or 0, out),
-                cached_input_tokens=reported.cached_input_tokens or 0,
-                cache_write_tokens=reported.cache_write_tokens or 0,
-                cache_write_1h_tokens=reported.cache_write_1h_tokens or 0,
-                reasoning_tokens=reported.reasoning_tokens or 0,
-            )
-        return TokenCounts(input_tokens=estimate_tokens(self.info.input_chars), output_tokens=out)
-
-    def final_counts(self) -> tuple[TokenCounts, bool]:
-        """The numbers to bill, and whether they are estimates."""
-        reported = self.parser.usage if self.parser else None
-        if not self.info.metered or self.info.operation == "other" or self.status == 0:
-            return TokenCounts(), False
-        if self.status >= 400:
-            return (reported.counts() if reported else TokenCounts()), False
-        complete = not self.aborted and self.error is None
-        if (
-            reported is not None
-            and complete
-            and reported.input_tokens is not None
-            and reported.output_tokens is not None
-        ):
-            return reported.counts(), False
-        return self.estimated_counts(), True
 
 
 class Accountant:
@@ -133,6 +62,17 @@ class Accountant:
         self._live_interval = live_interval_ms / 1000
         self._reserve_output = reserve_output_tokens
 
+    def meter(
+        self,
+        adapter: Adapter,
+        target: Target,
+        info: RequestInfo,
+        key_fingerprint: str | None = None,
+        cut_enabled: bool = False,
+    ) -> Meter:
+        """A meter for one request."""
+        return Meter(self, adapter, target, info, key_fingerprint, cut_enabled)
+
     # -- sessions and budgets --------------------------------------------------------------
 
     def apply(self, change: Change) -> None:
@@ -144,7 +84,7 @@ class Accountant:
         except Exception:
             log.exception("event bus failed to publish %s", ev.type)
 
-    def _price(self, ex: Exchange, model: str) -> ModelPrice | None:
+    def _price(self, ex: Meter, model: str) -> ModelPrice | None:
         """The price of ``model``, looked up once per exchange (and again only if the
         response names a different model than the request)."""
         if model != ex.priced_model:
@@ -152,7 +92,7 @@ class Accountant:
             ex.priced_model = model
         return ex.price
 
-    def reserve_cost(self, ex: Exchange) -> Decimal:
+    def reserve_cost(self, ex: Meter) -> Decimal:
         info = ex.info
         if not info.metered or info.model is None:
             return _ZERO
@@ -164,21 +104,31 @@ class Accountant:
             out = min(4096, price.max_output_tokens or 4096)
         return price.reserve_cost(estimate_tokens(info.input_chars), out) or _ZERO
 
-    async def admit(self, ex: Exchange) -> Refusal | None:
+    async def admit(self, ex: Meter) -> Refusal | None:
         outcome, change = await self.ledger.admit(ex.target.session_id, self.reserve_cost(ex))
         self.apply(change)
         if isinstance(outcome, Refusal):
+            self.metrics.budget_rejections.labels(ex.target.route.name).inc()
             return outcome
         ex.reservation = outcome
         return None
 
-    def _cost(self, ex: Exchange, model: str | None, counts: TokenCounts) -> Decimal | None:
+    def _cost(self, ex: Meter, model: str | None, counts: TokenCounts) -> Decimal | None:
         price = self._price(ex, model) if model else None
         return None if price is None else price.cost(counts)
 
     # -- while streaming ---------------------------------------------------------------------
 
-    def live(self, ex: Exchange) -> None:
+    def stream_started(self) -> None:
+        self.metrics.active_streams += 1
+
+    def stream_ended(self) -> None:
+        self.metrics.active_streams -= 1
+
+    def upstream_failed(self, route: str, kind: str) -> None:
+        self.metrics.upstream_errors.labels(route, kind).inc()
+
+    def live(self, ex: Meter) -> None:
         """A throttled ``final: false`` update, only built when somebody listens."""
         if not self.bus.subscriber_count:
             return
@@ -189,9 +139,11 @@ class Accountant:
         counts = ex.estimated_counts()
         cost = self._cost(ex, ex.model, counts)
         spent = self.ledger.spent(ex.target.session_id)
-        self._publish(self._usage_event(ex, counts, cost, spent + (cost or 0), False, True))
+        self._publish(
+            self._usage_event(ex, counts, cost, spent + (cost or 0), final=False, estimated=True)
+        )
 
-    def over_budget(self, ex: Exchange) -> bool:
+    def over_budget(self, ex: Meter) -> bool:
         """Has the live estimate of this stream used up the session's remaining budget?"""
         remaining = self.ledger.live_remaining(ex.target.session_id)
         if remaining is None:
@@ -201,7 +153,7 @@ class Accountant:
 
     # -- at the end ------------------------------------------------------------------------------
 
-    async def finish(self, ex: Exchange) -> MessageRecord:
+    async def finish(self, ex: Meter) -> MessageRecord:
         counts, estimated = ex.final_counts()
         model, provider = ex.model, ex.target.route.provider
         cost = self._cost(ex, model, counts)
@@ -238,7 +190,7 @@ class Accountant:
         )
         self.store.add_message(rec)
         spent = self.ledger.spent(ex.target.session_id)
-        self._publish(self._usage_event(ex, counts, cost, spent, True, estimated))
+        self._publish(self._usage_event(ex, counts, cost, spent, final=True, estimated=estimated))
         if ex.status < 400 and counts.total_tokens:
             price = self.prices.resolve(model, provider) if model else None  # priced or not
             window = price.context_window if price else None
@@ -254,50 +206,27 @@ class Accountant:
 
     def _usage_event(
         self,
-        ex: Exchange,
+        ex: Meter,
         counts: TokenCounts,
         cost: Decimal | None,
         session_cost: Decimal,
+        *,
         final: bool,
         estimated: bool,
     ) -> Event:
-        sid, target = ex.target.session_id, ex.target
+        target = ex.target
         make = functools.partial(
-            usage_data, ex.id, sid, target.agent_id, target.route.provider, ex.model,
-            counts, cost, session_cost, final, estimated, time.time(),
-        )  # fmt: skip
-        return Event(TOKEN_USAGE, sid, make=make)
-
-
-def usage_data(
-    message_id: str,
-    session_id: str,
-    agent_id: str | None,
-    provider: str,
-    model: str | None,
-    counts: TokenCounts,
-    cost: Decimal | None,
-    session_cost: Decimal,
-    final: bool,
-    estimated: bool,
-    timestamp: float,
-) -> dict[str, Any]:
-    """A ``token.usage`` payload (SPEC 6), from the values at the time of the event."""
-    return {
-        "messageId": message_id,
-        "sessionId": session_id,
-        "agentId": agent_id,
-        "inputTokens": counts.input_tokens,
-        "outputTokens": counts.output_tokens,
-        "cachedInputTokens": counts.cached_input_tokens,
-        "cacheWriteTokens": counts.cache_write_tokens,
-        "reasoningTokens": counts.reasoning_tokens,
-        "totalTokens": counts.total_tokens,
-        "costUsd": None if cost is None else float(cost),
-        "sessionCostUsd": float(session_cost),
-        "modelId": model,
-        "providerId": provider,
-        "final": final,
-        "estimated": estimated,
-        "timestamp": timestamp,
-    }
+            token_usage_data,
+            message_id=ex.id,
+            session_id=target.session_id,
+            agent_id=target.agent_id,
+            provider=target.route.provider,
+            model=ex.model,
+            counts=counts,
+            cost=cost,
+            session_cost=session_cost,
+            final=final,
+            estimated=estimated,
+            timestamp=time.time(),
+        )
+        return Event(TOKEN_USAGE, target.session_id, make=make)

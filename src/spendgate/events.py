@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import orjson
+
+from spendgate.usage import TokenCounts
 
 TOKEN_USAGE = "token.usage"
 CONTEXT_USAGE = "context.usage"
@@ -57,6 +60,42 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.type!r}, {self.session_id!r}, id={self.id})"
+
+
+def token_usage_data(
+    *,
+    message_id: str,
+    session_id: str,
+    agent_id: str | None,
+    provider: str,
+    model: str | None,
+    counts: TokenCounts,
+    cost: Decimal | None,
+    session_cost: Decimal,
+    final: bool,
+    estimated: bool,
+    timestamp: float,
+) -> dict[str, Any]:
+    """A ``token.usage`` payload (docs/reference.md §7), from the values at the time of
+    the event: ``final`` False for the throttled live updates of a running stream."""
+    return {
+        "messageId": message_id,
+        "sessionId": session_id,
+        "agentId": agent_id,
+        "inputTokens": counts.input_tokens,
+        "outputTokens": counts.output_tokens,
+        "cachedInputTokens": counts.cached_input_tokens,
+        "cacheWriteTokens": counts.cache_write_tokens,
+        "reasoningTokens": counts.reasoning_tokens,
+        "totalTokens": counts.total_tokens,
+        "costUsd": None if cost is None else float(cost),
+        "sessionCostUsd": float(session_cost),
+        "modelId": model,
+        "providerId": provider,
+        "final": final,
+        "estimated": estimated,
+        "timestamp": timestamp,
+    }
 
 
 def budget_event(

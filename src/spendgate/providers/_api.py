@@ -19,7 +19,8 @@ class RequestInfo(NamedTuple):
     request, and a tuple is the cheapest immutable record to build)."""
 
     operation: str
-    """Short operation name (``chat``, ``responses``, ``messages``, ...); ``""`` if unmetered."""
+    """Short operation name (``chat``, ``responses``, ``messages``, ...); ``"other"`` for a
+    path nobody meters (model listings, ``count_tokens``, ...)."""
     model: str | None = None
     stream: bool = False
     max_output_tokens: int | None = None
@@ -33,7 +34,8 @@ class RequestInfo(NamedTuple):
 
     @property
     def metered(self) -> bool:
-        return bool(self.operation)
+        """Is this an operation that bills tokens? (``"other"`` and ``""`` are not.)"""
+        return self.operation != "other" and bool(self.operation)
 
 
 class ResponseParser(Protocol):

@@ -1,0 +1,277 @@
+"""One request's meter: what the proxy tells it, and what it answers (docs/reference.md §13).
+
+The proxy handler speaks HTTP and nothing else. For each request it makes a
+:class:`Meter` and tells it what happens, in order::
+
+    refusal = await meter.admit()           # None, or why the budget refuses it
+    meter.response_started(status, headers) # the upstream answered
+    meter.whole(body)                       # a body read at once, or per piece:
+    out = meter.outgoing(chunk)             #   the bytes the client gets for it
+    stop = meter.feed(chunk)                #   parse it; True when the budget cut is due
+    meter.feed_event(payload)               # or one decoded JSON event (not an HTTP body)
+    tail = meter.body_ended()               # the upstream's body ended normally
+    meter.cut() / upstream_failed(...) / client_left()   # the ways it can end early
+    await meter.close()                     # always, in ``finally``: bill, store, publish
+
+The meter owns the parser, the output filter, the outcome (status, aborted, error,
+time to first byte) and the budget cut; the bookkeeping at the end is the accountant's
+(:mod:`spendgate.accounting`), which the meter calls with itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from spendgate import billing
+from spendgate.budgets import Refusal, Reservation, usd
+from spendgate.errors import stream_error_bytes
+from spendgate.forwarding import decoded, event_end
+from spendgate.pricing import ModelPrice
+from spendgate.providers._api import Adapter, OutputFilter, RequestInfo, ResponseParser
+from spendgate.records import MessageRecord
+from spendgate.routing import Target
+from spendgate.usage import TokenCounts
+
+if TYPE_CHECKING:
+    from spendgate.accounting import Accountant
+
+log = logging.getLogger("spendgate.proxy")
+
+CLIENT_CLOSED = 499
+"""Row status when the client left before the upstream answered (nginx's convention)."""
+
+# Message ids: a random per-process prefix and a counter (unique across restarts and
+# replicas, and no system call per request as uuid4 makes).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_SEQ = itertools.count()
+
+
+class Meter:
+    """One request, from admission to its row.
+
+    A plain slotted class rather than a dataclass: one is built per request, and a
+    generated ``__init__`` with default factories costs several times this one.
+    """
+
+    __slots__ = (
+        "_acct", "_adapter", "_cut", "_cutting", "_filter", "_last_out", "_live", "_ndjson",
+        "_out_filter", "_parse", "_parser_open", "_stop", "aborted", "cut_enabled", "error",
+        "id", "info", "key_fingerprint", "last_live", "parser", "price", "priced_model",
+        "reservation", "started_at", "status", "t0", "target", "ttft",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        acct: Accountant,
+        adapter: Adapter,
+        target: Target,
+        info: RequestInfo,
+        key_fingerprint: str | None = None,
+        cut_enabled: bool = False,
+    ) -> None:
+        self._acct = acct
+        self._adapter = adapter
+        self.target = target
+        self.info = info
+        self.key_fingerprint = key_fingerprint
+        self.cut_enabled = cut_enabled
+        """``on_budget_mid_stream = "cut"``: end a stream that uses up the budget."""
+        self.id = f"msg_{_ID_PREFIX}{next(_ID_SEQ):010x}"
+        self.started_at = time.time()
+        self.t0 = self.last_live = time.perf_counter()
+        """``last_live``: when the last live update went out (the first waits one interval)."""
+        self.ttft: float | None = None
+        self.status = 0
+        self.aborted = False
+        self.error: str | None = None
+        self.reservation: Reservation | None = None
+        self.price: ModelPrice | None = None
+        self.priced_model: str | None = None
+        """The model ``price`` was looked up for (the response may name another)."""
+        self.parser: ResponseParser | None = None
+        self._parse: Callable[[bytes], None] | None = None
+        self._parser_open = False
+        self._out_filter: OutputFilter | None = None
+        self._filter: Callable[[bytes], bytes] | None = None
+        """``_out_filter.feed``, looked up once: it runs for every piece of a stream."""
+        self._live = self._cut = self._cutting = self._stop = self._ndjson = False
+        self._last_out = b""
+
+    # -- what the meter knows --------------------------------------------------------------
+
+    @property
+    def model(self) -> str | None:
+        return (self.parser.model if self.parser else None) or self.info.model
+
+    @property
+    def error_style(self) -> str:
+        return self._adapter.error_style
+
+    @property
+    def keeps_length(self) -> bool:
+        """The body goes to the client unchanged, so its Content-Length still holds."""
+        return self._filter is None
+
+    @property
+    def complete(self) -> bool:
+        """The response body arrived whole (nothing cut it short)."""
+        return not self.aborted and self.error is None
+
+    def estimated_counts(self) -> TokenCounts:
+        """Estimates from the request size and the deltas streamed so far."""
+        parser = self.parser
+        if parser is None:
+            return billing.estimated_counts(self.info, None, 0)
+        parser.settle()
+        return billing.estimated_counts(self.info, parser.usage, parser.output_chars)
+
+    def final_counts(self) -> tuple[TokenCounts, bool]:
+        """The numbers to bill, and whether they are estimates (:mod:`spendgate.billing`)."""
+        usage = self.parser.usage if self.parser else None
+        counts = billing.billed_counts(self.info, self.status, self.complete, usage)
+        if counts is None:
+            return self.estimated_counts(), True
+        return counts, False
+
+    # -- what the proxy tells it -----------------------------------------------------------
+
+    async def admit(self) -> Refusal | None:
+        """Reserve this request's worst case against the budget, or say why not."""
+        return await self._acct.admit(self)
+
+    def response_started(self, status: int, headers: Mapping[str, str]) -> None:
+        """The upstream answered: set up the parser, and the output filter and the live
+        updates for a successful stream."""
+        self.status = status
+        ctype = headers.get("Content-Type", "")
+        encoding = headers.get("Content-Encoding", "")
+        self.parser = parser = self._adapter.parser(self.info, status, ctype)
+        self._parser_open = True
+        self._parse = decoded(parser.feed, encoding)
+        ok = status < 400
+        out_filter = self._adapter.output_filter(self.info) if ok and not encoding else None
+        self._out_filter = out_filter
+        self._filter = out_filter.feed if out_filter is not None else None
+        self._live = live = ok and self.info.stream
+        self._cut = live and self.cut_enabled
+        self._ndjson = "ndjson" in ctype
+        if live:
+            self._acct.stream_started()
+
+    def whole(self, body: bytes, encoding: str) -> None:
+        """A whole body, read at once: parsed in one go."""
+        self._first_byte()
+        parser = self.parser
+        assert parser is not None, "response_started comes first"
+        self._parser_open = False  # feed_whole stands for feed and close
+        feed = decoded(parser.feed_whole, encoding)
+        try:
+            if feed is not None:
+                feed(body)
+                return
+        except Exception:  # a broken compressed body: unparsed, still forwarded
+            pass
+        parser.feed_whole(b"")
+
+    def _first_byte(self) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+
+    def outgoing(self, chunk: bytes) -> bytes:
+        """What the client gets for this piece of the body: the piece itself, the output
+        filter's version of it, or, once a cut is due, the piece up to the last event
+        boundary in it."""
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+        out = self._filter(chunk) if self._filter is not None else chunk
+        if self._cutting:
+            end = event_end(out, self._ndjson)
+            if end >= 0:
+                self._stop = True  # the cut happens here: feed() says so
+                out = out[:end]
+        self._last_out = out
+        return out
+
+    def feed(self, chunk: bytes) -> bool:
+        """Parse this piece (after the client got :meth:`outgoing`'s bytes); True when the
+        stream must end here for budget (then send :meth:`cut`)."""
+        if self._stop:
+            return True
+        if self._parse is not None:
+            try:
+                self._parse(chunk)
+            except Exception:  # a broken compressed body: stop parsing, keep forwarding
+                self._parse = None
+        if self._live:
+            acct = self._acct
+            acct.live(self)
+            if self._cut and not self._cutting and acct.over_budget(self):
+                self._cutting = True
+                out = self._last_out
+                if out and event_end(out, self._ndjson) == len(out):
+                    return True
+        return False
+
+    def feed_event(self, payload: bytes) -> None:
+        """One decoded JSON event that did not come as an HTTP body (a WebSocket
+        message): parsed as the SSE event it would have been on HTTP."""
+        self._first_byte()
+        if self._parse is not None:
+            self._parse(b"data: " + payload + b"\n\n")
+
+    def body_ended(self) -> bytes:
+        """The upstream's body ended normally; returns what the output filter still held."""
+        self._close_parser()
+        out_filter = self._out_filter
+        return out_filter.close() if out_filter is not None else b""
+
+    def cut(self) -> bytes:
+        """End the stream early for budget: what was parsed so far is billed; returns the
+        in-band error the client gets last."""
+        self._close_parser()
+        self.error = "budget_cut"
+        sid = self.target.session_id
+        msg = (
+            f"spendgate stopped this stream: session '{sid}' ran out of budget "
+            f"(spent {usd(self._acct.ledger.spent(sid))} before this response)."
+        )
+        return stream_error_bytes(
+            self.error_style, 402, msg, "budget_exceeded", "session_budget_exceeded"
+        )
+
+    def upstream_failed(self, kind: str, detail: str, status: int | None = None) -> None:
+        """The upstream failed: before any byte reached the client (``status`` is the
+        answer the client gets instead, 502 or 504), or mid-response (``status`` None)."""
+        route = self.target.route.name
+        if status is None:
+            self.error = f"upstream_{kind}"
+            log.warning("upstream %s mid-response on %s: %s", kind, route, detail)
+        else:
+            self.status, self.error = status, kind
+            log.warning("upstream %s for %s: %s", kind, route, detail)
+        self._acct.upstream_failed(route, kind)
+
+    def client_left(self) -> None:
+        """The client hung up; what was streamed is billed."""
+        self.aborted = True
+        if self.status == 0:
+            self.status = CLIENT_CLOSED  # before the upstream answered
+
+    async def close(self) -> MessageRecord:
+        """Always last: price, settle the budget, queue the row, publish, record metrics."""
+        self._close_parser()
+        if self._live:
+            self._live = False
+            self._acct.stream_ended()
+        return await self._acct.finish(self)
+
+    def _close_parser(self) -> None:
+        if self._parser_open:
+            self._parser_open = False
+            assert self.parser is not None
+            self.parser.close()
