@@ -23,20 +23,19 @@ from prometheus_client import CollectorRegistry
 from spendgate.app import make_app
 from spendgate.metrics import Metrics
 from spendgate.settings import load_settings
-from tests.test_metrics import message
+from tests.helpers.records import message
+from tests.helpers.stack import (
+    ALERTS,
+    COMPOSE,
+    DASHBOARD,
+    GRAFANA,
+    PROMETHEUS,
+    ROOT,
+    dashboard_exprs,
+    load,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "config"
-COMPOSE = ROOT / "docker-compose.yml"
-PROMETHEUS = CONFIG / "prometheus.yml"
-ALERTS = CONFIG / "alerts.yml"
-GRAFANA = CONFIG / "grafana"
-DASHBOARD = GRAFANA / "dashboards" / "spendgate.json"
 METRIC_NAME = re.compile(r"\b((?:spendgate|gen_ai)_[a-z0-9_]+)\b")
-
-
-def load(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
 
 
 def interpolate(value: str) -> str:
@@ -289,10 +288,6 @@ def annotations(alertname: str, labels: dict[str, str]) -> dict[str, str]:
 
 
 # -- Grafana ---------------------------------------------------------------------------------
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:

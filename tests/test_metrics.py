@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from decimal import Decimal
-from typing import Any
 
-import anthropic
-import openai
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from spendgate.metrics import LATENCY_BUCKETS, Metrics
-from spendgate.records import MessageRecord
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.events_client import EventsClient
-from tests.upstream import FakeUpstream, fixture_reply, json_reply, sse_reply
+from tests.helpers.records import message
+from tests.helpers.traffic import HI, expected_rows, oa, row_cost_totals, send_traffic, stream_chunk
+from tests.upstream import FakeUpstream, fixture_reply, sse_reply
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -55,33 +53,6 @@ BUDGET_FAMILIES = (
     "spendgate_session_budget_usd",
     "spendgate_session_spent_usd",
 )
-
-
-def message(**kw: Any) -> MessageRecord:
-    values: dict[str, Any] = {
-        "id": "msg_1",
-        "session_id": "run-1",
-        "agent_id": None,
-        "route": "openai",
-        "provider": "openai",
-        "model": "gpt-4o-2024-08-06",
-        "endpoint": "chat",
-        "status": 200,
-        "stream": True,
-        "input_tokens": 1200,
-        "output_tokens": 300,
-        "cached_input_tokens": 1024,
-        "cache_write_tokens": 0,
-        "reasoning_tokens": 64,
-        "cost_usd": Decimal("0.00030735"),
-        "estimated": False,
-        "aborted": False,
-        "started_at": 0.0,
-        "ttft_ms": 250.0,
-        "duration_ms": 1500.0,
-    }
-    values.update(kw)
-    return MessageRecord(**values)
 
 
 def parse(text: str) -> Samples:
@@ -327,83 +298,6 @@ def test_session_budget_gauges_only_for_sessions_with_a_budget() -> None:
 
 
 # -- a real proxy, real SDKs, a real scrape -----------------------------------------------------
-
-
-def oa(proxy: Proxy, session: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="sk-test", max_retries=0
-    )
-
-
-def stream_chunk(content: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-4o-2024-08-06",
-        "choices": [] if usage else [{"index": 0, "delta": {"content": content}}],
-        "usage": usage,
-    }
-
-
-HI = [{"role": "user", "content": "hi"}]
-
-
-async def send_traffic(proxy: Proxy, upstream: FakeUpstream) -> None:
-    """OpenAI JSON + stream, Anthropic stream, an upstream 500 and a 402, all via the SDKs."""
-    upstream.queue(
-        fixture_reply("openai/chat_json_cached_gpt-4o-mini.json"),
-        sse_reply(
-            [
-                stream_chunk("Hel"),
-                stream_chunk("lo"),
-                stream_chunk(
-                    usage={"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
-                ),
-            ]
-        ),
-        fixture_reply("anthropic/messages_stream_cache_write_claude-3-5-sonnet.sse", 64),
-        json_reply({"error": {"message": "boom", "type": "server_error"}}, status=500),
-    )
-    async with oa(proxy, "run-1") as c:
-        await c.chat.completions.create(model="gpt-4o-mini", messages=HI)  # type: ignore[arg-type]
-        stream = await c.chat.completions.create(model="gpt-4o", messages=HI, stream=True)  # type: ignore[arg-type]
-        assert [ch async for ch in stream]
-    async with (
-        anthropic.AsyncAnthropic(
-            base_url=proxy.url("/s/claude-run/anthropic"), api_key="k", max_retries=0
-        ) as ac,
-        ac.messages.stream(
-            model="claude-3-5-sonnet-20240620",
-            max_tokens=300,
-            messages=HI,  # type: ignore[arg-type]
-        ) as s,
-    ):
-        await s.get_final_message()
-    async with oa(proxy, "run-1") as c:
-        with pytest.raises(openai.InternalServerError):
-            await c.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
-    async with proxy.http.put(proxy.url("/api/sessions/broke/budget"), json={"budgetUsd": 0}) as r:
-        assert r.status == 200
-    async with oa(proxy, "broke") as c:
-        with pytest.raises(openai.APIStatusError) as err:
-            await c.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
-        assert err.value.status_code == 402
-    async with proxy.http.post(proxy.url("/api/sessions/broke/pause")) as r:
-        assert r.status == 200
-
-
-async def expected_rows(proxy: Proxy) -> list[dict[str, Any]]:
-    return [*await proxy.messages("run-1"), *await proxy.messages("claude-run")]
-
-
-def row_cost_totals(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal]:
-    costs: dict[tuple[str, str], Decimal] = {}
-    for row in rows:
-        if row["costUsd"] is not None:
-            key = (row["providerId"], row["modelId"])
-            costs[key] = costs.get(key, Decimal(0)) + Decimal(repr(row["costUsd"]))
-    return costs
 
 
 async def test_scrape_after_sdk_traffic_equals_the_traffic(

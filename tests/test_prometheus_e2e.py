@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from tests.conftest import Proxy
-from tests.test_compose import ALERTS, DASHBOARD, PROMETHEUS, dashboard_exprs, load
-from tests.test_metrics import expected_rows, row_cost_totals, send_traffic
+from tests.helpers.stack import ALERTS, DASHBOARD, PROMETHEUS, dashboard_exprs, load
+from tests.helpers.traffic import expected_rows, row_cost_totals, send_traffic
 from tests.upstream import FakeUpstream
 
 BINARY = shutil.which("prometheus")

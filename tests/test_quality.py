@@ -26,6 +26,12 @@ def test_ruff() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format() -> None:
+    pytest.importorskip("ruff")
+    result = _run("ruff", "format", "--check", "src", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_strict() -> None:
     pytest.importorskip("mypy")
     result = _run("mypy")
