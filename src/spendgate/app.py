@@ -17,7 +17,6 @@ from spendgate.accounting import Accountant
 from spendgate.budgets import MemoryLedger
 from spendgate.bus import MemoryBus
 from spendgate.keys import (
-    ACCOUNTANT,
     BUS,
     LEDGER,
     METRICS,
@@ -82,7 +81,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         prices,
         metrics,
     )
-    app[ACCOUNTANT] = acct
     app[PROXY].attach(router, acct, client)
     log.info("database %s, %d routes", settings.db_path, len(router.routes))
     try:

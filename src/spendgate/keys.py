@@ -7,7 +7,6 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from spendgate.accounting import Accountant
 from spendgate.budgets import BudgetLedger
 from spendgate.bus import EventBus
 from spendgate.metrics import Metrics
@@ -23,6 +22,5 @@ LEDGER = web.AppKey("ledger", BudgetLedger)
 BUS = web.AppKey("bus", EventBus)
 PRICES = web.AppKey("prices", PriceTable)
 METRICS = web.AppKey("metrics", Metrics)
-ACCOUNTANT = web.AppKey("accountant", Accountant)
-"""Only the proxy's per-request meters use it (through ``PROXY``); kept for tests."""
 PROXY = web.AppKey("proxy", ProxyHandler)
+"""The catch-all handler; it holds the accountant that makes each request's meter."""
