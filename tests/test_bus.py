@@ -1,0 +1,31 @@
+"""The in-memory event bus: bounded history, dropped slow subscribers, growing ids."""
+
+from __future__ import annotations
+
+from spendgate.bus import MemoryBus
+from spendgate.events import Event
+
+
+async def test_slow_subscriber_is_dropped_and_publish_never_blocks() -> None:
+    bus = MemoryBus(history=100, queue_size=10)
+    slow, _ = bus.subscribe([], [], None)
+    fast, _ = bus.subscribe(["s"], [], None)
+    for i in range(150):
+        bus.publish(Event("token.usage", "x", {"i": i}))  # never awaits, never raises
+    assert slow.dropped and bus.subscriber_count == 1
+    assert await slow.get() is None  # its reader is told to end
+    assert not fast.dropped and fast.queue.empty()  # filtered out, nothing queued
+    # history is bounded, ids strictly increase
+    _, backlog = bus.subscribe([], [], 0)
+    assert len(backlog) == 100 and backlog[-1].data == {"i": 149}
+    assert [e.id for e in backlog] == sorted({e.id for e in backlog})
+
+
+async def test_event_ids_grow_across_restarts() -> None:
+    first = MemoryBus()
+    ev = Event("token.usage", "s", {})
+    first.publish(ev)
+    second = MemoryBus()  # a restarted process: no stored state
+    ev2 = Event("token.usage", "s", {})
+    second.publish(ev2)
+    assert ev2.id > ev.id
