@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from spendgate.records import EXPORT_COLUMNS, MessageRecord, SessionRecord
+from spendgate.records import COLUMNS, EXPORT_COLUMNS, MessageRecord, SessionRecord
 from spendgate.store import MIGRATIONS, SQLiteStore
 from tests.conftest import StartProxy, eventually
 from tests.upstream import FakeUpstream, fixture_reply
@@ -200,3 +200,26 @@ async def test_export_streams_in_bounded_memory(start_proxy: StartProxy) -> None
 def test_export_columns_are_the_row_fields_in_order() -> None:
     assert tuple(row(1).to_json()) == EXPORT_COLUMNS
     assert row(1, cost=None).csv_cells()[EXPORT_COLUMNS.index("costUsd")] == ""
+
+
+async def test_columns_are_the_schema_and_a_row_reads_back_whole(tmp_path: Path) -> None:
+    """``records.COLUMNS`` names every stored column, and each field survives the round trip."""
+    store = SQLiteStore(tmp_path / "c.db", flush_interval=60)
+    await store.open()
+    full = MessageRecord(
+        id="m1", session_id="s", agent_id="a", model="gpt-4o", provider="openai",
+        route="openai", endpoint="chat", status=200, stream=True, input_tokens=10,
+        output_tokens=5, cached_input_tokens=3, cache_write_tokens=2, reasoning_tokens=1,
+        cost_usd=Decimal("0.00030735"), estimated=True, aborted=True, started_at=1.5,
+        ttft_ms=None, duration_ms=2.0, key_fingerprint="kf", error="boom",
+    )  # fmt: skip
+    store.add_message(full)
+    assert await store.latest_message("s") == full
+    await store.close()
+    with sqlite3.connect(tmp_path / "c.db") as db:
+        schema = [r[1] for r in db.execute("PRAGMA table_info(token_usage)")]
+        stored = db.execute("SELECT stream, cost_usd, total_tokens FROM token_usage").fetchone()
+    assert sorted(schema) == sorted(["seq", *(c.sql for c in COLUMNS)])
+    assert stored == (1, 0.00030735, 15)
+    assert tuple(c.key for c in COLUMNS if c.key) == EXPORT_COLUMNS
+    assert "keyFingerprint" not in full.to_json() and full.to_json()["costUsd"] == 0.00030735

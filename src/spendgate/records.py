@@ -1,22 +1,59 @@
-"""Shapes that cross the store seam: one message row and one session row."""
+"""Shapes that cross the store seam: one message row and one session row.
+
+A message row's outside shape is defined once, by :data:`COLUMNS`: each column names the
+:class:`MessageRecord` attribute, its key in the API's JSON and the CSV export, its
+``token_usage`` column, and its kind (how it is encoded for JSON and SQL). The JSON keys,
+the CSV header (:data:`EXPORT_COLUMNS`) and the store's INSERT and SELECT lists are all
+derived from it. Adding a column: a field on :class:`MessageRecord`, a line in
+``COLUMNS``, and a migration in :mod:`spendgate.store` (an import-time check keeps the
+first two in step).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
+
+VALUE = "value"
+"""Stored and shown as it is (text, integer, real, or None)."""
+FLAG = "flag"
+"""A bool: JSON true/false, an INTEGER 0/1 in SQL (read back as a bool)."""
+MONEY = "money"
+"""A ``Decimal`` or None: a float in JSON, REAL in SQL (read back exactly via ``repr``)."""
+
+
+class Column(NamedTuple):
+    attr: str
+    """The :class:`MessageRecord` attribute (a field, or a property when ``derived``)."""
+    key: str | None
+    """Its JSON / CSV key; None: stored but not exported."""
+    sql: str
+    """Its ``token_usage`` column."""
+    kind: str = VALUE
+    derived: bool = False
+    """Computed from other fields: written and exported, never read back."""
+
+
+def _col(attr: str, key: str | None, kind: str = VALUE, derived: bool = False) -> Column:
+    return Column(attr, key, attr, kind, derived)  # the SQL column is named as the attribute
 
 
 @dataclass(slots=True)
 class MessageRecord:
-    """One upstream response (SPEC 4's ``token_usage`` row)."""
+    """One upstream response (SPEC 4's ``token_usage`` row).
+
+    The fields are in the order of :data:`COLUMNS` (less the derived ones); build it by
+    keyword.
+    """
 
     id: str
     session_id: str
     agent_id: str | None
-    route: str
-    provider: str
     model: str | None
+    provider: str
+    route: str
     endpoint: str
     status: int
     stream: bool
@@ -40,60 +77,55 @@ class MessageRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The API's camelCase view: the token.usage fields plus row metadata."""
-        return {
-            "messageId": self.id,
-            "sessionId": self.session_id,
-            "agentId": self.agent_id,
-            "modelId": self.model,
-            "providerId": self.provider,
-            "route": self.route,
-            "endpoint": self.endpoint,
-            "status": self.status,
-            "stream": self.stream,
-            "inputTokens": self.input_tokens,
-            "outputTokens": self.output_tokens,
-            "cachedInputTokens": self.cached_input_tokens,
-            "cacheWriteTokens": self.cache_write_tokens,
-            "reasoningTokens": self.reasoning_tokens,
-            "totalTokens": self.total_tokens,
-            "costUsd": None if self.cost_usd is None else float(self.cost_usd),
-            "estimated": self.estimated,
-            "aborted": self.aborted,
-            "startedAt": self.started_at,
-            "ttftMs": self.ttft_ms,
-            "durationMs": self.duration_ms,
-            "error": self.error,
-        }
+        out = dict(zip(EXPORT_COLUMNS, _export_values(self), strict=True))
+        for key in _EXPORT_MONEY:
+            value = out[key]
+            if value is not None:
+                out[key] = float(value)
+        return out
 
     def csv_cells(self) -> list[Any]:
         """One export row: the ``to_json`` values, with unknown (None) as an empty cell."""
         return ["" if v is None else v for v in self.to_json().values()]
 
 
-EXPORT_COLUMNS = (  # the keys of MessageRecord.to_json, in order (a test checks it)
-    "messageId",
-    "sessionId",
-    "agentId",
-    "modelId",
-    "providerId",
-    "route",
-    "endpoint",
-    "status",
-    "stream",
-    "inputTokens",
-    "outputTokens",
-    "cachedInputTokens",
-    "cacheWriteTokens",
-    "reasoningTokens",
-    "totalTokens",
-    "costUsd",
-    "estimated",
-    "aborted",
-    "startedAt",
-    "ttftMs",
-    "durationMs",
-    "error",
+COLUMNS: tuple[Column, ...] = (
+    _col("id", "messageId"),
+    _col("session_id", "sessionId"),
+    _col("agent_id", "agentId"),
+    _col("model", "modelId"),
+    _col("provider", "providerId"),
+    _col("route", "route"),
+    _col("endpoint", "endpoint"),
+    _col("status", "status"),
+    _col("stream", "stream", FLAG),
+    _col("input_tokens", "inputTokens"),
+    _col("output_tokens", "outputTokens"),
+    _col("cached_input_tokens", "cachedInputTokens"),
+    _col("cache_write_tokens", "cacheWriteTokens"),
+    _col("reasoning_tokens", "reasoningTokens"),
+    _col("total_tokens", "totalTokens", derived=True),
+    _col("cost_usd", "costUsd", MONEY),
+    _col("estimated", "estimated", FLAG),
+    _col("aborted", "aborted", FLAG),
+    _col("started_at", "startedAt"),
+    _col("ttft_ms", "ttftMs"),
+    _col("duration_ms", "durationMs"),
+    _col("key_fingerprint", None),
+    _col("error", "error"),
 )
+"""Every column of a message row, in JSON / CSV order."""
+
+STORED_FIELDS = tuple(c for c in COLUMNS if not c.derived)
+"""The columns read back into a :class:`MessageRecord`, in its fields' order."""
+if tuple(f.name for f in fields(MessageRecord)) != tuple(c.attr for c in STORED_FIELDS):
+    raise TypeError("MessageRecord's fields and records.COLUMNS disagree")
+
+_EXPORTED = tuple(c for c in COLUMNS if c.key is not None)
+EXPORT_COLUMNS: tuple[str, ...] = tuple(c.key for c in _EXPORTED if c.key is not None)
+"""The keys of :meth:`MessageRecord.to_json`, in order: the CSV export's header."""
+_export_values = attrgetter(*(c.attr for c in _EXPORTED))
+_EXPORT_MONEY = tuple(c.key for c in _EXPORTED if c.kind == MONEY and c.key is not None)
 
 
 @dataclass(slots=True)

@@ -17,12 +17,21 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
 
-from spendgate.records import MessageRecord, SessionRecord
+from spendgate.records import (
+    COLUMNS,
+    FLAG,
+    MONEY,
+    STORED_FIELDS,
+    VALUE,
+    MessageRecord,
+    SessionRecord,
+)
 
 log = logging.getLogger("spendgate.store")
 
@@ -71,12 +80,10 @@ COST_DIGITS = 10
 """Sums of REAL costs are rounded to 1e-10 USD: far below any price step, and it removes
 binary float noise (0.010000000000000002 → 0.01)."""
 
-_MESSAGE_COLUMNS = (
-    "id, session_id, agent_id, route, provider, model, endpoint, status, stream, input_tokens, "
-    "output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, total_tokens, "
-    "cost_usd, estimated, aborted, started_at, ttft_ms, duration_ms, key_fingerprint, error"
-)
-_MESSAGE_ROW = f"({', '.join('?' * len(_MESSAGE_COLUMNS.split(',')))})"
+_INSERT_COLUMNS = ", ".join(c.sql for c in COLUMNS)
+_SELECT_COLUMNS = ", ".join(c.sql for c in STORED_FIELDS)
+"""A SELECT of these yields a row in :class:`MessageRecord`'s field order."""
+_MESSAGE_ROW = f"({', '.join('?' * len(COLUMNS))})"
 INSERT_CHUNK = 256
 """Rows per INSERT statement. One multi-row statement binds all its parameters in one C
 call and runs one step without the GIL, where ``executemany`` hands the GIL back and
@@ -86,10 +93,10 @@ forth twice per row, which costs the event loop thread more than the insert itse
 @functools.lru_cache(maxsize=16)
 def _insert_messages(rows: int) -> str:
     values = ", ".join([_MESSAGE_ROW] * rows)
-    return f"INSERT OR IGNORE INTO token_usage ({_MESSAGE_COLUMNS}) VALUES {values}"
+    return f"INSERT OR IGNORE INTO token_usage ({_INSERT_COLUMNS}) VALUES {values}"
 
 
-def _insert_chunks(rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
+def _insert_chunks(rows: list[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
     """``rows`` as a few multi-row INSERTs: full chunks, then the rest in powers of two
     (so at most a dozen distinct statements are ever prepared and cached)."""
     i, n = 0, len(rows)
@@ -148,27 +155,34 @@ def _money(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(repr(value))
 
 
-def _message_params(m: MessageRecord) -> tuple[Any, ...]:
-    return (
-        m.id, m.session_id, m.agent_id, m.route, m.provider, m.model, m.endpoint, m.status,
-        int(m.stream), m.input_tokens, m.output_tokens, m.cached_input_tokens,
-        m.cache_write_tokens, m.reasoning_tokens, m.total_tokens,
-        None if m.cost_usd is None else float(m.cost_usd), int(m.estimated), int(m.aborted),
-        m.started_at, m.ttft_ms, m.duration_ms, m.key_fingerprint, m.error,
-    )  # fmt: skip
+_message_values: Callable[[MessageRecord], tuple[Any, ...]] = attrgetter(*(c.attr for c in COLUMNS))
+_MONEY_AT = tuple(i for i, c in enumerate(COLUMNS) if c.kind == MONEY)
+# FLAG columns need no encoding: sqlite3 binds a bool as the INTEGER 0 or 1.
 
 
-def _message_from_row(r: aiosqlite.Row) -> MessageRecord:
-    return MessageRecord(
-        id=r["id"], session_id=r["session_id"], agent_id=r["agent_id"], route=r["route"],
-        provider=r["provider"], model=r["model"], endpoint=r["endpoint"], status=r["status"],
-        stream=bool(r["stream"]), input_tokens=r["input_tokens"],
-        output_tokens=r["output_tokens"], cached_input_tokens=r["cached_input_tokens"],
-        cache_write_tokens=r["cache_write_tokens"], reasoning_tokens=r["reasoning_tokens"],
-        cost_usd=_money(r["cost_usd"]), estimated=bool(r["estimated"]),
-        aborted=bool(r["aborted"]), started_at=r["started_at"], ttft_ms=r["ttft_ms"],
-        duration_ms=r["duration_ms"], key_fingerprint=r["key_fingerprint"], error=r["error"],
-    )  # fmt: skip
+def _message_params(m: MessageRecord) -> Sequence[Any]:
+    """The INSERT parameters of one row, in ``COLUMNS`` order (on the request path)."""
+    values = _message_values(m)
+    if not _MONEY_AT:
+        return values
+    params = list(values)
+    for i in _MONEY_AT:
+        if params[i] is not None:
+            params[i] = float(params[i])
+    return params
+
+
+_DECODE: dict[str, Callable[[Any], Any] | None] = {VALUE: None, FLAG: bool, MONEY: _money}
+_DECODERS = tuple(_DECODE[c.kind] for c in STORED_FIELDS)
+
+
+def _message_from_row(r: Sequence[Any]) -> MessageRecord:
+    """A row of ``SELECT {_SELECT_COLUMNS}`` (anything after those is ignored)."""
+    values = [
+        v if decode is None else decode(v)
+        for decode, v in zip(_DECODERS, r[: len(_DECODERS)], strict=True)
+    ]
+    return MessageRecord(*values)
 
 
 def _session_params(s: SessionRecord) -> tuple[Any, ...]:
@@ -231,7 +245,7 @@ class SQLiteStore:
         self._max_queue = max_queue
         self._on_drop = on_drop
         self._db: aiosqlite.Connection | None = None
-        self._pending: deque[tuple[str, tuple[Any, ...]]] = deque()
+        self._pending: deque[tuple[str, Sequence[Any]]] = deque()
         self._enqueued = 0
         self._committed = 0
         self._wake = asyncio.Event()
@@ -292,7 +306,7 @@ class SQLiteStore:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    def _enqueue(self, op: str, params: tuple[Any, ...]) -> None:
+    def _enqueue(self, op: str, params: Sequence[Any]) -> None:
         if len(self._pending) >= self._max_queue:
             lost = self._pending.popleft()
             log.error(
@@ -440,7 +454,7 @@ class SQLiteStore:
     ) -> tuple[list[MessageRecord], int | None]:
         await self.flush()
         rows = await self._fetchall(
-            f"SELECT seq, {_MESSAGE_COLUMNS} FROM token_usage WHERE session_id = ? AND seq > ? "
+            f"SELECT {_SELECT_COLUMNS}, seq FROM token_usage WHERE session_id = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (session_id, after, limit + 1),
         )
@@ -462,7 +476,7 @@ class SQLiteStore:
     async def latest_message(self, session_id: str) -> MessageRecord | None:
         await self.flush()
         rows = await self._fetchall(
-            f"SELECT {_MESSAGE_COLUMNS} FROM token_usage WHERE session_id = ? "
+            f"SELECT {_SELECT_COLUMNS} FROM token_usage WHERE session_id = ? "
             "ORDER BY seq DESC LIMIT 1",
             (session_id,),
         )
