@@ -18,8 +18,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from spendgate.address import is_loopback, local_url
 from spendgate.cli import main
 from spendgate.records import EXPORT_COLUMNS
+from spendgate.render import budget_usd, total_usd, usd
 from tests.conftest import Proxy, StartProxy
 from tests.upstream import FakeUpstream, json_reply
 
@@ -189,3 +191,45 @@ async def test_report_as_a_real_command(db: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 5  # header and four messages
+
+
+@pytest.mark.parametrize(
+    ("host", "url", "loopback"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8787", True),
+        ("::1", "http://[::1]:8787", True),
+        ("localhost", "http://localhost:8787", True),
+        ("0.0.0.0", "http://127.0.0.1:8787", False),  # every address: reached on loopback
+        ("::", "http://[::1]:8787", False),  # bound IPv6-only, so not 127.0.0.1
+        ("", "http://127.0.0.1:8787", False),
+        ("192.168.1.5", "http://192.168.1.5:8787", False),
+        ("fe80::1%eth0", "http://[fe80::1%25eth0]:8787", False),
+    ],
+)
+def test_local_url_of_each_listen_address(host: str, url: str, loopback: bool) -> None:
+    assert local_url(host, 8787) == url
+    assert is_loopback(host) is loopback
+
+
+def test_admin_commands_reach_an_ipv6_proxy_by_a_bracketed_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SPENDGATE_HOST", "::1")
+    monkeypatch.setenv("SPENDGATE_PORT", str(port))
+    assert main(["pause", "run-1", "--db", str(tmp_path / "x.db")]) == 1
+    err = capsys.readouterr().err
+    assert f"no proxy running at http://[::1]:{port}/api/sessions/run-1/pause" in err
+
+
+def test_money_for_people() -> None:
+    assert [usd(v) for v in (None, 0.0, 0.00021, 0.0427, 4.96, 1234.5, -0.5)] == [
+        "N/A", "$0.00", "$0.000210", "$0.0427", "$4.96", "$1,234.50", "$-0.5000",
+    ]  # fmt: skip
+    assert total_usd(None, 0) == "$0.00" and total_usd(None, 3) == "N/A"
+    assert total_usd(0.5, 3, partly_unknown=True) == "$0.5000 + N/A"
+    assert budget_usd(None) == "unlimited" and budget_usd(5) == "$5.00"

@@ -21,6 +21,13 @@ import openai
 import pytest
 from rich.console import Console
 
+from spendgate.context import (
+    CONTEXT_CRITICAL_PERCENT,
+    CONTEXT_WARNING_PERCENT,
+    context_level,
+    percent_level,
+)
+from spendgate.events import context_data
 from spendgate.settings import Settings
 from spendgate.top import Follower, TopState, proxy_url, sse_events
 from tests.conftest import StartProxy, eventually
@@ -182,6 +189,32 @@ async def test_sse_parser_handles_comments_and_multiline_data() -> None:
     assert got == [("7", "token.usage", '{"a":\n1}'), ("8", "message", "x")]
 
 
+async def test_sse_events_from_chunks_split_anywhere() -> None:
+    """The proxy's bytes arrive in arbitrary pieces: mid-line, between CR and LF, mid-UTF-8."""
+    wire = (
+        'id: 1\r\nevent: token.usage\r\ndata: {"m": "é"}\r\n\r\n: ping\n\nid: 2\ndata: x'.encode()
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(len(wire)):
+            yield wire[i : i + 1]
+
+    got = [e async for e in sse_events(chunks())]
+    assert got == [("1", "token.usage", '{"m": "é"}'), ("2", "message", "x")]
+
+
+def test_context_levels_at_the_thresholds() -> None:
+    """top colours by the event's floored percent; that gives the level the proxy sent."""
+    assert (CONTEXT_WARNING_PERCENT, CONTEXT_CRITICAL_PERCENT) == (80, 90)
+    window = 128_000
+    for tokens in (0, 102_399, 102_400, 115_199, 115_200, 128_000, 140_000):
+        data = context_data("s", "m", tokens, window)
+        assert data["level"] == context_level(tokens, window) == percent_level(data["percent"])
+    assert [context_level(t, 100_000) for t in (79_999, 80_000, 89_999, 90_000)] == [
+        "ok", "warning", "warning", "critical",
+    ]  # fmt: skip
+
+
 def test_proxy_url_from_settings(tmp_path: Path) -> None:
     assert proxy_url(Settings(db_path=tmp_path / "x.db")) == "http://127.0.0.1:8787"
     assert (
@@ -189,6 +222,7 @@ def test_proxy_url_from_settings(tmp_path: Path) -> None:
         == "http://127.0.0.1:9"
     )
     assert proxy_url(Settings(db_path=tmp_path / "x.db", host="::1", port=9)) == "http://[::1]:9"
+    assert proxy_url(Settings(db_path=tmp_path / "x.db", host="::", port=9)) == "http://[::1]:9"
 
 
 async def test_says_so_when_no_proxy_is_running() -> None:

@@ -1,4 +1,7 @@
-"""The ``spendgate`` command: parse arguments, build Settings, run. No logic of its own."""
+"""The ``spendgate`` command: parse arguments, build Settings, dispatch.
+
+What the reports say is :mod:`spendgate.reports`; how they look, :mod:`spendgate.render`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import argparse
 import asyncio
 import csv
 import gc
-import ipaddress
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -18,6 +20,7 @@ from typing import Any
 import orjson
 
 from spendgate import __version__
+from spendgate.address import http_url, is_loopback, local_url
 from spendgate.settings import Settings, SettingsError, load_settings
 
 GC_THRESHOLDS = (10_000, 10, 10)
@@ -37,15 +40,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -55,7 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    remote = not settings.admin_token and not _is_loopback(settings.host)
+    remote = not settings.admin_token and not is_loopback(settings.host)
     if remote and not settings.allow_remote_without_token:
         print(
             f"spendgate: refusing to listen on {settings.host} without SPENDGATE_ADMIN_TOKEN "
@@ -71,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     gc.set_threshold(*GC_THRESHOLDS)
     print(
-        f"spendgate {__version__} on http://{settings.host}:{settings.port} (db {settings.db_path})"
+        f"spendgate {__version__} on {http_url(settings.host, settings.port)} "
+        f"(db {settings.db_path})"
     )
     web.run_app(
         make_app(settings),
@@ -114,7 +109,7 @@ def _no_database(settings: Settings) -> bool:
 
 def cmd_sessions(args: argparse.Namespace) -> int:
     """Every session with its totals, newest activity first; needs no running proxy."""
-    from spendgate import reports
+    from spendgate import render, reports
 
     async def go() -> int:
         settings = _settings(args)
@@ -124,69 +119,16 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             rows = await reports.sessions_list(store)
         if args.format == "json":
             print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-            return 0
-        import time
-
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
-
-        console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
-        if not rows:
-            console.print(f"no sessions recorded in {settings.db_path}", markup=False)
-            return 0
-        table = Table(
-            title=f"{len(rows)} sessions", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
-        )
-        widest = max(len(r["sessionId"]) for r in rows)
-        table.add_column("session", no_wrap=True, min_width=min(24, widest))
-        for name in ("msgs", "input", "output", "cost", "budget"):
-            table.add_column(name, justify="right", no_wrap=True)
-        table.add_column("last active", no_wrap=True)
-        table.add_column("state")
-        for r in rows:
-            last = r["lastActivityAt"] or r["createdAt"]
-            state = Text("")
-            if r["paused"]:
-                state = Text(f"paused ({r['pauseReason'] or 'manual'})", style="bold red")
-            table.add_row(
-                Text(r["sessionId"]), f"{r['messageCount']:,}", f"{r['totalInputTokens']:,}",
-                f"{r['totalOutputTokens']:,}", _cost(r["totalCostUsd"], r["messageCount"]),
-                _budget(r["budgetUsd"]),
-                time.strftime("%m-%d %H:%M", time.localtime(last)), state,
-            )  # fmt: skip
-        console.print(table)
+        else:
+            render.print_sessions(rows, settings.db_path)
         return 0
 
     return _run(go)
 
 
-def _usd(value: float | None) -> str:
-    """Dollars with the precision small amounts need; ``None`` (no price known) is ``N/A``."""
-    if value is None:
-        return "N/A"
-    if value == 0:
-        return "$0.00"
-    if abs(value) < 0.01:
-        return f"${value:.6f}"
-    return f"${value:.4f}" if abs(value) < 1 else f"${value:,.2f}"
-
-
-def _cost(value: float | None, messages: int, partly_unknown: bool = False) -> str:
-    """A total: nothing recorded costs $0; a sum with unpriced messages says so."""
-    if value is None:
-        return "$0.00" if not messages else "N/A"
-    return _usd(value) + (" + N/A" if partly_unknown else "")
-
-
-def _budget(value: float | None) -> str:
-    return "unlimited" if value is None else _usd(value)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     """One session: totals by model and agent (table, json), or every message (csv)."""
-    from spendgate import reports
+    from spendgate import render, reports
     from spendgate.price_files import load_price_table
     from spendgate.records import EXPORT_COLUMNS
 
@@ -215,73 +157,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             summary = await reports.session_summary(store, prices, rec, spent)
         if args.format == "json":
             print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
-            return 0
-        _print_summary(summary)
+        else:
+            render.print_summary(summary)
         return 0
 
     return _run(go)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    """The table report: totals, budget, context, then one table per model and per agent."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
-    unknown = any(g["costUsd"] is None for g in s["byModel"].values())
-    total = _cost(s["totalCostUsd"], s["messageCount"], unknown and s["totalCostUsd"] is not None)
-    count = f"  {s['messageCount']:,} messages  "
-    head = Text.assemble((s["sessionId"], "bold"), count, (total, "bold"))
-    if s["paused"]:
-        head.append(f"  PAUSED ({s['pauseReason'] or 'manual'})", style="bold red")
-    console.print(head)
-    budget = f"budget {_budget(s['budgetUsd'])}"
-    if s["budgetUsd"] is not None:
-        budget += f", {_usd(s['remainingUsd'])} left"
-    console.print(budget, markup=False, highlight=False)
-    console.print(
-        f"tokens: input {s['totalInputTokens']:,} (cache reads {s['totalCachedInputTokens']:,}, "
-        f"cache writes {s['totalCacheWriteTokens']:,}), output {s['totalOutputTokens']:,} "
-        f"(reasoning {s['totalReasoningTokens']:,})",
-        markup=False,
-        highlight=False,
-    )
-    ctx = s.get("context")
-    if ctx:
-        window = (
-            f"of {ctx['contextWindow']:,} ({ctx['percent']}%, {ctx['level']})"
-            if ctx.get("percent") is not None
-            else "(window unknown)"
-        )
-        console.print(
-            f"context: {ctx['contextTokens']:,} tokens {window}, model {ctx['modelId']}",
-            markup=False,
-            highlight=False,
-        )
-    for title, key in (("model", "byModel"), ("agent", "byAgent")):
-        groups = s[key]
-        if not groups:
-            continue
-        table = Table(title=f"by {title}", title_justify="left", box=box.SIMPLE_HEAD)
-        table.add_column(title, no_wrap=True, min_width=min(24, max(map(len, groups))))
-        for name in ("msgs", "input", "cached", "output"):
-            table.add_column(name, justify="right", no_wrap=True)
-        table.add_column("cost", justify="right", no_wrap=True)
-        for name, g in sorted(groups.items(), key=lambda kv: -(kv[1]["costUsd"] or 0)):
-            table.add_row(
-                Text(name), f"{g['messageCount']:,}", f"{g['inputTokens']:,}",
-                f"{g['cachedInputTokens']:,}", f"{g['outputTokens']:,}",
-                _cost(g["costUsd"], g["messageCount"]),
-            )  # fmt: skip
-        if len(groups) > 1:
-            table.add_section()
-            table.add_row(
-                Text("total", style="bold"), f"{s['messageCount']:,}", f"{s['totalInputTokens']:,}",
-                f"{s['totalCachedInputTokens']:,}", f"{s['totalOutputTokens']:,}", total,
-            )  # fmt: skip
-        console.print(table)
 
 
 def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
@@ -290,8 +170,7 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
     import urllib.request
 
     settings = _settings(args)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}{path}"
+    url = local_url(settings.host, settings.port) + path
     req = urllib.request.Request(
         url, method=method, data=None if body is None else orjson.dumps(body)
     )

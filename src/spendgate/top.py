@@ -24,6 +24,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from spendgate.address import local_url
+from spendgate.context import percent_level
+from spendgate.providers._sse_decoder import SSEDecoder
+from spendgate.render import usd
 from spendgate.settings import Settings
 
 BURN_WINDOW_S = 600.0
@@ -32,19 +36,6 @@ LIST_EVERY_S = 2.0
 STALE_AFTER_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 LEVEL_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red"}
-
-
-def usd(value: float | None) -> str:
-    if value is None:
-        return "N/A"
-    a = abs(value)
-    if a == 0:
-        return "$0.00"
-    if a < 0.01:
-        return f"${value:.6f}"
-    if a < 1:
-        return f"${value:.4f}"
-    return f"${value:,.2f}"
 
 
 def duration(minutes: float) -> str:
@@ -60,10 +51,6 @@ def duration(minutes: float) -> str:
 def bar(fraction: float, width: int = 5) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "█" * filled + "░" * (width - filled)
-
-
-def level_of(percent: float) -> str:
-    return "critical" if percent >= 90 else "warning" if percent >= 80 else "ok"
 
 
 @dataclass(slots=True)
@@ -282,7 +269,7 @@ class TopState:
             eta = "—"
         else:
             frac = v.spent / v.budget if v.budget > 0 else 1.0
-            style = LEVEL_STYLE[level_of(frac * 100)]
+            style = LEVEL_STYLE[percent_level(frac * 100)]
             budget = Text(f"{bar(frac)} {frac * 100:.0f}% {usd(v.budget)}", style=style)
             left = v.budget - v.spent
             eta = "spent" if left <= 0 else duration(left / rate) if rate > 0 else "—"
@@ -291,7 +278,7 @@ class TopState:
         if c and isinstance(c.get("percent"), int | float) and c.get("contextWindow"):
             pct = float(c["percent"])
             ctx = Text(f"{bar(pct / 100)} {pct:.1f}%")
-            ctx.stylize(LEVEL_STYLE[level_of(pct)])
+            ctx.stylize(LEVEL_STYLE[percent_level(pct)])
         elif c:
             ctx = Text("window unknown", style="dim")
         return [
@@ -303,27 +290,14 @@ class TopState:
 # --- the network side ---------------------------------------------------------------------------
 
 
-async def sse_events(lines: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str, str]]:
+async def sse_events(chunks: AsyncIterable[bytes]) -> AsyncIterator[tuple[str, str, str]]:
     """(id, event, data) of each event in a ``text/event-stream``, comments skipped."""
-    eid = kind = ""
-    data: list[str] = []
-    async for raw in lines:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-        if not line:
-            if data:
-                yield eid, kind or "message", "\n".join(data)
-            kind, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "id":
-            eid = value
-        elif name == "event":
-            kind = value
-        elif name == "data":
-            data.append(value)
+    decoder = SSEDecoder()
+    async for chunk in chunks:
+        for e in decoder.feed(chunk):
+            yield e.id, e.event, e.data.decode("utf-8", errors="replace")
+    for e in decoder.close():
+        yield e.id, e.event, e.data.decode("utf-8", errors="replace")
 
 
 class Follower:
@@ -393,7 +367,7 @@ class Follower:
             resp.raise_for_status()
             self.state.status = "live"
             await self.refresh()  # after subscribing, so nothing falls between the two
-            async for eid, kind, data in sse_events(resp.content):
+            async for eid, kind, data in sse_events(resp.content.iter_any()):
                 self.last_id = eid or self.last_id
                 with contextlib.suppress(orjson.JSONDecodeError):
                     payload = orjson.loads(data)
@@ -426,10 +400,7 @@ async def watch(state: TopState, token: str | None, console: Console) -> None:
 
 
 def proxy_url(settings: Settings) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    return local_url(settings.host, settings.port)
 
 
 def run_top(settings: Settings) -> int:
