@@ -60,7 +60,6 @@ class Change:
 
     session: SessionRecord | None = None
     events: list[Event] = field(default_factory=list)
-    created: bool = False
 
 
 class BudgetLedger(Protocol):
@@ -122,7 +121,7 @@ class MemoryLedger:
             rec = SessionRecord(session_id, time.time(), budget_usd=self._default_budget)
             st = self._sessions[session_id] = _State(rec)
             self._arm(st)
-            change.session, change.created = rec, True
+            change.session = rec
         return st
 
     def _crossed(self, st: _State) -> list[float]:
@@ -234,7 +233,8 @@ class MemoryLedger:
         return st.record if st else None
 
     def live_remaining(self, session_id: str) -> Decimal | None:
-        """Budget left after spent and other in-flight reservations (None: unlimited)."""
+        """The budget less what is spent (None: unlimited). Reservations are not subtracted,
+        so a running stream's own reservation does not count against it."""
         st = self._sessions.get(session_id)
         if st is None or st.record.budget_usd is None:
             return None

@@ -26,7 +26,6 @@ class Subscription:
         self.sessions = frozenset(sessions)
         self.types = frozenset(types)
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
-        self.dropped = False
 
     def wants(self, event: Event) -> bool:
         return (not self.sessions or event.session_id in self.sessions) and (
@@ -82,7 +81,6 @@ class MemoryBus:
     def _drop(self, sub: Subscription) -> None:
         """Forget a subscriber and wake its reader with the end marker."""
         self.unsubscribe(sub)
-        sub.dropped = True
         while not sub.queue.empty():
             sub.queue.get_nowait()
         sub.queue.put_nowait(None)

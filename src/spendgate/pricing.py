@@ -275,13 +275,6 @@ class PriceTable:
         price = self.priced(model, provider)
         return None if price is None else price.reserve_cost(input_tokens, output_tokens)
 
-    def to_json(self) -> dict[str, Any]:
-        """The whole effective table for ``GET /api/pricing``."""
-        return {
-            "models": [self._prices[k].to_json() for k in sorted(self._prices)],
-            "aliases": dict(sorted(self._aliases.items())),
-        }
-
 
 # --- numbers ------------------------------------------------------------------------
 
