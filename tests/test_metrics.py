@@ -492,3 +492,20 @@ def test_unmetered_tokens_are_counted_and_counters_never_go_down() -> None:
         metrics.record(message(cost_usd=Decimal("-0.01")), "chat", "gpt-4o")
     with pytest.raises(ValueError, match="only go up"):
         metrics.record(message(output_tokens=-1), "chat", "gpt-4o")
+
+
+def test_error_response_series_start_at_their_first_error_response() -> None:
+    """A status's http_5xx series is made when an error response of it is first counted: a
+    transport failure (``error`` set; the proxy counts it by its kind) leaves none behind."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.record(message(status=504, error="timeout", cost_usd=None), "chat", "gpt-4o")
+    names = {name for name, _ in registry_samples(registry)}
+    assert "spendgate_upstream_errors_total" not in names
+    for _ in range(2):  # the same series (route, model, status...) as the transport failure
+        metrics.record(message(status=504, cost_usd=None), "chat", "gpt-4o")
+    metrics.record(message(route="groq", status=503, cost_usd=None), "chat", "gpt-4o")
+    s = registry_samples(registry)
+    assert value(s, "spendgate_upstream_errors_total", route="openai", kind="http_5xx") == 2
+    assert value(s, "spendgate_upstream_errors_total", route="groq", kind="http_5xx") == 1
+    assert total(s, "spendgate_upstream_errors_total") == 3

@@ -158,6 +158,20 @@ class PlainHistogram:
         yield family
 
 
+def _checked_counts(m: MessageRecord) -> tuple[int, ...]:
+    """The row's token counts in the order of TOKEN_TYPES; a negative count or cost raises."""
+    counts = (
+        m.input_tokens,
+        m.output_tokens,
+        m.cached_input_tokens,
+        m.cache_write_tokens,
+        m.reasoning_tokens,
+    )
+    if min(counts) < 0 or (m.cost_usd is not None and m.cost_usd < 0):
+        raise ValueError("counters only go up")
+    return counts
+
+
 def _observe(row: list[float], bounds: tuple[float, ...], value: float) -> None:
     row[bisect_left(bounds, value)] += 1  # ``le`` is inclusive
     row[-1] += value
@@ -177,6 +191,12 @@ class _Series:
     genai_duration: list[float] | None
     cost_labels: tuple[str, ...]
     genai_labels: tuple[str, str, str]
+    genai_usage: bool
+    """Token usage goes to the GenAI histograms (a successful response, not estimated)."""
+    error_kind: str | None
+    """``upstream_errors``' kind for this status (http_429, http_5xx), if it is one."""
+    errors: Counter | None = None
+    """That counter's child, once used."""
     cost: list[Any] | None = None
     unpriced: list[Any] | None = None
     genai_input: list[float] | None = None
@@ -342,19 +362,16 @@ class Metrics:
         """Everything one finished upstream response adds to the metrics."""
         session = m.session_id if self.session_labels else None
         key = (m.route, m.provider, m.model, m.status, operation, requested_model, session)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = self._new_series(m, operation, requested_model)
-        counts = (
-            m.input_tokens,
-            m.output_tokens,
-            m.cached_input_tokens,
-            m.cache_write_tokens,
-            m.reasoning_tokens,
-        )  # fmt: skip (the order of TOKEN_TYPES)
-        if min(counts) < 0 or (m.cost_usd is not None and m.cost_usd < 0):
-            raise ValueError("counters only go up")
+        series = self._series.get(key) or self._new_series(key, m, operation, requested_model)
+        counts = _checked_counts(m)
         series.requests[0] += 1
+        self._count_tokens(series, counts)
+        self._count_cost(series, m.cost_usd)
+        if series.error_kind is not None and m.error is None:  # an error response's status
+            self._count_upstream_error(series, m.route)
+        self._observe_times(series, m)
+
+    def _count_tokens(self, series: _Series, counts: tuple[int, ...]) -> None:
         if series.tokens:  # in the order of TOKEN_TYPES
             for cell, n in zip(series.tokens, counts, strict=True):
                 cell[0] += n
@@ -363,17 +380,23 @@ class Metrics:
             for (type_, _), n in zip(TOKEN_TYPES, counts, strict=True):
                 if n:
                     self.tokens.cell((*pm, type_, *s))[0] += n
-        if m.cost_usd is not None:
+
+    def _count_cost(self, series: _Series, cost: Decimal | None) -> None:
+        if cost is not None:
             if series.cost is None:
                 series.cost = self.cost.cell(series.cost_labels, _ZERO)
-            series.cost[0] += m.cost_usd
+            series.cost[0] += cost
         elif series.genai_duration is not None:  # metered, and no price
             if series.unpriced is None:
                 series.unpriced = self.unpriced.cell(series.cost_labels[:2])
             series.unpriced[0] += 1
-        if m.error is None and (m.status >= 500 or m.status == 429):
-            kind = "http_429" if m.status == 429 else "http_5xx"
-            self.upstream_errors.labels(m.route, kind).inc()
+
+    def _count_upstream_error(self, series: _Series, route: str) -> None:
+        if series.errors is None:  # created on first use: no http_5xx series at 0
+            series.errors = self.upstream_errors.labels(route, series.error_kind)
+        series.errors.inc()
+
+    def _observe_times(self, series: _Series, m: MessageRecord) -> None:
         seconds = m.duration_ms / 1000
         _observe(series.duration, self.duration.bounds, seconds)
         if m.ttft_ms is not None:
@@ -381,18 +404,27 @@ class Metrics:
         if series.genai_duration is None:
             return  # not a GenAI operation (model lists, token counting, ...)
         _observe(series.genai_duration, self.genai_duration.bounds, seconds)
-        if m.status < 400 and not m.estimated:
-            bounds = self.genai_tokens.bounds
-            if series.genai_input is None:
-                genai = series.genai_labels
-                series.genai_input = self.genai_tokens.row((*genai, "input"))
-                if genai[2] != "embeddings":
-                    series.genai_output = self.genai_tokens.row((*genai, "output"))
-            _observe(series.genai_input, bounds, m.input_tokens)
-            if series.genai_output is not None:
-                _observe(series.genai_output, bounds, m.output_tokens)
+        if series.genai_usage and not m.estimated:  # the provider's own report of usage
+            self._observe_genai_tokens(series, m)
 
-    def _new_series(self, m: MessageRecord, operation: str, requested_model: str | None) -> _Series:
+    def _observe_genai_tokens(self, series: _Series, m: MessageRecord) -> None:
+        if series.genai_input is None:
+            genai = series.genai_labels
+            series.genai_input = self.genai_tokens.row((*genai, "input"))
+            if genai[2] != "embeddings":
+                series.genai_output = self.genai_tokens.row((*genai, "output"))
+        bounds = self.genai_tokens.bounds
+        _observe(series.genai_input, bounds, m.input_tokens)
+        if series.genai_output is not None:
+            _observe(series.genai_output, bounds, m.output_tokens)
+
+    def _new_series(
+        self,
+        key: tuple[Any, ...],
+        m: MessageRecord,
+        operation: str,
+        requested_model: str | None,
+    ) -> _Series:
         model = m.model or "unknown"
         s = (m.session_id,) if self.session_labels else ()
         pm = (m.provider, model)
@@ -402,8 +434,9 @@ class Metrics:
             requested_model or model,
             GENAI_OPERATIONS.get(operation, operation),
         )
-        return _Series(
-            requests=self.requests.cell((m.route, *pm, str(m.status), *s)),
+        status = m.status
+        series = self._series[key] = _Series(
+            requests=self.requests.cell((m.route, *pm, str(status), *s)),
             # metered models get every token type's series, from zero
             tokens=tuple(self.tokens.cell((*pm, t, *s)) for t, _ in TOKEN_TYPES) if metered else (),
             duration=self.duration.row(pm),
@@ -411,4 +444,7 @@ class Metrics:
             genai_duration=self.genai_duration.row(genai) if metered else None,
             cost_labels=(*pm, *s),
             genai_labels=genai,
+            genai_usage=status < 400,
+            error_kind="http_429" if status == 429 else "http_5xx" if status >= 500 else None,
         )
+        return series
