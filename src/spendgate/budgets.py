@@ -29,7 +29,11 @@ class Reservation:
 
 
 def usd(amount: Decimal) -> str:
-    """Dollars for people: cents when that is exact enough, else up to six decimals."""
+    """Dollars for people: cents when that is exact enough, else up to six decimals.
+
+    The exact amount of a ``Decimal``, for messages (the 402 refusal says "spent $0.0004");
+    tables of floats use :func:`spendgate.render.usd`, which pads to a fixed precision.
+    """
     if amount == amount.quantize(Decimal("0.01")):
         return f"${amount:,.2f}"
     return "$" + format(amount.quantize(Decimal("0.000001")).normalize(), "f")
