@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from spendgate.context import context_level
 from spendgate.usage import TokenCounts
 
 TOKEN_USAGE = "token.usage"
@@ -106,15 +107,6 @@ def budget_event(
         session_id,
         {"sessionId": session_id, "budgetUsd": budget, "spentUsd": spent, **extra},
     )
-
-
-def context_level(tokens: int, window: int) -> str:
-    """Exact integer comparison: 79.9999 % is still ``ok``."""
-    if tokens * 100 >= 90 * window:
-        return "critical"
-    if tokens * 100 >= 80 * window:
-        return "warning"
-    return "ok"
 
 
 def context_data(
