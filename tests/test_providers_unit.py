@@ -183,11 +183,27 @@ def test_openai_running_usage_on_every_chunk_ends_at_the_latest(last_null: bool)
         parser = OPENAI.parser(chat({"stream": True}), 200, "text/event-stream")
         for at in range(0, len(events), step):
             parser.feed(b"".join(events[at : at + step]))
-            assert parser.usage is not None  # reading the numbers releases what is held
-            assert parser.output_chars > 0  # and reading the estimate counts what was set aside
+            parser.settle()  # releases what is held and counts what was set aside
+            assert parser.usage is not None
+            assert parser.output_chars > 0
         parser.close()
         assert parser.usage == Usage(input_tokens=9, output_tokens=12), step
         assert parser.output_chars == 4 * len(chunks), step
+
+
+def test_openai_numbers_are_plain_reads_brought_up_to_date_by_settle_and_close() -> None:
+    events = [b"data: " + orjson.dumps(_cumulative_chunk(i)) + b"\n\n" for i in range(12)]
+    parser = OPENAI.parser(chat({"stream": True}), 200, "text/event-stream")
+    for event in events:
+        parser.feed(event)
+    seen = (parser.usage, parser.model, parser.output_chars)
+    assert (parser.usage, parser.model, parser.output_chars) == seen  # a read does no work
+    parser.settle()
+    final = (Usage(input_tokens=9, output_tokens=12), "m", 4 * len(events))
+    assert (parser.usage, parser.model, parser.output_chars) == final
+    parser.feed(b"data: [DONE]\n\n")
+    parser.close()
+    assert (parser.usage, parser.model, parser.output_chars) == final
 
 
 def test_anthropic_fields_merge_latest_per_field() -> None:

@@ -3,7 +3,7 @@
 Provider JSON is untrusted: a field may be missing, null, a string where a number
 belongs, or the bytes may not be JSON at all. Everything here turns such input into
 "not reported" (``None``) instead of an exception, so a parser can never break
-forwarding (SPEC 2).
+forwarding (docs/reference.md §3).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from spendgate.providers._sse_decoder import SSEDecoder
 from spendgate.usage import Usage
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
-"""Largest JSON body or JSON-array element buffered for parsing; beyond it, no usage."""
+"""Largest JSON body, JSON-array element or NDJSON line buffered for parsing; beyond it,
+no usage. Room for the largest answer a provider sends whole (OpenAI embeddings for
+2,048 inputs of 3,072 dimensions in base64, the SDKs' default, are about 34 MB), while
+a broken or hostile upstream cannot make one response hold more than this."""
 
 JSONObject = dict[str, Any]
 
@@ -259,37 +262,58 @@ class JSONElementFramer:
             return []
         buf = self._buf
         buf.extend(data)
+        if self._base < 0 and not self._open(buf):
+            return []
         out: list[bytes] = []
+        if not self._scan(buf, out):
+            return out + self._stop()  # the outer array closed, or a stray bracket
+        self._drop_consumed(buf)
+        if len(buf) > MAX_BODY_BYTES:
+            return out + self._stop()
+        return out
+
+    def _open(self, buf: bytearray) -> bool:
+        """Reads the body's first byte, past whitespace: ``[`` (elements start inside it)
+        or ``{``; False while there is only whitespace, or for anything else (then the
+        framer stops)."""
+        i, n = self._pos, len(buf)
+        while i < n and buf[i] in _WS:
+            i += 1
+        if i == n:
+            buf.clear()
+            self._pos = 0
+            return False
+        if buf[i] == 0x5B:  # '['
+            self._base, self._depth, self._pos = 1, 1, i + 1
+        elif buf[i] == 0x7B:  # '{'
+            self._base, self._pos = 0, i
+        else:
+            self._stop()
+            return False
+        return True
+
+    def _scan(self, buf: bytearray, out: list[bytes]) -> bool:
+        """Scans ``buf`` from where the last piece left off, appending each element that
+        completes to ``out``; False at a bracket that closes below the elements' depth.
+
+        One loop, locals only: it runs for every structural byte of the body. An element
+        is returned when the bracket that opened it (at depth ``base``) is closed.
+        """
         i, depth, start, in_str = self._pos, self._depth, self._start, self._in_str
-        if self._base < 0:
-            while i < len(buf) and buf[i] in _WS:
-                i += 1
-            if i == len(buf):
-                buf.clear()
-                self._pos = 0
-                return out
-            if buf[i] == 0x5B:  # '['
-                self._base, depth, i = 1, 1, i + 1
-            elif buf[i] == 0x7B:  # '{'
-                self._base = 0
-            else:
-                return self._stop()
-        base = self._base
+        base, n = self._base, len(buf)
         while True:
             if in_str:
                 m = _IN_STRING.search(buf, i)
                 if m is None:
-                    i = max(i, len(buf))
+                    i = max(i, n)  # n + 1 after a final backslash: skip the next byte
                     break
-                i = m.end()
-                if buf[m.start()] == 0x5C:  # backslash: skip the escaped byte
-                    i += 1
-                else:
-                    in_str = False
+                # A backslash keeps the string open and skips the byte it escapes.
+                in_str = buf[m.start()] == 0x5C
+                i = m.end() + in_str
                 continue
             m = _STRUCTURAL.search(buf, i)
             if m is None:
-                i = len(buf)
+                i = n
                 break
             c, i = buf[m.start()], m.end()
             if c == 0x22:  # '"'
@@ -300,21 +324,24 @@ class JSONElementFramer:
                 depth += 1
             else:
                 depth -= 1
-                if depth < base:  # the outer array closed, or a stray bracket
-                    return out + self._stop()
-                if depth == base and start >= 0:
+                if depth < base:
+                    return False
+                if depth == base:  # start is set: the bracket that opened it was at base
                     out.append(bytes(buf[start:i]))
                     start = -1
-        cut = start if start >= 0 else min(i, len(buf))
+        self._pos, self._depth, self._start, self._in_str = i, depth, start, in_str
+        return True
+
+    def _drop_consumed(self, buf: bytearray) -> None:
+        """Drops the scanned bytes no element still needs (all of them between elements,
+        those before the open element's start inside one)."""
+        start = self._start
+        cut = start if start >= 0 else min(self._pos, len(buf))
         if cut:
             del buf[:cut]
-            i -= cut
+            self._pos -= cut
             if start >= 0:
-                start = 0
-        if len(buf) > MAX_BODY_BYTES:
-            return out + self._stop()
-        self._pos, self._depth, self._start, self._in_str = i, depth, start, in_str
-        return out
+                self._start = 0
 
     def close(self) -> list[bytes]:
         """A truncated element is dropped: it cannot be parsed."""

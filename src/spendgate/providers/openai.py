@@ -2,17 +2,20 @@
 
 Also serves Azure OpenAI (``/openai/deployments/{name}/...``) and every
 OpenAI-compatible server (OpenRouter, Groq, DeepSeek, vLLM, Ollama's ``/v1``).
-The parser recognises payloads by shape, not by endpoint, so one class reads chat
-chunks, Responses events and plain JSON bodies alike.
+
+This module reads responses: :class:`OpenAIParser` recognises payloads by shape, not
+by endpoint, so one class reads chat chunks, Responses events and plain JSON bodies
+alike. It runs for every piece of every stream, so it is built to do as little as it
+can per piece (see ``OpenAIParser.feed``). :class:`OpenAIAdapter` ties it to the
+request side (:mod:`spendgate.providers.openai_request`: inspection and the
+``include_usage`` rewrite) and to the filter that hides the usage chunk the rewrite
+brings (:mod:`spendgate.providers.openai_filter`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
-
-import orjson
 
 from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
@@ -22,35 +25,23 @@ from spendgate.providers._common import (
     as_dict,
     as_int,
     as_list,
-    first_int,
-    loads_object,
     nonempty_str,
     str_len,
-    text_chars,
 )
+from spendgate.providers.openai_filter import UsageChunkFilter, is_usage_only_event
+from spendgate.providers.openai_request import OPERATIONS, classify, inspect_request
 from spendgate.usage import Usage
 
-_AZURE = re.compile(r"/openai/deployments/([^/]+)/")
-_OPERATIONS = (
-    ("/chat/completions", "chat"),
-    ("/responses", "responses"),
-    ("/completions", "completions"),
-    ("/embeddings", "embeddings"),
-)
-OPERATIONS = frozenset(op for _, op in _OPERATIONS)
-_PROMPT_KEYS = ("messages", "input", "prompt", "instructions", "tools")
-_MAX_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-def classify(method: str, path: str) -> str:
-    """The operation for a path; reads of stored objects (GET) are not generations."""
-    if method.upper() != "POST":
-        return "other"
-    path = path.rstrip("/")
-    for suffix, op in _OPERATIONS:
-        if path.endswith(suffix):
-            return op
-    return "other"
+__all__ = [
+    "OPERATIONS",
+    "OpenAIAdapter",
+    "OpenAIParser",
+    "UsageChunkFilter",
+    "classify",
+    "is_usage_only_event",
+    "map_usage",
+    "message_chars",
+]
 
 
 def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
@@ -119,12 +110,33 @@ def _output_item_chars(item: Any) -> int:
     return n
 
 
-MAX_LAZY_BYTES = 1 << 20
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-MAX_TAIL = 1 << 16
-MAX_HELD = 1 << 16
+# --- the parser's limits: what is held back unexamined, and for how long ----------------
+
 MAX_PROBES = 4
+"""Events framed one at a time from a piece while the model is still unknown. Every
+recording names it by the third event (OpenRouter sends two ``:`` comments first,
+Azure a ``prompt_filter_results`` chunk with ``"model": ""``); past this, a stream that
+names none is simply framed, so the probing cannot cost a find and a slice per event."""
+MAX_HELD = 1 << 16
+"""Bytes of pieces held unexamined before they are looked at: the size of aiohttp's
+read buffer (64 KiB), so a busy stream is examined about once per socket read and a
+stream nobody settles holds no more than that."""
+MAX_TAIL = MAX_HELD
+"""A partial event longer than this goes to the framer instead of staying held: held
+bytes are joined again on every release, so a long one would be copied once per piece.
+At most ``MAX_HELD``, or the held tail alone would force a release on every piece."""
+MAX_LAZY_BYTES = 1 << 20
+"""Bytes of set-aside events counted in one batch: about 5,000 chat chunks, so the
+batching keeps its saving, yet a stream nobody settles (live updates off) holds at most
+about a mebibyte for the estimate."""
 MAX_LAZY_PAYLOADS = 4096
+"""Set-aside payloads of framed events counted in one batch: the same bound as
+``MAX_LAZY_BYTES`` for events that came framed (about 200 bytes each, about 1 MiB)."""
+RESPONSES_TYPE_WINDOW = 40
+"""Bytes of a payload searched for ``"type":"response.``: OpenAI writes ``type`` first
+(byte 1 in every recording), so a short look tells a Responses event without scanning
+a large one; one that slips past is still read, just not skipped early."""
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def _usage_object_at(buf: bytes) -> int:
@@ -133,30 +145,37 @@ def _usage_object_at(buf: bytes) -> int:
     from the end finds it; a regex scan runs only when the last ``"usage"`` holds no
     object (``null`` on every chunk of a stream still running)."""
     at = buf.rfind(b'"usage"')
-    if at < 0 or _OBJECT_VALUE.match(buf, at + 7):
+    if at < 0 or _USAGE_OBJECT.match(buf, at):
         return at
     found = _USAGE_OBJECT.search(buf, 0, at)
     return -1 if found is None else found.start()
 
 
 class OpenAIParser(FramedParser):
-    """Chat chunks, Responses events, or one JSON body of any of the four endpoints."""
+    """Chat chunks, Responses events, or one JSON body of any of the four endpoints.
+
+    ``usage``, ``model`` and ``output_chars`` are plain reads: pieces may be held, and
+    events set aside, unexamined (see ``feed``) until ``settle`` or ``close``, which the
+    meter calls before it reads the numbers.
+    """
 
     def __init__(self, operation: str) -> None:
         super().__init__()
         self._embeddings = operation == "embeddings"
         self._lazy: list[bytes] = []
-        """Complete SSE events that cannot hold usage, framed only if the estimate is read."""
+        """Complete SSE events that cannot hold usage, framed only when settled."""
         self._lazy_size = 0
         self._lazy_payloads: list[bytes] = []
         """JSON payloads of such events, when they arrived framed in a larger piece."""
         self._counting = False
+        """Set-aside events are being counted: they are older than any usage seen."""
         self._at_boundary = False
         """The framer holds no partial event (so bytes may bypass it)."""
         self._held: list[bytes] = []
         """Bytes not yet examined, from an event boundary on (see ``feed``)."""
         self._held_size = 0
         self._probes = 0
+        """Events framed one at a time so far while looking for the model."""
 
     def _wanted(self, payload: bytes) -> bool:
         # Cheap byte checks before orjson: ``[DONE]`` and non-JSON lines are skipped,
@@ -164,10 +183,10 @@ class OpenAIParser(FramedParser):
         # ``output_item.added``) carry neither usage nor a delta.
         if payload[:1] != b"{":
             return payload.lstrip()[:1] == b"{"
-        if b'"type":"response.' in payload[:40]:
+        if b'"type":"response.' in payload[:RESPONSES_TYPE_WINDOW]:
             return b'"usage"' in payload or b'.delta"' in payload or self._model is None
         if self._model is not None and not self._counting and _USAGE_OBJECT.search(payload) is None:
-            self._lazy_payloads.append(payload)  # a delta: parsed only if the estimate is read
+            self._lazy_payloads.append(payload)  # a delta: parsed only when settled
             if len(self._lazy_payloads) >= MAX_LAZY_PAYLOADS:
                 self._count_lazy()
             return False
@@ -175,11 +194,11 @@ class OpenAIParser(FramedParser):
 
     def feed(self, data: bytes) -> None:
         # Once the model is known and the framer sits between events, pieces are only
-        # held: each is one list append. They are examined together when the numbers are
-        # read (usage, the estimate, close) or past MAX_HELD bytes, which turns a
-        # stream's per-chunk cost into one scan of its bytes. A piece holding many
-        # events (a whole short stream often arrives as one) has its first events
-        # framed one at a time until one names the model, and the rest held.
+        # held: each is one list append. They are examined together by ``settle`` and
+        # ``close`` or past MAX_HELD bytes, which turns a stream's per-chunk cost into
+        # one scan of its bytes. A piece holding many events (a whole short stream
+        # often arrives as one) has its first events framed one at a time until one
+        # names the model, and the rest held.
         while self._model is None and self._probes < MAX_PROBES and b"\r" not in data:
             end = data.find(b"\n\n") + 2
             if end < 2 or end >= len(data):
@@ -229,17 +248,14 @@ class OpenAIParser(FramedParser):
         if self._held:  # an event that never got its blank line
             (tail,), self._held, self._held_size = self._held, [], 0
             super().feed(tail)
-        super().close()
+        super().close()  # may set more payloads aside: count them after it
+        if self._lazy or self._lazy_payloads:
+            self._count_lazy()
 
     def settle(self) -> None:
         self._release()
         if self._lazy or self._lazy_payloads:
             self._count_lazy()
-
-    @property
-    def usage(self) -> Usage | None:
-        self._release()
-        return self._usage
 
     def _count_lazy(self) -> None:
         lazy, self._lazy, self._lazy_size = self._lazy, [], 0
@@ -252,13 +268,6 @@ class OpenAIParser(FramedParser):
             self._payloads(payloads)
         finally:
             self._counting = False
-
-    @property
-    def output_chars(self) -> int:
-        self._release()
-        if self._lazy or self._lazy_payloads:
-            self._count_lazy()
-        return self._output_chars
 
     def _handle(self, obj: JSONObject) -> None:
         kind = obj.get("type")
@@ -307,72 +316,13 @@ class OpenAIParser(FramedParser):
             )
 
 
-_INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
-
-
-def _inject_include_usage(body: bytes, obj: JSONObject) -> bytes | None:
-    """The body with ``stream_options.include_usage`` set, or None if it cannot be set.
-
-    When the client sent no ``stream_options`` the key is spliced in after the opening
-    brace so every other byte goes upstream untouched; otherwise the object is merged
-    and re-serialized.
-    """
-    options = obj.get("stream_options")
-    if options is None and "stream_options" not in obj:
-        at = body.find(b"{")
-        return body[: at + 1] + _INCLUDE_USAGE + body[at + 1 :]
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        return None
-    try:
-        return orjson.dumps({**obj, "stream_options": {**options, "include_usage": True}})
-    except TypeError:
-        return None
-
-
 class OpenAIAdapter:
     """OpenAI and every server that speaks its wire format."""
 
     name = "openai"
     error_style = "openai"
 
-    def inspect(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, str],
-        body: bytes,
-        *,
-        inject_stream_usage: bool,
-    ) -> RequestInfo:
-        op = classify(method, path)
-        if op == "other":
-            return RequestInfo(operation="other", body=body)
-        azure = _AZURE.search(path) if "/deployments/" in path else None
-        deployment = azure.group(1) if azure else None
-        obj = loads_object(body)
-        if obj is None:
-            return RequestInfo(operation=op, model=deployment, body=body)
-        stream = obj.get("stream") is True
-        info = RequestInfo(
-            operation=op,
-            model=nonempty_str(obj.get("model")) or deployment,
-            stream=stream,
-            max_output_tokens=first_int(obj, *_MAX_KEYS),
-            input_chars=text_chars(obj, _PROMPT_KEYS),
-            body=body,
-        )
-        if op != "chat" or not stream or not inject_stream_usage:
-            return info
-        options = as_dict(obj.get("stream_options"))
-        if options is not None and options.get("include_usage") is True:
-            return info  # the client asked for the usage chunk itself: leave it alone
-        # Absent or false: either way the client expects no usage chunk, so add and hide it.
-        rewritten = _inject_include_usage(body, obj)
-        if rewritten is None:
-            return info
-        return info._replace(body=rewritten, strip_usage_chunk=True)
+    inspect = staticmethod(inspect_request)
 
     def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
         if info.operation not in OPERATIONS:
@@ -381,124 +331,3 @@ class OpenAIAdapter:
 
     def output_filter(self, info: RequestInfo) -> UsageChunkFilter | None:
         return UsageChunkFilter() if info.strip_usage_chunk else None
-
-
-# --- hiding the injected usage chunk -------------------------------------------------
-
-_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_OBJECT_VALUE = re.compile(rb"\s*:\s*\{")
-_EMPTY_LIST_VALUE = re.compile(rb"\s*:\s*\[\s*\]")
-_EMPTY_LIST = re.compile(rb"\[\s*\]")
-
-
-def _has_key_with(block: bytes, key: bytes, value: re.Pattern[bytes]) -> bool:
-    """Whether ``key`` occurs followed by a value matching ``value``: a byte-level probe,
-    found at memchr speed. A false positive (the bytes inside a string) only costs the
-    JSON parse that settles the question."""
-    at = block.find(key)
-    while at >= 0:
-        if value.match(block, at + len(key)):
-            return True
-        at = block.find(key, at + 1)
-    return False
-
-
-def is_usage_only_event(block: bytes) -> bool:
-    """True for the chunk ``include_usage`` adds: ``"choices": []`` and a usage object.
-
-    With ``include_usage`` on, every chunk carries ``"usage":null``, so a byte scan for
-    ``"usage"`` alone rejects nothing; the key scans below reject ordinary chunks
-    without parsing JSON.
-    """
-    if not (
-        _has_key_with(block, b'"usage"', _OBJECT_VALUE)
-        and _has_key_with(block, b'"choices"', _EMPTY_LIST_VALUE)
-    ):
-        return False
-    data = [
-        line[6:] if line[5:6] == b" " else line[5:]
-        for line in _LINE_END.split(block)
-        if line.startswith(b"data:")
-    ]
-    obj = loads_object(b"\n".join(data))
-    return obj is not None and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
-
-
-class UsageChunkFilter:
-    """Removes the usage-only SSE event from what the client receives.
-
-    Every other byte passes unchanged (``[DONE]``, comments, CRLF framing). An event is
-    held back only until its terminating blank line arrives, since whether to drop it
-    is known only then. A body that is not SSE (an error JSON) passes straight through.
-    """
-
-    __slots__ = ("_fast", "_passthrough", "_pending")
-
-    def __init__(self) -> None:
-        self._pending = b""
-        self._passthrough: bool | None = None
-        self._fast = False
-        """Known SSE and nothing held back: a piece of whole LF events may skip ``_feed``."""
-
-    def feed(self, data: bytes) -> bytes:
-        # The common piece passes as it is: it ends with a blank line (in LF or CRLF
-        # framing, that ends an event), so nothing stays held back, and nothing in it
-        # holds an empty list, so none of its events is the usage-only one.
-        if self._fast and data[-2:] == b"\n\n" and _EMPTY_LIST.search(data) is None:
-            return data
-        out = self._feed(data)
-        self._fast = self._passthrough is False and not self._pending
-        return out
-
-    def _feed(self, data: bytes) -> bytes:
-        if self._passthrough is None:
-            head = (self._pending + data).lstrip()
-            if head:
-                self._passthrough = head[:1] in (b"{", b"[")
-        if self._passthrough:
-            out, self._pending = self._pending + data, b""
-            return out
-        buf = self._pending + data if self._pending else data
-        if b"\r" not in buf:
-            return self._feed_lf(buf)
-        out_parts: list[bytes] = []
-        emit_from = pos = 0
-        for m in _EVENT_END.finditer(buf, max(0, len(self._pending) - 3)):
-            end = m.end()
-            if end == len(buf) and buf[-1] == 0x0D:  # a CR may be half of a CRLF
-                break
-            if is_usage_only_event(buf[pos:end]):
-                out_parts.append(buf[emit_from:pos])
-                emit_from = end
-            pos = end
-        out_parts.append(buf[emit_from:pos])
-        self._pending = buf[pos:]
-        return b"".join(out_parts)
-
-    def _feed_lf(self, buf: bytes) -> bytes:
-        """LF framing, the usual case: only events holding an empty list are examined."""
-        last = buf.rfind(b"\n\n")
-        hold = last + 2 if last >= 0 else 0  # from here on: an event still arriving
-        out: list[bytes] = []
-        emit_from = 0
-        i = buf.find(b"[]")
-        while 0 <= i < hold:
-            start = buf.rfind(b"\n\n", 0, i)
-            start = 0 if start < 0 else start + 2
-            end = buf.find(b"\n\n", i) + 2
-            if is_usage_only_event(buf[start:end]):
-                out.append(buf[emit_from:start])
-                emit_from = end
-            i = buf.find(b"[]", end)
-        self._pending = buf[hold:]
-        if not out:
-            return buf[:hold]
-        out.append(buf[emit_from:hold])
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        if not self._passthrough and is_usage_only_event(rest):
-            return b""
-        return rest
