@@ -1,4 +1,5 @@
-"""The ``/api`` routes (SPEC 7): sessions, cost summaries, messages, export, budgets, prices."""
+"""The ``/api`` routes (docs/reference.md §8): sessions, cost summaries, messages, export,
+budgets, prices."""
 
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ def _guarded(handler: Handler, token: str, query_token: bool) -> Handler:
 
 
 def _add_admin_routes(app: web.Application, settings: Settings) -> None:
-    """The API, the event stream, the dashboard and /metrics, guarded where SPEC 7 says."""
+    """The API, the event stream, the dashboard and /metrics, guarded where
+    docs/reference.md §8 says."""
     token = settings.admin_token
     table = [
         *(r for r in api.routes if isinstance(r, web.RouteDef)),

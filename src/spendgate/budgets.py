@@ -1,4 +1,5 @@
-"""The budget ledger seam: admit / reserve / settle per session (SPEC 5). No HTTP, no SQL.
+"""The budget ledger seam: admit / reserve / settle per session (docs/reference.md §6).
+No HTTP, no SQL.
 
 Admission and reservation happen in one step with no await in between, so a burst of
 concurrent requests cannot all see the same spare budget. Every change is returned as

@@ -1,4 +1,5 @@
-"""The event bus seam: in-process fan-out with a bounded history for replay (SPEC 6).
+"""The event bus seam: in-process fan-out with a bounded history for replay
+(docs/reference.md §7).
 
 ``publish`` never blocks and never raises: each subscriber has a bounded queue, and a
 subscriber whose queue is full is dropped (it may reconnect with Last-Event-ID). A

@@ -1,4 +1,4 @@
-"""The context meter's levels: how full a model's context window is (SPEC 6)."""
+"""The context meter's levels: how full a model's context window is (docs/reference.md §7)."""
 
 from __future__ import annotations
 

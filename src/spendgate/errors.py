@@ -1,4 +1,5 @@
-"""spendgate's own errors, in the shape of the provider the client expects (SPEC 1, 5).
+"""spendgate's own errors, in the shape of the provider the client expects
+(docs/reference.md §1, §6).
 
 An SDK pointed at spendgate then raises its usual error with a readable message,
 whether the error is a 402 pause, a dead upstream or a bad session id.

@@ -1,4 +1,4 @@
-"""``GET /api/events``: the live event stream (SPEC 6).
+"""``GET /api/events``: the live event stream (docs/reference.md §7).
 
 Filters by session and type, replays from ``Last-Event-ID``, sends a keep-alive
 comment every 15 s, and ends when the bus drops this subscriber for being slow.

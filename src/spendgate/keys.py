@@ -1,6 +1,6 @@
 """Typed application state (aiohttp ``AppKey``s): one key per part, so the API, the
 event stream and the proxy each take the parts they use and nothing reaches them
-through another part (docs/reference.md, "Design")."""
+through another part (docs/reference.md §13)."""
 
 from __future__ import annotations
 

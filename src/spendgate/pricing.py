@@ -1,4 +1,4 @@
-"""Model prices: entries, the table, model-id resolution and cost (SPEC 3).
+"""Model prices: entries, the table, model-id resolution and cost (docs/reference.md §4).
 
 Prices are USD per *million* tokens held as :class:`~decimal.Decimal`; floats appear
 only at the JSON edge (``to_json``). An unknown model prices to ``None``, never to 0,
@@ -175,7 +175,7 @@ def _without_suffix(name: str) -> list[str]:
 
 
 class PriceTable:
-    """Prices by model id, with the resolution rules of SPEC 3 cached per (model, provider)."""
+    """Prices by model id, resolved as docs/reference.md §4 says, cached per (model, provider)."""
 
     def __init__(
         self, prices: Mapping[str, ModelPrice], aliases: Mapping[str, str] | None = None

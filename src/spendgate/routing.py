@@ -1,4 +1,5 @@
-"""Which upstream a request goes to, and which session and agent it belongs to (SPEC 1).
+"""Which upstream a request goes to, and which session and agent it belongs to
+(docs/reference.md §1, §2).
 
 Pure functions of the path and headers: no I/O, so every rule is a one-line test.
 """

@@ -1,8 +1,8 @@
 """Settings from the environment (``SPENDGATE_*``), a ``.env`` file and a TOML file.
 
 Precedence, highest first: keyword arguments (tests), environment, ``.env``, TOML
-(``--config`` or ``SPENDGATE_CONFIG``), defaults. Every field is described because
-the README's configuration reference and ``spendgate serve --help`` are built from it.
+(``--config`` or ``SPENDGATE_CONFIG``), defaults. Every field has a description, and
+docs/reference.md §10 lists every field (tests/test_reference.py checks it).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def default_db_path() -> Path:
 
 
 class Settings(BaseSettings):
-    """spendgate's settings; see the README's configuration reference."""
+    """spendgate's settings; see docs/reference.md §10."""
 
     model_config = SettingsConfigDict(
         env_prefix="SPENDGATE_",

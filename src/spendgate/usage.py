@@ -2,7 +2,7 @@
 
 Every provider's usage block is mapped onto :class:`Usage` by its adapter. A field is
 ``None`` when the provider did not report it: "not reported" must never silently
-become zero (SPEC 2).
+become zero (docs/reference.md §3).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Anthropic Messages API (JSON and SSE).
 
 Anthropic's ``input_tokens`` exclude cache reads and writes, so spendgate's input is
-the sum of all three (SPEC 2). A stream reports usage twice — ``message_start`` and
-``message_delta`` — and the later one may revise any field (server tools raise
-``input_tokens``), so fields are merged with the latest report of each winning.
+the sum of all three (docs/reference.md §3). A stream reports usage twice —
+``message_start`` and ``message_delta`` — and the later one may revise any field (server
+tools raise ``input_tokens``), so fields are merged with the latest report of each winning.
 """
 
 from __future__ import annotations
