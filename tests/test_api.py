@@ -1,4 +1,5 @@
-"""The HTTP API (SPEC 7): session summaries, messages and export, errors, the admin token, CORS."""
+"""The HTTP API (docs/reference.md §8): session summaries, messages and export, errors,
+the admin token, CORS."""
 
 from __future__ import annotations
 

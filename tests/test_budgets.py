@@ -1,4 +1,4 @@
-"""Session budgets and the 402 pause (SPEC 5), through the official SDKs."""
+"""Session budgets and the 402 pause (docs/reference.md §6), through the official SDKs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Live usage over /api/events (SPEC 6): live then final usage, the context meter, replay."""
+"""Live usage over /api/events (docs/reference.md §7): live then final usage, the context
+meter, replay."""
 
 from __future__ import annotations
 

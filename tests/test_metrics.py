@@ -1,4 +1,5 @@
-"""Prometheus metrics (SPEC 8): names, labels, exact values, and a real scrape after SDK traffic."""
+"""Prometheus metrics (docs/reference.md §9): names, labels, exact values, and a real
+scrape after SDK traffic."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.upstream import FakeUpstream, fixture_reply, sse_reply
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-# SPEC 8: every metric and exactly its labels (histograms: the labels besides ``le``).
+# docs/reference.md §9: every metric and exactly its labels (histograms: the labels besides ``le``).
 SPEC_METRICS = {
     "spendgate_requests_total": {"route", "provider", "model", "status"},
     "spendgate_tokens_total": {"provider", "model", "type"},

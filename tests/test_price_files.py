@@ -1,4 +1,5 @@
-"""Price files (SPEC 3): the bundled table, the converters, imports and user price files."""
+"""Price files (docs/reference.md §4): the bundled table, the converters, imports and
+user price files."""
 
 from __future__ import annotations
 

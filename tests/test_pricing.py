@@ -1,4 +1,4 @@
-"""Pricing (SPEC 3): model-id resolution and exact Decimal costs."""
+"""Pricing (docs/reference.md §4): model-id resolution and exact Decimal costs."""
 
 from __future__ import annotations
 

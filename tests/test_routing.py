@@ -1,4 +1,5 @@
-"""Routes, sessions and agents from paths and headers (SPEC 1): pure rules, then over HTTP."""
+"""Routes, sessions and agents from paths and headers (docs/reference.md §1, §2): pure
+rules, then over HTTP."""
 
 from __future__ import annotations
 

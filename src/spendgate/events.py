@@ -1,4 +1,7 @@
-"""Live event shapes (SPEC 6). Data keys are camelCase: they go out as JSON as they are."""
+"""Live event shapes (docs/reference.md §7).
+
+Data keys are camelCase: they go out as JSON as they are.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics on an injected registry (SPEC 8), plus the OTel GenAI histograms.
+"""Prometheus metrics on an injected registry, plus the OTel GenAI histograms
+(docs/reference.md §9).
 
 :meth:`Metrics.record` runs once per finished upstream response, after the client has
 its last byte, and the accountant guards it, so a metrics failure never breaks
@@ -250,7 +251,7 @@ class SessionBudgets:
 
 
 class Metrics:
-    """Every metric of SPEC 8, registered on ``registry`` (a fresh one per app or test)."""
+    """Every metric of docs/reference.md §9, on ``registry`` (a fresh one per app or test)."""
 
     def __init__(
         self,

@@ -42,7 +42,7 @@ def _col(attr: str, key: str | None, kind: str = VALUE, derived: bool = False) -
 
 @dataclass(slots=True)
 class MessageRecord:
-    """One upstream response (SPEC 4's ``token_usage`` row).
+    """One upstream response (the message row, docs/reference.md §5).
 
     The fields are in the order of :data:`COLUMNS` (less the derived ones); build it by
     keyword.

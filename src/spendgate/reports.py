@@ -47,7 +47,7 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 async def session_summary(
     store: Store, prices: PriceTable, rec: SessionRecord, spent: Decimal
 ) -> dict[str, Any]:
-    """SPEC 7's ``SessionCostSummary``."""
+    """The session cost summary (docs/reference.md §8)."""
     (tot,) = await store.totals(rec.id)
     latest = await store.latest_message(rec.id)
     context = None

@@ -1,4 +1,4 @@
-"""The storage seam and its SQLite implementation (SPEC 4).
+"""The storage seam and its SQLite implementation (docs/reference.md §5).
 
 The request path never waits for the disk: ``add_message``/``save_session`` only append
 to an in-memory queue, and a single writer task commits batches on a short interval.
