@@ -45,14 +45,16 @@ class ResponseParser(Protocol):
         """Consume the next piece of the body, split anywhere."""
 
     def close(self) -> None:
-        """The body ended (or was cut short); parse whatever is buffered."""
+        """The body ended (or was cut short): ``usage`` and ``model`` are final. Counting
+        ``output_chars`` may still be deferred: call ``settle`` before reading it."""
 
     def feed_whole(self, body: bytes) -> None:
         """The whole body at once, in place of ``feed`` then ``close``."""
 
     def settle(self) -> None:
-        """Bring ``usage``, ``model`` and ``output_chars`` up to date mid-stream (a parser
-        may hold bytes unexamined until asked); ``close`` does the same at the end."""
+        """Bring ``usage``, ``model`` and ``output_chars`` up to date, mid-stream or after
+        ``close`` (a parser may hold bytes unexamined until asked). Only estimates need
+        ``output_chars``, so only they pay for counting it."""
 
     @property
     def usage(self) -> Usage | None:

@@ -248,9 +248,9 @@ class OpenAIParser(FramedParser):
         if self._held:  # an event that never got its blank line
             (tail,), self._held, self._held_size = self._held, [], 0
             super().feed(tail)
-        super().close()  # may set more payloads aside: count them after it
-        if self._lazy or self._lazy_payloads:
-            self._count_lazy()
+        super().close()
+        # Set-aside deltas stay uncounted: they matter only for an estimate, and a stream
+        # that reported its usage (nearly all) never needs one. settle() counts them.
 
     def settle(self) -> None:
         self._release()
