@@ -13,8 +13,8 @@ import pytest
 
 from spendgate.settings import RouteConfig
 from tests.conftest import StartProxy
+from tests.helpers.recordings import CASES, Case, spendgate_usage
 from tests.paths import FIXTURES
-from tests.test_providers_replay import CASES, Case, spendgate_usage
 from tests.upstream import FakeUpstream, Reply
 
 PREFIX = {

@@ -1,27 +1,23 @@
 """Replay every recorded provider response through its adapter, split every which way.
 
 The manifest's ``expected`` numbers are the provider's *raw* usage fields; each
-adapter must map them onto spendgate's terms (SPEC 2). ``spendgate_usage`` below
-does that mapping independently, from what the recordings were checked to contain.
+adapter must map them onto spendgate's terms (docs/reference.md §3). ``spendgate_usage`` in
+tests/helpers/recordings.py does that mapping independently, from what the recordings
+were checked to contain.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spendgate.providers import get_adapter
-from spendgate.providers._api import Adapter, RequestInfo, ResponseParser
-from spendgate.usage import Usage
-from tests.paths import FIXTURES, manifest
+from spendgate.providers._api import ResponseParser
+from tests.helpers.recordings import CASES, Case, spendgate_usage
 
-ENTRIES = [e for e in manifest() if not e["file"].startswith("bedrock/")]  # no adapter yet
 FULL_SPLIT_LIMIT = 8_000
 """Files up to this size are split at every offset. A split costs a whole parse, so
 the cost grows with the square of the size (a 16 KB stream alone would take ~8 s);
@@ -31,95 +27,6 @@ every position within lines and events across the file."""
 
 NO_VISIBLE_OUTPUT = {"openai/chat_stream_usage_reasoning_gpt-5-nano.sse"}
 """All 100 allowed tokens went to hidden reasoning (finish_reason=length): no deltas."""
-
-
-def adapter_for(api: str) -> Adapter:
-    family = api.split(".", 1)[0]
-    return get_adapter({"vertexai": "gemini", "azure": "azure"}.get(family, family))
-
-
-@dataclass(frozen=True)
-class Case:
-    entry: dict[str, Any]
-    adapter: Adapter
-    info: RequestInfo
-    data: bytes
-
-    @property
-    def name(self) -> str:
-        return str(self.entry["file"])
-
-    def parser(self) -> ResponseParser:
-        return self.adapter.parser(self.info, 200, self.entry["content_type"] or "")
-
-    def replay(self, pieces: list[bytes]) -> ResponseParser:
-        parser = self.parser()
-        for piece in pieces:
-            parser.feed(piece)
-        parser.close()
-        parser.settle()  # output_chars may be counted only when asked (an estimate asks)
-        return parser
-
-
-def make_case(entry: dict[str, Any]) -> Case:
-    adapter = adapter_for(entry["api"])
-    url = urlsplit(entry["request_url"])
-    info = adapter.inspect(
-        entry["request_method"],
-        url.path,
-        dict(parse_qsl(url.query)),
-        (FIXTURES / entry["request_file"]).read_bytes(),
-        inject_stream_usage=False,
-    )
-    return Case(entry, adapter, info, (FIXTURES / entry["file"]).read_bytes())
-
-
-CASES = [make_case(e) for e in ENTRIES]
-
-
-def spendgate_usage(case: Case) -> Usage | None:
-    """The manifest's raw provider numbers, mapped by hand onto spendgate's fields.
-
-    Checked against the recordings:
-    - OpenAI/Azure/OpenRouter: the numbers are ``prompt_tokens``/``input_tokens``
-      (cached included), ``completion_tokens``/``output_tokens`` (reasoning included),
-      ``cached_tokens`` and ``reasoning_tokens``: already spendgate's terms.
-    - Anthropic: ``input_tokens`` excludes cache reads (``cached_input_tokens``) and
-      writes (``cache_creation_input_tokens``); spendgate's input is the sum. Newer
-      responses carry ``cache_creation.ephemeral_1h_input_tokens`` (0 in every one).
-    - Gemini: ``input_tokens`` is ``promptTokenCount``, ``output_tokens`` is
-      ``candidatesTokenCount`` (thoughts excluded), ``reasoning_tokens`` is
-      ``thoughtsTokenCount`` and ``total_tokens`` is ``totalTokenCount``. The manifest
-      omits ``toolUsePromptTokenCount`` (764 and 720 in the code-execution files), but
-      the total includes it, so it is the total less the other three.
-    - Ollama: ``prompt_eval_count`` and ``eval_count``.
-    """
-    raw = case.entry["expected"]
-    if all(v is None for v in raw.values()):
-        return None
-    api = case.entry["api"]
-    inp, out = raw["input_tokens"], raw["output_tokens"]
-    cached, reasoning = raw["cached_input_tokens"], raw["reasoning_tokens"]
-    if api.startswith("anthropic."):
-        write = raw["cache_creation_input_tokens"]
-        return Usage(
-            input_tokens=inp + (cached or 0) + (write or 0),
-            output_tokens=out,
-            cached_input_tokens=cached,
-            cache_write_tokens=write,
-            cache_write_1h_tokens=0 if b'"ephemeral_1h_input_tokens"' in case.data else None,
-        )
-    if api.startswith(("gemini.", "vertexai.")):
-        tool_use = raw["total_tokens"] - inp - out - (reasoning or 0)
-        return Usage(
-            input_tokens=inp + tool_use,
-            output_tokens=out + (reasoning or 0),
-            cached_input_tokens=cached,
-            reasoning_tokens=reasoning,
-        )
-    return Usage(
-        input_tokens=inp, output_tokens=out, cached_input_tokens=cached, reasoning_tokens=reasoning
-    )
 
 
 def check(case: Case, parser: ResponseParser, how: str) -> None:
