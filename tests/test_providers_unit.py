@@ -557,6 +557,9 @@ def test_element_framer_yields_elements_as_they_complete() -> None:
     framer = JSONElementFramer()
     assert framer.feed(b'{"a": [1]} {"b": 2}') == [b'{"a": [1]}', b'{"b": 2}']
     assert JSONElementFramer().feed(b'"just a string" {}') == []
+    framer = JSONElementFramer()  # a piece ends on a backslash in a string between elements
+    assert framer.feed(b'["a\\') == []
+    assert framer.feed(b'"]", {"x": 1}]') == [b'{"x": 1}']
 
 
 # --- properties ------------------------------------------------------------------------------

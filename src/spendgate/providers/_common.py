@@ -267,7 +267,15 @@ class JSONElementFramer:
         out: list[bytes] = []
         if not self._scan(buf, out):
             return out + self._stop()  # the outer array closed, or a stray bracket
-        self._drop_consumed(buf)
+        # Drop the scanned bytes no element still needs: all of them between elements,
+        # those before the open element's start inside one.
+        start = self._start
+        cut = start if start >= 0 else min(self._pos, len(buf))
+        if cut:
+            del buf[:cut]
+            self._pos -= cut
+            if start >= 0:
+                self._start = 0
         if len(buf) > MAX_BODY_BYTES:
             return out + self._stop()
         return out
@@ -301,23 +309,20 @@ class JSONElementFramer:
         """
         i, depth, start, in_str = self._pos, self._depth, self._start, self._in_str
         base, n = self._base, len(buf)
+        structural, in_string = _STRUCTURAL.search, _IN_STRING.search
+        search = (structural, in_string)[in_str]  # the next byte that matters in this state
         while True:
-            if in_str:
-                m = _IN_STRING.search(buf, i)
-                if m is None:
-                    i = max(i, n)  # n + 1 after a final backslash: skip the next byte
-                    break
-                # A backslash keeps the string open and skips the byte it escapes.
-                in_str = buf[m.start()] == 0x5C
-                i = m.end() + in_str
-                continue
-            m = _STRUCTURAL.search(buf, i)
+            m = search(buf, i)
             if m is None:
-                i = n
                 break
             c, i = buf[m.start()], m.end()
-            if c == 0x22:  # '"'
-                in_str = True
+            if in_str:
+                if c == 0x5C:  # backslash: skip the escaped byte
+                    i += 1
+                else:
+                    in_str, search = False, structural
+            elif c == 0x22:  # '"'
+                in_str, search = True, in_string
             elif c in (0x7B, 0x5B):  # '{' '['
                 if depth == base:
                     start = m.start()
@@ -329,19 +334,9 @@ class JSONElementFramer:
                 if depth == base:  # start is set: the bracket that opened it was at base
                     out.append(bytes(buf[start:i]))
                     start = -1
+        i = max(i, n)  # n + 1 after a final backslash in a string: skip the next byte
         self._pos, self._depth, self._start, self._in_str = i, depth, start, in_str
         return True
-
-    def _drop_consumed(self, buf: bytearray) -> None:
-        """Drops the scanned bytes no element still needs (all of them between elements,
-        those before the open element's start inside one)."""
-        start = self._start
-        cut = start if start >= 0 else min(self._pos, len(buf))
-        if cut:
-            del buf[:cut]
-            self._pos -= cut
-            if start >= 0:
-                self._start = 0
 
     def close(self) -> list[bytes]:
         """A truncated element is dropped: it cannot be parsed."""

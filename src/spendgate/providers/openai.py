@@ -155,8 +155,9 @@ class OpenAIParser(FramedParser):
     """Chat chunks, Responses events, or one JSON body of any of the four endpoints.
 
     ``usage``, ``model`` and ``output_chars`` are plain reads: pieces may be held, and
-    events set aside, unexamined (see ``feed``) until ``settle`` or ``close``, which the
-    meter calls before it reads the numbers.
+    events set aside, unexamined (see ``feed``). ``close`` makes ``usage`` and ``model``
+    final; ``settle`` (mid-stream or after ``close``) also counts ``output_chars``, which
+    only an estimate needs.
     """
 
     def __init__(self, operation: str) -> None:
