@@ -48,7 +48,7 @@ def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
     """OpenAI usage → spendgate usage; accepts both the chat and the Responses spelling.
 
     ``prompt_tokens``/``input_tokens`` already include cached tokens and
-    ``completion_tokens``/``output_tokens`` already include reasoning (SPEC 2).
+    ``completion_tokens``/``output_tokens`` already include reasoning (docs/reference.md §3).
     """
     get = block.get
     inp = as_int(get("prompt_tokens"))
