@@ -40,7 +40,8 @@ def chat_meter(acct: Accountant, body: dict[str, object], cut: bool = False) -> 
     adapter = get_adapter("openai")
     raw = orjson.dumps({"model": "gpt-4o-mini", "messages": [], **body})
     info = adapter.inspect("POST", "/v1/chat/completions", {}, raw, inject_stream_usage=False)
-    return acct.meter(adapter, Target(ROUTE, "/v1/chat/completions", "s1", None), info, None, cut)
+    target = Target(ROUTE, "/v1/chat/completions", "s1", None)
+    return Meter(acct, adapter, target, info, None, cut)
 
 
 def event(obj: object) -> bytes:
@@ -82,7 +83,7 @@ async def test_decoded_events_are_metered_like_a_body(acct: Accountant) -> None:
     adapter = get_adapter("openai")
     raw = orjson.dumps({"model": "gpt-4o-mini", "input": "hi", "stream": True})
     info = adapter.inspect("POST", "/v1/responses", {}, raw, inject_stream_usage=False)
-    meter = acct.meter(adapter, Target(ROUTE, "/v1/responses", "s1", None), info)
+    meter = Meter(acct, adapter, Target(ROUTE, "/v1/responses", "s1", None), info)
     meter.response_started(200, SSE)
     response = {"model": "gpt-4o-mini", "usage": {"input_tokens": 11, "output_tokens": 4}}
     for obj in (

@@ -1,11 +1,11 @@
 """From a request's meter to money: price → ledger → store → events → metrics
 (docs/reference.md §13).
 
-The :class:`Accountant` holds the parts every request shares and makes one
-:class:`~spendgate.meter.Meter` per request; the meter calls back here for admission,
-live updates, the budget cut and the bookkeeping at the end. The proxy never calls
-this module except to make a meter. Each step after the ledger is guarded: a failing
-subscriber, metric or queue can never break a client's response.
+The :class:`Accountant` holds the parts every request shares; each request's
+:class:`~spendgate.meter.Meter` calls back here for admission, live updates, the budget
+cut and the bookkeeping at the end. The proxy hands it to each meter and calls nothing
+here itself. Each step after the ledger is guarded: a failing subscriber, metric or
+queue can never break a client's response.
 """
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ import functools
 import logging
 import time
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from spendgate.budgets import BudgetLedger, Change, Refusal
 from spendgate.bus import EventBus
 from spendgate.events import CONTEXT_USAGE, TOKEN_USAGE, Event, context_data, token_usage_data
-from spendgate.meter import Meter
 from spendgate.metrics import Metrics
 from spendgate.pricing import ModelPrice, PriceTable
-from spendgate.providers._api import Adapter, RequestInfo
 from spendgate.records import MessageRecord
-from spendgate.routing import Target
 from spendgate.store import Store
 from spendgate.usage import TokenCounts, estimate_tokens
+
+if TYPE_CHECKING:
+    from spendgate.meter import Meter
 
 log = logging.getLogger("spendgate.accounting")
 
@@ -37,10 +38,15 @@ def apply_change(change: Change, store: Store, bus: EventBus) -> None:
     if change.session is not None:
         store.save_session(change.session)
     for ev in change.events:
-        try:
-            bus.publish(ev)
-        except Exception:
-            log.exception("event bus failed to publish %s", ev.type)
+        publish(bus, ev)
+
+
+def publish(bus: EventBus, ev: Event) -> None:
+    """Publish, guarded: a failing bus never breaks a response or an API call."""
+    try:
+        bus.publish(ev)
+    except Exception:
+        log.exception("event bus failed to publish %s", ev.type)
 
 
 class Accountant:
@@ -62,27 +68,13 @@ class Accountant:
         self._live_interval = live_interval_ms / 1000
         self._reserve_output = reserve_output_tokens
 
-    def meter(
-        self,
-        adapter: Adapter,
-        target: Target,
-        info: RequestInfo,
-        key_fingerprint: str | None = None,
-        cut_enabled: bool = False,
-    ) -> Meter:
-        """A meter for one request."""
-        return Meter(self, adapter, target, info, key_fingerprint, cut_enabled)
-
     # -- sessions and budgets --------------------------------------------------------------
 
     def apply(self, change: Change) -> None:
         apply_change(change, self.store, self.bus)
 
     def _publish(self, ev: Event) -> None:
-        try:
-            self.bus.publish(ev)
-        except Exception:
-            log.exception("event bus failed to publish %s", ev.type)
+        publish(self.bus, ev)
 
     def _price(self, ex: Meter, model: str) -> ModelPrice | None:
         """The price of ``model``, looked up once per exchange (and again only if the

@@ -23,4 +23,4 @@ BUS = web.AppKey("bus", EventBus)
 PRICES = web.AppKey("prices", PriceTable)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", ProxyHandler)
-"""The catch-all handler; it holds the accountant that makes each request's meter."""
+"""The catch-all handler; it holds the accountant each request's meter reports to."""

@@ -186,7 +186,7 @@ class Meter:
         """What the client gets for this piece of the body: the piece itself, the output
         filter's version of it, or, once a cut is due, the piece up to the last event
         boundary in it."""
-        if self.ttft is None:
+        if self.ttft is None:  # _first_byte() inline: this runs for every piece
             self.ttft = time.perf_counter() - self.t0
         out = self._filter(chunk) if self._filter is not None else chunk
         if self._cutting:

@@ -126,7 +126,7 @@ class ProxyHandler:
             inject_stream_usage=self.settings.inject_stream_usage,
         )
         fingerprint = key_fingerprint(request.headers, request.rel_url.query)
-        meter = self.acct.meter(adapter, target, info, fingerprint, self._cut)
+        meter = Meter(self.acct, adapter, target, info, fingerprint, self._cut)
         refusal = await meter.admit()
         if refusal is not None:
             return _refuse(meter.error_style, refusal)
