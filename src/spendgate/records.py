@@ -136,3 +136,28 @@ class SessionRecord:
     paused: bool = False
     pause_reason: str | None = None
     label: str | None = None
+
+
+@dataclass(slots=True)
+class AgentBudgetRecord:
+    """An agent's budget inside a session (docs/reference.md §6)."""
+
+    session_id: str
+    agent_id: str
+    budget_usd: Decimal | None = None
+    paused: bool = False
+    pause_reason: str | None = None
+
+
+@dataclass(slots=True)
+class GlobalBudgetRecord:
+    """The budget across all sessions (docs/reference.md §6).
+
+    ``configured`` is ``SPENDGATE_GLOBAL_BUDGET_USD`` as it was when this budget was
+    saved: a budget set through the API outlives a restart, until the setting changes.
+    """
+
+    budget_usd: Decimal | None = None
+    paused: bool = False
+    pause_reason: str | None = None
+    configured: Decimal | None = None

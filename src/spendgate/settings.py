@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import platformdirs
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -130,6 +131,26 @@ class Settings(BaseSettings):
     budget_thresholds: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [0.5, 0.8, 0.9], description="Budget warning fractions"
     )
+    global_budget_usd: float | None = Field(
+        default=None, ge=0, description="Budget across all sessions; none means unlimited"
+    )
+    global_budget_period: Literal["total", "day", "week", "month"] = Field(
+        default="total",
+        description="The global budget's period: total, or a calendar day, week or month",
+    )
+    budget_timezone: str = Field(
+        default="UTC", description="Time zone of budget periods (an IANA name, e.g. Europe/Paris)"
+    )
+    admission_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Longest wait for headroom held by in-flight reservations (then 429)",
+    )
+    unpriced_models: str = Field(
+        default="refuse",
+        description="Budgeted requests for a model with no price: refuse, allow, "
+        "or price_as:MODEL",
+    )
     on_budget_mid_stream: Literal["finish", "cut"] = Field(
         default="finish", description="finish: let a running stream end; cut: stop it"
     )
@@ -189,6 +210,25 @@ class Settings(BaseSettings):
             if not 0 < t <= 1:
                 raise ValueError("thresholds are fractions between 0 and 1, e.g. 0.5,0.8,0.9")
         return sorted(set(v))
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (use an IANA name such as UTC)") from None
+        return v
+
+    @field_validator("unpriced_models")
+    @classmethod
+    def _unpriced(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("refuse", "allow"):
+            return v
+        if v.startswith("price_as:") and v[len("price_as:") :].strip():
+            return "price_as:" + v[len("price_as:") :].strip()
+        raise ValueError("unpriced_models is refuse, allow or price_as:MODEL")
 
     @field_validator("openai_base_url", "anthropic_base_url", "gemini_base_url", "ollama_base_url")
     @classmethod
