@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -10,7 +11,8 @@ import anthropic
 import openai
 import pytest
 
-from spendgate.budgets import MemoryLedger
+from spendgate.budgets import MemoryLedger, Refusal, ResumeRefused
+from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord
 from tests.conftest import Proxy, StartProxy
 from tests.upstream import FakeUpstream, Reply, fixture_reply, json_reply, sse_reply
 
@@ -59,7 +61,7 @@ async def test_over_budget_pauses_and_sdk_raises_402_without_retry(
     body = err.value.body
     assert isinstance(body, dict) and body["code"] == "session_budget_exceeded"
     assert body["type"] == "budget_exceeded"
-    assert "b1" in err.value.message and "resume" in err.value.message
+    assert "b1" in err.value.message and "raise the budget" in err.value.message
     headers = err.value.response.headers
     assert headers["x-should-retry"] == "false"
     assert headers["X-Spendgate-Session"] == "b1"
@@ -118,27 +120,27 @@ async def test_raising_budget_and_resume_lift_the_pause(
         session = await put_budget(proxy, "b4", 1.0)
         assert session["paused"] is False
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
-        # Lowered below what is spent: paused at once; resume lets one more through.
+        # Lowered below what is spent: paused at once, and resume cannot open the gate.
         assert (await put_budget(proxy, "b4", 0.002))["paused"] is True
         async with proxy.http.post(proxy.url("/api/sessions/b4/resume")) as r:
-            assert (await r.json())["paused"] is False
+            assert r.status == 409
+            message = (await r.json())["error"]["message"]
+        assert "spendgate budget b4 USD" in message and "$0.0025" in message
+        with pytest.raises(openai.APIStatusError) as err:
+            await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
+        assert err.value.status_code == 402
+        assert (await put_budget(proxy, "b4", 0.01))["paused"] is False
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
-        assert (await proxy.cost("b4"))["paused"] is True  # still over: paused again
     assert len(upstream.seen) == 3
 
 
-async def test_burst_is_admitted_by_reservations_not_by_luck(
-    proxy: Proxy, upstream: FakeUpstream
-) -> None:
-    """20 concurrent requests, a budget that fits 3 reservations: exactly 3 go upstream.
-
-    Admission reserves max_tokens' worth before forwarding, with no await between check
-    and reservation, so the count does not depend on scheduling.
-    """
+async def _burst(proxy: Proxy, upstream: FakeUpstream, n: int) -> list[asyncio.Task[int]]:
+    """``n`` concurrent requests on session "burst" with a budget that fits 3 reservations
+    (input "hi" ≈ 1 token × $2.5/M + 1000 out × $10/M = $0.0100025 each), the upstream
+    gated."""
     upstream.default = completion(10, 10)
-    upstream.gate = release = asyncio.Event()  # hold admitted requests in flight
-    # Reservation per request: input "hi" ≈ 1 token × $2.5/M + 1000 out × $10/M ≈ $0.01
-    await put_budget(proxy, "burst", 0.03)
+    upstream.gate = asyncio.Event()  # hold admitted requests in flight
+    await put_budget(proxy, "burst", 0.031)
 
     async def one() -> int:
         async with proxy.http.post(
@@ -148,15 +150,45 @@ async def test_burst_is_admitted_by_reservations_not_by_luck(
             await r.read()
             return r.status
 
-    tasks = [asyncio.create_task(one()) for _ in range(20)]
-    # The 17 refusals answer at once; then let the 3 admitted ones finish.
+    return [asyncio.create_task(one()) for _ in range(n)]
+
+
+async def test_burst_is_admitted_by_reservations_not_by_luck(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    """20 concurrent requests, a budget that fits 3 reservations: 3 go upstream, the
+    other 17 wait for headroom (nothing is spent yet, so none is refused) and go in as
+    the first ones settle.
+
+    Admission reserves max_tokens' worth before forwarding, with no await between check
+    and reservation, so the count does not depend on scheduling.
+    """
+    tasks = await _burst(proxy, upstream, 20)
+    while len(upstream.seen) < 3:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert len(upstream.seen) == 3 and not any(t.done() for t in tasks)
+    assert upstream.gate is not None
+    upstream.gate.set()
+    statuses = await asyncio.gather(*tasks)
+    assert statuses == [200] * 20  # each costs $0.000125: all 20 fit in $0.031
+    assert (await proxy.cost("burst"))["totalCostUsd"] == pytest.approx(20 * 0.000125)
+
+
+async def test_burst_without_waiting_answers_429_at_once(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(admission_wait_s=0)
+    tasks = await _burst(proxy, upstream, 20)
     done = 0
     while done < 17:
         done = sum(t.done() for t in tasks)
         await asyncio.sleep(0.01)
-    release.set()
+    assert len(upstream.seen) == 3
+    assert upstream.gate is not None
+    upstream.gate.set()
     statuses = await asyncio.gather(*tasks)
-    assert sorted(statuses) == [200] * 3 + [402] * 17
+    assert sorted(statuses) == [200] * 3 + [429] * 17  # held headroom, never a false 402
 
 
 async def test_default_budget_and_thresholds_emit_events(
@@ -231,3 +263,172 @@ async def test_cut_policy_anthropic_event(start_proxy: StartProxy, upstream: Fak
             ) as stream:
                 async for _ in stream:
                     pass
+
+
+# -- the ledger on its own: scopes, waiting, periods -----------------------------------------
+
+D = Decimal
+
+
+def ledger_with(**kw: Any) -> MemoryLedger:
+    return MemoryLedger([0.5], None, **kw)
+
+
+async def admitted(ledger: MemoryLedger, sid: str, reserve: str, agent: str | None = None) -> Any:
+    got, _ = await ledger.admit(sid, agent, D(reserve))
+    assert not isinstance(got, Refusal), got.message()
+    return got
+
+
+async def test_waiters_go_in_arrival_order_as_reservations_settle() -> None:
+    ledger = ledger_with()
+    await ledger.set_budget("s", D("0.10"))
+    first = await admitted(ledger, "s", "0.10")  # holds all the headroom
+    waiting = [asyncio.create_task(ledger.admit("s", None, D("0.10"), wait=5)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in waiting)
+    await ledger.settle(first, D("0.01"))
+    await asyncio.sleep(0)
+    assert waiting[0].done() and not waiting[1].done()  # the second waits on the first
+    second, _ = waiting[0].result()
+    await ledger.settle(second, D("0.01"))
+    third, _ = await waiting[1]
+    assert not isinstance(third, Refusal)
+    assert ledger.spent("s") == D("0.02")
+
+
+async def test_a_wait_that_runs_out_says_what_holds_the_headroom() -> None:
+    ledger = ledger_with()
+    await ledger.set_budget("run-1", D("0.01"))
+    await admitted(ledger, "run-1", "0.0046")
+    await admitted(ledger, "run-1", "0.0046")
+    got, _ = await ledger.admit("run-1", None, D("0.0046"), wait=0.05)
+    assert isinstance(got, Refusal) and got.status == 429 and got.retry
+    assert got.code == "budget_reserved" and got.scope == "session"
+    assert got.message().startswith(
+        "2 requests in flight hold $0.0092 of the $0.01 left in session 'run-1', and this "
+        "request may cost up to $0.0046"
+    )
+    assert not ledger._waiters  # type: ignore[attr-defined]
+
+
+async def test_a_waiter_whose_scope_is_spent_meanwhile_gets_402_at_once() -> None:
+    ledger = ledger_with()
+    await ledger.set_budget("s", D("0.01"))
+    first = await admitted(ledger, "s", "0.01")
+    waiter = asyncio.create_task(ledger.admit("s", None, D("0.01"), wait=30))
+    await asyncio.sleep(0)
+    await ledger.settle(first, D("0.02"))  # spent past the budget: paused
+    got, _ = await asyncio.wait_for(waiter, 1)
+    assert isinstance(got, Refusal) and got.status == 402
+    assert got.code == "session_budget_exceeded"
+
+
+async def test_a_waiter_that_goes_away_leaves_nothing_behind() -> None:
+    ledger = ledger_with()
+    await ledger.set_budget("s", D("0.01"))
+    first = await admitted(ledger, "s", "0.01")
+    waiter = asyncio.create_task(ledger.admit("s", None, D("0.01"), wait=30))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await ledger.settle(first, D("0"))
+    assert not ledger._waiters  # type: ignore[attr-defined]
+    assert ledger._sessions["s"].in_flight == 0  # type: ignore[attr-defined]
+    assert ledger._sessions["s"].reserved_total == 0  # type: ignore[attr-defined]
+
+
+async def test_settling_twice_changes_nothing() -> None:
+    ledger = ledger_with()
+    res = await admitted(ledger, "s", "0.5")
+    await ledger.settle(res, D("0.25"))
+    await ledger.settle(res, D("0.25"))
+    assert ledger.spent("s") == D("0.25")
+    assert ledger._sessions["s"].in_flight == 0  # type: ignore[attr-defined]
+
+
+async def test_resume_refuses_while_spend_is_at_the_budget_and_lifts_a_manual_pause() -> None:
+    ledger = ledger_with()
+    await ledger.set_budget("s", D("0.01"))
+    await ledger.settle(await admitted(ledger, "s", "0"), D("0.01"))
+    assert ledger.session("s").paused  # type: ignore[union-attr]
+    with pytest.raises(ResumeRefused, match=r"spent \$0.01 of its \$0.01 budget"):
+        await ledger.resume("s")
+    await ledger.pause("t")
+    change = await ledger.resume("t")
+    assert not ledger.session("t").paused  # type: ignore[union-attr]
+    assert [e.data["reason"] for e in change.events] == ["resumed"]
+
+
+async def test_an_agent_budget_stops_that_agent_only() -> None:
+    ledger = ledger_with()
+    change = await ledger.set_agent_budget("s", "planner", D("0.01"))
+    assert [type(r).__name__ for r in change.records] == ["SessionRecord", "AgentBudgetRecord"]
+    assert ledger.budgeted("s", "planner") == "agent" and ledger.budgeted("s", "coder") is None
+    change = await ledger.settle(await admitted(ledger, "s", "0", "planner"), D("0.01"))
+    paused = [e.data for e in change.events if e.type == "budget.paused"]
+    assert paused == [
+        {"scope": "agent", "sessionId": "s", "agentId": "planner", "budgetUsd": 0.01,
+         "spentUsd": 0.01, "reason": "budget"}
+    ]  # fmt: skip
+    got, _ = await ledger.admit("s", "planner", D(0))
+    assert isinstance(got, Refusal) and got.code == "agent_budget_exceeded"
+    assert got.scope == "agent" and "spendgate budget s USD --agent planner" in got.message()
+    await admitted(ledger, "s", "0", "coder")
+    await admitted(ledger, "s", "0")
+    ((rec, spent),) = ledger.agent_budgets("s")
+    assert rec.agent_id == "planner" and rec.paused and spent == D("0.01")
+    await ledger.set_agent_budget("s", "planner", D("1"))
+    await admitted(ledger, "s", "0", "planner")
+
+
+async def test_the_global_budget_spans_sessions_and_its_events_name_no_session() -> None:
+    ledger = ledger_with(global_budget=D("0.02"))
+    assert ledger.budgeted("any", None) == "global"
+    warnings = await ledger.settle(await admitted(ledger, "a", "0"), D("0.01"))
+    assert [e.data for e in warnings.events] == [
+        {"scope": "global", "sessionId": None, "period": "total", "budgetUsd": 0.02,
+         "spentUsd": 0.01, "threshold": 0.5}
+    ]  # fmt: skip
+    assert warnings.events[0].session_id == ""  # every subscriber gets it
+    await ledger.settle(await admitted(ledger, "b", "0"), D("0.01"))
+    got, _ = await ledger.admit("c", None, D(0))
+    assert isinstance(got, Refusal) and got.code == "global_budget_exceeded"
+    assert "spendgate budget --global USD" in got.message()
+    rec, spent, period, _ = ledger.global_budget()
+    assert rec.paused and spent == D("0.02") and period is None
+
+
+async def test_a_new_period_starts_the_global_spend_again_and_lifts_its_pause() -> None:
+    now = [datetime(2026, 12, 2, 23, 0, tzinfo=UTC).timestamp()]
+    ledger = ledger_with(global_budget=D("0.01"), period="day", clock=lambda: now[0])
+    assert ledger.period is not None and ledger.period.label == "2026-12-02"
+    await ledger.settle(await admitted(ledger, "a", "0"), D("0.01"))
+    got, _ = await ledger.admit("a", None, D(0))
+    assert isinstance(got, Refusal) and "starts again with the next day" in got.message()
+    now[0] += 3600  # midnight UTC
+    res, change = await ledger.admit("a", None, D(0))
+    assert not isinstance(res, Refusal)
+    assert [(e.type, e.data["reason"], e.data["period"]) for e in change.events] == [
+        ("budget.resumed", "period ended", "2026-12-03")
+    ]
+    assert ledger.global_budget()[1] == 0
+
+
+async def test_restart_keeps_agent_and_global_budgets() -> None:
+    ledger = ledger_with(global_budget=D("5"))
+    ledger.load(
+        [],
+        {},
+        agents=[AgentBudgetRecord("s", "a", D("0.01"))],
+        agent_spend={("s", "a"): D("0.01"), ("s", "b"): D("0.5")},
+        global_record=GlobalBudgetRecord(D("2"), configured=D("5")),
+        global_spend=D("1"),
+    )
+    assert ledger.agent_budgets("s")[0][0].paused  # spent reached its budget before
+    rec, spent, _, _ = ledger.global_budget()
+    assert rec.budget_usd == D("2") and spent == D("1")  # the PUT outlives a restart
+    changed = ledger_with(global_budget=D("7"))
+    changed.load([], {}, global_record=GlobalBudgetRecord(D("2"), configured=D("5")))
+    assert changed.global_budget()[0].budget_usd == D("7")  # ... until the setting changes

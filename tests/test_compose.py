@@ -76,7 +76,7 @@ def exported_metric_names() -> set[str]:
     metrics = Metrics(registry)
     metrics.record(message(), "chat", "gpt-4o")
     metrics.upstream_errors.labels("openai", "timeout").inc()
-    metrics.budget_rejections.labels("openai").inc()
+    metrics.budget_rejections.labels("openai", "session_budget_exceeded").inc()
     metrics.bind_gauges(
         lambda: 0, lambda: 0, lambda: 0, budgets=lambda: [("s", Decimal(1), Decimal(0))]
     )

@@ -27,7 +27,7 @@ SPEC_METRICS = {
     "spendgate_request_duration_seconds": {"provider", "model"},
     "spendgate_time_to_first_token_seconds": {"provider", "model"},
     "spendgate_upstream_errors_total": {"route", "kind"},
-    "spendgate_budget_rejections_total": {"route"},
+    "spendgate_budget_rejections_total": {"route", "code"},
     "spendgate_active_streams": set(),
     "spendgate_paused_sessions": set(),
     "spendgate_event_subscribers": set(),
@@ -131,7 +131,7 @@ def test_every_spec_metric_has_exactly_its_labels() -> None:
     metrics = Metrics(registry)
     metrics.record(message(), "chat", "gpt-4o")
     metrics.upstream_errors.labels("openai", "timeout").inc()
-    metrics.budget_rejections.labels("openai").inc()
+    metrics.budget_rejections.labels("openai", "session_budget_exceeded").inc()
     families = {f.name: f for f in registry.collect()}
     for name, labels in SPEC_METRICS.items():
         base = name.removesuffix("_total")
@@ -374,7 +374,12 @@ async def test_scrape_after_sdk_traffic_equals_the_traffic(
         )
 
     assert value(s, "spendgate_upstream_errors_total", route="openai", kind="http_5xx") == 1
-    assert value(s, "spendgate_budget_rejections_total", route="openai") == 1
+    assert (
+        value(
+            s, "spendgate_budget_rejections_total", route="openai", code="session_budget_exceeded"
+        )
+        == 1
+    )
     assert value(s, "spendgate_active_streams") == 0
     assert value(s, "spendgate_paused_sessions") == 1
     assert value(s, "spendgate_event_subscribers") == 0

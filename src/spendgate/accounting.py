@@ -16,12 +16,20 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-from spendgate.budgets import BudgetLedger, Change, Refusal
+from spendgate.budgets import BudgetLedger, Change, Headroom, Refusal
 from spendgate.bus import EventBus
-from spendgate.events import CONTEXT_USAGE, TOKEN_USAGE, Event, context_data, token_usage_data
+from spendgate.events import (
+    BUDGET_UNENFORCEABLE,
+    CONTEXT_USAGE,
+    TOKEN_USAGE,
+    Event,
+    context_data,
+    token_usage_data,
+)
 from spendgate.metrics import Metrics
 from spendgate.pricing import ModelPrice, PriceTable
-from spendgate.records import MessageRecord
+from spendgate.records import AgentBudgetRecord, MessageRecord, SessionRecord
+from spendgate.settings import SettingsError
 from spendgate.store import Store
 from spendgate.usage import TokenCounts, estimate_tokens
 
@@ -30,13 +38,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spendgate.accounting")
 
+MAX_UNENFORCEABLE = 10_000
+"""(session, model) pairs remembered for the once-only ``budget.unenforceable`` warning;
+past this, clients choosing new model names cannot grow the set."""
+
 _ZERO = Decimal(0)
 
 
 def apply_change(change: Change, store: Store, bus: EventBus) -> None:
     """Persist and publish what a ledger call changed (the ledger only returns it)."""
-    if change.session is not None:
-        store.save_session(change.session)
+    for rec in change.records:
+        if isinstance(rec, SessionRecord):
+            store.save_session(rec)
+        elif isinstance(rec, AgentBudgetRecord):
+            store.save_agent_budget(rec)
+        else:
+            store.save_global_budget(rec)
     for ev in change.events:
         publish(bus, ev)
 
@@ -59,6 +76,8 @@ class Accountant:
         metrics: Metrics,
         live_interval_ms: int = 250,
         reserve_output_tokens: int | None = None,
+        admission_wait_s: float = 0.0,
+        unpriced_models: str = "refuse",
     ) -> None:
         self.prices = prices
         self.ledger = ledger
@@ -67,6 +86,20 @@ class Accountant:
         self.metrics = metrics
         self._live_interval = live_interval_ms / 1000
         self._reserve_output = reserve_output_tokens
+        self._wait = admission_wait_s
+        self._allow_unpriced = unpriced_models == "allow"
+        self._price_as: ModelPrice | None = None
+        """``price_as:MODEL``: the price of models the table lacks."""
+        if unpriced_models.startswith("price_as:"):
+            stand_in = unpriced_models.partition(":")[2]
+            self._price_as = prices.priced(stand_in, None)
+            if self._price_as is None:
+                raise SettingsError(
+                    f"bad setting unpriced_models (SPENDGATE_UNPRICED_MODELS): "
+                    f"price_as:{stand_in} names a model with no price"
+                )
+        self._unenforceable: set[tuple[str, str | None]] = set()
+        """(session, model) pairs already warned about under ``allow`` (bounded below)."""
 
     # -- sessions and budgets --------------------------------------------------------------
 
@@ -78,32 +111,75 @@ class Accountant:
 
     def _price(self, ex: Meter, model: str) -> ModelPrice | None:
         """The price of ``model``, looked up once per exchange (and again only if the
-        response names a different model than the request)."""
+        response names a different model than the request); ``price_as`` stands in for
+        a model the table lacks."""
         if model != ex.priced_model:
-            ex.price = self.prices.priced(model, ex.target.route.provider)
+            ex.price = self.prices.priced(model, ex.target.route.provider) or self._price_as
             ex.priced_model = model
         return ex.price
 
-    def reserve_cost(self, ex: Meter) -> Decimal:
+    def reserve_cost(self, ex: Meter, price: ModelPrice) -> Decimal:
+        """The request's worst case: its input estimate, and the largest output it may
+        produce (its bound, or the default) for every choice it asks for."""
         info = ex.info
-        if not info.metered or info.model is None:
-            return _ZERO
-        price = self._price(ex, info.model)
-        if price is None:
-            return _ZERO
         out = info.max_output_tokens or self._reserve_output
         if out is None:
             out = min(4096, price.max_output_tokens or 4096)
-        return price.reserve_cost(estimate_tokens(info.input_chars), out) or _ZERO
+        return price.reserve_cost(estimate_tokens(info.input_chars), out * info.choices) or _ZERO
 
     async def admit(self, ex: Meter) -> Refusal | None:
-        outcome, change = await self.ledger.admit(ex.target.session_id, self.reserve_cost(ex))
+        """Reserve the worst case against every budgeted scope, or say why not. A request
+        no budget applies to reserves nothing and is never refused for money."""
+        target, info = ex.target, ex.info
+        sid, agent = target.session_id, target.agent_id
+        reserve = _ZERO
+        if info.metered:
+            scope = self.ledger.budgeted(sid, agent)
+            if scope is not None:
+                price = self._price(ex, info.model) if info.model else None
+                if price is not None:
+                    reserve = self.reserve_cost(ex, price)
+                elif not self._allow_unpriced:
+                    return self._refused(ex, self._unpriced(ex, scope))
+                else:
+                    self._unenforced(ex, scope)
+        outcome, change = await self.ledger.admit(sid, agent, reserve, self._wait)
         self.apply(change)
         if isinstance(outcome, Refusal):
-            self.metrics.budget_rejections.labels(ex.target.route.name).inc()
-            return outcome
+            return self._refused(ex, outcome)
         ex.reservation = outcome
         return None
+
+    def _refused(self, ex: Meter, refusal: Refusal) -> Refusal:
+        self.metrics.budget_rejections.labels(ex.target.route.name, refusal.code).inc()
+        return refusal
+
+    def _unpriced(self, ex: Meter, scope: str) -> Refusal:
+        model = ex.info.model
+        what = f"model '{model}' has no price" if model else "the request names no model"
+        sid = ex.target.session_id
+        text = (
+            f"spendgate refused this request: {what}, so the {scope} budget that applies "
+            f"to session '{sid}' cannot be enforced. Add a price to your pricing file "
+            "(SPENDGATE_PRICING_FILE), or set SPENDGATE_UNPRICED_MODELS=price_as:MODEL to "
+            "price it as a known model, or =allow to forward unpriced models unmetered."
+        )
+        return Refusal(402, "model_unpriced", scope, sid, None, self.ledger.spent(sid), text)
+
+    def _unenforced(self, ex: Meter, scope: str) -> None:
+        """``allow``: forward, and say once per session and model that no budget holds it."""
+        sid, model = ex.target.session_id, ex.info.model
+        key = (sid, model)
+        if key in self._unenforceable or len(self._unenforceable) >= MAX_UNENFORCEABLE:
+            return
+        self._unenforceable.add(key)
+        log.warning(
+            "session %s: model %s has no price; its %s budget does not limit it "
+            "(SPENDGATE_UNPRICED_MODELS=allow)",
+            sid, model, scope,
+        )  # fmt: skip
+        data = {"sessionId": sid, "modelId": model, "scope": scope, "reason": "model_unpriced"}
+        self._publish(Event(BUDGET_UNENFORCEABLE, sid, data))
 
     def _cost(self, ex: Meter, model: str | None, counts: TokenCounts) -> Decimal | None:
         price = self._price(ex, model) if model else None
@@ -135,13 +211,16 @@ class Accountant:
             self._usage_event(ex, counts, cost, spent + (cost or 0), final=False, estimated=True)
         )
 
-    def over_budget(self, ex: Meter) -> bool:
-        """Has the live estimate of this stream used up the session's remaining budget?"""
-        remaining = self.ledger.live_remaining(ex.target.session_id)
-        if remaining is None:
-            return False
+    def over_budget(self, ex: Meter) -> Headroom | None:
+        """Has the live estimate of this stream used up what its tightest budget has
+        left? That budget if so, else None."""
+        if ex.reservation is None:
+            return None
+        least = self.ledger.live_remaining(ex.reservation)
+        if least is None:
+            return None
         cost = self._cost(ex, ex.model, ex.estimated_counts())
-        return cost is not None and cost >= remaining
+        return least if cost is not None and cost >= least.left else None
 
     # -- at the end ------------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spendgate import reports
 from spendgate.accounting import apply_change
-from spendgate.budgets import BudgetLedger, Change
-from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, STORE
-from spendgate.records import EXPORT_COLUMNS, SessionRecord
+from spendgate.budgets import BudgetLedger, Change, ResumeRefused
+from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
+from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
 from spendgate.routing import valid_id
 
 routes = web.RouteTableDef()
@@ -28,7 +28,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def api_error(status: int, message: str) -> web.HTTPException:
     text = orjson.dumps({"error": {"message": message, "status": status}}).decode()
-    cls = {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound}[status]
+    cls = {
+        400: web.HTTPBadRequest,
+        401: web.HTTPUnauthorized,
+        404: web.HTTPNotFound,
+        409: web.HTTPConflict,
+    }[status]
     return cls(text=text, content_type="application/json")
 
 
@@ -61,8 +66,13 @@ async def list_sessions(request: web.Request) -> web.Response:
 async def session_cost(request: web.Request) -> web.Response:
     rec = _known_session(request)
     app = request.app
-    spent = app[LEDGER].spent(rec.id)
-    return json_response(await reports.session_summary(app[STORE], app[PRICES], rec, spent))
+    ledger = app[LEDGER]
+    summary = await reports.session_summary(app[STORE], app[PRICES], rec, ledger.spent(rec.id))
+    by_agent = summary["byAgent"]
+    for agent, spent in ledger.agent_budgets(rec.id):
+        group = by_agent.setdefault(agent.agent_id, {"messageCount": 0, "costUsd": None})
+        group.update(reports.budget_json(agent.budget_usd, spent, agent.paused, agent.pause_reason))
+    return json_response(summary)
 
 
 @routes.get("/api/sessions/{id}/messages")
@@ -126,21 +136,82 @@ async def _session_change(request: web.Request, change: Change) -> web.Response:
     return json_response(session_json(ledger, rec))
 
 
-@routes.put("/api/sessions/{id}/budget")
-async def set_budget(request: web.Request) -> web.Response:
-    sid = _session_id(request)
+async def _budget_body(request: web.Request) -> Decimal | None:
+    """``{"budgetUsd": <USD ≥ 0, or null for unlimited>}``; JSON numbers only."""
     try:
-        body = orjson.loads(await request.read())
-        raw = body["budgetUsd"]
-        budget = None if raw is None else Decimal(str(raw))
-        if budget is not None and (not budget.is_finite() or budget < 0 or isinstance(raw, bool)):
+        raw = orjson.loads(await request.read())["budgetUsd"]
+        if raw is None:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ValueError
+        budget = Decimal(str(raw))
+        if not budget.is_finite() or budget < 0:
+            raise ValueError
+        return budget
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, InvalidOperation):
         raise api_error(
             400, 'body must be {"budgetUsd": <USD ≥ 0, or null for unlimited>}'
         ) from None
-    change = await request.app[LEDGER].set_budget(sid, budget)
+
+
+@routes.put("/api/sessions/{id}/budget")
+async def set_budget(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    change = await request.app[LEDGER].set_budget(sid, await _budget_body(request))
     return await _session_change(request, change)
+
+
+def agent_json(rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+    return {
+        "sessionId": rec.session_id,
+        "agentId": rec.agent_id,
+        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
+    }
+
+
+@routes.put("/api/sessions/{id}/agents/{agent}/budget")
+async def set_agent_budget(request: web.Request) -> web.Response:
+    sid = _session_id(request)
+    agent = request.match_info["agent"]
+    if not valid_id(agent):
+        raise api_error(400, f"invalid agent id {agent[:40]!r}")
+    app = request.app
+    ledger = app[LEDGER]
+    change = await ledger.set_agent_budget(sid, agent, await _budget_body(request))
+    apply_change(change, app[STORE], app[BUS])
+    for rec, spent in ledger.agent_budgets(sid):
+        if rec.agent_id == agent:
+            return json_response(agent_json(rec, spent))
+    return json_response(agent_json(AgentBudgetRecord(sid, agent), Decimal(0)))  # unlimited
+
+
+def _global_json(request: web.Request) -> dict[str, Any]:
+    app = request.app
+    rec, spent, period, change = app[LEDGER].global_budget()
+    apply_change(change, app[STORE], app[BUS])  # a period that just ended
+    settings = app[SETTINGS]
+    return {
+        "scope": "global",
+        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
+        "period": settings.global_budget_period,
+        "periodLabel": period.label if period else None,
+        "periodStart": period.start if period else None,
+        "periodEnd": period.end if period else None,
+        "timezone": settings.budget_timezone,
+    }
+
+
+@routes.get("/api/budget")
+async def global_budget(request: web.Request) -> web.Response:
+    return json_response(_global_json(request))
+
+
+@routes.put("/api/budget")
+async def set_global_budget(request: web.Request) -> web.Response:
+    app = request.app
+    change = await app[LEDGER].set_global_budget(await _budget_body(request))
+    apply_change(change, app[STORE], app[BUS])
+    return json_response(_global_json(request))
 
 
 @routes.post("/api/sessions/{id}/pause")
@@ -152,7 +223,11 @@ async def pause(request: web.Request) -> web.Response:
 @routes.post("/api/sessions/{id}/resume")
 async def resume(request: web.Request) -> web.Response:
     rec = _known_session(request)
-    return await _session_change(request, await request.app[LEDGER].resume(rec.id))
+    try:
+        change = await request.app[LEDGER].resume(rec.id)
+    except ResumeRefused as exc:
+        raise api_error(409, str(exc)) from None
+    return await _session_change(request, change)
 
 
 @routes.get("/api/pricing")

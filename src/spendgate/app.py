@@ -36,6 +36,10 @@ from spendgate.store import SQLiteStore
 log = logging.getLogger("spendgate")
 
 
+def _usd(value: float | None) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = Metrics(app[REGISTRY], session_labels=settings.metrics_session_labels)
@@ -45,11 +49,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         on_drop=metrics.store_dropped.inc,
     )
     await store.open()
-    budget = settings.default_session_budget_usd
     ledger = MemoryLedger(
-        settings.budget_thresholds, None if budget is None else Decimal(str(budget))
+        settings.budget_thresholds,
+        _usd(settings.default_session_budget_usd),
+        global_budget=_usd(settings.global_budget_usd),
+        period=settings.global_budget_period,
+        timezone=settings.budget_timezone,
     )
-    ledger.load(await store.load_sessions(), await store.spend_by_session())
+    period = ledger.period
+    ledger.load(
+        await store.load_sessions(),
+        await store.spend_by_session(),
+        agents=await store.load_agent_budgets(),
+        agent_spend=await store.spend_by_agent(),
+        global_record=await store.load_global_budget(),
+        global_spend=await store.spend_since(period.start if period else None),
+    )
     bus = MemoryBus(settings.event_history, settings.subscriber_queue)
     metrics.bind_gauges(
         lambda: ledger.paused_count,
@@ -66,6 +81,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         metrics,
         live_interval_ms=settings.live_interval_ms,
         reserve_output_tokens=settings.reserve_output_tokens,
+        admission_wait_s=settings.admission_wait_s,
+        unpriced_models=settings.unpriced_models,
     )
     client = aiohttp.ClientSession(
         auto_decompress=False,

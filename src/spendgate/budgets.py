@@ -1,32 +1,45 @@
-"""The budget ledger seam: admit / reserve / settle per session (docs/reference.md §6).
-No HTTP, no SQL.
+"""The budget ledger seam: admission, reservations and spend at three scopes — a session,
+an agent inside a session, and everything (the global budget, optionally per calendar
+period) (docs/reference.md §6). No HTTP, no SQL.
+
+A request belongs to its session's scope, its agent's scope when it names an agent, and
+the global scope; it is admitted only if every one of them admits it:
+
+- **402** (a :class:`Refusal` with ``status`` 402) when a scope is paused or its *spent*
+  cost has reached its budget;
+- it **waits** when spent is below the budget but the other in-flight requests'
+  reservations hold the headroom (spent + reserved ≥ budget). Waiters are admitted in
+  arrival order as reservations settle; when the wait runs out the refusal is a
+  **429** that says how much is held, by how many requests.
 
 Admission and reservation happen in one step with no await in between, so a burst of
 concurrent requests cannot all see the same spare budget. Every change is returned as
-events plus the session's new record; the caller publishes and persists them.
+events plus the records to persist; the caller publishes and persists them.
 A Redis ledger (atomic counters) implements the same protocol for several replicas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from spendgate.events import BUDGET_PAUSED, BUDGET_RESUMED, BUDGET_WARNING, Event, budget_event
-from spendgate.records import SessionRecord
+from spendgate.periods import TOTAL, Period, period_at
+from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
 
 MANUAL = "manual"
 BUDGET = "budget"
+SESSION, AGENT, GLOBAL = "session", "agent", "global"
+SCOPES = (SESSION, AGENT, GLOBAL)
 
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    id: int
-    session_id: str
-    amount: Decimal
+BudgetRecord = SessionRecord | AgentBudgetRecord | GlobalBudgetRecord
+_ZERO = Decimal(0)
 
 
 def usd(amount: Decimal) -> str:
@@ -40,41 +53,110 @@ def usd(amount: Decimal) -> str:
     return "$" + format(amount.quantize(Decimal("0.000001")).normalize(), "f")
 
 
+@dataclass(slots=True, eq=False)
+class _Scope:
+    """One budget's live state: its record (budget and pause), spend and reservations."""
+
+    kind: str
+    record: BudgetRecord
+    session_id: str | None = None
+    agent_id: str | None = None
+    spent: Decimal = _ZERO
+    reserved_total: Decimal = _ZERO
+    """What the in-flight requests of this scope reserved, kept as they come and go."""
+    in_flight: int = 0
+    warned: set[float] = field(default_factory=set)
+    next_warning_at: Decimal | None = None
+    """Spend at which the lowest threshold not yet warned about is crossed (None: none)."""
+
+
+class Reservation:
+    """What an admitted request holds against its scopes until it is settled."""
+
+    __slots__ = ("_scopes", "agent_id", "amount", "id", "open", "session_id")
+
+    def __init__(
+        self,
+        id: int,
+        session_id: str,
+        agent_id: str | None,
+        amount: Decimal,
+        scopes: tuple[_Scope, ...] = (),
+    ) -> None:
+        self.id = id
+        self.session_id = session_id
+        self.agent_id = agent_id
+        self.amount = amount
+        self.open = True
+        """False once settled or released: a second settle changes nothing."""
+        self._scopes = scopes
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
+    """Why a request is not admitted, with everything its HTTP answer says."""
+
+    status: int
+    """402 (paused, spent, unpriced) or 429 (headroom held by in-flight requests)."""
+    code: str
+    """``session_budget_exceeded``, ``agent_budget_exceeded``, ``global_budget_exceeded``,
+    ``budget_reserved`` or ``model_unpriced``."""
+    scope: str
     session_id: str
     budget_usd: Decimal | None
     spent_usd: Decimal
-    reason: str
+    text: str
+
+    @property
+    def retry(self) -> bool:
+        """May the client retry? Only a wait for reservations ends; a pause does not."""
+        return self.status == 429
 
     def message(self) -> str:
-        sid = self.session_id
-        budget = "no budget" if self.budget_usd is None else f"a {usd(self.budget_usd)} budget"
-        why = "was paused by hand" if self.reason == MANUAL else "has used up its budget"
-        return (
-            f"spendgate paused session '{sid}': it {why} (spent {usd(self.spent_usd)} of "
-            f"{budget}). To continue, raise the budget (PUT /api/sessions/{sid}/budget or "
-            f"`spendgate budget {sid} USD`) or resume it (POST /api/sessions/{sid}/resume or "
-            f"`spendgate resume {sid}`)."
-        )
+        return self.text
+
+
+class Headroom(NamedTuple):
+    """What a budget has left, for the mid-stream cut."""
+
+    left: Decimal
+    scope: str
+    name: str
+    """For people: ``session 'run-1'``, ``agent 'a' of session 'run-1'``, ..."""
+
+
+class ResumeRefused(Exception):
+    """Resuming would admit requests the budget has no room for (the API answers 409)."""
 
 
 @dataclass(slots=True)
 class Change:
-    """What a ledger operation changed: the session's record if it did, and events."""
+    """What a ledger operation changed: the records to persist, and events."""
 
-    session: SessionRecord | None = None
+    records: list[BudgetRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+
+    def saved(self, rec: BudgetRecord) -> None:
+        if not any(r is rec for r in self.records):
+            self.records.append(rec)
 
 
 class BudgetLedger(Protocol):
+    def budgeted(self, session_id: str, agent_id: str | None) -> str | None: ...
+
     async def admit(
-        self, session_id: str, reserve: Decimal
+        self, session_id: str, agent_id: str | None, reserve: Decimal, wait: float = 0.0
     ) -> tuple[Reservation | Refusal, Change]: ...
 
     async def settle(self, reservation: Reservation, cost: Decimal | None) -> Change: ...
 
     async def set_budget(self, session_id: str, budget: Decimal | None) -> Change: ...
+
+    async def set_agent_budget(
+        self, session_id: str, agent_id: str, budget: Decimal | None
+    ) -> Change: ...
+
+    async def set_global_budget(self, budget: Decimal | None) -> Change: ...
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change: ...
 
@@ -84,175 +166,515 @@ class BudgetLedger(Protocol):
 
     def session(self, session_id: str) -> SessionRecord | None: ...
 
-    def live_remaining(self, session_id: str) -> Decimal | None: ...
+    def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]: ...
+
+    def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]: ...
+
+    def live_remaining(self, reservation: Reservation) -> Headroom | None: ...
 
     @property
     def paused_count(self) -> int: ...
 
 
-@dataclass(slots=True)
-class _State:
-    record: SessionRecord
-    spent: Decimal = Decimal(0)
-    reserved: dict[int, Decimal] = field(default_factory=dict)
-    reserved_total: Decimal = Decimal(0)
-    """The sum of ``reserved``, kept as it changes (admission reads it every request)."""
-    warned: set[float] = field(default_factory=set)
-    next_warning_at: Decimal | None = None
-    """Spend at which the lowest threshold not yet warned about is crossed (None: none)."""
-    override: bool = False
-    """Resumed by hand while over budget: admit until the next settled request."""
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    scopes: tuple[_Scope, ...]
+    session_id: str
+    agent_id: str | None
+    reserve: Decimal
+    held_on: _Scope
+    """The scope whose headroom it waits for."""
+    future: asyncio.Future[Reservation | Refusal]
+
+
+_HELD = "held"
 
 
 class MemoryLedger:
-    def __init__(self, thresholds: list[float], default_budget: Decimal | None) -> None:
+    def __init__(
+        self,
+        thresholds: list[float],
+        default_budget: Decimal | None,
+        *,
+        global_budget: Decimal | None = None,
+        period: str = TOTAL,
+        timezone: str = "UTC",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._thresholds = sorted(thresholds)
         self._fractions = [(t, Decimal(repr(t))) for t in self._thresholds]
         self._default_budget = default_budget
-        self._sessions: dict[str, _State] = {}
+        self._sessions: dict[str, _Scope] = {}
+        self._agents: dict[tuple[str, str], _Scope] = {}
+        self._global = _Scope(GLOBAL, GlobalBudgetRecord(global_budget, configured=global_budget))
+        self._arm(self._global)
+        self._period_kind, self._timezone, self._clock = period, timezone, clock
+        self._period = period_at(period, timezone, clock())
+        self._waiters: deque[_Waiter] = deque()
         self._ids = itertools.count(1)
 
-    def load(self, sessions: list[SessionRecord], spend: dict[str, Decimal]) -> None:
-        """Restore state after a restart: totals and pauses survive, warnings don't refire."""
-        for rec in sessions:
-            st = _State(rec, spend.get(rec.id, Decimal(0)))
-            st.warned = set(self._crossed(st))
-            self._arm(st)
-            self._sessions[rec.id] = st
+    @property
+    def period(self) -> Period | None:
+        """The global budget's current period (None: ``total``, never reset)."""
+        return self._period
 
-    def _state(self, session_id: str, change: Change) -> _State:
-        st = self._sessions.get(session_id)
-        if st is None:
+    def load(
+        self,
+        sessions: list[SessionRecord],
+        spend: dict[str, Decimal],
+        *,
+        agents: list[AgentBudgetRecord] = (),  # type: ignore[assignment]
+        agent_spend: dict[tuple[str, str], Decimal] | None = None,
+        global_record: GlobalBudgetRecord | None = None,
+        global_spend: Decimal = _ZERO,
+    ) -> None:
+        """Restore state after a restart: budgets, spend and pauses survive, warnings
+        don't refire. ``global_spend`` is the spend of the current period.
+
+        A global budget saved through the API wins over ``SPENDGATE_GLOBAL_BUDGET_USD``
+        until that setting changes (``configured`` remembers what it was)."""
+        for srec in sessions:
+            spent = spend.get(srec.id, _ZERO)
+            self._sessions[srec.id] = self._restored(_Scope(SESSION, srec, srec.id), spent)
+        by_agent = {(r.session_id, r.agent_id): r for r in agents}
+        for key, amount in (agent_spend or {}).items():
+            arec = by_agent.pop(key, None) or AgentBudgetRecord(*key)
+            self._agents[key] = self._restored(_Scope(AGENT, arec, *key), amount)
+        for key, arec in by_agent.items():
+            self._agents[key] = self._restored(_Scope(AGENT, arec, *key), _ZERO)
+        current = self._global.record
+        assert isinstance(current, GlobalBudgetRecord)
+        if global_record is not None and global_record.configured == current.configured:
+            current.budget_usd = global_record.budget_usd
+        self._global = self._restored(_Scope(GLOBAL, current), global_spend)
+
+    def _restored(self, sc: _Scope, spent: Decimal) -> _Scope:
+        sc.spent = spent
+        sc.warned = set(self._crossed(sc))
+        self._arm(sc)
+        rec, budget = sc.record, sc.record.budget_usd
+        if sc.kind != SESSION and budget is not None and spent >= budget:
+            rec.paused, rec.pause_reason = True, BUDGET  # derived: only sessions store pauses
+        return sc
+
+    # -- scopes ----------------------------------------------------------------------------
+
+    def _session(self, session_id: str, change: Change) -> _Scope:
+        sc = self._sessions.get(session_id)
+        if sc is None:
             rec = SessionRecord(session_id, time.time(), budget_usd=self._default_budget)
-            st = self._sessions[session_id] = _State(rec)
-            self._arm(st)
-            change.session = rec
-        return st
+            sc = self._sessions[session_id] = _Scope(SESSION, rec, session_id)
+            self._arm(sc)
+            change.saved(rec)
+        return sc
 
-    def _crossed(self, st: _State) -> list[float]:
-        budget = st.record.budget_usd
+    def _agent(self, session_id: str, agent_id: str) -> _Scope:
+        key = (session_id, agent_id)
+        sc = self._agents.get(key)
+        if sc is None:  # tracked from the first request, persisted once it has a budget
+            rec = AgentBudgetRecord(session_id, agent_id)
+            sc = self._agents[key] = _Scope(AGENT, rec, session_id, agent_id)
+        return sc
+
+    def _scopes(self, session_id: str, agent_id: str | None, change: Change) -> tuple[_Scope, ...]:
+        session = self._session(session_id, change)
+        if agent_id is None:
+            return session, self._global
+        return session, self._agent(session_id, agent_id), self._global
+
+    def budgeted(self, session_id: str, agent_id: str | None) -> str | None:
+        """The first scope of such a request that has a budget (None: none has, and it
+        reserves nothing)."""
+        sc = self._sessions.get(session_id)
+        if sc is None:
+            if self._default_budget is not None:
+                return SESSION
+        elif sc.record.budget_usd is not None:
+            return SESSION
+        if agent_id is not None:
+            agent = self._agents.get((session_id, agent_id))
+            if agent is not None and agent.record.budget_usd is not None:
+                return AGENT
+        return GLOBAL if self._global.record.budget_usd is not None else None
+
+    # -- thresholds ------------------------------------------------------------------------
+
+    def _crossed(self, sc: _Scope) -> list[float]:
+        budget = sc.record.budget_usd
         if budget is None:
             return []
         if budget <= 0:
             return list(self._thresholds)
-        return [t for t, d in self._fractions if st.spent >= budget * d]  # exact, no division
+        return [t for t, d in self._fractions if sc.spent >= budget * d]  # exact, no division
 
-    def _arm(self, st: _State) -> None:
+    def _arm(self, sc: _Scope) -> None:
         """Where the next warning fires, so settling need not divide on every request."""
-        budget = st.record.budget_usd
-        pending = [d for t, d in self._fractions if t not in st.warned]
+        budget = sc.record.budget_usd
+        pending = [d for t, d in self._fractions if t not in sc.warned]
         if budget is None or not pending:
-            st.next_warning_at = None
+            sc.next_warning_at = None
         else:
-            st.next_warning_at = budget * min(pending) if budget > 0 else Decimal(0)
+            sc.next_warning_at = budget * min(pending) if budget > 0 else _ZERO
 
-    def _event(self, type_: str, st: _State, **extra: object) -> Event:
-        b = st.record.budget_usd
+    def _event(self, type_: str, sc: _Scope, **extra: object) -> Event:
+        b = sc.record.budget_usd
+        period = None
+        if sc.kind == GLOBAL:
+            period = self._period.label if self._period is not None else TOTAL
         return budget_event(
-            type_, st.record.id, None if b is None else float(b), float(st.spent), **extra
+            type_,
+            sc.kind,
+            sc.session_id,
+            None if b is None else float(b),
+            float(sc.spent),
+            agent_id=sc.agent_id,
+            period=period,
+            **extra,
         )
 
+    def _pause(self, sc: _Scope, reason: str, change: Change) -> None:
+        sc.record.paused, sc.record.pause_reason = True, reason
+        change.saved(sc.record)
+        change.events.append(self._event(BUDGET_PAUSED, sc, reason=reason))
+
+    def _unpause(self, sc: _Scope, why: str, change: Change) -> None:
+        sc.record.paused, sc.record.pause_reason = False, None
+        change.saved(sc.record)
+        change.events.append(self._event(BUDGET_RESUMED, sc, reason=why))
+
+    def _spent_changed(self, sc: _Scope, change: Change) -> None:
+        if sc.next_warning_at is not None and sc.spent >= sc.next_warning_at:
+            for t in self._crossed(sc):
+                if t not in sc.warned:
+                    sc.warned.add(t)
+                    change.events.append(self._event(BUDGET_WARNING, sc, threshold=t))
+            self._arm(sc)
+        budget = sc.record.budget_usd
+        if budget is not None and sc.spent >= budget and not sc.record.paused:
+            self._pause(sc, BUDGET, change)
+
+    # -- the global period -----------------------------------------------------------------
+
+    def _roll(self, change: Change) -> None:
+        """A new calendar period: its spend starts from zero and a budget pause lifts."""
+        period = self._period
+        if period is None:
+            return
+        now = self._clock()
+        if now < period.end:
+            return
+        self._period = period_at(self._period_kind, self._timezone, now)
+        sc = self._global
+        sc.spent = _ZERO
+        sc.warned.clear()
+        self._arm(sc)
+        if sc.record.paused and sc.record.pause_reason == BUDGET:
+            self._unpause(sc, "period ended", change)
+        if self._waiters:
+            self._drain()
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _check(
+        self, scopes: tuple[_Scope, ...], amount: Decimal, behind: Collection[_Scope] = ()
+    ) -> tuple[_Scope, str] | None:
+        """None if ``scopes`` admit a request reserving ``amount`` now, else the scope that
+        doesn't and why: its pause reason, ``budget`` (spent), or ``held`` (its headroom
+        is held by in-flight reservations, or others wait for it first: ``behind``).
+        A request alone in its scope is admitted whatever it reserves, or a worst case
+        larger than the budget would never run."""
+        for sc in scopes:
+            rec = sc.record
+            if rec.paused:
+                return sc, rec.pause_reason or MANUAL
+            budget = rec.budget_usd
+            if budget is not None and sc.spent >= budget:
+                return sc, BUDGET
+        for sc in scopes:
+            if sc in behind:
+                return sc, _HELD  # no overtaking those who wait
+            budget = sc.record.budget_usd
+            if (
+                budget is not None
+                and sc.in_flight
+                and sc.spent + sc.reserved_total + amount > budget
+            ):
+                return sc, _HELD
+        return None
+
+    def _reserve(
+        self, scopes: tuple[_Scope, ...], session_id: str, agent_id: str | None, amount: Decimal
+    ) -> Reservation:
+        for sc in scopes:
+            sc.reserved_total += amount
+            sc.in_flight += 1
+        return Reservation(next(self._ids), session_id, agent_id, amount, scopes)
+
     async def admit(
-        self, session_id: str, reserve: Decimal
+        self, session_id: str, agent_id: str | None, reserve: Decimal, wait: float = 0.0
     ) -> tuple[Reservation | Refusal, Change]:
         change = Change()
-        st = self._state(session_id, change)
-        rec = st.record
-        if rec.paused:
-            return Refusal(session_id, rec.budget_usd, st.spent, rec.pause_reason or MANUAL), change
-        if (
-            rec.budget_usd is not None
-            and not st.override
-            and st.spent + st.reserved_total >= rec.budget_usd
-        ):
-            return Refusal(session_id, rec.budget_usd, st.spent, BUDGET), change
-        res = Reservation(next(self._ids), session_id, reserve)
-        st.reserved[res.id] = reserve
-        st.reserved_total += reserve
-        return res, change
+        if self._period is not None:
+            self._roll(change)
+        scopes = self._scopes(session_id, agent_id, change)
+        behind = {w.held_on for w in self._waiters} if self._waiters else ()
+        found = self._check(scopes, reserve, behind)
+        if found is None:
+            return self._reserve(scopes, session_id, agent_id, reserve), change
+        sc, why = found
+        if why != _HELD or wait <= 0:
+            return self._refusal(sc, why, session_id, reserve), change
+        waiter = _Waiter(scopes, session_id, agent_id, reserve, sc, self._loop().create_future())
+        return await self._wait(waiter, wait), change
+
+    @staticmethod
+    def _loop() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def _wait(self, waiter: _Waiter, wait: float) -> Reservation | Refusal:
+        self._waiters.append(waiter)
+        timer = self._loop().call_later(wait, self._expire, waiter)
+        fut = waiter.future
+        try:
+            return await fut
+        except asyncio.CancelledError:  # the client left while waiting
+            if fut.done() and not fut.cancelled():
+                got = fut.result()
+                if isinstance(got, Reservation):
+                    self.release(got)  # admitted just as it left
+            raise
+        finally:
+            timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _expire(self, waiter: _Waiter) -> None:
+        """The wait ran out: a 429 naming the headroom it waited for. (Had there been
+        room, or had its scope been spent, :meth:`_drain` would have answered already.)"""
+        if not waiter.future.done():
+            self._waiters.remove(waiter)
+            w = waiter
+            waiter.future.set_result(self._refusal(w.held_on, _HELD, w.session_id, w.reserve))
+
+    def _drain(self) -> None:
+        """Admit waiters in arrival order while there is headroom; each one admitted
+        reserves before the next is checked, and one still waiting holds its scope for
+        itself. A waiter whose scope is now spent gets its 402 at once."""
+        keep: deque[_Waiter] = deque()
+        held: set[_Scope] = set()
+        for w in self._waiters:
+            if w.future.done():
+                continue
+            found = self._check(w.scopes, w.reserve, held)
+            if found is None:
+                w.future.set_result(self._reserve(w.scopes, w.session_id, w.agent_id, w.reserve))
+            elif found[1] == _HELD:
+                w.held_on = found[0]
+                held.add(found[0])
+                keep.append(w)
+            else:
+                w.future.set_result(self._refusal(found[0], found[1], w.session_id, w.reserve))
+        self._waiters = keep
+
+    def _refusal(self, sc: _Scope, why: str, session_id: str, amount: Decimal) -> Refusal:
+        if why == _HELD:
+            status, code, text = 429, "budget_reserved", self._held_message(sc, amount)
+        else:
+            status, code, text = 402, f"{sc.kind}_budget_exceeded", self._paused_message(sc, why)
+        return Refusal(status, code, sc.kind, session_id, sc.record.budget_usd, sc.spent, text)
+
+    def _name(self, sc: _Scope) -> str:
+        if sc.kind == SESSION:
+            return f"session '{sc.session_id}'"
+        if sc.kind == AGENT:
+            return f"agent '{sc.agent_id}' of session '{sc.session_id}'"
+        period = self._period
+        return "the global budget" + (f" ({period.label})" if period is not None else "")
+
+    def _held_message(self, sc: _Scope, amount: Decimal) -> str:
+        budget = sc.record.budget_usd
+        assert budget is not None
+        n = sc.in_flight
+        verb = "hold" if n != 1 else "holds"
+        return (
+            f"{n} request{'s' if n != 1 else ''} in flight {verb} {usd(sc.reserved_total)} of "
+            f"the {usd(max(budget - sc.spent, _ZERO))} left in {self._name(sc)}, and this "
+            f"request may cost up to {usd(amount)}: retry when they finish, or raise the budget."
+        )
+
+    def _paused_message(self, sc: _Scope, why: str) -> str:
+        budget = sc.record.budget_usd
+        of = "no budget" if budget is None else f"a {usd(budget)} budget"
+        spent = f"spent {usd(sc.spent)} of {of}"
+        sid = sc.session_id
+        if sc.kind == GLOBAL:
+            period = self._period
+            when = (
+                ""
+                if period is None
+                else f" for {period.label}; it starts again with the next {period.name}"
+            )
+            return (
+                f"spendgate paused every session: the global budget is used up ({spent}"
+                f"{when}). To continue, raise it (PUT /api/budget or "
+                f"`spendgate budget --global USD`)."
+            )
+        if sc.kind == AGENT:
+            aid = sc.agent_id
+            return (
+                f"spendgate paused agent '{aid}' of session '{sid}': it has used up its budget "
+                f"({spent}). To continue, raise its budget (PUT /api/sessions/{sid}/agents/"
+                f"{aid}/budget or `spendgate budget {sid} USD --agent {aid}`)."
+            )
+        how = "was paused by hand" if why == MANUAL else "has used up its budget"
+        resume = ""
+        if why == MANUAL:
+            resume = f" or resume it (POST /api/sessions/{sid}/resume or `spendgate resume {sid}`)"
+        return (
+            f"spendgate paused session '{sid}': it {how} ({spent}). To continue, raise the "
+            f"budget (PUT /api/sessions/{sid}/budget or `spendgate budget {sid} USD`){resume}."
+        )
+
+    # -- settling --------------------------------------------------------------------------
+
+    def release(self, reservation: Reservation) -> None:
+        """Give the headroom back without spending (a request that never ran)."""
+        if not reservation.open:
+            return
+        reservation.open = False
+        for sc in reservation._scopes:
+            self._unreserve(sc, reservation.amount)
+        if self._waiters:
+            self._drain()
+
+    @staticmethod
+    def _unreserve(sc: _Scope, amount: Decimal) -> None:
+        sc.in_flight -= 1
+        # Exactly zero when nothing is in flight, so rounding can never accumulate.
+        sc.reserved_total = sc.reserved_total - amount if sc.in_flight else _ZERO
 
     async def settle(self, reservation: Reservation, cost: Decimal | None) -> Change:
         change = Change()
-        st = self._state(reservation.session_id, change)
-        held = st.reserved.pop(reservation.id, None)
-        if held is not None:
-            st.reserved_total -= held
-        if cost:
-            st.spent += cost
-        st.override = False
-        if st.next_warning_at is not None and st.spent >= st.next_warning_at:
-            for t in self._crossed(st):
-                if t not in st.warned:
-                    st.warned.add(t)
-                    change.events.append(self._event(BUDGET_WARNING, st, threshold=t))
-            self._arm(st)
-        budget = st.record.budget_usd
-        if budget is not None and st.spent >= budget and not st.record.paused:
-            st.record.paused, st.record.pause_reason = True, BUDGET
-            change.session = st.record
-            change.events.append(self._event(BUDGET_PAUSED, st, reason=BUDGET))
+        if not reservation.open:
+            return change
+        reservation.open = False
+        if self._period is not None:
+            self._roll(change)
+        for sc in reservation._scopes:
+            self._unreserve(sc, reservation.amount)
+            if cost:
+                sc.spent += cost
+                self._spent_changed(sc, change)
+        if self._waiters:
+            self._drain()
         return change
+
+    # -- budgets, pauses -------------------------------------------------------------------
+
+    def _set(self, sc: _Scope, budget: Decimal | None, change: Change) -> None:
+        sc.record.budget_usd = budget
+        change.saved(sc.record)
+        sc.warned &= set(self._crossed(sc))  # re-arm the thresholds now below the spend
+        self._arm(sc)
+        over = budget is not None and sc.spent >= budget
+        if sc.record.paused and sc.record.pause_reason == BUDGET and not over:
+            self._unpause(sc, "budget raised", change)
+        elif over and not sc.record.paused:  # lowered below what is already spent
+            self._pause(sc, BUDGET, change)
+        if self._waiters:
+            self._drain()
 
     async def set_budget(self, session_id: str, budget: Decimal | None) -> Change:
         change = Change()
-        st = self._state(session_id, change)
-        st.record.budget_usd = budget
-        change.session = st.record
-        st.warned &= set(self._crossed(st))  # re-arm the thresholds now below the spend
-        self._arm(st)
-        over = budget is not None and st.spent >= budget
-        if st.record.paused and st.record.pause_reason == BUDGET and not over:
-            st.record.paused, st.record.pause_reason = False, None
-            change.events.append(self._event(BUDGET_RESUMED, st, reason="budget raised"))
-        elif over and not st.record.paused:  # lowered below what is already spent
-            st.record.paused, st.record.pause_reason = True, BUDGET
-            change.events.append(self._event(BUDGET_PAUSED, st, reason=BUDGET))
+        self._set(self._session(session_id, change), budget, change)
+        return change
+
+    async def set_agent_budget(
+        self, session_id: str, agent_id: str, budget: Decimal | None
+    ) -> Change:
+        change = Change()
+        self._session(session_id, change)
+        self._set(self._agent(session_id, agent_id), budget, change)
+        return change
+
+    async def set_global_budget(self, budget: Decimal | None) -> Change:
+        change = Change()
+        self._roll(change)
+        self._set(self._global, budget, change)
         return change
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:
         change = Change()
-        st = self._state(session_id, change)
-        if not st.record.paused:
-            st.record.paused, st.record.pause_reason = True, reason
-            change.session = st.record
-            change.events.append(self._event(BUDGET_PAUSED, st, reason=reason))
+        sc = self._session(session_id, change)
+        if not sc.record.paused:
+            self._pause(sc, reason, change)
         return change
 
     async def resume(self, session_id: str) -> Change:
+        """Lift a pause; refused (:class:`ResumeRefused`) while spend is at or over the
+        budget, since the next request would only run past it."""
         change = Change()
-        st = self._state(session_id, change)
-        if st.record.paused:
-            st.record.paused, st.record.pause_reason = False, None
-            budget = st.record.budget_usd
-            st.override = budget is not None and st.spent >= budget
-            change.session = st.record
-            change.events.append(self._event(BUDGET_RESUMED, st, reason="resumed"))
+        sc = self._session(session_id, change)
+        budget = sc.record.budget_usd
+        if budget is not None and sc.spent >= budget:
+            raise ResumeRefused(
+                f"session '{session_id}' has spent {usd(sc.spent)} of its {usd(budget)} "
+                f"budget, so resuming would only pause it again: raise the budget instead "
+                f"(`spendgate budget {session_id} USD` or PUT /api/sessions/{session_id}/budget)."
+            )
+        if sc.record.paused:
+            self._unpause(sc, "resumed", change)
+            if self._waiters:
+                self._drain()
         return change
 
+    # -- reads -----------------------------------------------------------------------------
+
     def spent(self, session_id: str) -> Decimal:
-        st = self._sessions.get(session_id)
-        return st.spent if st else Decimal(0)
+        sc = self._sessions.get(session_id)
+        return sc.spent if sc else _ZERO
 
     def session(self, session_id: str) -> SessionRecord | None:
-        st = self._sessions.get(session_id)
-        return st.record if st else None
+        sc = self._sessions.get(session_id)
+        return sc.record if sc else None  # type: ignore[return-value]
 
-    def live_remaining(self, session_id: str) -> Decimal | None:
-        """The budget less what is spent (None: unlimited). Reservations are not subtracted,
-        so a running stream's own reservation does not count against it."""
-        st = self._sessions.get(session_id)
-        if st is None or st.record.budget_usd is None:
-            return None
-        return st.record.budget_usd - st.spent
+    def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]:
+        """``(record, spent)`` of the session's agents that have a budget."""
+        out = []
+        for (sid, _), sc in self._agents.items():
+            if sid == session_id and sc.record.budget_usd is not None:
+                assert isinstance(sc.record, AgentBudgetRecord)
+                out.append((sc.record, sc.spent))
+        return out
+
+    def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]:
+        """The global budget, its spend in the current period and the period (rolled
+        over first if it ended: the change says so)."""
+        change = Change()
+        self._roll(change)
+        rec = self._global.record
+        assert isinstance(rec, GlobalBudgetRecord)
+        return rec, self._global.spent, self._period, change
+
+    def live_remaining(self, reservation: Reservation) -> Headroom | None:
+        """The least that any budgeted scope of this request has left (budget less spent;
+        reservations are not subtracted, so a running stream's own does not count
+        against it); None if no scope has a budget."""
+        least: Headroom | None = None
+        for sc in reservation._scopes:
+            budget = sc.record.budget_usd
+            if budget is not None and (least is None or budget - sc.spent < least.left):
+                least = Headroom(budget - sc.spent, sc.kind, self._name(sc))
+        return least
 
     @property
     def paused_count(self) -> int:
-        return sum(1 for st in self._sessions.values() if st.record.paused)
+        return sum(1 for sc in self._sessions.values() if sc.record.paused)
 
     def budgets(self) -> list[tuple[str, Decimal, Decimal]]:
         """``(session, budget, spent)`` of every session that has a budget (for metrics)."""
         out = []
-        for sid, st in self._sessions.items():
-            if st.record.budget_usd is not None:
-                out.append((sid, st.record.budget_usd, st.spent))
+        for sid, sc in self._sessions.items():
+            if sc.record.budget_usd is not None:
+                out.append((sid, sc.record.budget_usd, sc.spent))
         return out

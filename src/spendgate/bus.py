@@ -29,7 +29,9 @@ class Subscription:
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
 
     def wants(self, event: Event) -> bool:
-        return (not self.sessions or event.session_id in self.sessions) and (
+        return (
+            not self.sessions or event.session_id in self.sessions or not event.session_id
+        ) and (
             not self.types or event.type in self.types
         )
 

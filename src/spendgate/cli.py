@@ -12,7 +12,7 @@ import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,10 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
         with urllib.request.urlopen(req, timeout=10) as resp:
             data = orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        print(f"spendgate: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        text = exc.read().decode(errors="replace")
+        with suppress(orjson.JSONDecodeError, KeyError, TypeError):
+            text = orjson.loads(text)["error"]["message"]
+        print(f"spendgate: {exc.code}: {text}", file=sys.stderr)
         return 1
     except urllib.error.URLError as exc:
         print(
@@ -193,14 +196,45 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
     return 0
 
 
-def cmd_budget(args: argparse.Namespace) -> int:
-    raw = args.usd.strip().lstrip("$")
+def _amount(text: str) -> float | None:
+    """A budget from the command line: USD ≥ 0, or none/unlimited/off. ValueError if not."""
+    raw = text.strip().lstrip("$")
+    if raw.lower() in ("none", "unlimited", "off"):
+        return None
     try:
-        budget = None if raw.lower() in ("none", "unlimited", "off") else float(Decimal(raw))
+        amount = Decimal(raw)
     except InvalidOperation:
-        print(f"spendgate: {args.usd!r} is not an amount in USD (or 'none')", file=sys.stderr)
+        raise ValueError from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError
+    return float(amount)
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    """``budget SESSION USD [--agent AGENT]`` or ``budget --global USD``."""
+    given = args.global_usd if args.global_usd is not None else args.usd
+    if (args.global_usd is None) == (args.session is None) or (args.usd is None) != (
+        args.global_usd is not None
+    ):
+        print(
+            "spendgate: use `budget SESSION USD [--agent AGENT]` or `budget --global USD`",
+            file=sys.stderr,
+        )
         return 2
-    return _admin(args, "PUT", f"/api/sessions/{args.session}/budget", {"budgetUsd": budget})
+    if args.global_usd is not None and args.agent:
+        print("spendgate: --agent is for a session's agent, not the global budget", file=sys.stderr)
+        return 2
+    try:
+        budget = _amount(given)
+    except ValueError:
+        print(f"spendgate: {given!r} is not an amount in USD ≥ 0 (or 'none')", file=sys.stderr)
+        return 2
+    body = {"budgetUsd": budget}
+    if args.global_usd is not None:
+        return _admin(args, "PUT", "/api/budget", body)
+    if args.agent:
+        return _admin(args, "PUT", f"/api/sessions/{args.session}/agents/{args.agent}/budget", body)
+    return _admin(args, "PUT", f"/api/sessions/{args.session}/budget", body)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -269,9 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("report", cmd_report, "a session's cost report")
     sp.add_argument("session")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    sp = add("budget", cmd_budget, "set a session's budget in USD ('none' for unlimited)")
-    sp.add_argument("session")
-    sp.add_argument("usd")
+    sp = add(
+        "budget",
+        cmd_budget,
+        "set a session's, an agent's or the global budget in USD ('none' for unlimited)",
+    )
+    sp.add_argument("session", nargs="?")
+    sp.add_argument("usd", nargs="?")
+    sp.add_argument("--agent", help="the budget of this agent inside the session")
+    sp.add_argument(
+        "--global", dest="global_usd", metavar="USD", help="the budget across all sessions"
+    )
     sp = add("resume", cmd_resume, "lift a session's pause")
     sp.add_argument("session")
     sp = add("pause", cmd_pause, "pause a session by hand")

@@ -18,6 +18,7 @@ _GEMINI_STATUS = {
     402: "BUDGET_EXCEEDED",
     404: "NOT_FOUND",
     413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
     502: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
@@ -26,6 +27,7 @@ _ANTHROPIC_TYPE = {
     401: "authentication_error",
     404: "not_found_error",
     413: "request_too_large",
+    429: "rate_limit_error",
     502: "api_error",
     504: "api_error",
 }

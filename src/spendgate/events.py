@@ -19,7 +19,18 @@ CONTEXT_USAGE = "context.usage"
 BUDGET_WARNING = "budget.warning"
 BUDGET_PAUSED = "budget.paused"
 BUDGET_RESUMED = "budget.resumed"
-EVENT_TYPES = (TOKEN_USAGE, CONTEXT_USAGE, BUDGET_WARNING, BUDGET_PAUSED, BUDGET_RESUMED)
+BUDGET_UNENFORCEABLE = "budget.unenforceable"
+EVENT_TYPES = (
+    TOKEN_USAGE,
+    CONTEXT_USAGE,
+    BUDGET_WARNING,
+    BUDGET_PAUSED,
+    BUDGET_RESUMED,
+    BUDGET_UNENFORCEABLE,
+)
+GLOBAL_SESSION = ""
+"""The ``session_id`` of an event about no one session (the global budget): every
+subscriber gets it, whatever sessions it filters on."""
 
 
 class Event:
@@ -103,13 +114,25 @@ def token_usage_data(
 
 
 def budget_event(
-    type_: str, session_id: str, budget: float | None, spent: float, **extra: Any
+    type_: str,
+    scope: str,
+    session_id: str | None,
+    budget: float | None,
+    spent: float,
+    *,
+    agent_id: str | None = None,
+    period: str | None = None,
+    **extra: Any,
 ) -> Event:
-    return Event(
-        type_,
-        session_id,
-        {"sessionId": session_id, "budgetUsd": budget, "spentUsd": spent, **extra},
-    )
+    """A budget event of one scope: ``agentId`` on agent budgets, ``period`` on the
+    global one, whose ``sessionId`` is null."""
+    data: dict[str, Any] = {"scope": scope, "sessionId": session_id}
+    if agent_id is not None:
+        data["agentId"] = agent_id
+    if scope == "global":
+        data["period"] = period
+    data.update(budgetUsd=budget, spentUsd=spent, **extra)
+    return Event(type_, session_id or GLOBAL_SESSION, data)
 
 
 def context_data(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from spendgate import billing
-from spendgate.budgets import Refusal, Reservation, usd
+from spendgate.budgets import Headroom, Refusal, Reservation, usd
 from spendgate.errors import stream_error_bytes
 from spendgate.forwarding import decoded, event_end
 from spendgate.pricing import ModelPrice
@@ -59,10 +59,11 @@ class Meter:
     """
 
     __slots__ = (
-        "_acct", "_adapter", "_cut", "_cutting", "_filter", "_last_out", "_live", "_ndjson",
-        "_out_filter", "_parse", "_parser_open", "_stop", "aborted", "cut_enabled", "error",
-        "id", "info", "key_fingerprint", "last_live", "parser", "price", "priced_model",
-        "reservation", "started_at", "status", "t0", "target", "ttft",
+        "_acct", "_adapter", "_cut", "_cut_by", "_cutting", "_filter", "_last_out", "_live",
+        "_ndjson", "_out_filter", "_parse", "_parser_open", "_stop", "aborted",
+        "cut_enabled", "error", "id", "info", "key_fingerprint", "last_live", "parser",
+        "price", "priced_model", "reservation", "started_at", "status", "t0", "target",
+        "ttft",
     )  # fmt: skip
 
     def __init__(
@@ -101,6 +102,8 @@ class Meter:
         """``_out_filter.feed``, looked up once: it runs for every piece of a stream."""
         self._live = self._cut = self._cutting = self._stop = self._ndjson = False
         self._last_out = b""
+        self._cut_by: Headroom | None = None
+        """The budget the cut is for, once it is due."""
 
     # -- what the meter knows --------------------------------------------------------------
 
@@ -157,7 +160,14 @@ class Meter:
         out_filter = self._adapter.output_filter(self.info) if ok and not encoding else None
         self._out_filter = out_filter
         self._filter = out_filter.feed if out_filter is not None else None
-        self._live = live = ok and self.info.stream
+        # The response's content type, not the request's flag, says it streams (SSE, or
+        # Ollama's NDJSON): a server may stream what the request did not ask to stream,
+        # or what spendgate could not read.
+        live = ok and (
+            self.info.stream
+            or ctype.lower().startswith(("text/event-stream", "application/x-ndjson"))
+        )
+        self._live = live
         self._cut = live and self.cut_enabled
         self._ndjson = "ndjson" in ctype
         if live:
@@ -210,8 +220,8 @@ class Meter:
         if self._live:
             acct = self._acct
             acct.live(self)
-            if self._cut and not self._cutting and acct.over_budget(self):
-                self._cutting = True
+            if self._cut and not self._cutting and (by := acct.over_budget(self)):
+                self._cutting, self._cut_by = True, by
                 out = self._last_out
                 if out and event_end(out, self._ndjson) == len(out):
                     return True
@@ -235,13 +245,15 @@ class Meter:
         in-band error the client gets last."""
         self._close_parser()
         self.error = "budget_cut"
-        sid = self.target.session_id
+        by = self._cut_by
+        name, scope = (by.name, by.scope) if by is not None else ("the budget", "session")
         msg = (
-            f"spendgate stopped this stream: session '{sid}' ran out of budget "
-            f"(spent {usd(self._acct.ledger.spent(sid))} before this response)."
+            f"spendgate stopped this stream: {name} ran out of budget (spent "
+            f"{usd(self._acct.ledger.spent(self.target.session_id))} in the session before "
+            "this response)."
         )
         return stream_error_bytes(
-            self.error_style, 402, msg, "budget_exceeded", "session_budget_exceeded"
+            self.error_style, 402, msg, "budget_exceeded", f"{scope}_budget_exceeded"
         )
 
     def upstream_failed(self, kind: str, detail: str, status: int | None = None) -> None:

@@ -326,7 +326,10 @@ class Metrics:
             registry=r,
         )
         self.budget_rejections = Counter(
-            "spendgate_budget_rejections", "Requests refused with 402", ("route",), registry=r
+            "spendgate_budget_rejections",
+            "Requests refused for budget (402) or after waiting for headroom (429), by code",
+            ("route", "code"),
+            registry=r,
         )
         self.active_streams = 0
         """Responses being streamed now (the proxy counts; the gauge reads it)."""

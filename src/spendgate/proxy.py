@@ -25,6 +25,10 @@ from spendgate.providers import get_adapter
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
 
+RETRY_AFTER_S = "1"
+"""Retry-After of a 429 for held headroom: the request already waited
+``admission_wait_s``, so a retry soon is the right advice (it waits again)."""
+
 WHOLE_BODY_BYTES = 8 << 20
 """A non-streamed response up to this size (and of known length) is read whole."""
 
@@ -271,16 +275,20 @@ async def _end_broken(
 
 
 def _refuse(style: str, refusal: Refusal) -> web.Response:
+    """A refusal in the provider's error shape: a 402 the SDKs do not retry, or a 429
+    (headroom held by in-flight requests) they retry after ``Retry-After``."""
     budget = "" if refusal.budget_usd is None else f"{refusal.budget_usd:.6f}"
     headers = {
         "X-Spendgate-Session": refusal.session_id,
+        "X-Spendgate-Budget-Scope": refusal.scope,
         "X-Spendgate-Budget-Usd": budget,
         "X-Spendgate-Spent-Usd": f"{refusal.spent_usd:.6f}",
-        "x-should-retry": "false",
+        "x-should-retry": "true" if refusal.retry else "false",
     }
-    return error_response(
-        style, 402, refusal.message(), "budget_exceeded", "session_budget_exceeded", headers
-    )
+    if refusal.retry:
+        headers["Retry-After"] = RETRY_AFTER_S
+    kind = "budget_reserved" if refusal.retry else "budget_exceeded"
+    return error_response(style, refusal.status, refusal.message(), kind, refusal.code, headers)
 
 
 def _style(adapter_name: str) -> str:

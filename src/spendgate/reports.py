@@ -16,17 +16,41 @@ def _float(value: Decimal | float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def budget_json(
+    budget: Decimal | None, spent: Decimal, paused: bool, reason: str | None
+) -> dict[str, Any]:
+    """The budget fields of any scope: a session, an agent, the global budget."""
+    return {
+        "budgetUsd": _float(budget),
+        "spentUsd": float(spent),
+        "remainingUsd": None if budget is None else float(budget - spent),
+        "paused": paused,
+        "pauseReason": reason,
+    }
+
+
 def session_json(rec: SessionRecord, spent: Decimal) -> dict[str, Any]:
     return {
         "sessionId": rec.id,
         "createdAt": rec.created_at,
         "label": rec.label,
-        "budgetUsd": _float(rec.budget_usd),
-        "spentUsd": float(spent),
-        "remainingUsd": None if rec.budget_usd is None else float(rec.budget_usd - spent),
-        "paused": rec.paused,
-        "pauseReason": rec.pause_reason,
+        **budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
     }
+
+
+def none_priced(messages: int, unpriced: int) -> bool:
+    """Is a total's cost unknown? So when it has messages and every one is unpriced."""
+    return 0 < messages <= unpriced
+
+
+def _total_cost(totals: dict[str, Any]) -> float | None:
+    """A ``Store`` totals row's cost as the API shows it: the sum of the priced rows; null
+    when :func:`none_priced` (never 0 for those); 0 when there is nothing to sum (no
+    messages, or only rows without tokens)."""
+    if none_priced(totals["message_count"], totals["unpriced_message_count"]):
+        return None
+    cost: float | None = totals["cost_usd"]
+    return 0.0 if cost is None else cost
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -37,8 +61,9 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "cachedInputTokens": r["cached_input_tokens"],
             "cacheWriteTokens": r["cache_write_tokens"],
             "reasoningTokens": r["reasoning_tokens"],
-            "costUsd": r["cost_usd"],
+            "costUsd": _total_cost(r),
             "messageCount": r["message_count"],
+            "unpricedMessageCount": r["unpriced_message_count"],
         }
         for r in rows
     }
@@ -62,8 +87,9 @@ async def session_summary(
         totalCachedInputTokens=tot["cached_input_tokens"],
         totalCacheWriteTokens=tot["cache_write_tokens"],
         totalReasoningTokens=tot["reasoning_tokens"],
-        totalCostUsd=tot["cost_usd"] if tot["message_count"] else 0.0,
+        totalCostUsd=_total_cost(tot),
         messageCount=tot["message_count"],
+        unpricedMessageCount=tot["unpriced_message_count"],
         byModel=_group(await store.totals(rec.id, "model")),
         byAgent=_group(await store.totals(rec.id, "agent_id")),
         context=context,
@@ -91,8 +117,9 @@ async def sessions_list(
         summed = Decimal(repr(row["cost_usd"] or 0))
         item = session_json(rec, spent_of(rec.id) if spent_of else summed)
         item.update(
-            totalCostUsd=row["cost_usd"],
+            totalCostUsd=_total_cost(row),
             messageCount=row["message_count"] or 0,
+            unpricedMessageCount=row["unpriced_message_count"],
             totalInputTokens=row["input_tokens"] or 0,
             totalOutputTokens=row["output_tokens"] or 0,
             lastActivityAt=row["last_at"],

@@ -29,6 +29,8 @@ from spendgate.records import (
     MONEY,
     STORED_FIELDS,
     VALUE,
+    AgentBudgetRecord,
+    GlobalBudgetRecord,
     MessageRecord,
     SessionRecord,
 )
@@ -74,6 +76,24 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX token_usage_session ON token_usage (session_id, seq);
     """,
+    """
+    CREATE TABLE agent_budgets (
+        session_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        budget_usd REAL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        pause_reason TEXT,
+        updated_at REAL,
+        PRIMARY KEY (session_id, agent_id)
+    );
+    CREATE TABLE global_budget (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        budget_usd REAL,
+        configured_usd REAL,
+        updated_at REAL
+    );
+    CREATE INDEX token_usage_started ON token_usage (started_at);
+    """,
 )
 
 COST_DIGITS = 10
@@ -117,6 +137,19 @@ _UPSERT_SESSION = (
     "paused=excluded.paused, pause_reason=excluded.pause_reason, label=excluded.label, "
     "updated_at=excluded.updated_at"
 )
+_UPSERT_AGENT = (
+    "INSERT INTO agent_budgets (session_id, agent_id, budget_usd, paused, pause_reason, "
+    "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(session_id, agent_id) DO UPDATE SET "
+    "budget_usd=excluded.budget_usd, paused=excluded.paused, "
+    "pause_reason=excluded.pause_reason, updated_at=excluded.updated_at"
+)
+_UPSERT_GLOBAL = (
+    "INSERT INTO global_budget (id, budget_usd, configured_usd, updated_at) VALUES (1, ?, ?, ?) "
+    "ON CONFLICT(id) DO UPDATE SET budget_usd=excluded.budget_usd, "
+    "configured_usd=excluded.configured_usd, updated_at=excluded.updated_at"
+)
+_UPSERTS = {"session": _UPSERT_SESSION, "agent": _UPSERT_AGENT, "global": _UPSERT_GLOBAL}
+"""The writer's record operations (all but ``message``), in the order they are written."""
 _TOTALS = (
     "COUNT(*) AS message_count, COALESCE(SUM(input_tokens), 0) AS input_tokens, "
     "COALESCE(SUM(output_tokens), 0) AS output_tokens, "
@@ -124,16 +157,21 @@ _TOTALS = (
     "COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens, "
     "COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens, "
     f"ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost_usd, "
+    "COALESCE(SUM(cost_usd IS NULL AND total_tokens > 0), 0) AS unpriced_message_count, "
     "MAX(started_at) AS last_at"
 )
+"""``cost_usd`` sums the priced rows (NULL: none). A row is unpriced when its cost is
+unknown and it has tokens: a row without tokens costs nothing whatever the price (an
+unmetered request, such as a model listing, is stored with a NULL cost)."""
 
 
 _NO_TOTALS: dict[str, Any] = {
     "message_count": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
-    "cache_write_tokens": 0, "reasoning_tokens": 0, "cost_usd": None, "last_at": None,
+    "cache_write_tokens": 0, "reasoning_tokens": 0, "cost_usd": None,
+    "unpriced_message_count": 0, "last_at": None,
 }  # fmt: skip
 _SUMMED = ("message_count", "input_tokens", "output_tokens", "cached_input_tokens",
-           "cache_write_tokens", "reasoning_tokens")  # fmt: skip
+           "cache_write_tokens", "reasoning_tokens", "unpriced_message_count")  # fmt: skip
 
 
 def _add_totals(into: dict[str, Any], r: aiosqlite.Row) -> None:
@@ -190,6 +228,19 @@ def _session_params(s: SessionRecord) -> tuple[Any, ...]:
     return (s.id, s.created_at, budget, int(s.paused), s.pause_reason, s.label, time.time())
 
 
+def _float(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _agent_params(a: AgentBudgetRecord) -> tuple[Any, ...]:
+    budget = _float(a.budget_usd)
+    return (a.session_id, a.agent_id, budget, int(a.paused), a.pause_reason, time.time())
+
+
+def _global_params(g: GlobalBudgetRecord) -> tuple[Any, ...]:
+    return (_float(g.budget_usd), _float(g.configured), time.time())
+
+
 def _session_from_row(r: aiosqlite.Row) -> SessionRecord:
     return SessionRecord(
         id=r["id"],
@@ -211,11 +262,23 @@ class Store(Protocol):
 
     def save_session(self, session: SessionRecord) -> None: ...
 
+    def save_agent_budget(self, agent: AgentBudgetRecord) -> None: ...
+
+    def save_global_budget(self, budget: GlobalBudgetRecord) -> None: ...
+
     async def flush(self) -> None: ...
 
     async def load_sessions(self) -> list[SessionRecord]: ...
 
+    async def load_agent_budgets(self) -> list[AgentBudgetRecord]: ...
+
+    async def load_global_budget(self) -> GlobalBudgetRecord | None: ...
+
     async def spend_by_session(self) -> dict[str, Decimal]: ...
+
+    async def spend_by_agent(self) -> dict[tuple[str, str], Decimal]: ...
+
+    async def spend_since(self, since: float | None) -> Decimal: ...
 
     async def session_totals(self) -> list[dict[str, Any]]: ...
 
@@ -327,6 +390,12 @@ class SQLiteStore:
     def save_session(self, session: SessionRecord) -> None:
         self._enqueue("session", _session_params(session))
 
+    def save_agent_budget(self, agent: AgentBudgetRecord) -> None:
+        self._enqueue("agent", _agent_params(agent))
+
+    def save_global_budget(self, budget: GlobalBudgetRecord) -> None:
+        self._enqueue("global", _global_params(budget))
+
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued before this call is committed."""
         target = self._enqueued
@@ -372,14 +441,15 @@ class SQLiteStore:
         if not self._pending:
             return
         batch = list(self._pending)
-        sessions = [p for op, p in batch if op == "session"]
         messages = [p for op, p in batch if op == "message"]
         db = self.db
         async with self._tx:
             try:
                 await db.execute("BEGIN")
-                if sessions:
-                    await db.executemany(_UPSERT_SESSION, sessions)
+                for op, sql in _UPSERTS.items():
+                    params = [p for o, p in batch if o == op]
+                    if params:
+                        await db.executemany(sql, params)
                 for sql, params in _insert_chunks(messages):
                     await db.execute(sql, params)
                 await db.execute("COMMIT")
@@ -401,6 +471,41 @@ class SQLiteStore:
 
     async def load_sessions(self) -> list[SessionRecord]:
         return [_session_from_row(r) for r in await self._fetchall("SELECT * FROM sessions")]
+
+    async def load_agent_budgets(self) -> list[AgentBudgetRecord]:
+        rows = await self._fetchall("SELECT * FROM agent_budgets")
+        return [
+            AgentBudgetRecord(
+                r["session_id"], r["agent_id"], _money(r["budget_usd"]), bool(r["paused"]),
+                r["pause_reason"],
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def load_global_budget(self) -> GlobalBudgetRecord | None:
+        rows = await self._fetchall("SELECT * FROM global_budget")
+        if not rows:
+            return None
+        r = rows[0]
+        return GlobalBudgetRecord(_money(r["budget_usd"]), configured=_money(r["configured_usd"]))
+
+    async def spend_by_agent(self) -> dict[tuple[str, str], Decimal]:
+        """What each agent of each session has spent (agent budgets, after a restart)."""
+        await self.flush()
+        rows = await self._fetchall(
+            f"SELECT session_id, agent_id, ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost "
+            "FROM token_usage WHERE agent_id IS NOT NULL GROUP BY session_id, agent_id"
+        )
+        return {(r[0], r[1]): _money(r[2]) or Decimal(0) for r in rows}
+
+    async def spend_since(self, since: float | None) -> Decimal:
+        """All sessions' spend on messages started at or after ``since`` (None: ever)."""
+        await self.flush()
+        rows = await self._fetchall(
+            f"SELECT ROUND(SUM(cost_usd), {COST_DIGITS}) FROM token_usage WHERE started_at >= ?",
+            (since if since is not None else float("-inf"),),
+        )
+        return _money(rows[0][0]) or Decimal(0)
 
     async def spend_by_session(self) -> dict[str, Decimal]:
         await self.flush()
@@ -438,7 +543,8 @@ class SQLiteStore:
             self._totals_seq = max(self._totals_seq, r["max_seq"])
 
     async def totals(self, session_id: str, group_by: str | None = None) -> list[dict[str, Any]]:
-        """Token and cost sums for a session, optionally per ``model`` or ``agent_id``."""
+        """Token and cost sums for a session, optionally per ``model`` or ``agent_id``
+        (``_TOTALS``: the priced rows' cost and how many rows are unpriced)."""
         await self.flush()
         if group_by not in (None, "model", "agent_id"):
             raise ValueError(group_by)
