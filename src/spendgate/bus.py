@@ -31,9 +31,7 @@ class Subscription:
     def wants(self, event: Event) -> bool:
         return (
             not self.sessions or event.session_id in self.sessions or not event.session_id
-        ) and (
-            not self.types or event.type in self.types
-        )
+        ) and (not self.types or event.type in self.types)
 
     async def get(self) -> Event | None:
         """The next event, or None once the subscriber has been dropped."""

@@ -148,8 +148,7 @@ class Settings(BaseSettings):
     )
     unpriced_models: str = Field(
         default="refuse",
-        description="Budgeted requests for a model with no price: refuse, allow, "
-        "or price_as:MODEL",
+        description="Budgeted requests for a model with no price: refuse, allow, or price_as:MODEL",
     )
     on_budget_mid_stream: Literal["finish", "cut"] = Field(
         default="finish", description="finish: let a running stream end; cut: stop it"
