@@ -3,9 +3,11 @@ rules, then over HTTP."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from spendgate.routing import Router, RoutingError, build_routes
+from spendgate.routing import Router, RoutingError, build_routes, canonical_path
 from spendgate.settings import RouteConfig, Settings
 from tests.conftest import Proxy
 from tests.upstream import FakeUpstream, fixture_reply
@@ -68,6 +70,103 @@ def test_configured_route_provider_and_headers() -> None:
 def test_bad_paths_are_refused(router: Router, path: str) -> None:
     with pytest.raises(RoutingError):
         router.resolve(path, {})
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("/v1/chat/completions", "/v1/chat/completions"),
+        ("/v1/chat/completion%73", "/v1/chat/completions"),
+        ("/v1/chat/completion%53", "/v1/chat/completionS"),  # decoded, not case-folded
+        ("/ollama/api/cha%74", "/ollama/api/chat"),
+        ("/%41%5a%61%7A%30%39%2D%2E%5F%7E", "/AZaz09-._~"),  # every unreserved kind
+        ("/gemini/v1beta/models/gemini-2.5-flash%3AgenerateContent",
+         "/gemini/v1beta/models/gemini-2.5-flash:generateContent"),
+        ("/gemini/v1beta/models/gemini-2.5-flash%3agenerateContent",
+         "/gemini/v1beta/models/gemini-2.5-flash:generateContent"),
+        ("/x/a%40b", "/x/a@b"),
+        ("/x/a%2bb%3b%3D%2c%21%24%26%27%28%29%2A", "/x/a%2Bb%3B%3D%2C%21%24%26%27%28%29%2A"),
+        ("/x/%3f%23%25%20%e2%82%ac", "/x/%3F%23%25%20%E2%82%AC"),  # upper-case hex only
+        ("/x/%252e%252e/y", "/x/%252e%252e/y"),  # '%' is never decoded: nothing twice
+        ("/x/.hidden/a.b/...", "/x/.hidden/a.b/..."),  # dots, but no dot segment
+        ("/x/%2ehidden", "/x/.hidden"),
+    ],
+)  # fmt: skip
+def test_canonical_path(raw: str, canonical: str) -> None:
+    assert canonical_path(raw) == canonical
+    assert canonical_path(canonical) == canonical  # idempotent
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ("/openai/v1/a%2Fb", "an encoded '/'"),
+        ("/openai/v1/a%2fb", "an encoded '/'"),
+        ("/openai/v1/..%2fadmin", "an encoded '/'"),
+        ("/openai/v1/a%5Cb", "an encoded '\\'"),
+        ("/openai/v1/a%5cb", "an encoded '\\'"),
+        ("/openai/v1/a\\b", "contains a '\\'"),
+        ("/openai/v1/a%00b", "control character (%00)"),
+        ("/openai/v1/a%0ab", "control character (%0A)"),
+        ("/openai/v1/a%1Fb", "control character (%1F)"),
+        ("/openai/v1/a%7fb", "control character (%7F)"),
+        ("/openai/v1/a%", "'%' not followed by two hex digits"),
+        ("/openai/v1/a%4", "'%' not followed by two hex digits"),
+        ("/openai/v1/a%zz", "'%' not followed by two hex digits"),
+        ("/openai/v1/a%+f", "'%' not followed by two hex digits"),  # int("+f", 16) == 15
+        ("/openai/v1/a% f", "'%' not followed by two hex digits"),
+        ("/openai/v1/a%%41", "'%' not followed by two hex digits"),
+        ("/openai/v1/./x", "'.' or '..' segment"),
+        ("/openai/../admin", "'.' or '..' segment"),
+        ("/openai/v1/..", "'.' or '..' segment"),
+        ("/openai/v1/%2e/x", "'.' or '..' segment"),
+        ("/openai/v1/%2E/x", "'.' or '..' segment"),
+        ("/openai/v1/%2e%2e/x", "'.' or '..' segment"),
+        ("/openai/v1/%2E%2E/x", "'.' or '..' segment"),
+        ("/openai/v1/%2e%2E/x", "'.' or '..' segment"),
+        ("/openai/v1/%2e./x", "'.' or '..' segment"),
+        ("/openai/v1/.%2e/x", "'.' or '..' segment"),
+        ("/openai/v1/.%2E", "'.' or '..' segment"),
+        ("/s/%2e%2e/openai/v1/x", "'.' or '..' segment"),
+    ],
+)  # fmt: skip
+def test_refused_paths(router: Router, raw: str, why: str) -> None:
+    with pytest.raises(RoutingError, match=re.escape(why)) as exc:
+        canonical_path(raw)
+    assert exc.value.message.startswith(f"path {raw!r} contains ")
+    with pytest.raises(RoutingError, match=re.escape(why)):
+        router.resolve(raw, {})
+
+
+def test_canonical_path_is_what_routes_and_goes_upstream(router: Router) -> None:
+    t = router.resolve("/v1/chat/completion%73", {})
+    assert (t.route.name, t.path) == ("openai", "/v1/chat/completions")
+    t = router.resolve("/s/run%2D1/a/sub%2e1/v1/messag%65s", {})
+    assert (t.route.name, t.path, t.session_id, t.agent_id) == (
+        "anthropic",
+        "/v1/messages",
+        "run-1",
+        "sub.1",
+    )
+    t = router.resolve("/%67emini/v1beta/models/gemini-2.5-flash%3agenerateContent", {})
+    assert (t.route.name, t.path) == ("gemini", "/v1beta/models/gemini-2.5-flash:generateContent")
+    assert router.resolve("/gro%71/v1/x%2b", {}).path == "/v1/x%2B"
+
+
+@pytest.mark.parametrize(
+    ("raw", "adapter"),
+    [
+        ("/ollama/api/cha%2Ft", "ollama"),
+        ("/s/run-1/a/x/gemini/v1beta/%2e%2e/x", "gemini"),
+        ("/s/run-1/anthropic/v1/messages%00", "anthropic"),
+        ("/v1/messages/%2e%2e", "anthropic"),
+        ("/nowhere/%2e%2e", "openai"),
+    ],
+)
+def test_refusal_speaks_the_routes_error_shape(router: Router, raw: str, adapter: str) -> None:
+    with pytest.raises(RoutingError) as exc:
+        router.resolve(raw, {})
+    assert exc.value.adapter == adapter
 
 
 def test_header_precedence(router: Router) -> None:

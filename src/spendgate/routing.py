@@ -7,6 +7,7 @@ Pure functions of the path and headers: no I/O, so every rule is a one-line test
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -15,6 +16,40 @@ from spendgate.settings import AgentHeaders, RouteConfig, Settings
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_SESSION = "default"
+
+# Decoded in the canonical path: RFC 3986's unreserved characters (§2.3, §6.2.2.2) and the
+# two pchars that delimit nothing inside a path, ':' and '@' (ASGI servers, Go's net/http
+# and Google's front end read "%3A" as ":"; Gemini's "models/x:generateContent" must
+# classify in either spelling). The
+# sub-delims ("!$&'()*+,;=") stay encoded: RFC 3986 leaves their meaning to the server
+# (";" path parameters, "+" read as a space), so "%3B" and ";" may not be the same path,
+# and no endpoint a proxy meters is spelled with one.
+_DECODED = frozenset(string.ascii_letters + string.digits + "-._~:@")
+_REFUSED_ESCAPES = {
+    0x2F: "an encoded '/' (%2F)",
+    0x5C: "an encoded '\\' (%5C)",
+    **{b: f"an encoded control character (%{b:02X})" for b in [*range(0x20), 0x7F]},
+}
+
+
+def _escape_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Every spelling of two hex digits (either case) -> what it stands for in the
+    canonical path (the character, or the escape with upper-case digits, §6.2.2.1), or
+    why it is refused. Dictionary look-ups: no int() (which also takes "+f" or " f")."""
+    canonical: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    for byte in range(256):
+        upper = f"{byte:02X}"
+        hi, lo = upper[0], upper[1]
+        for spelling in {upper, hi.lower() + lo, hi + lo.lower(), upper.lower()}:
+            if byte in _REFUSED_ESCAPES:
+                refused[spelling] = _REFUSED_ESCAPES[byte]
+            else:
+                canonical[spelling] = chr(byte) if chr(byte) in _DECODED else "%" + upper
+    return canonical, refused
+
+
+_CANONICAL_ESCAPES, _REFUSED_SPELLINGS = _escape_tables()
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +67,7 @@ class Target(NamedTuple):
 
     route: Route
     path: str
-    """The upstream path (raw, still percent-encoded), less spendgate's prefixes."""
+    """The upstream path in canonical form (:func:`canonical_path`), less spendgate's prefixes."""
     session_id: str
     agent_id: str | None
 
@@ -48,6 +83,33 @@ class RoutingError(Exception):
 
 def valid_id(value: str) -> bool:
     return ID_RE.fullmatch(value) is not None
+
+
+def canonical_path(raw: str) -> str:
+    """The one form of a path that is routed, parsed for ids, classified and sent upstream
+    (docs/reference.md §1): escapes of unreserved characters, ':' and '@' decoded, every
+    other escape with upper-case hex digits; still a valid encoded path ('%' is never
+    decoded, so nothing is decoded twice). Refused (RoutingError): a '\\' or an encoded
+    '/', '\\' or control character, a '%' not followed by two hex digits, and a '.' or '..'
+    segment in any spelling."""
+    if "\\" in raw:
+        raise RoutingError(f"path {raw!r} contains a '\\'")
+    path = raw
+    if "%" in raw:
+        head, *pieces = raw.split("%")  # each piece starts with one escape's hex digits
+        out = [head]
+        for piece in pieces:
+            hexes = piece[:2]
+            char = _CANONICAL_ESCAPES.get(hexes)
+            if char is None:
+                why = _REFUSED_SPELLINGS.get(hexes, "a '%' not followed by two hex digits")
+                raise RoutingError(f"path {raw!r} contains {why}")
+            out += (char, piece[2:])
+        path = "".join(out)
+    # A routable path starts with "/", so every segment follows one: no "/.", no dot segment.
+    if "/." in path and any(seg in (".", "..") for seg in path.split("/")):
+        raise RoutingError(f"path {raw!r} contains a '.' or '..' segment")
+    return path
 
 
 def build_routes(settings: Settings) -> list[Route]:
@@ -96,17 +158,16 @@ class Router:
         return self._routes
 
     def resolve(self, raw_path: str, headers: Mapping[str, str]) -> Target:
+        """``raw_path``: as the client sent it (``rel_url.raw_path``), still percent-encoded."""
         path = raw_path
+        if "%" in path or "\\" in path or "/." in path:  # else it is canonical already
+            path = self._canonical(path)
         session = agent = None
         if path.startswith("/s/"):
             session, path = _take_segment(path[3:], "session")
             if path.startswith("/a/"):
                 agent, path = _take_segment(path[3:], "agent")
         route, upstream_path = self._match(path)
-        if ("." in upstream_path or "%2" in upstream_path) and any(
-            seg in (".", "..", "%2e%2e", "%2E%2E") for seg in upstream_path.split("/")
-        ):
-            raise RoutingError(f"path {raw_path!r} contains '.' or '..' segments", route.adapter)
         hs, ha = self._from_headers(headers, route.adapter)
         return Target(
             route=route,
@@ -114,6 +175,24 @@ class Router:
             session_id=session or hs or DEFAULT_SESSION,
             agent_id=agent or ha,
         )
+
+    def _canonical(self, raw_path: str) -> str:
+        """:func:`canonical_path`, refusing in the error shape of the route the path names."""
+        try:
+            return canonical_path(raw_path)
+        except RoutingError as exc:
+            raise RoutingError(exc.message, self._adapter_of(raw_path)) from None
+
+    def _adapter_of(self, path: str) -> str:
+        """The adapter of the route a refused path names (ids skipped unchecked), else openai."""
+        if path.startswith("/s/"):
+            path = "/" + path[3:].partition("/")[2]
+            if path.startswith("/a/"):
+                path = "/" + path[3:].partition("/")[2]
+        try:
+            return self._match(path)[0].adapter
+        except RoutingError:
+            return "openai"
 
     def _match(self, path: str) -> tuple[Route, str]:
         for r, with_slash in self._by_head.get(path[1:].partition("/")[0], ()):
