@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import orjson
+import pytest
 
 from tests.conftest import Proxy, StartProxy
 from tests.events_client import EventsClient
@@ -123,3 +124,42 @@ async def test_cors_is_off_unless_configured(start_proxy: StartProxy) -> None:
         assert r.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3000"
     async with open_.http.options(open_.url("/api/sessions"), headers=hdrs) as r:
         assert r.status == 204
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"budgetUsd": "5"}', b'{"budgetUsd": true}', b'{"budgetUsd": -1}', b"{}", b"5",
+     b'{"budgetUsd": 1e999}', b"not json"],
+)  # fmt: skip
+async def test_budget_bodies_must_be_a_number_or_null(proxy: Proxy, body: bytes) -> None:
+    for path in ("/api/sessions/s/budget", "/api/sessions/s/agents/a/budget", "/api/budget"):
+        async with proxy.http.put(proxy.url(path), data=body) as r:
+            assert r.status == 400, (path, body)
+            assert "budgetUsd" in (await r.json())["error"]["message"]
+
+
+async def test_global_and_agent_budgets_read_back(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy(
+        global_budget_usd=3, global_budget_period="month", budget_timezone="Europe/Paris"
+    )
+    g = await proxy.get_json("/api/budget")
+    assert g["scope"] == "global" and g["budgetUsd"] == 3.0 and g["spentUsd"] == 0.0
+    assert (g["period"], g["timezone"]) == ("month", "Europe/Paris")
+    assert g["periodStart"] < g["periodEnd"] and len(g["periodLabel"]) == 7  # 2026-12
+    async with proxy.http.put(proxy.url("/api/budget"), json={"budgetUsd": None}) as r:
+        assert r.status == 200 and (await r.json())["budgetUsd"] is None
+    async with proxy.http.put(
+        proxy.url("/api/sessions/s/agents/bad id/budget"), json={"budgetUsd": 1}
+    ) as r:
+        assert r.status == 400
+    async with proxy.http.put(
+        proxy.url("/api/sessions/s/agents/coder/budget"), json={"budgetUsd": 0.25}
+    ) as r:
+        agent = await r.json()
+    assert agent == {
+        "sessionId": "s", "agentId": "coder", "budgetUsd": 0.25, "spentUsd": 0.0,
+        "remainingUsd": 0.25, "paused": False, "pauseReason": None,
+    }  # fmt: skip
+    summary = await proxy.cost("s")
+    assert summary["byAgent"]["coder"]["budgetUsd"] == 0.25
+    assert summary["byAgent"]["coder"]["messageCount"] == 0

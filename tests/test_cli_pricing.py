@@ -80,3 +80,33 @@ async def test_budget_and_resume_go_through_the_running_proxy(
     monkeypatch.setenv("SPENDGATE_PORT", "1")  # nothing listens there
     assert await asyncio.to_thread(main, ["resume", "cli-run"]) == 1
     assert "start `spendgate serve`" in capsys.readouterr().err
+
+
+async def test_agent_and_global_budgets_and_a_refused_resume_from_the_command_line(
+    start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    from decimal import Decimal
+
+    proxy = await start_proxy()
+    monkeypatch.setenv("SPENDGATE_PORT", str(proxy.server.port))
+
+    async def run(*argv: str) -> int:
+        return await asyncio.to_thread(main, list(argv))
+
+    assert await run("budget", "cli-a", "0.5", "--agent", "planner") == 0
+    out = orjson.loads(capsys.readouterr().out)
+    assert (out["sessionId"], out["agentId"], out["budgetUsd"]) == ("cli-a", "planner", 0.5)
+    assert await run("budget", "--global", "$20") == 0
+    out = orjson.loads(capsys.readouterr().out)
+    assert (out["scope"], out["budgetUsd"], out["period"]) == ("global", 20.0, "total")
+    for bad in (["budget", "cli-a", "nan"], ["budget", "cli-a", "-1"], ["budget", "cli-a"],
+                ["budget", "--global", "5", "cli-a"], ["budget", "--global", "inf"],
+                ["budget", "--global", "5", "--agent", "x"]):  # fmt: skip
+        assert await run(*bad) == 2, bad
+        assert capsys.readouterr().err.startswith("spendgate: ")
+    await proxy.ledger.set_budget("cli-a", Decimal("0"))  # spent $0 of $0: over
+    assert await run("resume", "cli-a") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("spendgate: 409: session 'cli-a' has spent $0.00 of its $0.00 budget")
+    assert "spendgate budget cli-a USD" in err

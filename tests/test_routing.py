@@ -215,3 +215,17 @@ async def test_codex_underscore_header_over_http(proxy: Proxy, upstream: FakeUps
     # spendgate's own headers are not forwarded; the agent's are
     assert "X-Spendgate-Agent" not in upstream.seen[0].headers
     assert upstream.seen[0].headers["session_id"] == "codex-http"
+
+
+def test_an_encoded_slash_is_kept_only_where_nothing_is_metered(router: Router) -> None:
+    """A GET of a model whose id holds a '/' (how the SDKs spell it) is forwarded as it
+    came; a POST, which may be metered, is refused."""
+    t = router.resolve("/v1/models/meta-llama%2fLlama-3-8B", {}, "GET")
+    assert t.path == "/v1/models/meta-llama%2FLlama-3-8B"
+    assert router.resolve("/v1/files/a%5cb", {}, "delete").path == "/v1/files/a%5Cb"
+    for method in ("POST", "post"):
+        with pytest.raises(RoutingError, match="encoded '/'"):
+            router.resolve("/v1/chat%2Fcompletions", {}, method)
+    with pytest.raises(RoutingError, match="segment"):
+        router.resolve("/v1/models/%2e%2E/x", {}, "GET")  # dot segments: never
+    assert canonical_path("/a%2fb", keep_separators=True) == "/a%2Fb"

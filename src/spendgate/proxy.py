@@ -109,7 +109,7 @@ class ProxyHandler:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            target = self.router.resolve(request.rel_url.raw_path, request.headers)
+            target = self.router.resolve(request.rel_url.raw_path, request.headers, request.method)
         except RoutingError as exc:
             return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
         adapter = get_adapter(target.route.adapter)

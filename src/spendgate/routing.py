@@ -85,13 +85,21 @@ def valid_id(value: str) -> bool:
     return ID_RE.fullmatch(value) is not None
 
 
-def canonical_path(raw: str) -> str:
+_SEPARATORS = frozenset({"2F", "2f", "5C", "5c"})
+"""Spellings of an encoded '/' (%2F) and '\\' (%5C)."""
+
+
+def canonical_path(raw: str, *, keep_separators: bool = False) -> str:
     """The one form of a path that is routed, parsed for ids, classified and sent upstream
     (docs/reference.md §1): escapes of unreserved characters, ':' and '@' decoded, every
     other escape with upper-case hex digits; still a valid encoded path ('%' is never
     decoded, so nothing is decoded twice). Refused (RoutingError): a '\\' or an encoded
     '/', '\\' or control character, a '%' not followed by two hex digits, and a '.' or '..'
-    segment in any spelling."""
+    segment in any spelling.
+
+    ``keep_separators``: an encoded '/' or '\\' is kept (upper-cased) rather than refused.
+    For requests no adapter meters (every metered operation is a POST): a GET of
+    ``/v1/models/org%2Fmodel`` is how the SDKs fetch a model whose id holds a '/'."""
     if "\\" in raw:
         raise RoutingError(f"path {raw!r} contains a '\\'")
     path = raw
@@ -101,6 +109,8 @@ def canonical_path(raw: str) -> str:
         for piece in pieces:
             hexes = piece[:2]
             char = _CANONICAL_ESCAPES.get(hexes)
+            if char is None and keep_separators and hexes in _SEPARATORS:
+                char = "%" + hexes.upper()  # an id holding '/', kept encoded as it came
             if char is None:
                 why = _REFUSED_SPELLINGS.get(hexes, "a '%' not followed by two hex digits")
                 raise RoutingError(f"path {raw!r} contains {why}")
@@ -157,11 +167,11 @@ class Router:
     def routes(self) -> list[Route]:
         return self._routes
 
-    def resolve(self, raw_path: str, headers: Mapping[str, str]) -> Target:
+    def resolve(self, raw_path: str, headers: Mapping[str, str], method: str = "POST") -> Target:
         """``raw_path``: as the client sent it (``rel_url.raw_path``), still percent-encoded."""
         path = raw_path
         if "%" in path or "\\" in path or "/." in path:  # else it is canonical already
-            path = self._canonical(path)
+            path = self._canonical(path, method.upper() != "POST")
         session = agent = None
         if path.startswith("/s/"):
             session, path = _take_segment(path[3:], "session")
@@ -176,10 +186,10 @@ class Router:
             agent_id=agent or ha,
         )
 
-    def _canonical(self, raw_path: str) -> str:
+    def _canonical(self, raw_path: str, keep_separators: bool) -> str:
         """:func:`canonical_path`, refusing in the error shape of the route the path names."""
         try:
-            return canonical_path(raw_path)
+            return canonical_path(raw_path, keep_separators=keep_separators)
         except RoutingError as exc:
             raise RoutingError(exc.message, self._adapter_of(raw_path)) from None
 
