@@ -14,6 +14,7 @@ so pieces of a stream coalesce more than they would natively: the per-request wo
 exact, the per-chunk share is a lower bound.
 
     python -m bench.instructions [--json-requests 300] [--stream-requests 100]
+                                 [--budgets session|all|none]
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ from bench import run as bench
 WARMUP = 100
 
 
-async def count(tmp: Path, upstream: bench.Server, proxy: str, mode: str, requests: int) -> float:
+async def count(
+    tmp: Path, upstream: bench.Server, proxy: str, mode: str, requests: int, budgets: str
+) -> float:
     """Instructions per request of one proxy process, in one mode."""
     out = tmp / f"callgrind.{proxy}.{mode}"
     valgrind = ("valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}")
-    starter = bench.start_floor if proxy == "floor" else bench.start_spendgate
-    server = await starter(tmp, upstream, f"{proxy}-{mode}", wrap=valgrind)
+    if proxy == "floor":
+        server = await bench.start_floor(tmp, upstream, f"{proxy}-{mode}", wrap=valgrind)
+    else:
+        server = await bench.start_spendgate(
+            tmp, upstream, f"{proxy}-{mode}", wrap=valgrind, budgets=budgets
+        )
     control = ("callgrind_control", "-i")
     try:
         await bench.load(server.url, mode, WARMUP, 16)
@@ -64,8 +71,8 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         try:
             for mode, n in (("json", args.json_requests), ("stream", args.stream_requests)):
                 floor, spendgate = await asyncio.gather(  # two cores: one proxy each
-                    count(tmp, upstream, "floor", mode, n),
-                    count(tmp, upstream, "spendgate", mode, n),
+                    count(tmp, upstream, "floor", mode, n, args.budgets),
+                    count(tmp, upstream, "spendgate", mode, n, args.budgets),
                 )
                 counts[mode] = {"floor": floor, "spendgate": spendgate}
         finally:
@@ -88,6 +95,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json-requests", type=int, default=300)
     p.add_argument("--stream-requests", type=int, default=100)
+    p.add_argument(
+        "--budgets",
+        choices=tuple(bench.BUDGETS),
+        default="session",
+        help="which budgets requests are held to (bench/run.py BUDGETS; default session)",
+    )
     args = p.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed (apt install valgrind)", file=sys.stderr)

@@ -196,8 +196,26 @@ async def start_floor(
     return await start_server(name, argv, health, tmp, base_path=FLOOR_PATH)
 
 
+BUDGETS = {
+    "session": {"SPENDGATE_DEFAULT_SESSION_BUDGET_USD": "1000000"},
+    "all": {
+        "SPENDGATE_DEFAULT_SESSION_BUDGET_USD": "1000000",
+        "SPENDGATE_GLOBAL_BUDGET_USD": "1000000",
+        "SPENDGATE_GLOBAL_BUDGET_PERIOD": "day",
+    },
+    "none": {},
+}
+"""What budgets the benchmarked proxy holds requests to (large, so nothing is refused):
+``session`` (the default: every session has one), ``all`` (a daily global budget too),
+``none`` (admission reserves nothing)."""
+
+
 async def start_spendgate(
-    tmp: Path, upstream: Server, name: str = "spendgate", wrap: Sequence[str] = ()
+    tmp: Path,
+    upstream: Server,
+    name: str = "spendgate",
+    wrap: Sequence[str] = (),
+    budgets: str = "session",
 ) -> Server:
     port = free_port()
     env = {
@@ -205,8 +223,7 @@ async def start_spendgate(
         "SPENDGATE_PORT": str(port),
         "SPENDGATE_DB_PATH": str(tmp / f"{name}.db"),
         "SPENDGATE_OPENAI_BASE_URL": upstream.url.rstrip("/"),
-        # Budgets on: every session has one (large, so nothing is refused).
-        "SPENDGATE_DEFAULT_SESSION_BUDGET_USD": "1000000",
+        **BUDGETS[budgets],
     }
     argv = [*wrap, sys.executable, "-m", "spendgate", "serve"]
     health = f"http://{HOST}:{port}/healthz"
