@@ -80,7 +80,7 @@ async def test_sessions_json_lists_totals_newest_first(
     rows = {r["sessionId"]: r for r in json.loads(out)}
     assert list(rows) == ["other", "run-1"]
     run1 = rows["run-1"]
-    assert run1["messageCount"] == 4
+    assert run1["messageCount"] == 4 and run1["unpricedMessageCount"] == 1
     assert run1["totalInputTokens"] == 31_700 and run1["totalOutputTokens"] == 3_120
     # 0.035 + (20,000 × 0.15 + 2,000 × 0.6) µ$ + 0.0035 = 0.035 + 0.0042 + 0.0035
     assert run1["totalCostUsd"] == pytest.approx(0.0427)
@@ -138,6 +138,104 @@ async def test_report_table(db: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "$0.0350" in line("planner") and "$0.007700" in line("coder")
     totals = [ln for ln in lines if ln.strip().startswith("total ")]
     assert len(totals) == 2 and all("31,700" in t for t in totals)
+
+
+@pytest.fixture
+async def costs(start_proxy: StartProxy, upstream: FakeUpstream) -> Proxy:
+    """A running proxy with sessions all priced, mixed, all unpriced, free and empty."""
+    proxy = await start_proxy()
+    await send(proxy, upstream, "/s/all-priced/openai/v1", "gpt-4o", 10_000, 1_000)  # $0.035
+    await send(proxy, upstream, "/s/all-priced/openai/v1", "gpt-4o-mini", 20_000, 2_000)
+    await send(proxy, upstream, "/s/mixed/a/planner/openai/v1", "gpt-4o", 10_000, 1_000)
+    await send(proxy, upstream, "/s/mixed/a/coder/openai/v1", "my-private-model", 700, 20)
+    await send(proxy, upstream, "/s/all-unpriced/openai/v1", "my-private-model", 700, 20)
+    await send(proxy, upstream, "/s/all-unpriced/openai/v1", "my-private-model", 300, 10)
+    # A model listing is stored with no tokens and a null cost: it costs nothing, priced or not.
+    upstream.queue(json_reply({"object": "list", "data": []}))
+    async with proxy.http.get(proxy.url("/s/free/openai/v1/models")) as resp:
+        assert resp.status == 200
+    async with proxy.http.put(proxy.url("/api/sessions/empty/budget"), json={"budgetUsd": 1}) as r:
+        assert r.status == 200
+    return proxy
+
+
+COSTS = {  # session: (messageCount, unpricedMessageCount, totalCostUsd, as shown)
+    "all-priced": (2, 0, 0.0392, "$0.0392"),  # 0.035 + (20,000 × 0.15 + 2,000 × 0.6) µ$
+    "mixed": (2, 1, 0.035, "$0.0350 + N/A"),
+    "all-unpriced": (2, 2, None, "N/A"),  # unknown, never 0
+    "free": (1, 0, 0.0, "$0.00"),
+    "empty": (0, 0, 0.0, "$0.00"),
+}
+
+
+async def test_api_totals_count_unpriced_messages(costs: Proxy) -> None:
+    listed = {r["sessionId"]: r for r in (await costs.get_json("/api/sessions"))["sessions"]}
+    for sid, (msgs, unpriced, total, _) in COSTS.items():
+        summary = await costs.cost(sid)
+        for s in (summary, listed[sid]):
+            assert (s["messageCount"], s["unpricedMessageCount"]) == (msgs, unpriced), sid
+            assert s["totalCostUsd"] == (None if total is None else pytest.approx(total)), sid
+    mixed = await costs.cost("mixed")
+    assert mixed["byModel"]["gpt-4o"]["unpricedMessageCount"] == 0
+    assert mixed["byModel"]["my-private-model"]["unpricedMessageCount"] == 1
+    assert mixed["byModel"]["my-private-model"]["costUsd"] is None
+    assert mixed["byAgent"]["planner"]["unpricedMessageCount"] == 0
+    assert mixed["byAgent"]["planner"]["costUsd"] == pytest.approx(0.035)
+    assert (
+        mixed["byAgent"]["coder"] | {"inputTokens": 700, "unpricedMessageCount": 1}
+        == (mixed["byAgent"]["coder"])
+    )
+    assert mixed["byAgent"]["coder"]["costUsd"] is None
+    priced = await costs.cost("all-priced")
+    assert all(g["unpricedMessageCount"] == 0 for g in priced["byModel"].values())
+    unpriced = await costs.cost("all-unpriced")
+    assert unpriced["byModel"]["my-private-model"]["unpricedMessageCount"] == 2
+    assert unpriced["byAgent"]["unknown"]["costUsd"] is None
+    free = await costs.cost("free")
+    assert (
+        free["byModel"]["unknown"] | {"costUsd": 0.0, "unpricedMessageCount": 0}
+        == (free["byModel"]["unknown"])
+    )
+
+
+async def test_cli_never_shows_a_partly_unpriced_total_as_a_plain_number(
+    costs: Proxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await costs.server.close()
+    db = str(costs.settings.db_path)
+    code, out, _ = await run(capsys, "sessions", "--db", db)
+    assert code == 0
+    by_session = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
+    for sid, (msgs, _, _, shown) in COSTS.items():
+        cells = by_session[sid].split()
+        assert cells[1] == str(msgs)
+        assert " ".join(cells[4:-3]) == shown, by_session[sid]  # cost, before budget and time
+    code, out, _ = await run(capsys, "report", "mixed", "--db", db)
+    assert code == 0
+    lines = out.splitlines()
+    assert "2 messages (1 unpriced)" in lines[0] and "$0.0350 + N/A" in lines[0]
+
+    def line(name: str) -> str:
+        (found,) = [ln for ln in lines if ln.strip().startswith(name + " ")]
+        return found
+
+    assert line("gpt-4o").rstrip().endswith("$0.0350")
+    assert line("my-private-model").rstrip().endswith("N/A")
+    assert line("planner").rstrip().endswith("$0.0350")
+    assert line("coder").rstrip().endswith("N/A") and "$" not in line("coder")
+    totals = [ln for ln in lines if ln.strip().startswith("total ")]
+    assert len(totals) == 2 and all(t.rstrip().endswith("$0.0350 + N/A") for t in totals)
+    code, out, _ = await run(capsys, "report", "all-unpriced", "--db", db)
+    assert code == 0
+    head = out.splitlines()[0]
+    assert "2 messages (2 unpriced)" in head and head.rstrip().endswith("N/A")
+    assert "$0.00" not in out.split("budget")[0]  # the cost is unknown, not free
+    code, out, _ = await run(capsys, "report", "all-priced", "--db", db)
+    assert code == 0
+    head = out.splitlines()[0]
+    assert "2 messages  " in head and head.rstrip().endswith("$0.0392") and "N/A" not in out
+    code, out, _ = await run(capsys, "report", "free", "--db", db)
+    assert code == 0 and out.splitlines()[0].rstrip().endswith("$0.00") and "N/A" not in out
 
 
 async def test_report_csv_is_one_row_per_message(
@@ -230,6 +328,8 @@ def test_money_for_people() -> None:
     assert [usd(v) for v in (None, 0.0, 0.00021, 0.0427, 4.96, 1234.5, -0.5)] == [
         "N/A", "$0.00", "$0.000210", "$0.0427", "$4.96", "$1,234.50", "$-0.5000",
     ]  # fmt: skip
-    assert total_usd(None, 0) == "$0.00" and total_usd(None, 3) == "N/A"
-    assert total_usd(0.5, 3, partly_unknown=True) == "$0.5000 + N/A"
+    assert total_usd(None, 0, 0) == "$0.00" and total_usd(0.0, 0, 0) == "$0.00"  # nothing yet
+    assert total_usd(0.5, 3, 0) == "$0.5000"
+    assert total_usd(0.5, 3, 1) == "$0.5000 + N/A" and total_usd(0.0, 3, 2) == "$0.00 + N/A"
+    assert total_usd(None, 3, 3) == "N/A" and total_usd(0.0, 3, 3) == "N/A"  # never $0.00
     assert budget_usd(None) == "unlimited" and budget_usd(5) == "$5.00"

@@ -19,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 
+from spendgate.render import total_usd
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.upstream import FakeUpstream, json_reply, sse_reply
 
@@ -223,6 +224,75 @@ async def test_sessions_cost_and_context_update_live(
 
 
 @needs_browser
+async def test_totals_with_unpriced_messages_are_never_a_plain_number(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    page = await open_dashboard(browser, proxy)
+    # gpt-4o: 1,000 × 2.5 + 100 × 10 µ$ = $0.0035 a message; my-private-model has no price.
+    for session, model in (
+        ("all-priced", "gpt-4o"), ("all-priced", "gpt-4o"), ("mixed", "gpt-4o"),
+        ("mixed", "my-private-model"), ("all-unpriced", "my-private-model"),
+    ):  # fmt: skip
+        await chat(proxy, upstream, session, model, 1_000, 100)
+    shown = {
+        "all-priced": ("$0.007000", "no budget ($0.007000 spent)"),
+        "mixed": ("$0.003500 + N/A", "no budget ($0.003500 + N/A spent)"),
+        "all-unpriced": ("N/A", "no budget (N/A spent)"),  # never $0.00
+    }
+    later = await open_dashboard(browser, proxy)  # reads the session list and summaries
+    for p in (page, later):  # the first was fed by the events
+        for session, (cost, budget) in shown.items():
+            c = card(p, session)
+            msgs = "1" if session == "all-unpriced" else "2"
+            await expect(c.locator(".total-msgs")).to_have_text(msgs)
+            await expect(c.locator(".session-cost")).to_have_text(cost)
+            await expect(c.locator(".budget-text")).to_have_text(budget)
+        await expect(p.locator("#total")).to_have_text("$0.0105 + N/A")
+        mixed = card(p, "mixed").locator(".session-cost")
+        await expect(mixed).to_have_attribute("title", re.compile(r"1 of 2 messages have no price"))
+        await expect(card(p, "all-unpriced").locator(".session-cost")).to_have_class(
+            re.compile(r"\bna\b")
+        )
+    # A partial actual is no basis for "vs actual".
+    c = card(page, "mixed")
+    await c.locator("details.compare > summary").click()
+    await expect(c.locator("tr.cmp-row.used td:nth-child(4)")).to_have_text("—")
+    c = card(page, "all-priced")
+    await c.locator("details.compare > summary").click()
+    await expect(c.locator("tr.cmp-row.used td:nth-child(4)")).to_have_text("same")
+    await assert_no_reload_and_no_errors(page)
+    await assert_no_reload_and_no_errors(later)
+
+
+@needs_browser
+async def test_the_page_formats_totals_by_the_rule_of_the_command_line(
+    browser: Browser, proxy: Proxy
+) -> None:
+    """``totalUsd`` in the page and ``render.total_usd`` give the same text for any total."""
+    async with proxy.http.get(proxy.url("/")) as resp:
+        html = await resp.text()
+    functions = [
+        m.group(0)
+        for name in ("usd", "totalUsd")
+        if (m := re.search(rf"^  function {name}\(.*?^  }}$", html, re.M | re.S))
+    ]
+    assert len(functions) == 2
+    cases = [
+        (None, 0, 0), (0.0, 0, 0), (0.0392, 2, 0), (0.035, 2, 1), (0.0, 2, 1), (None, 2, 2),
+        (0.0, 2, 2), (0.00021, 1, 0), (1234.5, 10, 3), (4.96, 3, 3),
+    ]  # fmt: skip
+    page = await browser.new_page()
+    try:
+        got = await page.evaluate(
+            f"(cases) => {{ {''.join(functions)} return cases.map((c) => totalUsd(...c)); }}",
+            cases,
+        )
+    finally:
+        await page.close()
+    assert got == [total_usd(*c) for c in cases]
+
+
+@needs_browser
 async def test_a_running_stream_shows_up_before_it_ends(
     browser: Browser, proxy: Proxy, upstream: FakeUpstream
 ) -> None:
@@ -342,7 +412,8 @@ async def test_screenshot_of_a_few_sessions(
     browser: Browser, start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     """A screenshot with traffic in it; also the README's image when asked for."""
-    proxy = await start_proxy(default_session_budget_usd=2.0)
+    # Every session has a budget; local-llama's model has no price, so it runs unmetered.
+    proxy = await start_proxy(default_session_budget_usd=2.0, unpriced_models="allow")
     page = await open_dashboard(browser, proxy)
     for prompt, output in ((12_000, 900), (30_000, 1_400), (52_000, 2_100), (81_000, 2_600)):
         await chat(

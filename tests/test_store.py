@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 from decimal import Decimal
@@ -62,7 +63,9 @@ def _summed_from_scratch(path: Path) -> dict[str, tuple[object, ...]]:
     with sqlite3.connect(path) as db:
         rows = db.execute(
             "SELECT session_id, COUNT(*), SUM(input_tokens), SUM(output_tokens), "
-            "ROUND(SUM(cost_usd), 10), MAX(started_at) FROM token_usage GROUP BY session_id"
+            "ROUND(SUM(cost_usd), 10), SUM(CASE WHEN cost_usd IS NULL "
+            "AND input_tokens + output_tokens > 0 THEN 1 ELSE 0 END), MAX(started_at) "
+            "FROM token_usage GROUP BY session_id"
         ).fetchall()
     return {r[0]: r[1:] for r in rows}
 
@@ -81,11 +84,52 @@ async def test_session_totals_follow_new_rows_and_match_the_whole_table(tmp_path
         assert first == second
         got = {
             r["id"]: (r["message_count"], r["input_tokens"], r["output_tokens"], r["cost_usd"],
-                      r["last_at"])
+                      r["unpriced_message_count"], r["last_at"])
             for r in first
         }  # fmt: skip
-        assert got == {**_summed_from_scratch(tmp_path / "t.db"), "c": (0, 0, 0, None, None)}
+        assert got == {**_summed_from_scratch(tmp_path / "t.db"), "c": (0, 0, 0, None, 0, None)}
+        assert got["a"][4] + got["b"][4] == 5 * (batch + 1)  # every fifth row has no price
         assert first[-1]["id"] == "c"  # no activity yet: its creation time orders it
+    await store.close()
+
+
+async def test_totals_count_unpriced_rows(tmp_path: Path) -> None:
+    """A row with tokens and no cost is unpriced; a row without tokens costs nothing."""
+    store = SQLiteStore(tmp_path / "u.db", flush_interval=60)
+    await store.open()
+    sessions = {
+        "all-priced": [row(1), row(2, cost="0.002")],
+        "mixed": [row(3), dataclasses.replace(row(4, cost=None), model="mystery")],
+        "all-unpriced": [row(5, cost=None), row(6, cost=None)],
+        "free": [dataclasses.replace(row(7, cost=None), input_tokens=0, output_tokens=0)],
+    }
+    for sid, rows in sessions.items():
+        store.save_session(SessionRecord(sid, time.time()))
+        for r in rows:
+            store.add_message(dataclasses.replace(r, session_id=sid))
+    store.save_session(SessionRecord("empty", time.time()))
+    expected = {  # (messages, unpriced, cost of the priced rows)
+        "all-priced": (2, 0, 0.003), "mixed": (2, 1, 0.001), "all-unpriced": (2, 2, None),
+        "free": (1, 0, None), "empty": (0, 0, None),
+    }  # fmt: skip
+    for sid, want in expected.items():
+        (tot,) = await store.totals(sid)
+        assert (tot["message_count"], tot["unpriced_message_count"], tot["cost_usd"]) == want
+
+    async def listed() -> dict[str, tuple[int, int, float | None]]:
+        rows = await store.session_totals()
+        return {
+            r["id"]: (r["message_count"], r["unpriced_message_count"], r["cost_usd"]) for r in rows
+        }
+
+    assert await listed() == expected
+    # The running totals keep the count as rows come in after the first read.
+    store.add_message(dataclasses.replace(row(8, cost=None), session_id="all-priced"))
+    assert await listed() == {**expected, "all-priced": (3, 1, 0.003)}
+    by_model = {r["key"]: r for r in await store.totals("mixed", "model")}
+    assert by_model["gpt-4o"]["unpriced_message_count"] == 0
+    assert by_model["mystery"]["unpriced_message_count"] == 1
+    assert by_model["mystery"]["cost_usd"] is None
     await store.close()
 
 

@@ -57,7 +57,7 @@ def usage(
     model: str = "gpt-4o",
 ) -> dict[str, object]:
     """A ``token.usage`` event's data."""
-    data = {
+    data: dict[str, object] = {
         "messageId": mid, "sessionId": sid, "agentId": None, "inputTokens": inp,
         "outputTokens": out, "cachedInputTokens": 0, "cacheWriteTokens": 0,
         "reasoningTokens": 0, "totalTokens": inp + out, "costUsd": cost,
@@ -148,26 +148,91 @@ def test_lists_and_events_never_count_a_message_twice() -> None:
         )
         state.load_sessions([row_], sent_at=sent_at)
 
-    def totals() -> tuple[int, int, int]:
+    def totals() -> tuple[int, int, int, int]:
         return state.sessions["s"].totals()
 
     listed(0, sent_at=1.0)
     state.apply("token.usage", usage("s", "m1", 100, 10, 0.001, 0.001), received_at=5.0)
-    assert totals() == (100, 10, 1)
+    assert totals() == (100, 10, 1, 0)
     # Asked for before m1 arrived, yet it counts m1: the race that must not double it.
     listed(1, sent_at=4.0)
-    assert totals() == (100, 10, 1)
+    assert totals() == (100, 10, 1, 0)
     state.apply("token.usage", usage("s", "m2", 100, 10, 0.001, 0.002), received_at=9.0)
     listed(1, sent_at=8.0)  # does not include m2 yet: m2 still shows on top of it
-    assert totals() == (200, 20, 2)
+    assert totals() == (200, 20, 2, 0)
     listed(0, sent_at=3.0)  # a late answer to an older request changes nothing
-    assert totals() == (200, 20, 2)
+    assert totals() == (200, 20, 2, 0)
     listed(2, sent_at=10.0)
-    assert totals() == (200, 20, 2) and state.sessions["s"].recent == []
+    assert totals() == (200, 20, 2, 0) and state.sessions["s"].recent == []
     # Before any list, only finals that came before it was asked for are surely in it.
     state.apply("token.usage", usage("t", "m3", 7, 1, 0.001, 0.001), received_at=20.0)
     state.load_sessions([row("t", messageCount=1, totalInputTokens=7, totalOutputTokens=1)], 21.0)
-    assert state.sessions["t"].totals() == (7, 1, 1)
+    assert state.sessions["t"].totals() == (7, 1, 1, 0)
+
+
+def cost_cell(state: TopState, sid: str) -> str:
+    """The cost column of a session's line (the figures after the session id and state)."""
+    (line,) = [ln for ln in screen(state).splitlines() if ln.split()[:1] == [sid]]
+    return line.split(sid, 1)[1].split("unlimited")[0].strip()
+
+
+def test_a_total_with_unpriced_messages_is_never_a_plain_number() -> None:
+    state = TopState("http://x")
+    state.load_sessions(
+        [
+            row("all-priced", spentUsd=0.0392, totalCostUsd=0.0392, messageCount=2,
+                lastActivityAt=NOW - 3),
+            row("mixed", spentUsd=0.035, totalCostUsd=0.035, messageCount=2,
+                unpricedMessageCount=1, lastActivityAt=NOW - 2),
+            row("all-unpriced", totalCostUsd=None, messageCount=2, unpricedMessageCount=2,
+                lastActivityAt=NOW - 1),
+        ],
+        sent_at=NOW - 10,
+    )  # fmt: skip
+    assert cost_cell(state, "all-priced") == "$0.0392"
+    assert cost_cell(state, "mixed") == "$0.0350 + N/A"
+    assert cost_cell(state, "all-unpriced") == "N/A"  # never $0.00
+    assert "total $0.0742 + N/A" in screen(state)
+    # An unpriced final makes a priced session's total partial; the next list counts it once.
+    event = usage("all-priced", "m3", 300, 10, None, 0.0392, model="mystery", t=NOW)
+    state.apply("token.usage", event, received_at=NOW)
+    assert cost_cell(state, "all-priced") == "$0.0392 + N/A"
+    state.load_sessions(
+        [row("all-priced", spentUsd=0.0392, totalCostUsd=0.0392, messageCount=3,
+             unpricedMessageCount=1, totalInputTokens=300, totalOutputTokens=10)],
+        sent_at=NOW + 1,
+    )  # fmt: skip
+    assert state.sessions["all-priced"].totals() == (300, 10, 3, 1)
+    assert cost_cell(state, "all-priced") == "$0.0392 + N/A"
+    # A final without tokens costs nothing, price or not; a priced one keeps N/A partial.
+    state.apply("token.usage", usage("free", "m4", 0, 0, None, 0.0, t=NOW + 2), NOW + 2)
+    assert cost_cell(state, "free") == "$0.00"
+    state.apply("token.usage", usage("all-unpriced", "m5", 10, 1, 0.0001, 0.0001), NOW + 3)
+    assert cost_cell(state, "all-unpriced") == "$0.000100 + N/A"
+
+
+async def test_unpriced_counts_from_a_real_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy()
+    for session, model in (
+        ("all-priced", "gpt-4o"), ("all-priced", "gpt-4o"), ("mixed", "gpt-4o"),
+        ("mixed", "my-private-model"), ("all-unpriced", "my-private-model"),
+    ):  # fmt: skip
+        upstream.queue(json_reply(completion(model, 1_000, 100)))
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "x"}]
+            )
+    state = TopState(proxy.url().rstrip("/"))
+    await Follower(state, proxy.http).refresh()
+    # gpt-4o: 1,000 × 2.5 + 100 × 10 µ$ = $0.0035 a message.
+    assert cost_cell(state, "all-priced") == "$0.007000"
+    assert cost_cell(state, "mixed") == "$0.003500 + N/A"
+    assert cost_cell(state, "all-unpriced") == "N/A"
+    assert state.sessions["mixed"].totals() == (2_000, 200, 2, 1)
 
 
 def test_many_sessions_are_cut_to_the_screen() -> None:
@@ -246,6 +311,16 @@ async def test_says_so_when_no_proxy_is_running() -> None:
     assert "cannot reach the proxy" in screen(state)
 
 
+def completion(model: str, prompt: int, output: int) -> dict[str, object]:
+    return {
+        "id": "c", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": output,
+                  "total_tokens": prompt + output},
+    }  # fmt: skip
+
+
 # --- the real command in a pseudo-terminal ------------------------------------------------------
 
 
@@ -320,14 +395,7 @@ async def test_top_follows_a_live_proxy_and_quits_cleanly_on_ctrl_c(
     term = Terminal([sys.executable, "-m", "spendgate", "top"], env, tmp_path)
     try:
         await term.wait_for("spendgate top", "live", "no sessions yet")
-        reply = {
-            "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 110_000, "completion_tokens": 5_000,
-                      "total_tokens": 115_000},
-        }  # fmt: skip
-        upstream.queue(json_reply(reply))
+        upstream.queue(json_reply(completion("gpt-4o", 110_000, 5_000)))
         async with openai.AsyncOpenAI(
             base_url=proxy.url("/s/run-top/openai/v1"), api_key="k", max_retries=0
         ) as client:

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from spendgate.reports import none_priced
+
 
 def usd(value: float | None) -> str:
     """Dollars with the precision small amounts need; ``None`` (no price known) is ``N/A``."""
@@ -31,11 +33,16 @@ def usd(value: float | None) -> str:
     return f"${value:,.2f}"
 
 
-def total_usd(value: float | None, messages: int, partly_unknown: bool = False) -> str:
-    """A total: nothing recorded costs $0; a sum with unpriced messages says so."""
-    if value is None:
-        return "$0.00" if not messages else "N/A"
-    return usd(value) + (" + N/A" if partly_unknown else "")
+def total_usd(value: float | None, messages: int, unpriced: int) -> str:
+    """A total of ``messages`` of which ``unpriced`` have no price: ``$0.0123`` when all are
+    priced (nothing recorded costs $0), ``$0.0123 + N/A`` when some are unpriced, ``N/A``
+    when none is priced; never a plain number for a sum that leaves costs out.
+
+    The dashboard's ``totalUsd`` is the same rule in JavaScript.
+    """
+    if none_priced(messages, unpriced):
+        return "N/A"
+    return usd(value or 0.0) + (" + N/A" if unpriced else "")
 
 
 def budget_usd(value: float | None) -> str:
@@ -68,7 +75,8 @@ def print_sessions(rows: list[dict[str, Any]], db_path: Path) -> None:
             state = Text(f"paused ({r['pauseReason'] or 'manual'})", style="bold red")
         table.add_row(
             Text(r["sessionId"]), f"{r['messageCount']:,}", f"{r['totalInputTokens']:,}",
-            f"{r['totalOutputTokens']:,}", total_usd(r["totalCostUsd"], r["messageCount"]),
+            f"{r['totalOutputTokens']:,}",
+            total_usd(r["totalCostUsd"], r["messageCount"], r["unpricedMessageCount"]),
             budget_usd(r["budgetUsd"]),
             time.strftime("%m-%d %H:%M", time.localtime(last)), state,
         )  # fmt: skip
@@ -79,11 +87,10 @@ def print_summary(s: dict[str, Any]) -> None:
     """``spendgate report``: totals, budget, context, then one table per model and per agent
     (a ``reports.session_summary``)."""
     console = _console()
-    unknown = any(g["costUsd"] is None for g in s["byModel"].values())
-    total = total_usd(
-        s["totalCostUsd"], s["messageCount"], unknown and s["totalCostUsd"] is not None
-    )
-    count = f"  {s['messageCount']:,} messages  "
+    unpriced = s["unpricedMessageCount"]
+    total = total_usd(s["totalCostUsd"], s["messageCount"], unpriced)
+    count = f"  {s['messageCount']:,} messages" + (f" ({unpriced:,} unpriced)" if unpriced else "")
+    count += "  "
     head = Text.assemble((s["sessionId"], "bold"), count, (total, "bold"))
     if s["paused"]:
         head.append(f"  PAUSED ({s['pauseReason'] or 'manual'})", style="bold red")
@@ -128,7 +135,7 @@ def _groups_table(
         table.add_row(
             Text(name), f"{g['messageCount']:,}", f"{g['inputTokens']:,}",
             f"{g['cachedInputTokens']:,}", f"{g['outputTokens']:,}",
-            total_usd(g["costUsd"], g["messageCount"]),
+            total_usd(g["costUsd"], g["messageCount"], g["unpricedMessageCount"]),
         )  # fmt: skip
     if len(groups) > 1:
         table.add_section()

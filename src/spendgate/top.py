@@ -27,7 +27,7 @@ from rich.text import Text
 from spendgate.address import local_url
 from spendgate.context import percent_level
 from spendgate.providers._sse_decoder import SSEDecoder
-from spendgate.render import usd
+from spendgate.render import total_usd, usd
 from spendgate.settings import Settings
 
 BURN_WINDOW_S = 600.0
@@ -60,6 +60,8 @@ class Final:
     at: float
     input: int
     output: int
+    unpriced: bool
+    """Its cost is unknown (no price, and it has tokens)."""
     counted: bool = False
     """Believed to be in the newest list's totals already."""
 
@@ -71,33 +73,29 @@ class SessionView:
     budget: float | None = None
     paused: bool = False
     reason: str | None = None
-    base: tuple[int, int, int] | None = None
-    """input, output, messages as of the newest session list."""
+    base: tuple[int, int, int, int] | None = None
+    """input, output, messages, unpriced messages as of the newest session list."""
     recent: list[Final] = field(default_factory=list)
     """Finals in arrival order that the newest list may not include."""
     live: dict[str, tuple[int, int]] = field(default_factory=dict)
     finals: list[tuple[float, float]] = field(default_factory=list)
     """(server time, cost) of recent final messages, for the burn rate."""
-    has_known: bool = False
-    has_unknown: bool = False
     context: dict[str, Any] | None = None
     last_at: float = 0.0
     stamps: dict[str, float] = field(default_factory=dict)
     """When an event last set ``cost`` / ``paused`` / ``context`` (our clock)."""
 
-    def totals(self) -> tuple[int, int, int]:
-        inp, out, msgs = self.base or (0, 0, 0)
+    def totals(self) -> tuple[int, int, int, int]:
+        """input, output, messages, unpriced messages: the list's, the finals not in it yet,
+        and the running streams' tokens."""
+        inp, out, msgs, unpriced = self.base or (0, 0, 0, 0)
         for f in self.recent:
             if not f.counted:
                 inp, out, msgs = inp + f.input, out + f.output, msgs + 1
+                unpriced += f.unpriced
         for i, o in self.live.values():
             inp, out = inp + i, out + o
-        return inp, out, msgs
-
-    def cost_text(self) -> str:
-        if self.has_unknown and not self.has_known:
-            return "N/A"
-        return usd(self.spent) + (" + N/A" if self.has_unknown else "")
+        return inp, out, msgs, unpriced
 
     def burn_rate(self, now: float) -> float:
         """USD per minute over the burn window (at least one minute of it)."""
@@ -145,12 +143,8 @@ class TopState:
                 int(r.get("totalInputTokens") or 0),
                 int(r.get("totalOutputTokens") or 0),
                 msgs,
+                int(r.get("unpricedMessageCount") or 0),
             )
-            if msgs:
-                if r.get("totalCostUsd") is None:
-                    view.has_unknown = True
-                else:
-                    view.has_known = True
             view.last_at = max(view.last_at, r.get("lastActivityAt") or r.get("createdAt") or 0.0)
 
     @staticmethod
@@ -177,15 +171,10 @@ class TopState:
         return True
 
     def load_summary(self, summary: dict[str, Any], sent_at: float) -> None:
-        """A ``SessionCostSummary``: the context meter, and which costs are unknown."""
+        """A ``SessionCostSummary``: the context meter (the totals come from the lists)."""
         view = self.session(summary["sessionId"])
         if summary.get("context") and self._fresh(view, "context", sent_at):
             view.context = summary["context"]
-        for group in (summary.get("byModel") or {}).values():
-            if group.get("costUsd") is None and (
-                group.get("inputTokens") or group.get("outputTokens")
-            ):
-                view.has_unknown = True
 
     def apply(self, kind: str, data: dict[str, Any], received_at: float | None = None) -> None:
         sid = data.get("sessionId")
@@ -220,12 +209,9 @@ class TopState:
             view.live[mid] = tokens
             return
         view.live.pop(mid, None)
-        view.recent.append(Final(at, *tokens))
         cost = d.get("costUsd")
-        if cost is None:
-            view.has_unknown = view.has_unknown or sum(tokens) > 0
-        else:
-            view.has_known = True
+        view.recent.append(Final(at, *tokens, unpriced=cost is None and sum(tokens) > 0))
+        if cost is not None:
             view.finals.append((ts if isinstance(ts, int | float) else at + self.skew, float(cost)))
         self.dirty = True
 
@@ -235,32 +221,39 @@ class TopState:
         server_now = (time.time() if now is None else now) + self.skew
         views = sorted(self.sessions.values(), key=lambda v: v.last_at, reverse=True)
         rates = {v.id: v.burn_rate(server_now) for v in views}
-        total = sum(v.spent for v in views)
+        totals = {v.id: v.totals() for v in views}
+        total = total_usd(
+            sum(v.spent for v in views),
+            sum(t[2] for t in totals.values()),
+            sum(t[3] for t in totals.values()),
+        )
         dot = {"live": "[green]●[/]"}.get(self.status, "[yellow]●[/]")
         head = Text.from_markup(
             f"[bold]spendgate top[/]  {self.url}  {dot} {self.status}  "
-            f"sessions [bold]{len(views)}[/]  total [bold]{usd(total)}[/]  "
+            f"sessions [bold]{len(views)}[/]  total [bold]{total}[/]  "
             f"burn [bold]{usd(sum(rates.values()))}/min[/]   [dim]Ctrl-C quits[/]"
         )
         # Fixed widths for the figures; the session id takes what is left.
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True)
         table.add_column("session", no_wrap=True, min_width=8, ratio=1)
         for name, width, right in (
-            ("state", 9, False), ("cost", 9, True), ("budget", 16, False), ("in", 8, True),
+            ("state", 9, False), ("cost", 15, True), ("budget", 16, False), ("in", 8, True),
             ("out", 7, True), ("msgs", 4, True), ("context", 11, False), ("$/min", 9, True),
             ("budget in", 9, False),
         ):  # fmt: skip
             table.add_column(name, width=width, justify="right" if right else "left", no_wrap=True)
         for v in views[:max_rows]:
-            table.add_row(*self._row(v, rates[v.id]))
+            table.add_row(*self._row(v, totals[v.id], rates[v.id]))
         if len(views) > max_rows:
             table.add_row(f"… {len(views) - max_rows} more", *[""] * 9)
         if not views:
             return Group(head, table, Text("no sessions yet", style="dim"))
         return Group(head, table)
 
-    def _row(self, v: SessionView, rate: float) -> list[str | Text]:
-        inp, out, msgs = v.totals()
+    def _row(
+        self, v: SessionView, totals: tuple[int, int, int, int], rate: float
+    ) -> list[str | Text]:
+        inp, out, msgs, unpriced = totals
         state = Text("PAUSED", style="bold white on red") if v.paused else (
             Text("streaming", style="cyan") if v.live else Text("")
         )  # fmt: skip
@@ -282,8 +275,8 @@ class TopState:
         elif c:
             ctx = Text("window unknown", style="dim")
         return [
-            v.id, state, v.cost_text(), budget, f"{inp:,}", f"{out:,}", f"{msgs:,}", ctx,
-            f"{usd(rate)}" if rate else "idle", eta,
+            v.id, state, total_usd(v.spent, msgs, unpriced), budget, f"{inp:,}", f"{out:,}",
+            f"{msgs:,}", ctx, f"{usd(rate)}" if rate else "idle", eta,
         ]  # fmt: skip
 
 
