@@ -3,6 +3,8 @@ input, request inspection and the framing edge cases."""
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,13 @@ from hypothesis import strategies as st
 
 from spendgate.providers import ADAPTERS, get_adapter
 from spendgate.providers._api import Adapter, NullParser, RequestInfo, ResponseParser
-from spendgate.providers._common import JSONElementFramer, as_int
+from spendgate.providers._common import (
+    MAX_CHOICES,
+    MAX_OUTPUT_TOKENS,
+    JSONElementFramer,
+    as_int,
+    loads_lenient,
+)
 from spendgate.providers.anthropic import AnthropicAdapter
 from spendgate.providers.gemini import GeminiAdapter
 from spendgate.providers.ollama import OllamaAdapter
@@ -333,7 +341,10 @@ def test_malformed_request_bodies(adapter: Adapter, path: str, body: bytes) -> N
     info = adapter.inspect("POST", path, {}, body, inject_stream_usage=True)
     assert info.metered and info.operation != "other"
     assert info.body == body and not info.strip_usage_chunk
-    assert info.max_output_tokens is None
+    assert (info.max_output_tokens, info.choices) == (None, 1)
+    assert info.unread is not body.startswith(b"{")  # the last one is an object
+    if info.unread:
+        assert info.input_chars == len(body)
     if adapter is OPENAI or adapter is ANTHROPIC:
         assert info.model in (None, "dep-1")
 
@@ -461,6 +472,269 @@ def test_ollama_non_streamed_body_and_openai_paths() -> None:
     }
     parser = run(OLLAMA.parser(info, 200, ""), sse(chunk))
     assert parser.usage == Usage(input_tokens=4, output_tokens=2)
+
+
+# --- reservations: the largest output bound, choices, bodies orjson rejects ---------------
+
+
+def openai_info(body: dict[str, object], path: str = "/v1/chat/completions") -> RequestInfo:
+    return OPENAI.inspect("POST", path, {}, orjson.dumps(body), inject_stream_usage=True)
+
+
+@pytest.mark.parametrize(
+    ("fields", "bound"),
+    [
+        ({"max_tokens": 1, "max_completion_tokens": 4096}, 4096),
+        ({"max_completion_tokens": 4096, "max_tokens": 1}, 4096),
+        ({"max_output_tokens": 300, "max_tokens": 20}, 300),
+        ({"max_tokens": 12.0}, 12),
+        ({"max_tokens": True, "max_completion_tokens": 5}, 5),
+        ({"max_tokens": -5, "max_completion_tokens": 3}, 3),
+        ({"max_tokens": -5}, None),
+        ({"max_tokens": "4096"}, None),
+        ({"max_tokens": 1.5}, None),
+        ({"max_tokens": None, "max_completion_tokens": 0}, 0),
+        ({"max_tokens": 1e300}, MAX_OUTPUT_TOKENS),
+        ({"max_tokens": MAX_OUTPUT_TOKENS + 1}, MAX_OUTPUT_TOKENS),
+        ({}, None),
+    ],
+)
+def test_openai_output_bound_is_the_largest_valid_limit(
+    fields: dict[str, object], bound: int | None
+) -> None:
+    info = openai_info({"model": "gpt-4o", **fields})
+    assert info.max_output_tokens == bound
+    assert openai_info({"model": "gpt-4o", **fields}, "/v1/responses").max_output_tokens == bound
+
+
+def test_an_integer_beyond_64_bits_is_capped() -> None:
+    body = b'{"model": "gpt-4o", "max_tokens": 100000000000000000000000000000000000000}'
+    info = OPENAI.inspect("POST", "/v1/completions", {}, body, inject_stream_usage=True)
+    assert info.max_output_tokens == MAX_OUTPUT_TOKENS
+
+
+@pytest.mark.parametrize(
+    ("fields", "choices"),
+    [
+        ({"n": 4}, 4),
+        ({"best_of": 3, "n": 2}, 3),
+        ({"n": 2, "best_of": 3}, 3),
+        ({"n": 5, "best_of": 1}, 5),
+        ({"n": 1}, 1),
+        ({"n": 0}, 1),
+        ({"n": -2}, 1),
+        ({"n": True}, 1),
+        ({"n": "4"}, 1),
+        ({"n": 2.0}, 2),
+        ({"n": 1000}, MAX_CHOICES),
+        ({}, 1),
+    ],
+)
+def test_openai_choices(fields: dict[str, object], choices: int) -> None:
+    assert openai_info({"model": "gpt-4o", **fields}).choices == choices
+    assert openai_info({"model": "gpt-4o", **fields}, "/v1/completions").choices == choices
+
+
+GEMINI_PATH = "/v1beta/models/gemini-2.5-flash:generateContent"
+
+
+@pytest.mark.parametrize(
+    ("body", "bound", "choices"),
+    [
+        ({"generationConfig": {"maxOutputTokens": 100, "candidateCount": 4}}, 100, 4),
+        ({"generation_config": {"max_output_tokens": 200, "candidate_count": 3}}, 200, 3),
+        ({"generationConfig": {"maxOutputTokens": 100, "max_output_tokens": 900}}, 900, 1),
+        (
+            {
+                "generationConfig": {"maxOutputTokens": 100, "candidateCount": 2},
+                "generation_config": {"max_output_tokens": 300},
+            },
+            300,
+            2,
+        ),
+        ({"generationConfig": {}, "generation_config": {"maxOutputTokens": 8}}, 8, 1),
+        ({"generationConfig": {"maxOutputTokens": False, "candidateCount": True}}, None, 1),
+        ({"generationConfig": {"maxOutputTokens": -1, "candidateCount": -3}}, None, 1),
+        ({"generationConfig": {"candidateCount": 500}}, None, MAX_CHOICES),
+        ({"generationConfig": "nope"}, None, 1),
+        ({}, None, 1),
+    ],
+)
+def test_gemini_output_bound_and_candidates(
+    body: dict[str, object], bound: int | None, choices: int
+) -> None:
+    info = GEMINI.inspect("POST", GEMINI_PATH, {}, orjson.dumps(body), inject_stream_usage=True)
+    assert (info.max_output_tokens, info.choices) == (bound, choices)
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "bound"), [(64, 64), (True, None), (-1, None), (0.5, None), (10**9, 10**7)]
+)
+def test_anthropic_output_bound_and_one_choice(max_tokens: object, bound: int | None) -> None:
+    body = orjson.dumps({"model": "claude", "max_tokens": max_tokens, "n": 4})
+    info = ANTHROPIC.inspect("POST", "/v1/messages", {}, body, inject_stream_usage=True)
+    assert (info.max_output_tokens, info.choices) == (bound, 1)
+
+
+@pytest.mark.parametrize(
+    ("num_predict", "bound"), [(128, 128), (-1, None), (-2, None), (True, None), ("9", None)]
+)
+def test_ollama_num_predict_minus_one_and_two_are_no_bound(
+    num_predict: object, bound: int | None
+) -> None:
+    body = orjson.dumps({"model": "llama3", "options": {"num_predict": num_predict}, "n": 3})
+    info = OLLAMA.inspect("POST", "/api/generate", {}, body, inject_stream_usage=True)
+    assert (info.max_output_tokens, info.choices, info.unread) == (bound, 1, False)
+
+
+BOM = b"\xef\xbb\xbf"
+INCLUDE_USAGE = b'"stream_options":{"include_usage":true},'
+STREAMED = (
+    b'{"model": "gpt-4o", "stream": true, "max_tokens": 1, "max_completion_tokens": 64,'
+    b' "n": 2, "messages": [{"role": "user", "content": "hi"}]}'
+)
+LENIENT = {
+    "bom": BOM + STREAMED,
+    "bom and whitespace": BOM + b" \r\n" + STREAMED,
+    "lone surrogate escape": STREAMED.replace(b'"hi"', b'"hi \\ud800"'),
+    "lone low surrogate escape": STREAMED.replace(b'"hi"', b'"\\udc00 hi"'),
+    "raw surrogate bytes": STREAMED.replace(b'"hi"', b'"hi \xed\xa0\x80"'),
+    "invalid utf-8": STREAMED.replace(b'"hi"', b'"hi \xff"'),
+    "nan": STREAMED.replace(b'"n": 2', b'"temperature": NaN, "n": 2'),
+    "infinity and bom": BOM + STREAMED.replace(b'"n": 2', b'"top_p": -Infinity, "n": 2'),
+}
+
+
+@pytest.mark.parametrize("body", LENIENT.values(), ids=LENIENT.keys())
+def test_bodies_orjson_rejects_are_read_leniently_and_still_rewritten(body: bytes) -> None:
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)
+    info = OPENAI.inspect("POST", "/v1/chat/completions", {}, body, inject_stream_usage=True)
+    read = (info.model, info.stream, info.max_output_tokens, info.choices, info.unread)
+    assert read == ("gpt-4o", True, 64, 2, False)
+    assert info.input_chars >= len("userhi")
+    # include_usage is spliced in right after the brace (a BOM stays first), every
+    # other byte untouched, and the result still reads as the original did
+    assert info.strip_usage_chunk
+    brace = body.index(b"{") + 1
+    assert info.body == body[:brace] + INCLUDE_USAGE + body[brace:]
+    rewritten = loads_lenient(info.body)
+    assert rewritten is not None and rewritten["stream_options"] == {"include_usage": True}
+    if b"\xff" not in body:  # what a server on Python's json reads (json.loads on bytes)
+        assert json.loads(info.body)["stream_options"] == {"include_usage": True}
+
+
+def test_a_lenient_body_with_stream_options_is_merged_by_the_stdlib() -> None:
+    body = BOM + (
+        b'{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": false},'
+        b' "temperature": NaN, "messages": [{"role": "user", "content": "hi \\ud800 \xc3\xa9"}]}'
+    )
+    info = OPENAI.inspect("POST", "/v1/chat/completions", {}, body, inject_stream_usage=True)
+    assert info.strip_usage_chunk
+    assert info.body.isascii()  # escapes everywhere: valid for every parser that read it
+    assert b"NaN" in info.body and b"\\ud800" in info.body  # orjson would write null
+    obj = json.loads(info.body)
+    assert obj["stream_options"] == {"include_usage": True}
+    assert obj["messages"][0]["content"] == "hi \ud800 \u00e9"
+
+
+def test_a_utf16_body_is_read_but_not_rewritten() -> None:
+    body = '{"model": "gpt-4o", "stream": true, "max_tokens": 9}'.encode("utf-16")
+    info = OPENAI.inspect("POST", "/v1/chat/completions", {}, body, inject_stream_usage=True)
+    assert (info.model, info.stream, info.max_output_tokens, info.unread) == (
+        "gpt-4o",
+        True,
+        9,
+        False,
+    )
+    assert info.body == body and not info.strip_usage_chunk  # a splice would break it
+
+
+@pytest.mark.parametrize(
+    ("adapter", "path"),
+    [
+        (ANTHROPIC, "/v1/messages"),
+        (GEMINI, "/v1beta/models/gemini-2.5-flash:streamGenerateContent"),
+        (OLLAMA, "/api/chat"),
+    ],
+)
+@pytest.mark.parametrize("prefix", [BOM, b""])
+def test_other_adapters_read_lenient_bodies(adapter: Adapter, path: str, prefix: bytes) -> None:
+    body = prefix + (
+        b'{"model": "m", "stream": true, "max_tokens": 5, "options": {"num_predict": 5},'
+        b' "generationConfig": {"maxOutputTokens": 5, "candidateCount": 2},'
+        b' "messages": [{"role": "user", "content": "x \\ud800"}]}'
+    )
+    info = adapter.inspect("POST", path, {}, body, inject_stream_usage=True)
+    assert (info.stream, info.max_output_tokens, info.unread) == (True, 5, False)
+    assert info.model == ("gemini-2.5-flash" if adapter is GEMINI else "m")
+    assert info.choices == (2 if adapter is GEMINI else 1)
+    assert info.body == body
+
+
+UNREADABLE = [
+    b"not json",
+    b"{'model': 'gpt-4o'}",
+    b'{"model": "gpt-4o", "max_tokens": 9,}',
+    b'{"model": "gpt-4o" /* comment */}',
+    BOM + b"[1, 2]",
+    BOM + BOM + b'{"model": "gpt-4o"}',
+    b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep for either parser
+    b'{"max_tokens": ' + b"9" * 5000 + b"}",  # more digits than Python converts
+]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "path", "model", "stream"),
+    [
+        (OPENAI, "/v1/chat/completions", None, False),
+        (OPENAI, "/openai/deployments/dep-1/chat/completions", "dep-1", False),
+        (ANTHROPIC, "/v1/messages", None, False),
+        (GEMINI, "/v1beta/models/g:streamGenerateContent", "g", True),
+        (OLLAMA, "/api/generate", None, True),
+    ],
+)
+@pytest.mark.parametrize("body", UNREADABLE, ids=range(len(UNREADABLE)))
+def test_unreadable_body_is_marked_for_the_worst_case(
+    adapter: Adapter, path: str, model: str | None, stream: bool, body: bytes
+) -> None:
+    assert loads_lenient(body) is None
+    info = adapter.inspect("POST", path, {}, body, inject_stream_usage=True)
+    assert info.unread and info.metered
+    assert (info.model, info.stream) == (model, stream)  # what the path says
+    assert (info.input_chars, info.max_output_tokens, info.choices) == (len(body), None, 1)
+    assert info.body == body and not info.strip_usage_chunk
+
+
+def test_read_bodies_are_not_unread() -> None:
+    assert openai_info({"model": "gpt-4o"}).unread is False
+    assert RequestInfo(operation="chat").unread is False  # the default
+
+
+@pytest.mark.parametrize(
+    ("adapter", "operation", "body"),
+    [
+        (OPENAI, "chat", sse({"model": "m", "choices": [], "usage": {"prompt_tokens": 4}})),
+        (ANTHROPIC, "messages", sse({"type": "message_delta", "usage": {"input_tokens": 4}})),
+        (GEMINI, "generate_content", sse({"usageMetadata": {"promptTokenCount": 4}})),
+        (
+            OLLAMA,
+            "ollama_chat",
+            b'{"model":"m","done":false}\n{"done":true,"prompt_eval_count":4}\n',
+        ),
+    ],
+)
+def test_parsers_frame_by_the_bytes_not_the_request_stream_flag(
+    adapter: Adapter, operation: str, body: bytes
+) -> None:
+    for stream in (False, True):
+        info = RequestInfo(operation=operation, stream=stream)
+        for ctype in ("text/event-stream", "application/json", ""):
+            parser = adapter.parser(info, 200, ctype)
+            assert run(parser, body[:7], body[7:]).usage == Usage(input_tokens=4)
+            whole = adapter.parser(info, 200, ctype)
+            whole.feed_whole(body)
+            assert whole.usage == Usage(input_tokens=4)
 
 
 def test_registry() -> None:

@@ -24,9 +24,20 @@ class RequestInfo(NamedTuple):
     model: str | None = None
     stream: bool = False
     max_output_tokens: int | None = None
-    """The request's bound on generated tokens (``max_tokens`` and its equivalents)."""
+    """The request's bound on generated tokens per completion: the largest of every
+    spelling it carries (``max_tokens`` and its equivalents), at most
+    ``_common.MAX_OUTPUT_TOKENS``; None when it sets none."""
+    choices: int = 1
+    """Completions the request asks for (OpenAI ``n`` / ``best_of``, Gemini
+    ``candidateCount``), 1 to ``_common.MAX_CHOICES``: each may generate up to
+    ``max_output_tokens``, while the prompt is billed once."""
     input_chars: int = 0
-    """Characters of prompt text, for estimates when the provider reports no usage."""
+    """Characters of prompt text, for estimates when the provider reports no usage (for
+    an ``unread`` body: its length in bytes)."""
+    unread: bool = False
+    """The body could not be read as a JSON object, even leniently: model (unless the
+    path names it), output bound and choices are unknown, so a reservation must assume
+    the worst (``input_chars`` is the body's size, the default output bound applies)."""
     body: bytes = b""
     """The body to send upstream: the original bytes unless the adapter rewrote them."""
     strip_usage_chunk: bool = False

@@ -8,13 +8,14 @@ forwarding (docs/reference.md §3).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
 
-from spendgate.providers._api import BaseParser
+from spendgate.providers._api import BaseParser, RequestInfo
 from spendgate.providers._sse_decoder import SSEDecoder
 from spendgate.usage import Usage
 
@@ -99,6 +100,62 @@ def loads_object(data: bytes) -> JSONObject | None:
     return value if isinstance(value, dict) else None
 
 
+# --- request bodies ----------------------------------------------------------------
+
+
+def loads_lenient(data: bytes) -> JSONObject | None:
+    """A request body as the most lenient common server reads it, for a body orjson
+    rejects (call it only after :func:`loads_object` failed: it is the slow path).
+
+    A body spendgate cannot read but the upstream can would go unbilled, so this reads
+    what servers built on Python's ``json`` (FastAPI, most OpenAI-compatible servers)
+    or Go's ``encoding/json`` (Ollama, many gateways) accept and orjson does not:
+
+    - a UTF-8 byte order mark, and UTF-16 or UTF-32 (``json.loads`` on bytes detects
+      the encoding as Python servers do);
+    - lone surrogates, escaped (``"\\ud800"``) or as raw bytes;
+    - invalid UTF-8, replaced by U+FFFD (as Go does);
+    - ``NaN``, ``Infinity`` and ``-Infinity``: Python's ``json`` accepts them, so a
+      FastAPI server does. Reading such a body can only make a reservation match it; a
+      server that rejects it bills nothing. (They are never a valid token count.)
+
+    Still rejected, as servers reject them: comments, trailing commas, single quotes,
+    anything but an object at the top. Nesting too deep for the stdlib parser, or an
+    integer of more than 4,300 digits, gives None too.
+    """
+    try:
+        try:
+            value = json.loads(data)
+        except UnicodeDecodeError:
+            value = json.loads(data.decode("utf-8-sig", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_object(body: bytes) -> JSONObject | None:
+    """A request body's JSON object: orjson first (the hot path pays nothing more),
+    :func:`loads_lenient` only for a body orjson rejects."""
+    obj = loads_object(body)
+    return obj if obj is not None else loads_lenient(body)
+
+
+def unread_request(
+    operation: str, body: bytes, model: str | None = None, stream: bool = False
+) -> RequestInfo:
+    """The :class:`RequestInfo` of a body not even :func:`loads_lenient` reads: what the
+    path says, the body's size as its prompt, and ``unread`` so that its reservation is
+    the worst case."""
+    return RequestInfo(
+        operation=operation,
+        model=model,
+        stream=stream,
+        input_chars=len(body),
+        body=body,
+        unread=True,
+    )
+
+
 # Subtrees that hold binary payloads (base64 images, audio, signatures): counting them
 # as prompt text would inflate estimates and reservations by orders of magnitude.
 _BINARY_KEYS = frozenset(
@@ -142,15 +199,45 @@ def text_chars(obj: JSONObject, keys: Iterable[str]) -> int:
     return total
 
 
-def first_int(obj: JSONObject | None, *keys: str) -> int | None:
-    """The first of ``keys`` that holds a valid integer (output-bound spellings)."""
+MAX_OUTPUT_TOKENS = 10_000_000
+"""Cap on an output bound read from a request: about ten times the largest output any
+model in the bundled price table offers (1,048,576 tokens). It keeps an absurd
+``max_tokens`` (``1e300``, a 40-digit integer) a bound that still prices to a sane
+Decimal, while staying large enough that such a request is refused by a budget rather
+than reserved as cheap."""
+
+MAX_CHOICES = 128
+"""Cap on the completions one request may ask for (OpenAI's own limit on ``n``)."""
+
+
+def largest_int(
+    obj: JSONObject | None, keys: tuple[str, ...], cap: int = MAX_OUTPUT_TOKENS
+) -> int | None:
+    """The largest valid integer (:func:`as_int`) among ``keys``, at most ``cap``; None
+    when none holds one.
+
+    For the spellings of one limit (``max_tokens``, ``max_completion_tokens``, ...): a
+    server may honour any of them, so a worst case takes the largest, never the first.
+    ``keys`` is a tuple, not ``*keys``: this runs per request, and packing arguments
+    costs a third of it.
+    """
     if obj is None:
         return None
+    best: int | None = None
     for key in keys:
-        value = as_int(obj.get(key))
-        if value is not None:
-            return value
-    return None
+        raw = obj.get(key)
+        if raw is None:
+            continue
+        value = as_int(raw)
+        if value is not None and (best is None or value > best):
+            best = value
+    return best if best is None or best <= cap else cap
+
+
+def choice_count(obj: JSONObject | None, keys: tuple[str, ...]) -> int:
+    """Completions asked for: the largest valid count among ``keys``, at most
+    :data:`MAX_CHOICES`; 1 when none is valid (absent, zero, negative, not an integer)."""
+    return largest_int(obj, keys, MAX_CHOICES) or 1
 
 
 # --- framing: response bytes -> JSON payloads -------------------------------------

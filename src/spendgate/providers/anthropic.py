@@ -19,13 +19,14 @@ from spendgate.providers._common import (
     as_dict,
     as_int,
     as_list,
-    first_int,
     json_len,
-    loads_object,
+    largest_int,
     nonempty_str,
+    read_object,
     reported,
     str_len,
     text_chars,
+    unread_request,
 )
 from spendgate.usage import Usage
 
@@ -125,14 +126,14 @@ class AnthropicAdapter:
     ) -> RequestInfo:
         if method.upper() != "POST" or not path.rstrip("/").endswith("/messages"):
             return RequestInfo(operation="other", body=body)  # count_tokens, batches, models
-        obj = loads_object(body)
+        obj = read_object(body)
         if obj is None:
-            return RequestInfo(operation="messages", body=body)
+            return unread_request("messages", body)
         return RequestInfo(
             operation="messages",
             model=nonempty_str(obj.get("model")),
             stream=obj.get("stream") is True,
-            max_output_tokens=first_int(obj, "max_tokens"),
+            max_output_tokens=largest_int(obj, ("max_tokens",)),
             input_chars=text_chars(obj, ("system", "messages", "tools")),
             body=body,
         )

@@ -22,13 +22,15 @@ from spendgate.providers._common import (
     as_dict,
     as_int,
     as_list,
-    first_int,
+    choice_count,
     json_len,
-    loads_object,
+    largest_int,
     nonempty_str,
+    read_object,
     reported,
     str_len,
     text_chars,
+    unread_request,
 )
 from spendgate.usage import Usage
 
@@ -39,6 +41,9 @@ _OPERATIONS = {
     "streamGenerateContent": "stream_generate_content",
 }
 _PROMPT_KEYS = ("contents", "systemInstruction", "system_instruction", "tools")
+_CONFIG_KEYS = ("generationConfig", "generation_config")
+_MAX_KEYS = ("maxOutputTokens", "max_output_tokens")
+_CHOICE_KEYS = ("candidateCount", "candidate_count")
 
 
 def map_usage(meta: JSONObject) -> Usage | None:
@@ -114,15 +119,18 @@ class GeminiAdapter:
             return RequestInfo(operation="other", body=body)
         model, op = m.group(1), _OPERATIONS[m.group(2)]
         stream = op == "stream_generate_content"
-        obj = loads_object(body)
+        obj = read_object(body)
         if obj is None:
-            return RequestInfo(operation=op, model=model, stream=stream, body=body)
-        config = as_dict(obj.get("generationConfig")) or as_dict(obj.get("generation_config"))
+            return unread_request(op, body, model, stream)
+        # Either spelling of the config, and of each field in it: the largest counts.
+        configs = [c for k in _CONFIG_KEYS if (c := as_dict(obj.get(k))) is not None]
+        bounds = [b for c in configs if (b := largest_int(c, _MAX_KEYS)) is not None]
         return RequestInfo(
             operation=op,
             model=model,
             stream=stream,
-            max_output_tokens=first_int(config, "maxOutputTokens", "max_output_tokens"),
+            max_output_tokens=max(bounds, default=None),
+            choices=max((choice_count(c, _CHOICE_KEYS) for c in configs), default=1),
             input_chars=text_chars(obj, _PROMPT_KEYS),
             body=body,
         )

@@ -18,13 +18,14 @@ from spendgate.providers._common import (
     as_dict,
     as_int,
     as_list,
-    first_int,
     json_len,
-    loads_object,
+    largest_int,
     nonempty_str,
+    read_object,
     reported,
     str_len,
     text_chars,
+    unread_request,
 )
 from spendgate.providers.openai import OPERATIONS as OPENAI_OPERATIONS
 from spendgate.providers.openai import OpenAIAdapter
@@ -93,15 +94,17 @@ class OllamaAdapter:
         op = _OPERATIONS.get(path.rstrip("/"))
         if method.upper() != "POST" or op is None:
             return RequestInfo(operation="other", body=body)
-        obj = loads_object(body)
+        obj = read_object(body)
         if obj is None:
-            return RequestInfo(operation=op, stream=True, body=body)
+            return unread_request(op, body, stream=True)  # Ollama streams by default
         stream = obj.get("stream")
         return RequestInfo(
             operation=op,
             model=nonempty_str(obj.get("model")),
             stream=stream if isinstance(stream, bool) else True,  # Ollama's default
-            max_output_tokens=first_int(as_dict(obj.get("options")), "num_predict"),
+            # num_predict -1 (no limit) and -2 (fill the context) are no bound: as_int
+            # rejects negatives.
+            max_output_tokens=largest_int(as_dict(obj.get("options")), ("num_predict",)),
             input_chars=text_chars(obj, _PROMPT_KEYS),
             body=body,
         )
