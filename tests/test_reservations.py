@@ -84,6 +84,7 @@ async def test_an_event_stream_answer_to_a_request_without_stream_is_metered_as_
     assert (final.data["inputTokens"], final.data["outputTokens"]) == (1200, 7)
     (row,) = await proxy.messages("unasked")
     assert (row["inputTokens"], row["outputTokens"], row["estimated"]) == (1200, 7, False)
+    assert row["stream"] is True  # the row says what happened, not what was asked
 
 
 async def test_an_ndjson_answer_to_an_ollama_request_with_stream_false_is_metered_as_a_stream(

@@ -123,6 +123,8 @@ class Accountant:
         produce (its bound, or the default) for every choice it asks for."""
         info = ex.info
         out = info.max_output_tokens or self._reserve_output
+        if info.unread:  # its own bound, if any, could not be read: the model's maximum
+            out = price.max_output_tokens or out
         if out is None:
             out = min(4096, price.max_output_tokens or 4096)
         return price.reserve_cost(estimate_tokens(info.input_chars), out * info.choices) or _ZERO
@@ -244,7 +246,7 @@ class Accountant:
             model=model,
             endpoint=ex.info.operation or "other",
             status=ex.status,
-            stream=ex.info.stream,
+            stream=ex.streamed,
             input_tokens=counts.input_tokens,
             output_tokens=counts.output_tokens,
             cached_input_tokens=counts.cached_input_tokens,

@@ -62,8 +62,8 @@ class Meter:
         "_acct", "_adapter", "_cut", "_cut_by", "_cutting", "_filter", "_last_out", "_live",
         "_ndjson", "_out_filter", "_parse", "_parser_open", "_stop", "aborted",
         "cut_enabled", "error", "id", "info", "key_fingerprint", "last_live", "parser",
-        "price", "priced_model", "reservation", "started_at", "status", "t0", "target",
-        "ttft",
+        "price", "priced_model", "reservation", "started_at", "status", "streamed", "t0",
+        "target", "ttft",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +88,8 @@ class Meter:
         """``last_live``: when the last live update went out (the first waits one interval)."""
         self.ttft: float | None = None
         self.status = 0
+        self.streamed = info.stream
+        """Did the response stream? (The request's flag until the response says.)"""
         self.aborted = False
         self.error: str | None = None
         self.reservation: Reservation | None = None
@@ -163,13 +165,13 @@ class Meter:
         # The response's content type, not the request's flag, says it streams (SSE, or
         # Ollama's NDJSON): a server may stream what the request did not ask to stream,
         # or what spendgate could not read.
-        live = ok and (
-            self.info.stream
-            or ctype.lower().startswith(("text/event-stream", "application/x-ndjson"))
+        lowered = ctype.lower()
+        self.streamed = streamed = self.info.stream or lowered.startswith(
+            ("text/event-stream", "application/x-ndjson")
         )
-        self._live = live
+        self._live = live = ok and streamed
         self._cut = live and self.cut_enabled
-        self._ndjson = "ndjson" in ctype
+        self._ndjson = "ndjson" in lowered
         if live:
             self._acct.stream_started()
 
