@@ -278,6 +278,28 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(_settings(args))
 
 
+def cmd_statusline(args: argparse.Namespace) -> int:
+    """Claude Code's ``statusLine`` command: one line, exit 0 whatever happens; or
+    ``--install`` / ``--uninstall`` of that entry in Claude Code's settings."""
+    from spendgate import statusline
+
+    if args.install or args.uninstall:
+        return statusline.setup(args.settings, args.install, args.dry_run, args.config)
+    if args.dry_run or args.settings:
+        print("spendgate: --dry-run and --settings need --install or --uninstall", file=sys.stderr)
+        return 2
+    return statusline.statusline(
+        lambda: _settings(args), args.session, args.template, args.color, args.then
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The status line for shells, tmux and scripts (``--json``)."""
+    from spendgate import statusline
+
+    return statusline.status(_settings(args), args.session, args.json, args.template, args.color)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spendgate", description="LLM cost proxy")
     p.add_argument("--version", action="version", version=f"spendgate {__version__}")
@@ -323,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", nargs="?")
     sp.add_argument("--to", help="pricing file to write (default SPENDGATE_PRICING_FILE)")
     add("top", cmd_top, "live terminal view of a running proxy")
+    sp = add("statusline", cmd_statusline, "Claude Code's status line (its JSON on stdin)")
+    sp.add_argument("--session", help="the session to show (default: session_id on stdin)")
+    sp.add_argument("--format", dest="template", metavar="TEMPLATE", help="e.g. '{cost} {state}'")
+    sp.add_argument("--color", choices=("auto", "always", "never", "tmux"))
+    sp.add_argument("--then", metavar="COMMAND", help="a status line command to show first")
+    mode = sp.add_mutually_exclusive_group()
+    mode.add_argument("--install", action="store_true", help="add it to Claude Code's settings")
+    mode.add_argument("--uninstall", action="store_true", help="put back what was there")
+    sp.add_argument("--dry-run", "--diff", dest="dry_run", action="store_true")
+    sp.add_argument("--settings", metavar="PATH", help="Claude Code's settings.json")
+    sp = add("status", cmd_status, "one status line for shells and tmux, or --json")
+    sp.add_argument("session", nargs="?", help="default: the global budget, else the latest")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--format", dest="template", metavar="TEMPLATE")
+    sp.add_argument("--color", choices=("auto", "always", "never", "tmux"))
     return p
 
 
