@@ -70,6 +70,9 @@ class MessageRecord:
     duration_ms: float
     key_fingerprint: str | None = None
     error: str | None = None
+    note: str | None = None
+    """Why the numbers are what they are, when that is not plain: the reason a row is
+    estimated, or what was adjusted (docs/reference.md §5)."""
 
     @property
     def total_tokens(self) -> int:
@@ -113,6 +116,7 @@ COLUMNS: tuple[Column, ...] = (
     _col("duration_ms", "durationMs"),
     _col("key_fingerprint", None),
     _col("error", "error"),
+    _col("note", "note"),
 )
 """Every column of a message row, in JSON / CSV order."""
 

@@ -94,6 +94,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX token_usage_started ON token_usage (started_at);
     """,
+    """
+    ALTER TABLE token_usage ADD COLUMN note TEXT;
+    CREATE TABLE rejected_rows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    """,
 )
 
 COST_DIGITS = 10
