@@ -158,7 +158,8 @@ async def test_global_and_agent_budgets_read_back(start_proxy: StartProxy) -> No
         agent = await r.json()
     assert agent == {
         "sessionId": "s", "agentId": "coder", "budgetUsd": 0.25, "spentUsd": 0.0,
-        "remainingUsd": 0.25, "paused": False, "pauseReason": None,
+        "remainingUsd": 0.25, "paused": False, "pauseReason": None, "inFlight": 0,
+        "reservedUsd": 0.0, "waiting": 0,
     }  # fmt: skip
     summary = await proxy.cost("s")
     assert summary["byAgent"]["coder"]["budgetUsd"] == 0.25

@@ -432,3 +432,36 @@ async def test_restart_keeps_agent_and_global_budgets() -> None:
     changed = ledger_with(global_budget=D("7"))
     changed.load([], {}, global_record=GlobalBudgetRecord(D("2"), configured=D("5")))
     assert changed.global_budget()[0].budget_usd == D("7")  # ... until the setting changes
+
+
+async def test_what_holds_the_headroom_is_in_the_api_and_the_status_line(
+    proxy: Proxy,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from spendgate.cli import main
+
+    upstream.default = completion(10, 10)
+    upstream.gate = asyncio.Event()
+    await put_budget(proxy, "held", 0.015)  # fits one $0.010005 reservation, not two
+
+    async def one() -> int:
+        async with proxy.http.post(
+            proxy.url("/s/held/openai/v1/chat/completions"),
+            json={"model": "gpt-4o", "messages": MSG, "max_tokens": 1000},
+        ) as r:
+            return r.status
+
+    tasks = [asyncio.create_task(one()) for _ in range(2)]
+    while len(upstream.seen) < 1 or not proxy.ledger.pressure("held").waiting:
+        await asyncio.sleep(0.01)
+    cost = await proxy.cost("held")
+    assert (cost["inFlight"], cost["waiting"]) == (1, 1)
+    assert cost["reservedUsd"] == pytest.approx(0.010005)  # 2 tokens in, 1000 out
+    monkeypatch.setenv("SPENDGATE_PORT", str(proxy.server.port))
+    assert await asyncio.to_thread(main, ["status", "held", "--color", "never"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("· WAITING (1)")
+    upstream.gate.set()
+    assert await asyncio.gather(*tasks) == [200, 200]
+    assert (await proxy.cost("held"))["waiting"] == 0

@@ -38,7 +38,7 @@ def api_error(status: int, message: str) -> web.HTTPException:
 
 
 def session_json(ledger: BudgetLedger, rec: SessionRecord) -> dict[str, Any]:
-    return reports.session_json(rec, ledger.spent(rec.id))
+    return reports.session_json(rec, ledger.spent(rec.id), ledger.pressure(rec.id))
 
 
 def _session_id(request: web.Request) -> str:
@@ -68,10 +68,14 @@ async def session_cost(request: web.Request) -> web.Response:
     app = request.app
     ledger = app[LEDGER]
     summary = await reports.session_summary(app[STORE], app[PRICES], rec, ledger.spent(rec.id))
+    summary.update(session_json(ledger, rec))  # the live figures: spend, what is held now
     by_agent = summary["byAgent"]
     for agent, spent in ledger.agent_budgets(rec.id):
         group = by_agent.setdefault(agent.agent_id, {"messageCount": 0, "costUsd": None})
-        group.update(reports.budget_json(agent.budget_usd, spent, agent.paused, agent.pause_reason))
+        pressure = ledger.pressure(rec.id, agent.agent_id)
+        group.update(
+            reports.budget_json(agent.budget_usd, spent, agent.paused, agent.pause_reason, pressure)
+        )
     return json_response(summary)
 
 
@@ -161,11 +165,12 @@ async def set_budget(request: web.Request) -> web.Response:
     return await _session_change(request, change)
 
 
-def agent_json(rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+def agent_json(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+    pressure = ledger.pressure(rec.session_id, rec.agent_id)
     return {
         "sessionId": rec.session_id,
         "agentId": rec.agent_id,
-        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
+        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure),
     }
 
 
@@ -181,18 +186,21 @@ async def set_agent_budget(request: web.Request) -> web.Response:
     apply_change(change, app[STORE], app[BUS])
     for rec, spent in ledger.agent_budgets(sid):
         if rec.agent_id == agent:
-            return json_response(agent_json(rec, spent))
-    return json_response(agent_json(AgentBudgetRecord(sid, agent), Decimal(0)))  # unlimited
+            return json_response(agent_json(ledger, rec, spent))
+    unlimited = AgentBudgetRecord(sid, agent)
+    return json_response(agent_json(ledger, unlimited, Decimal(0)))
 
 
 def _global_json(request: web.Request) -> dict[str, Any]:
     app = request.app
-    rec, spent, period, change = app[LEDGER].global_budget()
+    ledger = app[LEDGER]
+    rec, spent, period, change = ledger.global_budget()
     apply_change(change, app[STORE], app[BUS])  # a period that just ended
     settings = app[SETTINGS]
+    pressure = ledger.pressure(None)
     return {
         "scope": "global",
-        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
+        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure),
         "period": settings.global_budget_period,
         "periodLabel": period.label if period else None,
         "periodStart": period.start if period else None,

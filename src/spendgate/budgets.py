@@ -125,6 +125,15 @@ class Headroom(NamedTuple):
     """For people: ``session 'run-1'``, ``agent 'a' of session 'run-1'``, ..."""
 
 
+class Pressure(NamedTuple):
+    """What holds a scope's headroom right now (for the API and the status line)."""
+
+    in_flight: int
+    reserved: Decimal
+    waiting: int
+    """Requests queued for this scope's headroom."""
+
+
 class ResumeRefused(Exception):
     """Resuming would admit requests the budget has no room for (the API answers 409)."""
 
@@ -171,6 +180,8 @@ class BudgetLedger(Protocol):
     def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]: ...
 
     def live_remaining(self, reservation: Reservation) -> Headroom | None: ...
+
+    def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure: ...
 
     @property
     def paused_count(self) -> int: ...
@@ -666,6 +677,20 @@ class MemoryLedger:
             if budget is not None and (least is None or budget - sc.spent < least.left):
                 least = Headroom(budget - sc.spent, sc.kind, self._name(sc))
         return least
+
+    def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure:
+        """In flight, reserved and waiting in a session's scope, an agent's (with
+        ``agent_id``) or the global one (``session_id`` None)."""
+        if session_id is None:
+            sc: _Scope | None = self._global
+        elif agent_id is None:
+            sc = self._sessions.get(session_id)
+        else:
+            sc = self._agents.get((session_id, agent_id))
+        if sc is None:
+            return Pressure(0, _ZERO, 0)
+        waiting = sum(1 for w in self._waiters if w.held_on is sc)
+        return Pressure(sc.in_flight, sc.reserved_total, waiting)
 
     @property
     def paused_count(self) -> int:

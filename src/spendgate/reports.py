@@ -6,6 +6,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from spendgate.budgets import Pressure
 from spendgate.events import context_data
 from spendgate.pricing import PriceTable
 from spendgate.records import SessionRecord
@@ -17,24 +18,38 @@ def _float(value: Decimal | float | None) -> float | None:
 
 
 def budget_json(
-    budget: Decimal | None, spent: Decimal, paused: bool, reason: str | None
+    budget: Decimal | None,
+    spent: Decimal,
+    paused: bool,
+    reason: str | None,
+    pressure: Pressure | None = None,
 ) -> dict[str, Any]:
-    """The budget fields of any scope: a session, an agent, the global budget."""
-    return {
+    """The budget fields of any scope: a session, an agent, the global budget; with the
+    live ledger's ``pressure``, also what holds its headroom now."""
+    out = {
         "budgetUsd": _float(budget),
         "spentUsd": float(spent),
         "remainingUsd": None if budget is None else float(budget - spent),
         "paused": paused,
         "pauseReason": reason,
     }
+    if pressure is not None:
+        out.update(
+            inFlight=pressure.in_flight,
+            reservedUsd=float(pressure.reserved),
+            waiting=pressure.waiting,
+        )
+    return out
 
 
-def session_json(rec: SessionRecord, spent: Decimal) -> dict[str, Any]:
+def session_json(
+    rec: SessionRecord, spent: Decimal, pressure: Pressure | None = None
+) -> dict[str, Any]:
     return {
         "sessionId": rec.id,
         "createdAt": rec.created_at,
         "label": rec.label,
-        **budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason),
+        **budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure),
     }
 
 

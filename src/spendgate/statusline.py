@@ -309,6 +309,8 @@ class Status:
     global_paused: bool = False
     global_pause_reason: str | None = None
     paused_agents: list[str] = field(default_factory=list)
+    waiting: int = 0
+    """Requests waiting for headroom that in-flight reservations hold (any scope)."""
     show_id: bool = False
     """Name the session on the line (``status``; Claude Code knows its own)."""
 
@@ -320,6 +322,8 @@ class Status:
             out.append(f"GLOBAL PAUSED ({self.global_pause_reason or 'manual'})")
         if self.paused_agents:
             out.append(f"PAUSED agent {', '.join(self.paused_agents)}")
+        if self.waiting:
+            out.append(f"WAITING ({self.waiting})")
         return out
 
     def cost_text(self) -> str:
@@ -386,6 +390,7 @@ class Status:
             "globalPaused": self.global_paused,
             "globalPauseReason": self.global_pause_reason,
             "pausedAgents": self.paused_agents,
+            "waiting": self.waiting,
             "state": " ".join(self.markers()),
             "line": self.line(Paint("none")),
         }
@@ -455,7 +460,13 @@ def session_status(
         global_paused=glob.get("paused") is True,
         global_pause_reason=_text(glob.get("pauseReason")),
         paused_agents=sorted(k for k, a in agents.items() if a.get("paused") is True),
+        waiting=_waiting(summary, glob, *agents.values()),
     )
+
+
+def _waiting(*scopes: dict[str, Any]) -> int:
+    """Requests queued for headroom in any of these API objects (``waiting``)."""
+    return sum(_count(s.get("waiting")) or 0 for s in scopes if isinstance(s, dict))
 
 
 def global_status(global_budget: dict[str, Any], thresholds: Sequence[float]) -> Status:
@@ -467,6 +478,7 @@ def global_status(global_budget: dict[str, Any], thresholds: Sequence[float]) ->
         budget=_budget(global_budget, "global", thresholds),
         global_paused=global_budget.get("paused") is True,
         global_pause_reason=_text(global_budget.get("pauseReason")),
+        waiting=_waiting(global_budget),
     )
 
 
