@@ -284,7 +284,9 @@ def cmd_statusline(args: argparse.Namespace) -> int:
     from spendgate import statusline
 
     if args.install or args.uninstall:
-        return statusline.setup(args.settings, args.install, args.dry_run, args.config)
+        from spendgate import claude_settings
+
+        return claude_settings.setup(args.settings, args.install, args.dry_run, args.config)
     if args.dry_run or args.settings:
         print("spendgate: --dry-run and --settings need --install or --uninstall", file=sys.stderr)
         return 2
