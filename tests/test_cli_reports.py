@@ -23,7 +23,7 @@ from spendgate.cli import main
 from spendgate.records import EXPORT_COLUMNS
 from spendgate.render import budget_usd, total_usd, usd
 from tests.conftest import Proxy, StartProxy
-from tests.upstream import FakeUpstream, json_reply
+from tests.upstream import FakeUpstream, Reply, json_reply
 
 
 def completion(model: str, prompt: int, output: int, cached: int = 0) -> dict[str, object]:
@@ -150,9 +150,16 @@ async def costs(start_proxy: StartProxy, upstream: FakeUpstream) -> Proxy:
     await send(proxy, upstream, "/s/mixed/a/coder/openai/v1", "my-private-model", 700, 20)
     await send(proxy, upstream, "/s/all-unpriced/openai/v1", "my-private-model", 700, 20)
     await send(proxy, upstream, "/s/all-unpriced/openai/v1", "my-private-model", 300, 10)
-    # A model listing is stored with no tokens and a null cost: it costs nothing, priced or not.
+    # An upstream error that reported no usage costs nothing, priced or not.
+    upstream.queue(Reply(status=500, chunks=[b'{"error": {"message": "boom"}}']))
+    async with proxy.http.post(
+        proxy.url("/s/free/openai/v1/chat/completions"),
+        json={"model": "my-private-model", "messages": []},
+    ) as resp:
+        assert resp.status == 500
+    # A model listing is no message at all, and makes no session.
     upstream.queue(json_reply({"object": "list", "data": []}))
-    async with proxy.http.get(proxy.url("/s/free/openai/v1/models")) as resp:
+    async with proxy.http.get(proxy.url("/s/listing/openai/v1/models")) as resp:
         assert resp.status == 200
     async with proxy.http.put(proxy.url("/api/sessions/empty/budget"), json={"budgetUsd": 1}) as r:
         assert r.status == 200
@@ -193,9 +200,10 @@ async def test_api_totals_count_unpriced_messages(costs: Proxy) -> None:
     assert unpriced["byAgent"]["unknown"]["costUsd"] is None
     free = await costs.cost("free")
     assert (
-        free["byModel"]["unknown"] | {"costUsd": 0.0, "unpricedMessageCount": 0}
-        == (free["byModel"]["unknown"])
+        free["byModel"]["my-private-model"] | {"costUsd": 0.0, "unpricedMessageCount": 0}
+        == (free["byModel"]["my-private-model"])
     )
+    assert "listing" not in listed
 
 
 async def test_cli_never_shows_a_partly_unpriced_total_as_a_plain_number(

@@ -170,3 +170,39 @@ def test_the_proxy_handler_does_no_bookkeeping() -> None:
     forbidden = {"parser", "ledger", "metrics", "store", "bus", "aborted", "error"}
     forbidden |= {"ttft", "reservation", "upstream_errors", "active_streams"}
     assert names & forbidden == set()
+
+
+@pytest.mark.parametrize("ended", [True, False])
+async def test_a_client_leaving_after_the_body_ended_loses_nothing(
+    acct: Accountant, ended: bool
+) -> None:
+    """SDKs close on ``[DONE]`` and Codex on ``response.completed``, before spendgate's
+    last write fails: complete, not aborted. Leaving before the end is an abort."""
+    meter = chat_meter(acct, {"stream": True})
+    assert await meter.admit() is None
+    meter.response_started(200, SSE)
+    body = delta("Hello") + (USAGE + b"data: [DONE]\n\n" if ended else b"")
+    meter.outgoing(body)
+    meter.feed(body)
+    if ended:
+        meter.body_ended()
+    meter.client_left()
+    rec = await meter.close()
+    assert (rec.aborted, rec.estimated) == (not ended, not ended)
+    if ended:
+        assert (rec.input_tokens, rec.output_tokens) == (7, 3)
+
+
+async def test_a_whole_body_the_client_did_not_wait_for_is_still_complete(
+    acct: Accountant,
+) -> None:
+    meter = chat_meter(acct, {})
+    assert await meter.admit() is None
+    meter.response_started(200, {"Content-Type": "application/json"})
+    usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    meter.whole(orjson.dumps({"model": "gpt-4o-mini", "choices": [], "usage": usage}), "")
+    meter.client_left()  # the write of the answer failed
+    rec = await meter.close()
+    assert (rec.aborted, rec.estimated, rec.input_tokens, rec.output_tokens) == (
+        False, False, 5, 2,
+    )  # fmt: skip

@@ -264,8 +264,12 @@ async def test_transparency_of_method_path_query_and_headers(
     assert seen.method == "GET" and seen.query == "limit=2&after=x%20y"
     assert seen.path == "/v1/models/a%2Fb"
     assert seen.headers["OpenAI-Organization"] == "org-1" and "X-Hop" not in seen.headers
-    (row,) = await proxy.messages("t")
-    assert row["endpoint"] == "other" and row["inputTokens"] == 0
+    # A model listing costs nothing: no message, no session (docs/reference.md §5).
+    assert proxy.ledger.session("t") is None
+    async with proxy.http.get(proxy.url("/api/sessions/t/messages")) as r:
+        assert r.status == 404
+    metrics = await (await proxy.http.get(proxy.url("/metrics"))).text()
+    assert 'spendgate_requests_total{model="unknown",provider="openai",route="openai",status="200"} 1.0' in metrics
 
 
 async def test_api_keys_never_stored_or_emitted(

@@ -133,18 +133,19 @@ class Accountant:
         """Reserve the worst case against every budgeted scope, or say why not. A request
         no budget applies to reserves nothing and is never refused for money."""
         target, info = ex.target, ex.info
+        if not info.metered:
+            return None  # a free call: no budget applies, and it makes no session
         sid, agent = target.session_id, target.agent_id
         reserve = _ZERO
-        if info.metered:
-            scope = self.ledger.budgeted(sid, agent)
-            if scope is not None:
-                price = self._price(ex, info.model) if info.model else None
-                if price is not None:
-                    reserve = self.reserve_cost(ex, price)
-                elif not self._allow_unpriced:
-                    return self._refused(ex, self._unpriced(ex, scope))
-                else:
-                    self._unenforced(ex, scope)
+        scope = self.ledger.budgeted(sid, agent)
+        if scope is not None:
+            price = self._price(ex, info.model) if info.model else None
+            if price is not None:
+                reserve = self.reserve_cost(ex, price)
+            elif not self._allow_unpriced:
+                return self._refused(ex, self._unpriced(ex, scope))
+            else:
+                self._unenforced(ex, scope)
         outcome, change = await self.ledger.admit(sid, agent, reserve, self._wait)
         self.apply(change)
         if isinstance(outcome, Refusal):
@@ -261,6 +262,24 @@ class Accountant:
             key_fingerprint=ex.key_fingerprint,
             error=ex.error,
         )
+        if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message
+            self._record(ex, rec, counts, cost, estimated)
+        try:
+            self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
+        except Exception:
+            log.exception("metrics failed for %s", ex.id)
+        return rec
+
+    def _record(
+        self,
+        ex: Meter,
+        rec: MessageRecord,
+        counts: TokenCounts,
+        cost: Decimal | None,
+        estimated: bool,
+    ) -> None:
+        """The message row, its final ``token.usage`` and the context meter."""
+        model, provider = rec.model, rec.provider
         self.store.add_message(rec)
         spent = self.ledger.spent(ex.target.session_id)
         self._publish(self._usage_event(ex, counts, cost, spent, final=True, estimated=estimated))
@@ -271,11 +290,6 @@ class Accountant:
                 context_data, rec.session_id, model, counts.total_tokens, window
             )
             self._publish(Event(CONTEXT_USAGE, rec.session_id, make=make))
-        try:
-            self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
-        except Exception:
-            log.exception("metrics failed for %s", ex.id)
-        return rec
 
     def _usage_event(
         self,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from spendgate import billing
 from spendgate.budgets import Headroom, Refusal, Reservation, usd
 from spendgate.errors import stream_error_bytes
-from spendgate.forwarding import decoded, event_end
+from spendgate.forwarding import decoded, event_end, redact
 from spendgate.pricing import ModelPrice
 from spendgate.providers._api import Adapter, OutputFilter, RequestInfo, ResponseParser
 from spendgate.records import MessageRecord
@@ -59,11 +59,11 @@ class Meter:
     """
 
     __slots__ = (
-        "_acct", "_adapter", "_cut", "_cut_by", "_cutting", "_filter", "_last_out", "_live",
-        "_ndjson", "_out_filter", "_parse", "_parser_open", "_stop", "aborted",
-        "cut_enabled", "error", "id", "info", "key_fingerprint", "last_live", "parser",
-        "price", "priced_model", "reservation", "started_at", "status", "streamed", "t0",
-        "target", "ttft",
+        "_acct", "_adapter", "_body_done", "_cut", "_cut_by", "_cutting", "_filter",
+        "_last_out", "_live", "_ndjson", "_out_filter", "_parse", "_parser_open", "_stop",
+        "aborted", "cut_enabled", "error", "id", "info", "key_fingerprint", "last_live",
+        "parser", "price", "priced_model", "reservation", "started_at", "status",
+        "streamed", "t0", "target", "ttft",
     )  # fmt: skip
 
     def __init__(
@@ -103,6 +103,8 @@ class Meter:
         self._filter: Callable[[bytes], bytes] | None = None
         """``_out_filter.feed``, looked up once: it runs for every piece of a stream."""
         self._live = self._cut = self._cutting = self._stop = self._ndjson = False
+        self._body_done = False
+        """The upstream's whole body arrived (so a client leaving now loses nothing)."""
         self._last_out = b""
         self._cut_by: Headroom | None = None
         """The budget the cut is for, once it is due."""
@@ -181,6 +183,7 @@ class Meter:
         parser = self.parser
         assert parser is not None, "response_started comes first"
         self._parser_open = False  # feed_whole stands for feed and close
+        self._body_done = True
         feed = decoded(parser.feed_whole, encoding)
         try:
             if feed is not None:
@@ -238,6 +241,7 @@ class Meter:
 
     def body_ended(self) -> bytes:
         """The upstream's body ended normally; returns what the output filter still held."""
+        self._body_done = True
         self._close_parser()
         out_filter = self._out_filter
         return out_filter.close() if out_filter is not None else b""
@@ -260,8 +264,11 @@ class Meter:
 
     def upstream_failed(self, kind: str, detail: str, status: int | None = None) -> None:
         """The upstream failed: before any byte reached the client (``status`` is the
-        answer the client gets instead, 502 or 504), or mid-response (``status`` None)."""
+        answer the client gets instead, 502 or 504), or mid-response (``status`` None).
+        ``detail`` is logged redacted (the proxy has already taken the request's own keys
+        out of it; this takes out any key-shaped value left)."""
         route = self.target.route.name
+        detail = redact(detail)
         if status is None:
             self.error = f"upstream_{kind}"
             log.warning("upstream %s mid-response on %s: %s", kind, route, detail)
@@ -271,7 +278,12 @@ class Meter:
         self._acct.upstream_failed(route, kind)
 
     def client_left(self) -> None:
-        """The client hung up; what was streamed is billed."""
+        """The client hung up; what was streamed is billed. After the upstream's body
+        ended (its final usage parsed) nothing was lost: the response is complete, not
+        aborted, whatever the client does then (SDKs close on ``[DONE]``, Codex on
+        ``response.completed``, before spendgate's last write)."""
+        if self._body_done:
+            return
         self.aborted = True
         if self.status == 0:
             self.status = CLIENT_CLOSED  # before the upstream answered
