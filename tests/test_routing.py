@@ -191,8 +191,17 @@ def test_header_precedence(router: Router) -> None:
         ({"X-Session-Id": "oc-1"}, "oc-1", None),
         ({"agent-session-id": "goose-1"}, "goose-1", None),
         ({"X-Claude-Code-Session-Id": "bad value!"}, "default", None),  # ignored, never an error
+        # The header sets the real CLIs send today (issue #17): the most specific rule wins.
+        ({"X-Claude-Code-Session-Id": "cc-1", "x-claude-code-agent-id": "sub-7",
+          "anthropic-version": "2023-06-01"}, "cc-1", "sub-7"),
+        ({"session-id": "cx-1", "thread-id": "th-1", "originator": "codex_cli_rs"},
+         "cx-1", None),
+        ({"session-id": "c1", "x-session-id": "c1", "x-parent-session-id": "p1"}, "p1", "c1"),
+        ({"session-id": "c1", "x-session-id": "c1"}, "c1", None),
+        ({"session-id": "c1", "x-openai-subagent": "review", "x-session-id": "c1"},
+         "c1", "review"),
     ],
-)
+)  # fmt: skip
 def test_known_agent_headers(
     router: Router, headers: dict[str, str], session: str, agent: str | None
 ) -> None:

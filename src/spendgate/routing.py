@@ -238,21 +238,29 @@ class Router:
         return session or known_session, agent or known_agent
 
     def _known_agent(self, headers: Mapping[str, str]) -> tuple[str | None, str | None]:
-        """A coding agent's own headers; an invalid value is ignored, never an error."""
+        """A coding agent's own headers; an invalid value is ignored, never an error.
+
+        The most specific rule wins: a parent/child pair (OpenCode's sub-sessions) over a
+        session with a sub-agent header over a session id alone, whichever agent's rule
+        comes first in the list (OpenCode also sends Codex's ``session-id``)."""
         for name in self._agent_session_names:
             if name in headers:
                 break
         else:
             return None, None  # no coding agent's session header (the usual case)
+        best: tuple[int, str, str | None] | None = None
         for ah in self._agent_headers:
             sid = _first_valid(headers, ah.session)
             if sid is None:
                 continue
             parent = _first_valid(headers, ah.parent_session)
             if parent is not None:
-                return parent, sid
-            return sid, _first_valid(headers, ah.subagent)
-        return None, None
+                return parent, sid  # nothing is more specific
+            sub = _first_valid(headers, ah.subagent)
+            rank = 1 if sub is not None else 0
+            if best is None or rank > best[0]:
+                best = (rank, sid, sub)
+        return (best[1], best[2]) if best is not None else (None, None)
 
 
 def _first_valid(headers: Mapping[str, str], names: list[str]) -> str | None:
