@@ -132,6 +132,10 @@ def test_paused_streaming_and_unknown_cost() -> None:
     resumed = {"sessionId": "s", "budgetUsd": 1.0, "spentUsd": 0.0001, "reason": "resumed"}
     state.apply("budget.resumed", resumed, 4.0)
     assert "PAUSED" not in screen(state)
+    agent = {"scope": "agent", "sessionId": "s", "agentId": "a", "budgetUsd": 0.0,
+             "spentUsd": 0.0001, "reason": "budget"}  # fmt: skip
+    state.apply("budget.paused", agent, 5.0)  # only agent 'a' is paused, not the session
+    assert "PAUSED" not in screen(state)
 
 
 def test_lists_and_events_never_count_a_message_twice() -> None:

@@ -186,6 +186,8 @@ class TopState:
             self._usage(view, data, at)
         elif kind == "context.usage":
             view.context, view.stamps["context"] = data, at
+        elif data.get("scope", "session") != "session":
+            return  # an agent's or the global budget: not the session's own pause or budget
         elif kind in ("budget.paused", "budget.resumed"):
             view.paused = kind == "budget.paused"
             view.reason = data.get("reason") if view.paused else None
