@@ -19,11 +19,18 @@ from yarl import URL
 from spendgate.accounting import Accountant
 from spendgate.budgets import Refusal
 from spendgate.errors import error_response, stream_error_bytes
-from spendgate.forwarding import client_headers, key_fingerprint, upstream_headers
+from spendgate.forwarding import (
+    client_headers,
+    key_fingerprint,
+    redact,
+    request_secrets,
+    upstream_headers,
+)
 from spendgate.meter import Meter
 from spendgate.providers import get_adapter
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
+from spendgate.websocket import WebSocketRelay
 
 RETRY_AFTER_S = "1"
 """Retry-After of a 429 for held headroom: the request already waited
@@ -91,6 +98,7 @@ class ProxyHandler:
     router: Router
     acct: Accountant
     client: aiohttp.ClientSession
+    sockets: WebSocketRelay
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -106,12 +114,15 @@ class ProxyHandler:
         self.router = router
         self.acct = accountant
         self.client = client
+        self.sockets = WebSocketRelay(self.settings, accountant, client, _refuse)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             target = self.router.resolve(request.rel_url.raw_path, request.headers, request.method)
         except RoutingError as exc:
             return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.sockets.relay(request, target)  # docs/reference.md §1 "WebSocket"
         adapter = get_adapter(target.route.adapter)
         limit = self.settings.max_request_bytes
         length = request.content_length
@@ -145,7 +156,9 @@ class ProxyHandler:
     def _upstream_error(
         self, request: web.Request, meter: Meter, status: int, kind: str, msg: str
     ) -> web.Response:
-        """Nothing reached the client yet: answer with our own 502 or 504."""
+        """Nothing reached the client yet: answer with our own 502 or 504 (its text, like
+        the log line, redacted: aiohttp's exception texts include the URL and its query)."""
+        msg = _redacted(request, meter, msg)
         meter.upstream_failed(kind, msg, status)
         if request.transport is None or request.transport.is_closing():
             meter.client_left()  # the client gave up while we waited for the upstream
@@ -246,7 +259,7 @@ class ProxyHandler:
                 raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             kind = "timeout" if watch.fired or isinstance(exc, TimeoutError) else "reset"
-            meter.upstream_failed(kind, str(exc))
+            meter.upstream_failed(kind, _redacted(request, meter, str(exc)))
             await _end_broken(request, meter, resp, up.headers.get("Content-Type", ""))
         return resp
 
@@ -266,12 +279,21 @@ async def _end_broken(
 ) -> None:
     """The upstream broke after headers went out: say so in-band, or cut the connection."""
     if "event-stream" in ctype or "ndjson" in ctype:
-        msg = f"spendgate: upstream {meter.target.route.upstream} broke mid-response"
+        msg = redact(f"spendgate: upstream {meter.target.route.upstream} broke mid-response")
         await _finish(
             resp, meter, stream_error_bytes(meter.error_style, 502, msg, "upstream_error")
         )
     elif request.transport is not None:
         request.transport.close()  # a JSON body cut short must look cut short
+
+
+def _redacted(request: web.Request, meter: Meter, text: str) -> str:
+    """A text about an upstream failure with no key in it: the request's own keys (headers
+    and query) and the route's configured ones wherever they occur, and every key-shaped
+    value (docs/reference.md §1 "API keys")."""
+    route_headers = dict(meter.target.route.headers)
+    secrets = request_secrets(request.headers, request.rel_url.query, route_headers)
+    return redact(text, secrets)
 
 
 def _refuse(style: str, refusal: Refusal) -> web.Response:
