@@ -30,7 +30,6 @@ from spendgate.meter import Meter
 from spendgate.providers import get_adapter
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
-from spendgate.websocket import WebSocketRelay
 
 RETRY_AFTER_S = "1"
 """Retry-After of a 429 for held headroom: the request already waited
@@ -98,7 +97,6 @@ class ProxyHandler:
     router: Router
     acct: Accountant
     client: aiohttp.ClientSession
-    sockets: WebSocketRelay
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -114,15 +112,12 @@ class ProxyHandler:
         self.router = router
         self.acct = accountant
         self.client = client
-        self.sockets = WebSocketRelay(self.settings, accountant, client, _refuse)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             target = self.router.resolve(request.rel_url.raw_path, request.headers, request.method)
         except RoutingError as exc:
             return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
-        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self.sockets.relay(request, target)  # docs/reference.md §1 "WebSocket"
         adapter = get_adapter(target.route.adapter)
         limit = self.settings.max_request_bytes
         length = request.content_length
