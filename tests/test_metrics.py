@@ -3,19 +3,27 @@ scrape after SDK traffic."""
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
 from collections import Counter as Tally
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
-from spendgate.metrics import LATENCY_BUCKETS, Metrics
+from spendgate.metrics import LATENCY_BUCKETS, SERIES_CACHE_LIMIT, Metrics
+from spendgate.price_files import load_price_table
+from spendgate.records import MessageRecord
+from spendgate.settings import Settings
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.events_client import EventsClient
 from tests.helpers.records import message
 from tests.helpers.traffic import HI, expected_rows, oa, row_cost_totals, send_traffic, stream_chunk
-from tests.upstream import FakeUpstream, fixture_reply, sse_reply
+from tests.upstream import FakeUpstream, fixture_reply, json_reply, sse_reply
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -331,7 +339,7 @@ async def test_scrape_after_sdk_traffic_equals_the_traffic(
         ("cache_write", "cacheWriteTokens"),
         ("reasoning", "reasoningTokens"),
     ):
-        by_model = Tally()
+        by_model: Tally[tuple[str, str]] = Tally()
         for r in rows:
             by_model[(r["providerId"], r["modelId"])] += r[field]
         for (provider, model), n in by_model.items():
@@ -466,7 +474,8 @@ async def test_live_gauges_active_streams_and_subscribers(
         async with oa(proxy, "run-1") as c:
             stream = await c.chat.completions.create(model="gpt-4o", messages=HI, stream=True)  # type: ignore[arg-type]
             await wait_gauge(proxy, "spendgate_active_streams", 1)
-            assert "".join([ch.choices[0].delta.content or "" async for ch in stream]) == "abcd"
+            got = [ch.choices[0].delta.content or "" async for ch in stream]  # type: ignore[union-attr]
+            assert "".join(got) == "abcd"
         await wait_gauge(proxy, "spendgate_active_streams", 0)
     await wait_gauge(proxy, "spendgate_event_subscribers", 0)
 
@@ -515,3 +524,185 @@ def test_error_response_series_start_at_their_first_error_response() -> None:
     assert value(s, "spendgate_upstream_errors_total", route="openai", kind="http_5xx") == 2
     assert value(s, "spendgate_upstream_errors_total", route="groq", kind="http_5xx") == 1
     assert total(s, "spendgate_upstream_errors_total") == 3
+
+
+# -- bounded model labels (issue #16) ------------------------------------------------------
+
+
+def capped(
+    max_models: int, aliases: dict[str, str] | None = None
+) -> tuple[Metrics, CollectorRegistry]:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_models=max_models)
+    metrics.bind_prices(load_price_table(None, aliases))
+    return metrics, registry
+
+
+def models_of(s: Samples, name: str, label: str = "model") -> set[str]:
+    return {dict(ls)[label] for n, ls in s if n == name}
+
+
+def test_models_past_the_cap_are_other_and_every_sum_stays_exact(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics, registry = capped(max_models=20)
+    rng = random.Random(16)
+    sent: list[MessageRecord] = []
+    names = [f"client-model-{i}" for i in range(500)]
+    known = ["gpt-4o", "claude-sonnet-4-5", "gpt-4o-mini"]
+    for i, name in enumerate(names):
+        if i % 100 == 99:  # known models, also long after the cap was reached
+            name = known[i // 100 % len(known)]
+        rec = message(
+            id=f"msg_{i}",
+            model=name,
+            input_tokens=rng.randrange(5000),
+            output_tokens=rng.randrange(5000),
+            cached_input_tokens=0,
+            reasoning_tokens=0,
+            cost_usd=None if rng.random() < 0.2 else Decimal(rng.randrange(10**6)) / 10**9,
+            status=rng.choice((200, 200, 200, 500)),
+        )
+        metrics.record(rec, "chat", name)
+        sent.append(rec)
+    s = registry_samples(registry)
+    first_20 = set(names[:20])
+    used_known = {m.model for m in sent} & set(known)
+    assert used_known == set(known)
+    # counters: the price table's models, the first 20 others, then "other"
+    for family in ("spendgate_requests_total", "spendgate_tokens_total"):
+        assert models_of(s, family) == first_20 | used_known | {"other"}
+    # histograms (a value costs them 17-34 series): a tenth of the cap
+    hist = set(names[:2]) | used_known | {"other"}
+    assert models_of(s, "spendgate_request_duration_seconds_count") == hist
+    assert models_of(s, "spendgate_time_to_first_token_seconds_count") == hist
+    genai = "gen_ai_client_operation_duration_seconds_count"
+    assert models_of(s, genai, "gen_ai_request_model") == hist
+    # folding into "other" loses nothing: the sums over all values are the traffic's
+    assert total(s, "spendgate_requests_total") == len(sent)
+    assert total(s, "spendgate_tokens_total", type="input") == sum(m.input_tokens for m in sent)
+    assert total(s, "spendgate_tokens_total", type="output") == sum(m.output_tokens for m in sent)
+    assert total(s, "spendgate_unpriced_responses_total") == sum(m.cost_usd is None for m in sent)
+    assert total(s, "spendgate_request_duration_seconds_count") == len(sent)
+    assert total(s, genai) == len(sent)
+    ok = [m for m in sent if m.status < 400]
+    assert total(s, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == sum(
+        m.input_tokens for m in ok
+    )
+    errors = sum(m.status >= 500 for m in sent)
+    assert total(s, "spendgate_upstream_errors_total", kind="http_5xx") == errors
+    # cost: the Decimal cells sum to the rows' costs exactly
+    cells = sum((cell[0] for cell in metrics.cost.cells.values()), Decimal(0))
+    assert cells == sum((m.cost_usd for m in sent if m.cost_usd is not None), Decimal(0))
+    # known models keep their own values, with exactly their own traffic
+    for model in known:
+        mine = [m for m in sent if m.model == model]
+        assert total(s, "spendgate_requests_total", model=model) == len(mine)
+        assert total(s, "spendgate_tokens_total", model=model, type="input") == sum(
+            m.input_tokens for m in mine
+        )
+    said = [r for r in caplog.records if "SPENDGATE_METRICS_MAX_MODELS" in r.getMessage()]
+    assert len(said) == 1  # logged once, when the first name is folded
+
+
+def test_only_names_the_table_holds_itself_are_known() -> None:
+    """A prefix or a date suffix that pricing drops could be varied without end, so such a
+    name counts against the cap; an exact id, ``provider/id`` and an alias do not."""
+    metrics, registry = capped(max_models=1, aliases={"house-model": "gpt-4o"})
+    for model, provider in (
+        ("gpt-4o-2099-01-01", "openai"),  # priced by dropping the date: the 1 other
+        ("anything/gpt-4o", "openai"),  # priced by dropping the prefix: past the cap
+        ("gpt-4o-2099-01-02", "openai"),
+        ("house-model", "openai"),  # an alias
+        ("llama3", "ollama"),  # ollama/llama3 in the table
+        ("gpt-4o", "openai"),
+    ):
+        metrics.record(message(model=model, provider=provider), "chat", model)
+    s = registry_samples(registry)
+    assert models_of(s, "spendgate_requests_total") == {
+        "gpt-4o-2099-01-01", "other", "house-model", "llama3", "gpt-4o",
+    }  # fmt: skip
+    assert value(s, "spendgate_requests_total", route="openai", provider="openai",
+                 model="other", status="200") == 2  # fmt: skip
+    assert models_of(s, "spendgate_request_duration_seconds_count") == {
+        "other", "house-model", "llama3", "gpt-4o",
+    }  # fmt: skip
+
+
+def test_a_zero_cap_leaves_only_the_price_tables_models() -> None:
+    metrics, registry = capped(max_models=0)
+    for model in ("mine", "gpt-4o", "yours", None):
+        metrics.record(message(model=model), "chat", model)
+    s = registry_samples(registry)
+    assert models_of(s, "spendgate_requests_total") == {"other", "gpt-4o", "unknown"}
+    assert (
+        value(s, "spendgate_tokens_total", provider="openai", model="other", type="input") == 2400
+    )
+
+
+def test_the_series_cache_stays_bounded() -> None:
+    metrics, registry = capped(max_models=100)
+    for i in range(20_000):
+        name = f"m{i}"
+        metrics.record(message(model=name, cost_usd=None), "chat", name)
+    # one entry per admitted name, and one for all of "other" (not one per name)
+    assert len(metrics._series) <= 101 + 1
+    # session labels multiply the keys: the cache is cleared when full, counts stay exact
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, session_labels=True)
+    n = SERIES_CACHE_LIMIT + 2000
+    for i in range(n):
+        metrics.record(message(session_id=f"s{i}"), "chat", "gpt-4o")
+        assert len(metrics._series) <= SERIES_CACHE_LIMIT
+    assert total(registry_samples(registry), "spendgate_requests_total") == n
+
+
+async def test_the_cap_through_the_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPENDGATE_METRICS_MAX_MODELS", "2")
+    proxy = await start_proxy()
+    assert proxy.settings.metrics_max_models == 2
+    names = ["one", "two", "three", "gpt-4o-mini", "four", "five"]
+    for name in names:
+        usage = {"prompt_tokens": 10, "completion_tokens": len(name), "total_tokens": 99}
+        upstream.queue(json_reply({"object": "chat.completion", "model": name, "usage": usage}))
+        async with proxy.http.post(
+            proxy.url("/s/card/openai/v1/chat/completions"), json={"model": name, "messages": HI}
+        ) as r:
+            assert r.status == 200
+    rows = await proxy.messages("card")
+    assert sorted(r["modelId"] for r in rows) == sorted(names)
+    s = await scrape(proxy)
+    assert models_of(s, "spendgate_requests_total") == {"one", "two", "gpt-4o-mini", "other"}
+    assert value(s, "spendgate_tokens_total", provider="openai", model="other", type="output") == (
+        len("three") + len("four") + len("five")
+    )
+    assert total(s, "spendgate_requests_total") == len(rows)
+    for key, field in (("input", "inputTokens"), ("output", "outputTokens")):
+        assert total(s, "spendgate_tokens_total", type=key) == sum(r[field] for r in rows)
+    # the known model keeps its value and its price
+    assert value(s, "spendgate_cost_usd_total", provider="openai", model="gpt-4o-mini") == float(
+        sum(Decimal(str(r["costUsd"])) for r in rows if r["modelId"] == "gpt-4o-mini")
+    )
+
+
+def test_the_cap_setting_is_validated() -> None:
+    assert Settings().metrics_max_models == 100
+    with pytest.raises(ValidationError):
+        Settings(metrics_max_models=-1)
+
+
+def test_the_cardinality_bench_runs_against_spendgate_serve() -> None:
+    """bench/metrics_cardinality.py on a tiny load (no timing asserted): the real process
+    caps the labels and its sums over all values equal the traffic."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.metrics_cardinality", "--models", "150", "--scrapes", "2",
+         "--max-models", "20"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| 20 |" in proc.stdout and "| yes |" in proc.stdout
+    assert "`spendgate_requests` 24," in proc.stdout  # 3 known, 20 others, other
+    assert "`spendgate_request_duration_seconds` 6," in proc.stdout  # 3 known, 2, other

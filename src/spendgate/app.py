@@ -42,7 +42,11 @@ def _usd(value: float | None) -> Decimal | None:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    metrics = Metrics(app[REGISTRY], session_labels=settings.metrics_session_labels)
+    metrics = Metrics(
+        app[REGISTRY],
+        session_labels=settings.metrics_session_labels,
+        max_models=settings.metrics_max_models,
+    )
     store = SQLiteStore(
         settings.db_path,
         flush_interval=settings.flush_interval_ms / 1000,
@@ -73,6 +77,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         budgets=ledger.budgets,
     )
     prices = load_price_table(settings.pricing_file, settings.model_aliases)
+    metrics.bind_prices(prices)
     acct = Accountant(
         prices,
         ledger,

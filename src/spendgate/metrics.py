@@ -9,9 +9,14 @@ recording is a few dict updates with no locks (it all runs on the event loop). G
 that mirror state (paused sessions, subscribers, queue depth, budget use) are read
 at scrape time and cost the request path nothing.
 
-Cardinality: series are per route, provider, model, status, token type. A ``session``
-label is added to requests, tokens and cost only with ``metrics_session_labels``
-(``SPENDGATE_METRICS_SESSION_LABELS=true``). The one per-session exception is
+Cardinality: series are per route, provider, model, status, token type. Clients choose
+model names, so the ``model`` and ``gen_ai_request_model`` values are bounded by
+:class:`ModelLabels`: every model the price table names keeps its own value; on the
+counters so do the first ``max_models`` other names (on the histograms, a tenth of
+them); any other is counted as ``other``.
+A ``session`` label is added to requests, tokens and cost only with
+``metrics_session_labels`` (``SPENDGATE_METRICS_SESSION_LABELS=true``). The one
+per-session exception is
 ``spendgate_session_budget_used_ratio{session}`` (with ``spendgate_session_budget_usd``
 and ``spendgate_session_spent_usd``): exported only for sessions that have a budget,
 and at most ``budget_series_limit`` of them (those closest to their budget), so the
@@ -32,7 +37,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -44,6 +49,9 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from spendgate.records import MessageRecord
+
+if TYPE_CHECKING:
+    from spendgate.pricing import PriceTable
 
 log = logging.getLogger("spendgate.metrics")
 
@@ -89,6 +97,14 @@ GENAI_PROVIDERS = {
     "xai": "x_ai",
 }
 UNMETERED = ("", "other")
+OTHER_MODEL = "other"
+"""The ``model`` value of every model past the cap (:class:`ModelLabels`)."""
+HISTOGRAM_SHARE = 10
+"""The histograms give a value of their own to 1/10 of the names the counters do
+besides the price table's (10 of the default 100): a value costs them 91 series."""
+SERIES_CACHE_LIMIT = 10_000
+"""Entries of the per-response series cache; it is cleared when full (it only finds
+cells, which live on in their counters)."""
 _ZERO = Decimal(0)
 
 BudgetSource = Callable[[], Iterable[tuple[str, Decimal, Decimal]]]
@@ -204,6 +220,81 @@ class _Series:
     genai_output: list[float] | None = None
 
 
+class ModelLabels:
+    """Bounded model label values. Clients choose model names, so only these get a value
+    of their own:
+
+    - on the counters (``model`` of requests, tokens, cost, unpriced responses): every
+      model the price table names, and the first ``limit`` other names;
+    - on the histograms (``model`` of the durations, ``gen_ai_request_model``), where a
+      value costs 17 to 34 series instead of 7: every model the price table names, and
+      the first ``limit / 10`` other names (:data:`HISTOGRAM_SHARE`).
+
+    Any other name is ``other``. A name keeps the value it got first, so a series never
+    changes meaning, and the ``other`` series count everything they stand for."""
+
+    __slots__ = ("_known", "_others", "_prices", "_timed", "_warned", "limit", "timed_limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.timed_limit = limit // HISTOGRAM_SHARE
+        self._known = {"unknown", OTHER_MODEL}
+        """Names the price table names (found so far)."""
+        self._others: set[str] = set()
+        """The first ``limit`` other names: their own value on the counters."""
+        self._timed: set[str] = set()
+        """The first ``timed_limit`` other names seen by the histograms: their own value there."""
+        self._prices: PriceTable | None = None
+        self._warned = False
+
+    def bind(self, prices: PriceTable) -> None:
+        self._prices = prices
+
+    def known(self, model: str, provider: str) -> bool:
+        """Does the price table name this model itself: exactly, as ``provider/model``, or
+        as an alias (not by dropping a prefix or a date, which clients can vary without
+        end)?"""
+        if model in self._known:
+            return True
+        prices = self._prices
+        if prices is None:
+            return False
+        if model in prices or f"{provider}/{model}" in prices or model in prices.aliases:
+            self._known.add(model)
+            return True
+        return False
+
+    def bounded(self, model: str) -> bool:
+        """Has this name a value of its own anywhere (so it may key a cache)?"""
+        return model in self._others or model in self._known or model in self._timed
+
+    def counter(self, model: str, provider: str) -> str:
+        """The value on the counters."""
+        value = self._value(model, provider, self._others, self.limit)
+        if value is OTHER_MODEL and model != OTHER_MODEL and not self._warned:
+            self._warned = True
+            log.warning(
+                "metrics: %d models the price table does not name have their own label "
+                '(SPENDGATE_METRICS_MAX_MODELS); any other is counted as model="%s"',
+                self.limit, OTHER_MODEL,
+            )  # fmt: skip
+        return value
+
+    def histogram(self, model: str, provider: str) -> str:
+        """The value on the histograms."""
+        return self._value(model, provider, self._timed, self.timed_limit)
+
+    def _value(self, model: str, provider: str, own: set[str], limit: int) -> str:
+        """``model`` if the table names it or ``own`` holds it (or, while it holds fewer
+        than ``limit``, takes it), else ``other``."""
+        if model in own or self.known(model, provider):
+            return model
+        if len(own) < limit:
+            own.add(model)
+            return model
+        return OTHER_MODEL
+
+
 class SessionBudgets:
     """Per-session budget use, read from the ledger at scrape time.
 
@@ -258,9 +349,11 @@ class Metrics:
         registry: CollectorRegistry,
         session_labels: bool = False,
         budget_series_limit: int = 500,
+        max_models: int = 100,
     ) -> None:
         self.registry = registry
         self.session_labels = session_labels
+        self.model_labels = ModelLabels(max_models)
         s = ("session",) if session_labels else ()
         r = registry
         # Recorded once per response on the hot path: plain dicts, exported at scrape time.
@@ -346,6 +439,16 @@ class Metrics:
         self.store_dropped = Counter(
             "spendgate_store_dropped_rows", "Rows dropped because the queue overflowed", registry=r
         )
+        self.store_rejected = Counter(
+            "spendgate_store_rejected_rows",
+            "Rows the database refused (kept in its rejected_rows table, with the reason)",
+            registry=r,
+        )
+        self.store_write_errors = Counter(
+            "spendgate_store_write_errors",
+            "Batches the database failed to write (full disk, I/O error, locked); kept queued",
+            registry=r,
+        )
         self.session_budgets = SessionBudgets(budget_series_limit)
         r.register(self.session_budgets)
 
@@ -361,6 +464,10 @@ class Metrics:
         self.event_subscribers.set_function(subscribers)
         self.store_queue.set_function(queue)
         self.session_budgets.source = budgets
+
+    def bind_prices(self, prices: PriceTable) -> None:
+        """The models this table names keep their own ``model`` label whatever the cap."""
+        self.model_labels.bind(prices)
 
     def record(self, m: MessageRecord, operation: str, requested_model: str | None) -> None:
         """Everything one finished upstream response adds to the metrics."""
@@ -429,13 +536,26 @@ class Metrics:
         operation: str,
         requested_model: str | None,
     ) -> _Series:
-        model = m.model or "unknown"
+        labels, provider = self.model_labels, m.provider
+        name = m.model or "unknown"
+        model = labels.counter(name, provider)
+        timed = labels.histogram(name, provider)
+        requested = labels.histogram(requested_model, provider) if requested_model else timed
+        if model != name or (requested_model and not labels.bounded(requested_model)):
+            # Cached under its label values, not under the names: clients choose names
+            # without end, the values are bounded.
+            key = (m.route, provider, model, timed, m.status, operation, requested, key[-1])
+            found = self._series.get(key)
+            if found is not None:
+                return found
+        if len(self._series) >= SERIES_CACHE_LIMIT:
+            self._series.clear()
         s = (m.session_id,) if self.session_labels else ()
-        pm = (m.provider, model)
+        pm = (provider, model)
         metered = operation not in UNMETERED
         genai = (
-            GENAI_PROVIDERS.get(m.provider, m.provider),
-            requested_model or model,
+            GENAI_PROVIDERS.get(provider, provider),
+            requested,
             GENAI_OPERATIONS.get(operation, operation),
         )
         status = m.status
@@ -443,8 +563,8 @@ class Metrics:
             requests=self.requests.cell((m.route, *pm, str(status), *s)),
             # metered models get every token type's series, from zero
             tokens=tuple(self.tokens.cell((*pm, t, *s)) for t, _ in TOKEN_TYPES) if metered else (),
-            duration=self.duration.row(pm),
-            ttft=self.ttft.row(pm),
+            duration=self.duration.row((provider, timed)),
+            ttft=self.ttft.row((provider, timed)),
             genai_duration=self.genai_duration.row(genai) if metered else None,
             cost_labels=(*pm, *s),
             genai_labels=genai,

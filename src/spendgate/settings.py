@@ -164,6 +164,11 @@ class Settings(BaseSettings):
     metrics_session_labels: bool = Field(
         default=False, description="Add a session label to metrics (cardinality!)"
     )
+    metrics_max_models: int = Field(
+        default=100,
+        ge=0,
+        description='Metric model labels beyond the price table\'s; later ones count as "other"',
+    )
     allow_remote_without_token: bool = Field(
         default=False, description="Allow a non-loopback bind with no admin token"
     )
