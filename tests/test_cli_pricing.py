@@ -110,3 +110,50 @@ async def test_agent_and_global_budgets_and_a_refused_resume_from_the_command_li
     err = capsys.readouterr().err
     assert err.startswith("spendgate: 409: session 'cli-a' has spent $0.00 of its $0.00 budget")
     assert "spendgate budget cli-a USD" in err
+
+
+# --- the proxy's own resolution, its entry and source (issue #18) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "entry", "source"),
+    [
+        (["grok-4.7", "--route", "openai"], "xai/grok-4.7", "bundled 2026-11-22"),
+        (["grok-4.7", "--provider", "grok"], "xai/grok-4.7", "bundled 2026-11-22"),
+        (["x-ai/grok-4.7"], "xai/grok-4.7", "bundled 2026-11-22"),
+        (["llama3.2", "--route", "ollama"], "llama3.2", "local"),
+        (["my-model", "--local"], "my-model", "local"),
+        (["llama3", "--route", "ollama"], "ollama/llama3", "bundled 2026-11-22"),
+    ],
+)
+def test_pricing_says_which_entry_and_source_priced_it(
+    capsys: pytest.CaptureFixture[str], argv: list[str], entry: str, source: str
+) -> None:
+    assert main(["pricing", *argv]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert (shown["pricedAs"], shown["priceSource"]) == (entry, source)
+    assert shown["query"]["model"] == argv[0]
+
+
+def test_pricing_asks_what_the_proxy_asks(capsys: pytest.CaptureFixture[str]) -> None:
+    from spendgate.price_files import load_price_table
+
+    assert main(["pricing", "claude-sonnet-4-6", "--route", "anthropic"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["query"] == {
+        "model": "claude-sonnet-4-6", "route": "anthropic", "provider": "anthropic",
+        "local": False,
+    }  # fmt: skip
+    price = load_price_table().priced("claude-sonnet-4-6", "anthropic", local=False)
+    assert price is not None and shown == {**price.to_json(), "query": shown["query"]}
+
+
+def test_pricing_unknown_route_and_sources(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pricing", "gpt-4o", "--route", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no route named 'nope'" in err and "openai" in err
+    assert main(["pricing", "llama3.2", "--route", "openai"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "N/A" in err  # one line, not the proxy's log warning
+    assert main(["pricing"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["sources"][0]["source"] == "bundled"

@@ -14,6 +14,7 @@ import pytest
 
 from spendgate.price_files import (
     bundled_attribution,
+    bundled_date,
     convert_litellm,
     convert_models_dev,
     detect_format,
@@ -78,7 +79,7 @@ def test_bundled_matches_the_public_table(table: PriceTable, litellm: dict[str, 
     for key, raw in bundled["models"].items():
         if "_derived_from" in raw:
             continue
-        assert model_price(key, converted[key]) == table.get(key), key
+        assert model_price(key, converted[key], source_date=bundled_date()) == table.get(key)
         checked += 1
     assert checked > 300
 
@@ -305,3 +306,27 @@ def test_bad_user_file_names_the_problem(tmp_path: Path, text: str, message: str
 def test_missing_user_file(tmp_path: Path) -> None:
     with pytest.raises(PricingError, match="cannot read"):
         load_price_table(tmp_path / "nope.toml")
+
+
+# --- duplicates and the bundled table's date (issue #18) -----------------------------------
+
+
+def test_a_free_gemini_api_entry_never_replaces_a_priced_one(litellm: dict[str, Any]) -> None:
+    # LiteLLM lists gemini/gemini-exp-1206 at $0 and gemini-exp-1206 at $0.30 / $2.50
+    free, priced = litellm["gemini/gemini-exp-1206"], litellm["gemini-exp-1206"]
+    assert (free["input_cost_per_token"], priced["input_cost_per_token"]) == (0, 3e-07)
+    entry = convert_litellm(litellm, api_ids=True)["gemini-exp-1206"]
+    assert (entry["input"], entry["output"]) == (D("0.3"), D("2.5"))
+    # a priced Gemini API entry still wins the bare id over LiteLLM's Vertex AI one
+    both = {
+        "m": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06},
+        "gemini/m": {"input_cost_per_token": 2e-06, "output_cost_per_token": 2e-06,
+                     "litellm_provider": "gemini"},
+    }  # fmt: skip
+    assert convert_litellm(both, api_ids=True)["m"]["input"] == D(2)
+
+
+def test_the_bundled_table_has_a_date(table: PriceTable) -> None:
+    assert bundled_date() == "2026-11-22"
+    assert table.sources == [{"source": "bundled", "date": "2026-11-22", "models": len(table)}]
+    assert found(table, "gpt-4o").source_date == "2026-11-22"

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from spendgate.price_files import load_price_table
+from spendgate.price_files import bundled_date, load_price_table
 from spendgate.pricing import ModelPrice, PriceTable, PriceTier, per_million
+from spendgate.routing import build_routes
+from spendgate.settings import RouteConfig, Settings
 from spendgate.usage import TokenCounts, Usage
 from tests.helpers.prices import found
+from tests.paths import PRICE_DATA
 
 D = Decimal
 
@@ -256,3 +260,203 @@ def test_per_million_is_exact() -> None:
     assert str(per_million(1.5e-05)) == "15"
     assert str(per_million(1e-4)) == "100"
     assert per_million("abc") is None and per_million(None) is None
+
+
+# --- resolution across providers (issue #18) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def public() -> PriceTable:
+    """The whole public table, as `spendgate pricing update` stores it."""
+    return load_price_table(PRICE_DATA)
+
+
+COUNTS = TokenCounts(input_tokens=1000, output_tokens=500)
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "entry", "cost"),
+    [
+        # only vertex_ai/… lists it: input 2, output 12 → (1000 x 2 + 500 x 12) / 1e6
+        ("gemini-3-pro-preview", "gemini", "vertex_ai/gemini-3-pro-preview", "0.008"),
+        ("models/gemini-3-pro-preview", "gemini", "vertex_ai/gemini-3-pro-preview", "0.008"),
+        # only Vertex lists it, as claude-3-haiku@20240307: 0.25, 1.25 → (250 + 625) / 1e6
+        ("claude-3-haiku-20240307", "anthropic", "vertex_ai/claude-3-haiku@20240307", "0.000875"),
+        # Azure's own name: azure/gpt-35-turbo, 0.5, 1.5 → (500 + 750) / 1e6
+        ("gpt-35-turbo", "azure", "azure/gpt-35-turbo", "0.00125"),
+        ("gpt-35-turbo", "my-azure", "azure/gpt-35-turbo", "0.00125"),
+    ],
+)
+def test_a_model_listed_only_under_another_prefix(
+    public: PriceTable, model: str, provider: str, entry: str, cost: str
+) -> None:
+    price = public.priced(model, provider)
+    assert price is not None and price.priced_as == entry
+    assert price.cost(COUNTS) == D(cost)
+
+
+@pytest.mark.parametrize("provider", ["xai", "grok", "openai", "my-box", None])
+def test_route_names_do_not_matter(table: PriceTable, provider: str | None) -> None:
+    # grok-4.7: xai/grok-4.7, input 2, output 6 → (1000 x 2 + 500 x 6) / 1e6, on any route
+    price = table.priced("grok-4.7", provider)
+    assert price is not None and price.priced_as == "xai/grok-4.7"
+    assert price.cost(COUNTS) == D("0.005")
+
+
+@pytest.mark.parametrize(
+    ("model", "entry"),
+    [
+        ("x-ai/grok-4.7", "xai/grok-4.7"),  # OpenRouter's vendor slug, xAI's own entry
+        ("anthropic/claude-sonnet-4.5", "claude-sonnet-4-5"),  # dots for dashes: first party
+        ("mistralai/codestral-2508", "mistral/codestral-2508"),
+        ("deepseek/deepseek-chat", "deepseek/deepseek-chat"),
+        ("google/gemini-2.5-flash", "gemini-2.5-flash"),
+    ],
+)
+def test_openrouter_ids(table: PriceTable, model: str, entry: str) -> None:
+    price = table.priced(model, "openrouter")
+    assert price is not None and price.priced_as == entry
+
+
+def test_openrouter_ids_on_the_whole_public_table(public: PriceTable) -> None:
+    # a gateway's entry spelled with the dots (gmi/anthropic/claude-sonnet-4.5) never
+    # beats the first-party one spelled with dashes
+    assert found(public, "anthropic/claude-sonnet-4.5", "openrouter").model == "claude-sonnet-4-5"
+    assert found(public, "x-ai/grok-4.7", "openrouter").model == "xai/grok-4.7"
+    assert found(public, "google/gemini-3-pro-preview").model == "vertex_ai/gemini-3-pro-preview"
+
+
+def p(model: str, inp: str | int, out: str | int, source: str = "bundled") -> ModelPrice:
+    return ModelPrice(model=model, input=D(inp), output=D(out), source=source)
+
+
+def table_of(*prices: ModelPrice) -> PriceTable:
+    return PriceTable({x.model: x for x in prices})
+
+
+def test_first_party_entry_wins_over_other_prefixes() -> None:
+    t = table_of(p("vertex_ai/m-1-5", 9, 9), p("m-1-5", 1, 2), p("azure/m-1-5", 8, 8))
+    assert found(t, "m-1-5").model == "m-1-5"
+    assert found(t, "m-1.5").model == "m-1-5"  # spelled with a dot: still first party
+    assert found(t, "m-1-5", "azure").model == "azure/m-1-5"  # the route's own listing first
+
+
+def test_other_prefixes_in_the_documented_order() -> None:
+    entries = ["zeta/m", "aaa/m", "openrouter/m", "azure_ai/m", "bedrock/m", "azure/m"]
+    t = table_of(*(p(k, 1, 1) for k in [*entries, "vertex_ai/m", "xai/m"]))
+    assert found(t, "m").model == "xai/m"
+    order = []
+    while len(t):
+        first = found(t, "m").model
+        order.append(first)
+        t = table_of(*(x for x in t if x.model != first))
+        if first == "zeta/m":
+            break
+    order_expected = [
+        "xai/m", "vertex_ai/m", "azure/m", "bedrock/m", "azure_ai/m", "openrouter/m",
+        "aaa/m", "zeta/m",
+    ]  # fmt: skip
+    assert order == order_expected
+
+
+def test_the_routes_provider_listing_comes_first_among_other_prefixes() -> None:
+    t = table_of(p("deepinfra/meta/m", 1, 1), p("together_ai/meta/m", 2, 2))
+    assert found(t, "meta/m").model == "deepinfra/meta/m"
+    assert found(t, "meta/m", "together").model == "together_ai/meta/m"
+
+
+def test_bedrock_ids_name_their_model() -> None:
+    t = table_of(p("anthropic.claude-x-20250101-v1:0", 3, 15))
+    assert found(t, "claude-x-20250101").model == "anthropic.claude-x-20250101-v1:0"
+
+
+def test_gemini_exp_1206_the_priced_entry_not_the_free_one(
+    table: PriceTable, public: PriceTable
+) -> None:
+    # gemini/gemini-exp-1206 is $0, gemini-exp-1206 $0.30 / $2.50: the priced one
+    for t in (table, public):
+        price = t.priced("gemini-exp-1206", "gemini")
+        assert price is not None and (price.input, price.output) == (D("0.3"), D("2.5"))
+
+
+def test_a_free_duplicate_never_wins_over_a_priced_one() -> None:
+    t = table_of(p("gemini/m", 0, 0), p("m", "0.3", "2.5"))
+    assert found(t, "m", "gemini").model == "m"
+    # a free entry alone is taken (the Gemini API's free Gemma is $0)
+    assert found(table_of(p("m", 0, 0)), "m").free
+
+
+def test_another_providers_free_listing_is_no_price() -> None:
+    # ollama/llama3.2 at $0 says nothing about what a hosted llama3.2 costs
+    t = table_of(p("ollama/llama3.2", 0, 0), p("ollama/m", 0, 0), p("groq/m", 1, 1))
+    assert t.priced("llama3.2", "groq") is None
+    assert found(t, "m", "other").model == "groq/m"
+
+
+def test_your_own_free_entry_is_taken_as_written() -> None:
+    t = table_of(p("gemini/m", 0, 0, "/home/me/pricing.toml"), p("m", 1, 1))
+    assert found(t, "m", "gemini").model == "gemini/m"
+
+
+# --- local routes ---------------------------------------------------------------------------
+
+
+def test_a_local_routes_model_costs_nothing(table: PriceTable) -> None:
+    price = table.priced("llama3.2", "ollama", local=True)
+    assert price is not None and price.cost(COUNTS) == 0
+    assert (price.priced_as, price.price_source) == ("llama3.2", "local")
+    assert table.priced("llama3.2", "ollama") is None  # not a local route: no price
+
+
+def test_a_local_route_ignores_other_providers_prices(table: PriceTable) -> None:
+    price = table.priced("grok-4.7", "my-box", local=True)
+    assert price is not None and price.source == "local" and price.cost(COUNTS) == 0
+
+
+def test_a_price_entry_overrides_local(tmp_path: Path) -> None:
+    mine = tmp_path / "pricing.toml"
+    mine.write_text('[models."ollama/llama3.2"]\ninput = 0.01\noutput = 0.02\n')
+    t = load_price_table(mine)
+    price = t.priced("llama3.2:latest", "ollama", local=True)
+    # (1000 x 0.01 + 500 x 0.02) / 1e6
+    assert price is not None and price.cost(COUNTS) == D("0.00002")
+    assert price.priced_as == "ollama/llama3.2" and price.price_source == f"file {mine}"
+
+
+def test_local_flag_of_routes() -> None:
+    settings = Settings(
+        routes=[
+            RouteConfig(prefix="/box", upstream="http://127.0.0.1:8080", local=True),
+            RouteConfig(prefix="/cloud", upstream="https://ollama.com", adapter="ollama",
+                        local=False),
+            RouteConfig(prefix="/groq", upstream="https://api.groq.com/openai"),
+        ]
+    )  # fmt: skip
+    local = {r.name: r.local for r in build_routes(settings)}
+    assert local == {
+        "box": True, "cloud": False, "groq": False,
+        "ollama": True, "openai": False, "anthropic": False, "gemini": False,
+    }  # fmt: skip
+
+
+# --- pricedAs and priceSource ----------------------------------------------------------------
+
+
+def test_every_resolution_says_which_entry_and_source(table: PriceTable, tmp_path: Path) -> None:
+    price = found(table, "openai/gpt-4o-2024-08-06")
+    assert price.priced_as == "gpt-4o-2024-08-06"
+    assert price.price_source == f"bundled {bundled_date()}" and bundled_date() == "2026-11-22"
+    doc = price.to_json()
+    assert doc["pricedAs"] == "gpt-4o-2024-08-06" and doc["priceSource"] == "bundled 2026-11-22"
+    mine = tmp_path / "p.toml"
+    mine.write_text('[models."gpt-4o"]\ninput = 2\n')
+    assert found(load_price_table(mine), "gpt-4o").price_source == f"file {mine}"
+
+
+def test_cached_per_model_provider_and_local() -> None:
+    t = table_of(p("ollama/m", 1, 1))
+    assert t.priced("m", "ollama") is t.priced("m", "ollama")
+    assert t.priced("x", "ollama", local=True) is t.priced("x", "ollama", local=True)
+    assert t.priced("x", "ollama") is None
+    assert t._priced[("x", "ollama", True)] is not None
+    assert t._priced[("x", "ollama", False)] is None

@@ -114,7 +114,8 @@ class Accountant:
         response names a different model than the request); ``price_as`` stands in for
         a model the table lacks."""
         if model != ex.priced_model:
-            ex.price = self.prices.priced(model, ex.target.route.provider) or self._price_as
+            r = ex.target.route
+            ex.price = self.prices.priced(model, r.provider, local=r.local) or self._price_as
             ex.priced_model = model
         return ex.price
 

@@ -12,10 +12,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from spendgate import reports
+from spendgate import price_files, reports
 from spendgate.accounting import apply_change
 from spendgate.budgets import BudgetLedger, Change, ResumeRefused
 from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
+from spendgate.pricing import PricingError
 from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
 from spendgate.routing import valid_id
 
@@ -241,16 +242,43 @@ async def resume(request: web.Request) -> web.Response:
 @routes.get("/api/pricing")
 async def pricing(request: web.Request) -> web.Response:
     prices = request.app[PRICES]
-    return json_response({"models": [p.to_json() for p in prices]})
+    return json_response({"models": [p.to_json() for p in prices], "sources": prices.sources})
 
 
 @routes.get("/api/pricing/{model:.+}")
 async def pricing_model(request: web.Request) -> web.Response:
+    """The price the proxy charges the model: on ``?route=`` (its provider and local
+    flag), or ``?provider=`` and ``?local=``; the same function the accountant asks."""
     model = request.match_info["model"]
-    price = request.app[PRICES].resolve(model)
+    query = request.query
+    local = query.get("local")
+    if local is not None and local.lower() not in ("true", "false", "1", "0"):
+        raise api_error(400, "local must be true or false")
+    try:
+        price, asked = price_files.lookup(
+            request.app[PRICES],
+            request.app[SETTINGS],
+            model,
+            route=query.get("route"),
+            provider=query.get("provider"),
+            local=None if local is None else local.lower() in ("true", "1"),
+        )
+    except PricingError as exc:
+        raise api_error(400, str(exc)) from None
     if price is None:
-        raise api_error(404, f"no price for model {model!r}")
-    return json_response(price.to_json())
+        raise api_error(404, f"no price for model {model!r} (its cost is recorded as unknown)")
+    return json_response({**price.to_json(), "query": asked})
+
+
+@routes.post("/api/pricing/reload")
+async def pricing_reload(request: web.Request) -> web.Response:
+    """Read the price files again (the stored update, the pricing file); as SIGHUP."""
+    app = request.app
+    try:
+        table = await price_files.reload_into(app[PRICES], app[SETTINGS])
+    except PricingError as exc:
+        raise api_error(409, f"{exc}; the prices in use are unchanged") from None
+    return json_response({"reloaded": True, "models": len(table), "sources": table.sources})
 
 
 @routes.get("/healthz")

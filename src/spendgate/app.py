@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -27,7 +30,8 @@ from spendgate.keys import (
     STORE,
 )
 from spendgate.metrics import Metrics
-from spendgate.price_files import load_price_table
+from spendgate.price_files import reload_into, settings_table
+from spendgate.pricing import PricingError
 from spendgate.proxy import ProxyHandler
 from spendgate.routing import Router, build_routes
 from spendgate.settings import Settings
@@ -76,7 +80,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         lambda: store.queue_depth,
         budgets=ledger.budgets,
     )
-    prices = load_price_table(settings.pricing_file, settings.model_aliases)
+    prices = settings_table(settings)  # bundled, the stored update, the pricing file
     metrics.bind_prices(prices)
     acct = Accountant(
         prices,
@@ -105,11 +109,58 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     )
     app[PROXY].attach(router, acct, client)
     log.info("database %s, %d routes", settings.db_path, len(router.routes))
+    _watch_sighup(app)
     try:
         yield
     finally:
+        _unwatch_sighup(app)
         await client.close()
         await store.close()
+
+
+_HUP_APPS: list[web.Application] = []
+"""Running apps whose prices a SIGHUP reloads (one handler for the process)."""
+_RELOADS: set[asyncio.Task[None]] = set()
+
+
+def _watch_sighup(app: web.Application) -> None:
+    """SIGHUP reloads the prices (docs/reference.md §4), where the platform and the
+    thread allow a signal handler (POSIX, the main thread); else only the API does."""
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is None or threading.current_thread() is not threading.main_thread():
+        return
+    if not _HUP_APPS:
+        try:
+            asyncio.get_running_loop().add_signal_handler(hup, _sighup)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return
+    _HUP_APPS.append(app)
+
+
+def _unwatch_sighup(app: web.Application) -> None:
+    if app not in _HUP_APPS:
+        return
+    _HUP_APPS.remove(app)
+    if not _HUP_APPS:
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+
+def _sighup() -> None:
+    for app in _HUP_APPS:
+        task = asyncio.ensure_future(_reload_prices(app))
+        _RELOADS.add(task)
+        task.add_done_callback(_RELOADS.discard)
+
+
+async def _reload_prices(app: web.Application) -> None:
+    try:
+        table = await reload_into(app[PRICES], app[SETTINGS])
+    except PricingError as exc:
+        log.error("SIGHUP: prices not reloaded, the ones in use stay: %s", exc)
+    except Exception:
+        log.exception("SIGHUP: prices not reloaded, the ones in use stay")
+    else:
+        log.info("SIGHUP: prices reloaded (%d models)", len(table))
 
 
 async def _close_subscribers(app: web.Application) -> None:

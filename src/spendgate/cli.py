@@ -245,8 +245,42 @@ def cmd_pause(args: argparse.Namespace) -> int:
     return _admin(args, "POST", f"/api/sessions/{args.session}/pause")
 
 
+def _pricing_update(args: argparse.Namespace, settings: Settings) -> int:
+    """``pricing update``: fetch, check, report, store (docs/reference.md §4)."""
+    from spendgate import price_files
+    from spendgate.pricing import PricingError
+
+    source = args.source or price_files.DEFAULT_UPDATE_URL
+    target = price_files.update_path(settings)
+    try:
+        body, origin = price_files.fetch_table(source)
+        plan = price_files.plan_update(body, origin, target)
+    except PricingError as exc:
+        print(f"spendgate: {exc}; nothing stored", file=sys.stderr)
+        return 1
+    print("\n".join(plan.lines(None if args.verbose else 20)))
+    if plan.refused and not args.force:
+        print(
+            "spendgate: not stored: the table drops prices or has absurd ones (above); "
+            "--force stores it anyway",
+            file=sys.stderr,
+        )
+        return 1
+    if args.dry_run:
+        print("dry run: nothing stored")
+        return 0
+    price_files.store_update(plan, target)
+    date = price_files.bundled_date() or "unknown date"
+    print(f"stored in {target}; it takes precedence over the bundled table ({date})")
+    if args.reload:
+        return _admin(args, "POST", "/api/pricing/reload")
+    print("a running proxy takes it on `spendgate pricing reload` (or SIGHUP)")
+    return 0
+
+
 def cmd_pricing(args: argparse.Namespace) -> int:
     from spendgate import price_files
+    from spendgate.pricing import PricingError
 
     settings = _settings(args)
     if args.model == "import":
@@ -263,12 +297,37 @@ def cmd_pricing(args: argparse.Namespace) -> int:
             return 1
         print(f"imported {count} models into {target}; set SPENDGATE_PRICING_FILE={target}")
         return 0
-    table = price_files.load_price_table(settings.pricing_file, settings.model_aliases)
-    price = table.resolve(args.model)
+    if args.model == "update":
+        return _pricing_update(args, settings)
+    if args.model == "reload":
+        return _admin(args, "POST", "/api/pricing/reload")
+    try:
+        table = price_files.settings_table(settings)
+        if args.model is None:  # where the prices come from
+            print(orjson.dumps({"sources": table.sources}, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        quiet = logging.getLogger("spendgate.pricing")  # its "no price" is for the proxy's log
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            price, asked = price_files.lookup(
+                table,
+                settings,
+                args.model,
+                route=args.route,
+                provider=args.provider,
+                local=True if args.local else None,
+            )
+        finally:
+            quiet.setLevel(level)
+    except PricingError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 2
     if price is None:
         print(f"spendgate: no price for {args.model!r} (its cost shows as N/A)", file=sys.stderr)
         return 1
-    print(orjson.dumps(price.to_json(), option=orjson.OPT_INDENT_2).decode())
+    shown = {**price.to_json(), "query": asked}
+    print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -342,10 +401,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("session")
     sp = add("pause", cmd_pause, "pause a session by hand")
     sp.add_argument("session")
-    sp = add("pricing", cmd_pricing, "show a model's price, or `pricing import FILE`")
-    sp.add_argument("model", help="a model id, or 'import'")
+    sp = add(
+        "pricing",
+        cmd_pricing,
+        "a model's price as the proxy charges it; `pricing import FILE`, `pricing update`, "
+        "`pricing reload`",
+    )
+    sp.add_argument("model", nargs="?", help="a model id, or import, update, reload")
     sp.add_argument("file", nargs="?")
     sp.add_argument("--to", help="pricing file to write (default SPENDGATE_PRICING_FILE)")
+    sp.add_argument("--route", help="price as on this route (its provider and local flag)")
+    sp.add_argument("--provider", help="price as on a route of this provider")
+    sp.add_argument("--local", action="store_true", help="price as on a local route")
+    sp.add_argument("--from", dest="source", metavar="URL|FILE", help="update: the table to fetch")
+    sp.add_argument("--force", action="store_true", help="update: store a refused table")
+    sp.add_argument("--dry-run", action="store_true", help="update: check and report only")
+    sp.add_argument("--verbose", action="store_true", help="update: list every change")
+    sp.add_argument("--reload", action="store_true", help="update: then reload the proxy")
     add("top", cmd_top, "live terminal view of a running proxy")
     sp = add("statusline", cmd_statusline, "Claude Code's status line (its JSON on stdin)")
     sp.add_argument("--session", help="the session to show (default: session_id on stdin)")

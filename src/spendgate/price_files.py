@@ -3,25 +3,40 @@
 Reading turns any of the three into spendgate entries (USD per million tokens, exact
 Decimals) checked by :func:`~spendgate.pricing.model_price`; writing produces the JSON
 that ``spendgate pricing import`` and ``scripts/build_prices.py`` keep. The table the
-proxy prices with is :func:`load_price_table`: bundled, then the user's file, then aliases.
+proxy prices with is :func:`load_price_table`: bundled, then the stored update
+(``spendgate pricing update``), then the user's file, then aliases; :func:`reload_into`
+swaps a running proxy's table for a fresh one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
 import json
+import os
 import re
+import tempfile
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from spendgate import __version__
 from spendgate.pricing import (
     BUNDLED,
+    PRICE_FIELDS,
+    UPDATE,
+    ModelPrice,
     PriceTable,
     PricingError,
     model_price,
@@ -29,6 +44,9 @@ from spendgate.pricing import (
     per_million,
     to_decimal,
 )
+
+if TYPE_CHECKING:
+    from spendgate.settings import Settings
 
 # --- foreign formats ----------------------------------------------------------------
 
@@ -81,13 +99,25 @@ def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
     return entry
 
 
+def _paid(entry: Mapping[str, Any]) -> bool:
+    """A spendgate-format entry with both token prices, not both 0."""
+    inp, out = entry.get("input"), entry.get("output")
+    return inp is not None and out is not None and (inp > 0 or out > 0)
+
+
+def _free(entry: Mapping[str, Any]) -> bool:
+    return entry.get("input") == 0 and entry.get("output") == 0
+
+
 def convert_litellm(data: Mapping[str, Any], *, api_ids: bool = False) -> dict[str, dict[str, Any]]:
     """LiteLLM's ``model_prices_and_context_window.json`` (USD per token) → spendgate entries.
 
     Entries priced only per image, second or query are skipped, as is ``sample_spec``.
     ``*_above_NNNk_tokens`` prices become a tier above NNN,000 input tokens. With
     ``api_ids``, Gemini API entries (``gemini/<id>``) are keyed ``<id>``, as that API
-    names its models, replacing LiteLLM's same-named Vertex AI entry.
+    names its models, replacing LiteLLM's same-named entry, except that a $0 entry never
+    replaces a priced one (``gemini-exp-1206``: ``gemini/`` lists it at $0, the bare
+    entry at $0.30 / $2.50).
     """
     out: dict[str, dict[str, Any]] = {}
     gemini: dict[str, dict[str, Any]] = {}
@@ -101,7 +131,9 @@ def convert_litellm(data: Mapping[str, Any], *, api_ids: bool = False) -> dict[s
             gemini[key.removeprefix("gemini/")] = entry
         else:
             out[key] = entry
-    out.update(gemini)
+    for key, entry in gemini.items():
+        if not (_free(entry) and _paid(out.get(key) or {})):
+            out[key] = entry
     return out
 
 
@@ -280,11 +312,14 @@ def dumps_table(
     models: Mapping[str, Mapping[str, Any]],
     aliases: Mapping[str, str] | None = None,
     attribution: str | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """A price file in spendgate's JSON format; prices read back exactly."""
+    """A price file in spendgate's JSON format; prices read back exactly. ``meta``: more
+    comment keys (``_update``)."""
     doc: dict[str, Any] = {}
     if attribution:
         doc["_attribution"] = attribution
+    doc.update(meta or {})
     doc["models"] = models
     if aliases:
         doc["aliases"] = aliases
@@ -295,10 +330,11 @@ def dumps_table(
 
 
 @lru_cache(maxsize=1)
-def _bundled() -> tuple[Mapping[str, Mapping[str, Any]], Mapping[str, str]]:
+def _bundled() -> tuple[Mapping[str, Mapping[str, Any]], Mapping[str, str], str | None]:
     raw = resources.files("spendgate").joinpath("data", "prices.json").read_bytes()
     data = orjson.loads(raw)
-    return _spendgate_tables(data, BUNDLED)
+    date = data.get("_date")
+    return (*_spendgate_tables(data, BUNDLED), date if isinstance(date, str) else None)
 
 
 def bundled_attribution() -> str:
@@ -308,28 +344,342 @@ def bundled_attribution() -> str:
     return str(text)
 
 
-def load_price_table(
-    user_file: Path | None = None, aliases: Mapping[str, str] | None = None
-) -> PriceTable:
-    """The effective table: bundled prices, then the user's file, then configured aliases.
+def bundled_date() -> str | None:
+    """The bundled table's date (``_date`` in src/spendgate/data/prices.json)."""
+    return _bundled()[2]
 
-    A user entry for a bundled model overrides only the fields it sets, so
-    ``[models."gpt-4o"] input = 2.0`` keeps the bundled output and cache prices.
-    """
-    bundled_models, bundled_aliases = _bundled()
-    raws: dict[str, tuple[Mapping[str, Any], str]] = {
-        k: (v, BUNDLED) for k, v in bundled_models.items()
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """A table ``spendgate pricing update`` stored: its entries and where it came from."""
+
+    models: Mapping[str, Mapping[str, Any]]
+    origin: str
+    date: str
+    fetched_at: str
+    format: str
+    path: Path | None = None
+
+
+def read_update(path: Path) -> StoredUpdate:
+    """The stored update at ``path`` (written by :func:`store_update`)."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as e:
+        raise PricingError(
+            f"{path}: cannot read the stored price update ({e}); run `spendgate pricing "
+            "update` again or delete the file"
+        ) from e
+    if not isinstance(data, dict):
+        raise PricingError(f"{path}: not a stored price update")
+    meta = data.get("_update")
+    models, _ = _spendgate_tables(data, str(path))
+    if not isinstance(meta, dict):
+        raise PricingError(f"{path}: not a stored price update (no _update)")
+    return StoredUpdate(
+        models,
+        str(meta.get("from", "")),
+        str(meta.get("date", "")),
+        str(meta.get("fetched", "")),
+        str(meta.get("format", "")),
+        path,
+    )
+
+
+def _table(
+    update: StoredUpdate | None, user_file: Path | None, aliases: Mapping[str, str] | None
+) -> PriceTable:
+    bundled_models, bundled_aliases, date = _bundled()
+    raws: dict[str, tuple[Mapping[str, Any], str, str | None]] = {
+        k: (v, BUNDLED, date) for k, v in bundled_models.items()
     }
+    sources: list[dict[str, Any]] = [
+        {"source": BUNDLED, "date": date, "models": len(bundled_models)}
+    ]
+    if update is not None:
+        for key, entry in update.models.items():
+            raws[key] = (entry, UPDATE, update.date or None)
+        sources.append(
+            {
+                "source": UPDATE,
+                "date": update.date,
+                "from": update.origin,
+                "fetched": update.fetched_at,
+                "format": update.format,
+                "file": None if update.path is None else str(update.path),
+                "models": len(update.models),
+            }
+        )
     all_aliases = dict(bundled_aliases)
     if user_file is not None:
         user_models, user_aliases = read_price_file(user_file)
         for key, override in user_models.items():
-            base = raws.get(key, ({}, BUNDLED))[0]
-            raws[key] = ({**base, **override}, str(user_file))
+            base = raws.get(key, ({}, BUNDLED, None))[0]
+            raws[key] = ({**base, **override}, str(user_file), None)
         all_aliases.update(user_aliases)
+        sources.append({"source": "file", "file": str(user_file), "models": len(user_models)})
     all_aliases.update(aliases or {})
-    prices = {key: model_price(key, raw, source) for key, (raw, source) in raws.items()}
-    return PriceTable(prices, all_aliases)
+    prices = {k: model_price(k, raw, source, d) for k, (raw, source, d) in raws.items()}
+    return PriceTable(prices, all_aliases, sources)
+
+
+def load_price_table(
+    user_file: Path | None = None,
+    aliases: Mapping[str, str] | None = None,
+    update_file: Path | None = None,
+) -> PriceTable:
+    """The effective table: bundled prices, then the stored update (``update_file``, when
+    it exists: its entries replace bundled ones whole), then the user's file, then
+    configured aliases.
+
+    A user entry for a known model overrides only the fields it sets, so
+    ``[models."gpt-4o"] input = 2.0`` keeps the other prices.
+    """
+    update = None
+    if update_file is not None and update_file.exists():
+        update = read_update(update_file)
+    return _table(update, user_file, aliases)
+
+
+def update_path(settings: Settings) -> Path:
+    """Where ``spendgate pricing update`` stores the table: ``price_update_file``, else
+    ``prices-update.json`` beside the database (the user data directory by default)."""
+    return settings.price_update_file or settings.db_path.parent / "prices-update.json"
+
+
+def settings_table(settings: Settings) -> PriceTable:
+    """The table ``settings`` price with: what the proxy loads and reloads."""
+    return load_price_table(settings.pricing_file, settings.model_aliases, update_path(settings))
+
+
+def lookup(
+    table: PriceTable,
+    settings: Settings,
+    model: str,
+    *,
+    route: str | None = None,
+    provider: str | None = None,
+    local: bool | None = None,
+) -> tuple[ModelPrice | None, dict[str, Any]]:
+    """``spendgate pricing MODEL`` and ``GET /api/pricing/{model}``: the proxy's own
+    question, ``table.priced(model, provider, local=...)``, with the provider and local
+    flag of the route named ``route`` unless given; and what was asked. Without either,
+    as on a route whose provider has no entries of its own."""
+    from spendgate.routing import build_routes
+
+    route_provider, route_local = None, False
+    if route is not None:
+        routes = build_routes(settings)
+        found = next((r for r in routes if r.name == route), None)
+        if found is None:
+            names = ", ".join(sorted(r.name for r in routes))
+            raise PricingError(f"no route named {route!r} (the routes: {names})")
+        route_provider, route_local = found.provider, found.local
+    provider = provider or route_provider
+    local = route_local if local is None else local
+    asked = {"model": model, "route": route, "provider": provider, "local": local}
+    return table.priced(model, provider, local=local), asked
+
+
+_GENERATIONS = itertools.count(1)
+
+
+async def reload_into(table: PriceTable, settings: Settings) -> PriceTable:
+    """Read the price files again (in a thread) and swap them into ``table``, the one
+    the accountant, the API and the metrics share; requests priced from then on see the
+    new prices. A bad file raises PricingError and changes nothing. Of two reloads, the
+    one started last is kept."""
+    generation = next(_GENERATIONS)
+    fresh = await asyncio.to_thread(settings_table, settings)
+    table.replace_with(fresh, generation)
+    return table
+
+
+# --- updates ----------------------------------------------------------------------------
+
+DEFAULT_UPDATE_URL = (
+    "https://raw.githubusercontent.com/BerriAI/litellm/main/model_prices_and_context_window.json"
+)
+"""LiteLLM's public table, the default of ``spendgate pricing update``."""
+ABSURD_PER_MILLION = Decimal(20_000)
+"""A price above this (USD per million tokens, $0.02 a token; the dearest model in the
+public table charges $600) is refused without ``--force``: a unit slip, not a price."""
+MAX_TABLE_BYTES = 64 << 20
+
+
+def fetch_table(source: str, timeout: float = 60.0) -> tuple[bytes, str]:
+    """The bytes of an http(s) URL or a file, and its name as recorded (URL or path)."""
+    if re.match(r"^https?://", source, re.I):
+        req = urllib.request.Request(source, headers={"User-Agent": f"spendgate/{__version__}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body: bytes = resp.read(MAX_TABLE_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            raise PricingError(f"cannot fetch {source}: HTTP {e.code} {e.reason}") from e
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise PricingError(f"cannot fetch {source}: {reason}") from e
+        origin = source
+    else:
+        path = Path(source).expanduser()
+        try:
+            body = path.read_bytes()
+        except OSError as e:
+            raise PricingError(f"cannot read {path}: {e.strerror or e}") from e
+        origin = str(path.resolve())
+    if len(body) > MAX_TABLE_BYTES:
+        raise PricingError(f"{source}: larger than {MAX_TABLE_BYTES >> 20} MiB, not a price table")
+    return body, origin
+
+
+def _prices_of(price: ModelPrice) -> tuple[Any, ...]:
+    return (*(getattr(price, f) for f in PRICE_FIELDS), price.tiers)
+
+
+def _absurd(entry: Mapping[str, Any]) -> bool:
+    for prices in [entry, *(entry.get("tiers") or [])]:
+        for f in PRICE_FIELDS:
+            value = to_decimal(prices.get(f))
+            if value is not None and value > ABSURD_PER_MILLION:
+                return True
+    return False
+
+
+def _show(price: ModelPrice) -> str:
+    if not price.priced:
+        return "no token prices"
+    return f"${price.input} / ${price.output}"
+
+
+@dataclass
+class UpdatePlan:
+    """What storing a fetched table would change in the public prices (bundled + update,
+    without the user's file), and why it may be refused."""
+
+    update: StoredUpdate
+    sha256: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[tuple[str, ModelPrice, ModelPrice]] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    """Priced above $0 before; now $0, without token prices, or gone: (id, what now)."""
+    absurd: list[str] = field(default_factory=list)
+
+    @property
+    def refused(self) -> bool:
+        """Stored only with ``force``."""
+        return bool(self.dropped or self.absurd)
+
+    def lines(self, limit: int | None = 20) -> list[str]:
+        """The report ``spendgate pricing update`` prints (``limit`` ids per list)."""
+
+        def some(ids: list[str]) -> str:
+            shown = ids if limit is None else ids[:limit]
+            more = len(ids) - len(shown)
+            return ", ".join(shown) + (f", … and {more} more (--verbose)" if more else "")
+
+        u = self.update
+        out = [f"{u.origin}: {u.format} table, {len(u.models)} token-priced models"]
+        out.append(f"added {len(self.added)}" + (f": {some(self.added)}" if self.added else ""))
+        out.append(
+            f"removed {len(self.removed)}" + (f": {some(self.removed)}" if self.removed else "")
+        )
+        out.append(f"changed prices {len(self.changed)}" + (":" if self.changed else ""))
+        rows = self.changed if limit is None else self.changed[:limit]
+        out += [f"  {k}: {_show(a)} → {_show(b)} per million" for k, a, b in rows]
+        if len(rows) < len(self.changed):
+            out.append(f"  … and {len(self.changed) - len(rows)} more (--verbose)")
+        for key, now in self.dropped if limit is None else self.dropped[:limit]:
+            out.append(f"REFUSED: {key} was priced and would be {now}")
+        if limit is not None and len(self.dropped) > limit:
+            out.append(f"REFUSED: … and {len(self.dropped) - limit} more (--verbose)")
+        if self.absurd:
+            out.append(
+                f"REFUSED: prices above ${ABSURD_PER_MILLION} per million tokens: "
+                f"{some(self.absurd)}"
+            )
+        return out
+
+
+def plan_update(body: bytes, origin: str, current: Path | None = None) -> UpdatePlan:
+    """Check a fetched table (LiteLLM, models.dev or spendgate format) and compare it with
+    the stored update at ``current`` (if any) on top of the bundled table.
+
+    Raises PricingError when it is not a price table or an entry is invalid (a negative
+    price, an unknown field): that table is never stored, even with ``--force``.
+    """
+    try:
+        data = json.loads(body, parse_float=Decimal)  # exact, as written
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PricingError(f"{origin}: not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise PricingError(f"{origin}: a price table is a JSON object")
+    fmt = detect_format(data)
+    if fmt == "litellm":
+        models = convert_litellm(data, api_ids=True)
+    elif fmt == "models.dev":
+        models = convert_models_dev(data)
+    else:
+        models = _spendgate_tables(data, origin)[0]
+    if not models:
+        raise PricingError(f"{origin}: no model priced per token")
+    for key, entry in models.items():
+        model_price(key, entry, origin)  # a negative price or a bad field: refused outright
+    now = datetime.now(UTC)
+    update = StoredUpdate(
+        models, origin, now.date().isoformat(), now.isoformat(timespec="seconds"), fmt
+    )
+    before = {p.model: p for p in load_price_table(update_file=current)}
+    after = {p.model: p for p in _table(update, None, None)}
+    plan = UpdatePlan(update, hashlib.sha256(body).hexdigest())
+    plan.absurd = sorted(k for k, e in models.items() if _absurd(e))
+    for key in sorted(after.keys() | before.keys()):
+        old, new = before.get(key), after.get(key)
+        if old is None:
+            plan.added.append(key)
+            continue
+        if new is None:
+            plan.removed.append(key)
+        elif _prices_of(old) != _prices_of(new):
+            plan.changed.append((key, old, new))
+        if old.priced and not old.free:
+            if new is None:
+                plan.dropped.append((key, "gone"))
+            elif not new.priced:
+                plan.dropped.append((key, "without token prices"))
+            elif new.free:
+                plan.dropped.append((key, "$0"))
+    return plan
+
+
+def store_update(plan: UpdatePlan, path: Path) -> None:
+    """Write the table atomically (a reader never sees half a file)."""
+    u = plan.update
+    meta = {
+        "_update": {
+            "from": u.origin,
+            "date": u.date,
+            "fetched": u.fetched_at,
+            "format": u.format,
+            "sha256": plan.sha256,
+            "models": len(u.models),
+        }
+    }
+    attribution = (
+        f"Fetched from {u.origin} on {u.date} by `spendgate pricing update` and converted to "
+        "USD per million tokens; the source's license applies (LiteLLM's table: MIT, "
+        "BerriAI/litellm)."
+    )
+    body = dumps_table(u.models, None, attribution, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".prices-update.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def import_into(source: Path, target: Path) -> int:

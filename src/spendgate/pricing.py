@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -26,6 +26,12 @@ ENTRY_FIELDS = frozenset(
     {*PRICE_FIELDS, "provider", "tiers", "context_window", "max_output_tokens"}
 )
 BUNDLED = "bundled"
+"""``ModelPrice.source`` of the table shipped with spendgate (src/spendgate/data)."""
+UPDATE = "update"
+"""``ModelPrice.source`` of a table fetched by ``spendgate pricing update``."""
+LOCAL = "local"
+"""``ModelPrice.source`` of the $0 price of a local route's model (no entry priced it)."""
+_ZERO = Decimal(0)
 
 # Resolution caches are keyed by client-supplied model names; bound them.
 _CACHE_LIMIT = 10_000
@@ -70,12 +76,37 @@ class ModelPrice:
     """The model's ``max_input_tokens``."""
     max_output_tokens: int | None = None
     source: str = BUNDLED
-    """``bundled`` or the path of the user's price file that set this entry."""
+    """``bundled``, ``update``, ``local`` or the path of the user's price file that set
+    this entry."""
+    source_date: str | None = None
+    """The date (YYYY-MM-DD) of the bundled table or of the update that set this entry."""
 
     @property
     def priced(self) -> bool:
         """Whether both token prices are known; without them cost is unknown, not 0."""
         return self.input is not None and self.output is not None
+
+    @property
+    def free(self) -> bool:
+        """Both token prices known and 0."""
+        return self.input == _ZERO and self.output == _ZERO
+
+    @property
+    def from_user_file(self) -> bool:
+        return self.source not in (BUNDLED, UPDATE, LOCAL)
+
+    @property
+    def priced_as(self) -> str:
+        """``pricedAs``: the id of the entry that priced the model (``model``)."""
+        return self.model
+
+    @property
+    def price_source(self) -> str:
+        """``priceSource``: ``bundled 2026-11-22``, ``update 2026-12-01``,
+        ``file /path/to/pricing.toml`` or ``local`` (a local route, §4)."""
+        if self.from_user_file:
+            return f"file {self.source}"
+        return self.source if self.source_date is None else f"{self.source} {self.source_date}"
 
     def cost(self, counts: TokenCounts) -> Decimal | None:
         """USD for ``counts``; reasoning is part of output and billed once."""
@@ -126,6 +157,8 @@ class ModelPrice:
             "contextWindow": self.context_window,
             "maxOutputTokens": self.max_output_tokens,
             "source": self.source,
+            "pricedAs": self.priced_as,
+            "priceSource": self.price_source,
         }
 
 
@@ -146,6 +179,47 @@ def _prices_json(p: PriceTier | ModelPrice) -> dict[str, float | None]:
 
 # gpt-4o-2024-08-06, claude-3-5-sonnet-20240620, gpt-4-0613, gemini-2.0-flash-001
 _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4})$")
+
+PREFIX_ORDER = (
+    # the makers' own APIs
+    "openai",
+    "anthropic",
+    "gemini",
+    "xai",
+    "mistral",
+    "deepseek",
+    "cohere",
+    "ai21",
+    "moonshot",
+    "zai",
+    "minimax",
+    # clouds that list the makers' models at the makers' prices
+    "vertex_ai",
+    "azure",
+    "bedrock",
+    "azure_ai",
+    # the router
+    "openrouter",
+)
+"""The order in which entries under another provider's prefix are tried when the table
+has no first-party entry for a model (docs/reference.md §4); any other prefix follows,
+in alphabetical order."""
+_PREFIX_RANK = {p: i for i, p in enumerate(PREFIX_ORDER)}
+
+# Bedrock's own ids: anthropic.claude-3-haiku-20240307-v1:0 is claude-3-haiku-20240307.
+_BEDROCK_ID = re.compile(
+    r"^(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek|openai|qwen)\.(.+?)"
+    r"(?:-v\d+(?::\d+)?)?$"
+)
+_VERSION_DOT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
+def spelling(name: str) -> str:
+    """The form under which ids are matched across providers: lower case, a version's
+    dots as dashes, a Vertex ``@date`` as ``-date`` (``claude-sonnet-4.5`` and
+    ``claude-sonnet-4-5`` are one model; ``claude-3-haiku@20240307`` is
+    ``claude-3-haiku-20240307``)."""
+    return _VERSION_DOT.sub("-", name.lower().replace("@", "-"))
 
 
 def _without_prefixes(model: str) -> list[str]:
@@ -174,16 +248,104 @@ def _without_suffix(name: str) -> list[str]:
     return out
 
 
+def _candidates(model: str) -> list[str]:
+    names = _qualified(model)
+    names += [v for n in names for v in _without_suffix(n)]
+    return list(dict.fromkeys(names))
+
+
+def _qualified(model: str) -> list[str]:
+    """The id and the id without its prefixes: one model, however qualified."""
+    return [model, *_without_prefixes(model)]
+
+
+_Rank = tuple[int, int, str]
+_Index = dict[str, tuple[tuple[_Rank, ModelPrice], ...]]
+
+
+def _spellings(key: str) -> Iterator[tuple[bool, str, _Rank]]:
+    """The spellings an entry answers to after the exact ids: (first-party, spelling,
+    rank). First-party entries are the unprefixed ones; the others rank by their prefix
+    (:data:`PREFIX_ORDER`, then any other), then the shorter match, then the key."""
+    parts = key.split("/")
+    if len(parts) == 1:
+        yield True, spelling(key), (0, 0, key)
+        m = _BEDROCK_ID.match(key)
+        if m:
+            yield False, spelling(m[1]), (_PREFIX_RANK["bedrock"], 1, key)
+        return
+    rank = _PREFIX_RANK.get(parts[0], len(PREFIX_ORDER))
+    for depth in range(1, len(parts)):
+        rest = "/".join(parts[depth:])
+        if rest:
+            yield False, spelling(rest), (rank, depth, key)
+
+
+def _spelling_indexes(prices: Mapping[str, ModelPrice]) -> tuple[_Index, _Index]:
+    """(first-party entries, other providers' entries) by :func:`spelling`, ranked."""
+    first: dict[str, list[tuple[_Rank, ModelPrice]]] = {}
+    other: dict[str, list[tuple[_Rank, ModelPrice]]] = {}
+    for key, price in prices.items():
+        for first_party, name, rank in _spellings(key):
+            (first if first_party else other).setdefault(name, []).append((rank, price))
+    return (
+        {n: tuple(sorted(v, key=lambda t: t[0])) for n, v in first.items()},
+        {n: tuple(sorted(v, key=lambda t: t[0])) for n, v in other.items()},
+    )
+
+
+def _prefix(price: ModelPrice) -> str:
+    return price.model.partition("/")[0] if "/" in price.model else ""
+
+
+def _provider_first(hits: Sequence[ModelPrice], provider: str | None) -> Sequence[ModelPrice]:
+    """The route's provider's own listings first (``together`` → ``together_ai/…``)."""
+    if not provider:
+        return hits
+    own = [p for p in hits if _prefix(p).startswith(provider)]
+    if not own:
+        return hits
+    return [*own, *(p for p in hits if not _prefix(p).startswith(provider))]
+
+
+def _choose(steps: Iterable[tuple[Sequence[ModelPrice], bool]]) -> ModelPrice | None:
+    """The first step's first entry with a price above $0; a $0 entry only when no entry
+    of its step prices the model above 0, and never one from another provider's listing
+    (``cross``). Your own file's entries count as written. Without any priced entry, the
+    first entry met (it still gives a context window)."""
+    unpriced = None
+    for hits, cross in steps:
+        free = None
+        for price in hits:
+            if not price.priced:
+                unpriced = unpriced or price
+            elif not price.free or price.from_user_file:
+                return price
+            elif free is None and not cross:
+                free = price
+        if free is not None:
+            return free
+    return unpriced
+
+
 class PriceTable:
-    """Prices by model id, resolved as docs/reference.md §4 says, cached per (model, provider)."""
+    """Prices by model id, resolved as docs/reference.md §4 says, cached per (model,
+    provider[, local])."""
 
     def __init__(
-        self, prices: Mapping[str, ModelPrice], aliases: Mapping[str, str] | None = None
+        self,
+        prices: Mapping[str, ModelPrice],
+        aliases: Mapping[str, str] | None = None,
+        sources: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         self._prices = dict(prices)
         self._aliases = dict(aliases or {})
+        self._first, self._other = _spelling_indexes(self._prices)
+        self._sources = [dict(s) for s in sources]
         self._cache: dict[tuple[str, str | None], ModelPrice | None] = {}
+        self._priced: dict[tuple[str, str | None, bool], ModelPrice | None] = {}
         self._warned: set[str] = set()
+        self._generation = 0
 
     def __len__(self) -> int:
         return len(self._prices)
@@ -202,77 +364,155 @@ class PriceTable:
     def aliases(self) -> Mapping[str, str]:
         return self._aliases
 
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """The layers the table was built from, lowest first (``spendgate pricing``)."""
+        return [dict(s) for s in self._sources]
+
+    def replace_with(self, other: PriceTable, generation: int = 0) -> bool:
+        """Take ``other``'s entries, aliases and sources, and start new caches: what
+        ``POST /api/pricing/reload`` and SIGHUP do. No await between the assignments, so
+        no request sees half of it; a request already priced keeps the price it has.
+        A reload older than the one already taken (``generation``) is ignored."""
+        if generation and generation < self._generation:
+            return False
+        self._generation = max(generation, self._generation)
+        self._prices, self._aliases = other._prices, other._aliases
+        self._first, self._other, self._sources = other._first, other._other, other._sources
+        self._cache, self._priced, self._warned = {}, {}, set()
+        return True
+
     def resolve(self, model: str, provider: str | None = None) -> ModelPrice | None:
-        """Exact id, then without provider prefix, then without date suffix, then aliases."""
+        """The entry ``model`` resolves to (priced or not): docs/reference.md §4."""
         key = (model, provider)
         try:
             return self._cache[key]
         except KeyError:
             pass
         name = model.strip()
-        price = self._lookup(name, provider) or self._alias(name, provider)
+        price = _choose(self._steps(name, provider)) if name else None
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = price
         return price
 
-    def _candidates(self, model: str) -> list[str]:
-        names = [model, *_without_prefixes(model)]
-        names += [v for n in names for v in _without_suffix(n)]
-        return names
+    def _exact(
+        self, names: Iterable[str], provider: str | None
+    ) -> Iterator[tuple[Sequence[ModelPrice], bool]]:
+        for name in names:
+            hits = []
+            if provider and (hit := self._prices.get(f"{provider}/{name}")) is not None:
+                hits.append(hit)
+            if (hit := self._prices.get(name)) is not None:
+                hits.append(hit)
+            if hits:
+                yield hits, False
 
-    def _find(self, name: str, provider: str | None) -> ModelPrice | None:
+    def _respelled(
+        self, names: Iterable[str], index: _Index, provider: str | None, cross: bool
+    ) -> Iterator[tuple[Sequence[ModelPrice], bool]]:
+        for name in names:
+            hits = index.get(spelling(name))
+            if hits:
+                yield _provider_first([p for _, p in hits], provider), cross
+
+    def _elsewhere(
+        self, model: str, provider: str | None
+    ) -> Iterator[tuple[Sequence[ModelPrice], bool]]:
+        """Other providers' listings: of the id however qualified (``x-ai/grok-4.7``,
+        ``grok-4.7``) as one step in rank order, then of each shorter form."""
+        qualified = _qualified(model)
+        ranked: dict[str, tuple[_Rank, ModelPrice]] = {}
+        for name in qualified:
+            for rank, price in self._other.get(spelling(name), ()):
+                if price.model not in ranked or rank < ranked[price.model][0]:
+                    ranked[price.model] = (rank, price)
+        if ranked:
+            hits = [p for _, p in sorted(ranked.values(), key=lambda t: t[0])]
+            yield _provider_first(hits, provider), True
+        shorter = [v for n in qualified for v in _without_suffix(n)]
+        yield from self._respelled(dict.fromkeys(shorter), self._other, provider, True)
+
+    def _steps(
+        self, model: str, provider: str | None
+    ) -> Iterator[tuple[Sequence[ModelPrice], bool]]:
+        """Exact ids, aliases' targets, first-party entries spelled otherwise, then other
+        providers' listings: each step a list of entries of equal standing."""
+        names = _candidates(model)
+        targets = list(dict.fromkeys(t for n in names if (t := self._aliases.get(n)) is not None))
+        target_names = [c for t in targets for c in _candidates(t)]
+        yield from self._exact(names, provider)
+        yield from self._exact(target_names, provider)
+        yield from self._respelled(names, self._first, provider, False)
+        yield from self._respelled(target_names, self._first, provider, False)
+        yield from self._elsewhere(model, provider)
+        for target in targets:
+            yield from self._elsewhere(target, provider)
+
+    def priced(
+        self, model: str, provider: str | None = None, *, local: bool = False
+    ) -> ModelPrice | None:
+        """The price the proxy charges ``model`` on a route of ``provider`` (``local``: a
+        local route's, $0 unless ``provider/model`` has a price), if both token prices are
+        known; else None, logged once. ``spendgate pricing`` and ``/api/pricing/{model}``
+        ask exactly this."""
+        key = (model, provider, local)
+        try:
+            return self._priced[key]
+        except KeyError:
+            pass
+        price = self._local(model.strip(), provider) if local else self.resolve(model, provider)
+        if price is not None and not price.priced:
+            self._warn(model, f"entry {price.model!r} lacks token prices")
+            price = None
+        elif price is None:
+            self._warn(model, "has no price")
+        if len(self._priced) >= _CACHE_LIMIT:
+            self._priced.clear()
+        self._priced[key] = price
+        return price
+
+    def _local(self, model: str, provider: str | None) -> ModelPrice:
+        """A local route's model: its own entry (``ollama/llama3``) if priced, else $0."""
         if provider:
-            hit = self._prices.get(f"{provider}/{name}")
-            if hit is not None:
-                return hit
-        return self._prices.get(name)
-
-    def _lookup(self, model: str, provider: str | None) -> ModelPrice | None:
-        if not model:
-            return None
-        for name in self._candidates(model):
-            hit = self._find(name, provider)
-            if hit is not None:
-                return hit
-        return None
-
-    def _alias(self, model: str, provider: str | None) -> ModelPrice | None:
-        if not model:
-            return None
-        for name in self._candidates(model):
-            target = self._aliases.get(name)
-            if target is not None:
-                hit = self._lookup(target, provider)
-                if hit is not None:
+            for name in _candidates(model):
+                hit = self._prices.get(f"{provider}/{name}")
+                if hit is not None and hit.priced:
                     return hit
-        return None
+        return ModelPrice(model=model, provider=provider, input=_ZERO, output=_ZERO, source=LOCAL)
 
-    def priced(self, model: str, provider: str | None = None) -> ModelPrice | None:
-        """The price of ``model`` if both token prices are known; else None, logged once."""
-        price = self.resolve(model, provider)
-        if price is not None and price.priced:
-            return price
+    def _warn(self, model: str, why: str) -> None:
         if model not in self._warned and len(self._warned) < _CACHE_LIMIT:
             self._warned.add(model)
-            why = "has no price" if price is None else f"entry {price.model!r} lacks token prices"
             log.warning(
                 "model %r %s; its cost is recorded as unknown (add it to your pricing file)",
                 model,
                 why,
             )
-        return None
 
-    def cost(self, model: str, counts: TokenCounts, provider: str | None = None) -> Decimal | None:
+    def cost(
+        self,
+        model: str,
+        counts: TokenCounts,
+        provider: str | None = None,
+        *,
+        local: bool = False,
+    ) -> Decimal | None:
         """USD for one response, or None when the model's price is unknown."""
-        price = self.priced(model, provider)
+        price = self.priced(model, provider, local=local)
         return None if price is None else price.cost(counts)
 
     def reserve_cost(
-        self, model: str, input_tokens: int, output_tokens: int, provider: str | None = None
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        provider: str | None = None,
+        *,
+        local: bool = False,
     ) -> Decimal | None:
         """Estimated USD held against a budget while a request runs (all input uncached)."""
-        price = self.priced(model, provider)
+        price = self.priced(model, provider, local=local)
         return None if price is None else price.reserve_cost(input_tokens, output_tokens)
 
 
@@ -339,7 +579,9 @@ def _count(value: object, where: str, field: str) -> int | None:
 # --- entries ------------------------------------------------------------------------
 
 
-def model_price(model: str, raw: Mapping[str, Any], source: str = BUNDLED) -> ModelPrice:
+def model_price(
+    model: str, raw: Mapping[str, Any], source: str = BUNDLED, source_date: str | None = None
+) -> ModelPrice:
     """Validate one entry in spendgate's format (per-million prices) into a ModelPrice.
 
     Keys starting with ``_`` are comments (``_derived_from``); other unknown keys are
@@ -368,12 +610,18 @@ def model_price(model: str, raw: Mapping[str, Any], source: str = BUNDLED) -> Mo
         prices = {f: _price(t.get(f), where, f"tier {f}") for f in PRICE_FIELDS}
         tiers.append(PriceTier(above, **prices))
     tiers.sort(key=lambda t: t.above_input_tokens)
+    p = {f: _price(raw.get(f), where, f) for f in PRICE_FIELDS}
     return ModelPrice(
         model=model,
         provider=provider,
-        **{f: _price(raw.get(f), where, f) for f in PRICE_FIELDS},
+        input=p["input"],
+        output=p["output"],
+        cached_input=p["cached_input"],
+        cache_write=p["cache_write"],
+        cache_write_1h=p["cache_write_1h"],
         tiers=tuple(tiers),
         context_window=_count(raw.get("context_window"), where, "context_window"),
         max_output_tokens=_count(raw.get("max_output_tokens"), where, "max_output_tokens"),
         source=source,
+        source_date=source_date,
     )

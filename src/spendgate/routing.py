@@ -60,6 +60,8 @@ class Route:
     adapter: str
     provider: str
     headers: tuple[tuple[str, str], ...] = ()
+    local: bool = False
+    """Its models run on the user's machine: $0 unless priced (docs/reference.md §4)."""
 
 
 class Target(NamedTuple):
@@ -145,6 +147,7 @@ def build_routes(settings: Settings) -> list[Route]:
                 adapter=rc.adapter,
                 provider=rc.provider or (name if rc.adapter == "openai" else rc.adapter),
                 headers=tuple(rc.headers.items()),
+                local=rc.adapter == "ollama" if rc.local is None else rc.local,
             )
         )
     routes.sort(key=lambda r: len(r.prefix), reverse=True)

@@ -38,6 +38,11 @@ class RouteConfig(BaseModel):
         default="openai", description="Wire format: openai, anthropic, gemini, ollama"
     )
     provider: str | None = Field(default=None, description="Provider id for pricing and metrics")
+    local: bool | None = Field(
+        default=None,
+        description="A model on your own machine: its requests cost $0 unless a price entry "
+        "for provider/model says otherwise (default: true for the ollama adapter)",
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers added upstream (e.g. a key held by the proxy)"
     )
@@ -122,6 +127,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra routes ([[routes]] in the TOML file)"
     )
     pricing_file: Path | None = Field(default=None, description="Your price overrides/additions")
+    price_update_file: Path | None = Field(
+        default=None,
+        description="Where `spendgate pricing update` stores the fetched table "
+        "(default: prices-update.json beside db_path)",
+    )
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description="Model id → priced model id ([model_aliases] in TOML)"
     )
