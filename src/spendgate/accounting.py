@@ -262,6 +262,7 @@ class Accountant:
             duration_ms=round((time.perf_counter() - ex.t0) * 1000, 3),
             key_fingerprint=ex.key_fingerprint,
             error=ex.error,
+            transport=ex.transport,
         )
         if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message
             self._record(ex, rec, counts, cost, estimated)
@@ -316,5 +317,6 @@ class Accountant:
             final=final,
             estimated=estimated,
             timestamp=time.time(),
+            transport=ex.transport,
         )
         return Event(TOKEN_USAGE, target.session_id, make=make)

@@ -90,6 +90,7 @@ def token_usage_data(
     final: bool,
     estimated: bool,
     timestamp: float,
+    transport: str = "http",
 ) -> dict[str, Any]:
     """A ``token.usage`` payload (docs/reference.md §7), from the values at the time of
     the event: ``final`` False for the throttled live updates of a running stream."""
@@ -110,6 +111,7 @@ def token_usage_data(
         "final": final,
         "estimated": estimated,
         "timestamp": timestamp,
+        "transport": transport,
     }
 
 

@@ -66,6 +66,10 @@ class Meter:
         "streamed", "t0", "target", "ttft",
     )  # fmt: skip
 
+    transport = "http"
+    """How the request came (the row's ``transport``): a subclass per other transport
+    (:class:`spendgate.websocket.SocketMeter`), so no slot is set per request."""
+
     def __init__(
         self,
         acct: Accountant,
@@ -234,10 +238,13 @@ class Meter:
 
     def feed_event(self, payload: bytes) -> None:
         """One decoded JSON event that did not come as an HTTP body (a WebSocket
-        message): parsed as the SSE event it would have been on HTTP."""
+        message): parsed as the SSE event it would have been on HTTP, with the live
+        updates :meth:`feed` sends for a stream."""
         self._first_byte()
         if self._parse is not None:
             self._parse(b"data: " + payload + b"\n\n")
+        if self._live:
+            self._acct.live(self)
 
     def body_ended(self) -> bytes:
         """The upstream's body ended normally; returns what the output filter still held."""
@@ -245,6 +252,18 @@ class Meter:
         self._close_parser()
         out_filter = self._out_filter
         return out_filter.close() if out_filter is not None else b""
+
+    def cut_due(self) -> bool:
+        """For events that come one at a time (:meth:`feed_event`): is the budget cut due
+        now (``on_budget_mid_stream = "cut"`` and the live estimate used up the tightest
+        budget)? Then end the response with :meth:`cut`."""
+        if not self._cut or self._cutting:
+            return False
+        by = self._acct.over_budget(self)
+        if by is None:
+            return False
+        self._cutting, self._cut_by = True, by
+        return True
 
     def cut(self) -> bytes:
         """End the stream early for budget: what was parsed so far is billed; returns the

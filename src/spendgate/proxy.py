@@ -6,6 +6,8 @@ rules from :mod:`forwarding`, and everything that counts, prices, budgets, store
 publishes or measures from the request's :class:`~spendgate.meter.Meter`, which is
 closed in ``finally`` so client hang-ups and upstream failures are billed and recorded
 like any other response. This module writes no metric and touches no parser or ledger.
+A WebSocket handshake (a ``GET`` with ``Upgrade: websocket``) goes to
+:mod:`spendgate.websocket` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from spendgate.meter import Meter
 from spendgate.providers import get_adapter
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
+from spendgate.websocket import WebSocketRelay
 
 RETRY_AFTER_S = "1"
 """Retry-After of a 429 for held headroom: the request already waited
@@ -97,6 +100,7 @@ class ProxyHandler:
     router: Router
     acct: Accountant
     client: aiohttp.ClientSession
+    sockets: WebSocketRelay
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -112,12 +116,15 @@ class ProxyHandler:
         self.router = router
         self.acct = accountant
         self.client = client
+        self.sockets = WebSocketRelay(self.settings, accountant, client, _refuse)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             target = self.router.resolve(request.rel_url.raw_path, request.headers, request.method)
         except RoutingError as exc:
             return error_response(_style(exc.adapter), 400, exc.message, "invalid_request_error")
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.sockets.relay(request, target)  # docs/reference.md §1 "WebSocket"
         adapter = get_adapter(target.route.adapter)
         limit = self.settings.max_request_bytes
         length = request.content_length

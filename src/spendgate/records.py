@@ -73,6 +73,9 @@ class MessageRecord:
     note: str | None = None
     """Why the numbers are what they are, when that is not plain: the reason a row is
     estimated, or what was adjusted (docs/reference.md §5)."""
+    transport: str = "http"
+    """How the request came: ``http``, or ``websocket`` (one ``response.create`` on a
+    Responses API WebSocket, docs/reference.md §1 "WebSocket")."""
 
     @property
     def total_tokens(self) -> int:
@@ -117,6 +120,7 @@ COLUMNS: tuple[Column, ...] = (
     _col("key_fingerprint", None),
     _col("error", "error"),
     _col("note", "note"),
+    _col("transport", "transport"),
 )
 """Every column of a message row, in JSON / CSV order."""
 

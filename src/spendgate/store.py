@@ -104,6 +104,9 @@ MIGRATIONS: tuple[str, ...] = (
         data TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE token_usage ADD COLUMN transport TEXT NOT NULL DEFAULT 'http';
+    """,
 )
 
 COST_DIGITS = 10
