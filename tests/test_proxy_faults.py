@@ -269,7 +269,8 @@ async def test_transparency_of_method_path_query_and_headers(
     async with proxy.http.get(proxy.url("/api/sessions/t/messages")) as r:
         assert r.status == 404
     metrics = await (await proxy.http.get(proxy.url("/metrics"))).text()
-    assert 'spendgate_requests_total{model="unknown",provider="openai",route="openai",status="200"} 1.0' in metrics
+    labels = 'model="unknown",provider="openai",route="openai",status="200"'
+    assert f"spendgate_requests_total{{{labels}}} 1.0" in metrics
 
 
 async def test_api_keys_never_stored_or_emitted(
