@@ -55,60 +55,66 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.db_path,
         flush_interval=settings.flush_interval_ms / 1000,
         on_drop=metrics.store_dropped.inc,
+        on_reject=metrics.store_rejected.inc,
+        on_error=metrics.store_write_errors.inc,
     )
-    await store.open()
-    ledger = MemoryLedger(
-        settings.budget_thresholds,
-        _usd(settings.default_session_budget_usd),
-        global_budget=_usd(settings.global_budget_usd),
-        period=settings.global_budget_period,
-        timezone=settings.budget_timezone,
-    )
-    period = ledger.period
-    ledger.load(
-        await store.load_sessions(),
-        await store.spend_by_session(),
-        agents=await store.load_agent_budgets(),
-        agent_spend=await store.spend_by_agent(),
-        global_record=await store.load_global_budget(),
-        global_spend=await store.spend_since(period.start if period else None),
-    )
-    bus = MemoryBus(settings.event_history, settings.subscriber_queue)
-    metrics.bind_gauges(
-        lambda: ledger.paused_count,
-        lambda: bus.subscriber_count,
-        lambda: store.queue_depth,
-        budgets=ledger.budgets,
-    )
-    prices = settings_table(settings)  # bundled, the stored update, the pricing file
-    metrics.bind_prices(prices)
-    acct = Accountant(
-        prices,
-        ledger,
-        store,
-        bus,
-        metrics,
-        live_interval_ms=settings.live_interval_ms,
-        reserve_output_tokens=settings.reserve_output_tokens,
-        admission_wait_s=settings.admission_wait_s,
-        unpriced_models=settings.unpriced_models,
-    )
-    client = aiohttp.ClientSession(
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    router = Router(build_routes(settings), settings.agent_headers)
-    app[STORE], app[LEDGER], app[BUS], app[PRICES], app[METRICS] = (
-        store,
-        ledger,
-        bus,
-        prices,
-        metrics,
-    )
-    app[PROXY].attach(router, acct, client)
-    log.info("database %s, %d routes", settings.db_path, len(router.routes))
+    await store.open()  # StoreOpenError: cli.cmd_serve says why in one line
+    try:
+        ledger = MemoryLedger(
+            settings.budget_thresholds,
+            _usd(settings.default_session_budget_usd),
+            global_budget=_usd(settings.global_budget_usd),
+            period=settings.global_budget_period,
+            timezone=settings.budget_timezone,
+        )
+        period = ledger.period
+        ledger.load(
+            await store.load_sessions(),
+            await store.spend_by_session(),
+            agents=await store.load_agent_budgets(),
+            agent_spend=await store.spend_by_agent(),
+            global_record=await store.load_global_budget(),
+            global_spend=await store.spend_since(period.start if period else None),
+        )
+        bus = MemoryBus(settings.event_history, settings.subscriber_queue)
+        metrics.bind_gauges(
+            lambda: ledger.paused_count,
+            lambda: bus.subscriber_count,
+            lambda: store.queue_depth,
+            budgets=ledger.budgets,
+        )
+        prices = settings_table(settings)  # bundled, the stored update, the pricing file
+        metrics.bind_prices(prices)
+        acct = Accountant(
+            prices,
+            ledger,
+            store,
+            bus,
+            metrics,
+            live_interval_ms=settings.live_interval_ms,
+            reserve_output_tokens=settings.reserve_output_tokens,
+            admission_wait_s=settings.admission_wait_s,
+            unpriced_models=settings.unpriced_models,
+        )
+        client = aiohttp.ClientSession(
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        router = Router(build_routes(settings), settings.agent_headers)
+        app[STORE], app[LEDGER], app[BUS], app[PRICES], app[METRICS] = (
+            store,
+            ledger,
+            bus,
+            prices,
+            metrics,
+        )
+        app[PROXY].attach(router, acct, client)
+        log.info("database %s, %d routes", settings.db_path, len(router.routes))
+    except BaseException:  # a failed or interrupted start-up (SIGTERM) closes the store too
+        await store.close()
+        raise
     _watch_sighup(app)
     try:
         yield

@@ -41,9 +41,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     from aiohttp import web
 
     from spendgate.app import make_app
+    from spendgate.store import StoreOpenError
 
     settings = _settings(args)
     logging.basicConfig(
@@ -68,14 +71,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"spendgate {__version__} on {http_url(settings.host, settings.port)} "
         f"(db {settings.db_path})"
     )
-    web.run_app(
-        make_app(settings),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=5,
-    )
+    try:
+        web.run_app(
+            make_app(settings),
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            access_log=None,
+            shutdown_timeout=5,
+        )
+    except StoreOpenError as exc:  # one line, no traceback (docs/reference.md §5)
+        print(f"spendgate: cannot use the database {exc}", file=sys.stderr)
+        return 1
+    finally:  # whatever is left to do at exit can still be stopped
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 

@@ -212,7 +212,9 @@ class ProxyHandler:
     ) -> web.StreamResponse:
         """A body of known, bounded size (a JSON answer): read whole, parsed once, sent with
         the headers in one write. If the upstream breaks off or goes silent, nothing has
-        gone to the client yet, so it gets a clean 502 or 504 instead of a truncated body."""
+        gone to the client yet, so it gets a clean 502 or 504 instead of a truncated body.
+        aiohttp sends it after ``handle`` returns, so after ``meter.close()`` has queued
+        and journaled the row (docs/reference.md §5 "Durability")."""
         try:
             body = await up.read()  # aiohttp's sock_read bounds the silence
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -223,18 +225,12 @@ class ProxyHandler:
             msg = f"upstream {upstream} broke off its response: {exc}"
             return self._upstream_error(request, meter, 502, "reset", msg)
         meter.whole(body, up.headers.get("Content-Encoding", ""))
-        resp = web.Response(
+        return web.Response(
             status=up.status,
             reason=up.reason,
             body=body,
             headers=client_headers(up.headers, keep_length=False),  # aiohttp sets the length
         )
-        try:
-            await resp.prepare(request)
-            await resp.write_eof()
-        except ConnectionError:
-            meter.client_left()
-        return resp
 
     async def _stream(
         self, request: web.Request, meter: Meter, up: aiohttp.ClientResponse, watch: IdleWatch
@@ -267,11 +263,12 @@ class ProxyHandler:
 
 
 async def _finish(resp: web.StreamResponse, meter: Meter, last: bytes) -> None:
-    """Write the last bytes and end the response; a client gone by now is a hang-up."""
+    """Write the last bytes; a client gone by now is a hang-up. aiohttp ends the response
+    after ``handle`` returns, so the end reaches the client after ``meter.close()`` has
+    queued and journaled the row (docs/reference.md §5 "Durability")."""
     try:
         if last:
             await resp.write(last)
-        await resp.write_eof()
     except ConnectionError:
         meter.client_left()
 

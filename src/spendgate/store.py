@@ -1,10 +1,18 @@
 """The storage seam and its SQLite implementation (docs/reference.md §5).
 
-The request path never waits for the disk: ``add_message``/``save_session`` only append
-to an in-memory queue, and a single writer task commits batches on a short interval.
-Reads call ``flush()`` first, so every API read reflects every finished request.
-If the database is locked or the disk is full, batches are retried with backoff and
-the queue (bounded) keeps them; only past that bound are rows dropped, loudly.
+The request path never waits for the disk: ``add_message``/``save_session`` append to
+an in-memory queue and to the journal (:mod:`spendgate.journal`), and a single writer
+task commits batches on a short interval. Reads call ``flush()`` first, so every API
+read reflects every finished request.
+
+No write can wedge the writer: a batch the database refuses is written again row by
+row, and a row the database refuses (a constraint, a value out of range, an integer
+SQLite cannot bind) goes to ``rejected_rows`` with the reason while the others are
+written. A database that refuses every write (full disk, I/O error, locked) keeps the
+rows queued (bounded) and retried with backoff; reads stop waiting for them; at
+shutdown what is still queued goes to the recovery file, which the next start imports.
+A database file deleted or replaced while running is noticed within a second or two
+and recreated from what the open connection still reads.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
+import json
 import logging
+import os
+import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from operator import attrgetter
 from pathlib import Path
@@ -23,6 +35,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from spendgate import journal
 from spendgate.records import (
     COLUMNS,
     FLAG,
@@ -123,25 +136,214 @@ call and runs one step without the GIL, where ``executemany`` hands the GIL back
 forth twice per row, which costs the event loop thread more than the insert itself."""
 
 
+BATCH_MAX = 4096
+"""Writes per transaction: a long queue (after an outage) is written in several, so a
+read waiting on the connection never waits long."""
+WAKE_AT = 500
+"""Queued writes that wake the writer before its interval."""
+OPEN_BUSY_S = 2.0
+"""At start-up, how long to wait for a lock another process holds before giving up."""
+BUSY_MS = 500
+"""While running, how long a write waits for another process's lock before the batch
+fails and is retried (reads share the connection, so this bounds their wait too)."""
+QUICK_CHECK_S = 1.5
+"""``PRAGMA quick_check`` at start-up stops after this long (a big file is only partly
+checked, and the log says so). It reads every page: 1.2 s for a 415 MB file (2 million
+rows) from the page cache; ``integrity_check`` took 8.3 s on it (bench/results.md)."""
+WATCH_S = 1.0
+"""How often the writer checks that the database file is still the one it has open."""
+CLOSE_WAIT_S = 10.0
+"""At shutdown, how long the writer gets to commit what is queued; the rest goes to the
+recovery file."""
+FAILING_FLUSH_S = 0.5
+"""While the database refuses writes, how long a read waits for the writer's next try."""
+REPEAT_LOG_S = 30.0
+"""A failure that lasts is logged again, with its counts, this often."""
+TOKEN_LIMIT = 10**12
+"""The largest token count a row may hold (the adapters stop at 10**10): far above any
+real response, far below what overflows SQLite's 64-bit sums."""
+COST_LIMIT = 1e12
+"""The largest cost in USD a row may hold."""
+
+_COUNTED = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
+            "reasoning_tokens")  # fmt: skip
+_SANE_ROW = (
+    "CREATE TRIGGER IF NOT EXISTS token_usage_sane BEFORE INSERT ON token_usage WHEN "
+    + " OR ".join(
+        f"typeof(NEW.{c}) != 'integer' OR NEW.{c} NOT BETWEEN 0 AND {TOKEN_LIMIT}" for c in _COUNTED
+    )
+    + f" OR (NEW.cost_usd IS NOT NULL AND NOT (NEW.cost_usd BETWEEN 0 AND {COST_LIMIT:.0f}))"
+    + " BEGIN SELECT RAISE(ABORT, 'token counts must be whole numbers from 0 to 10^12, "
+    "and the cost a number from 0 to 10^12 USD'); END"
+)
+"""The database refuses a row whose numbers cannot be right (a float such as 1e300, a
+negative count, text): created at every open (not a numbered migration), so it needs
+no schema version of its own."""
+_INSERT_REJECTED = "INSERT INTO rejected_rows (at, kind, reason, data) VALUES (?, ?, ?, ?)"
+
+
 @functools.lru_cache(maxsize=16)
 def _insert_messages(rows: int) -> str:
     values = ", ".join([_MESSAGE_ROW] * rows)
-    return f"INSERT OR IGNORE INTO token_usage ({_INSERT_COLUMNS}) VALUES {values}"
+    return (
+        f"INSERT INTO token_usage ({_INSERT_COLUMNS}) VALUES {values} "
+        "ON CONFLICT(id) DO NOTHING"  # a row imported twice; any other constraint fails
+    )
 
 
-def _insert_chunks(rows: list[Sequence[Any]]) -> Iterator[tuple[str, list[Any]]]:
+def _insert_chunks(
+    rows: list[Sequence[Any]],
+) -> Iterator[tuple[str, list[Any], list[Sequence[Any]]]]:
     """``rows`` as a few multi-row INSERTs: full chunks, then the rest in powers of two
-    (so at most a dozen distinct statements are ever prepared and cached)."""
+    (so at most a dozen distinct statements are ever prepared and cached). Each comes
+    with its rows, to be written one by one if the database refuses the chunk."""
     i, n = 0, len(rows)
     size = INSERT_CHUNK
     while i < n:
         while size > n - i:
             size //= 2
+        chunk = rows[i : i + size]
         flat: list[Any] = []
-        for row in rows[i : i + size]:
+        for row in chunk:
             flat.extend(row)
-        yield _insert_messages(size), flat
+        yield _insert_messages(size), flat, chunk
         i += size
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """Did the database refuse this row (its values), rather than fail as a whole?
+
+    Row errors: a constraint (NOT NULL, the sanity trigger), a datatype mismatch, a
+    string or blob too big, a value sqlite3 cannot bind (an integer of 2**63 or more is
+    an OverflowError, an unsupported type a ProgrammingError). Everything else (full
+    disk, I/O error, locked, read-only, damaged) is the database's, and keeps the rows.
+    """
+    if isinstance(exc, (OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
+        return True
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return "binding" in str(exc)  # not "Cannot operate on a closed database"
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name.startswith(("SQLITE_CONSTRAINT", "SQLITE_MISMATCH", "SQLITE_TOOBIG"))
+
+
+class StoreOpenError(Exception):
+    """The database cannot be used: says which file and why, in one line."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def _problem(exc: BaseException, lock_wait: float = OPEN_BUSY_S) -> str:
+    """What a start-up failure means, in words."""
+    text = str(exc)
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    known = (
+        ("SQLITE_NOTADB", "it is not a SQLite database"),
+        ("SQLITE_CORRUPT", "the file is damaged"),
+        ("SQLITE_BUSY", f"another process has held it locked for more than {lock_wait:g} s"),
+        ("SQLITE_LOCKED", f"another process has held it locked for more than {lock_wait:g} s"),
+        ("SQLITE_READONLY", "it cannot be written"),
+        ("SQLITE_CANTOPEN", "it cannot be opened"),
+        ("SQLITE_FULL", "the disk is full"),
+        ("SQLITE_IOERR", "I/O error"),
+        ("SQLITE_PERM", "permission denied"),
+    )
+    for prefix, meaning in known:
+        if name.startswith(prefix):
+            return f"{meaning} ({text})"
+    return f"{text} ({name})" if name else text
+
+
+def _read_only_reason(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except OSError:
+        pass
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0
+    kind = "file" if path.is_file() else "directory"
+    return f"the {kind} is read-only for this user (mode {mode:o})"
+
+
+def _preflight(path: Path) -> None:
+    """The checks SQLite's own errors say least clearly about."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = f"cannot create its directory {parent} ({exc.strerror})"
+        raise StoreOpenError(path, problem) from None
+    if path.is_dir():
+        raise StoreOpenError(path, "it is a directory, not a database file")
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            raise StoreOpenError(path, "it cannot be read (permission denied)")
+        if not os.access(path, os.W_OK):
+            raise StoreOpenError(path, f"it cannot be written: {_read_only_reason(path)}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreOpenError(
+            path,
+            f"its directory {parent} cannot be written ({_read_only_reason(parent)}); "
+            f"SQLite creates {path.name}-wal and {path.name}-shm beside the database",
+        )
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+async def _connect(path: Path, timeout: float) -> aiosqlite.Connection:
+    conn = aiosqlite.connect(path, timeout=timeout, isolation_level=None)
+    thread = getattr(conn, "_thread", None)
+    if thread is not None:  # a connection left open must never keep the process alive
+        thread.daemon = True
+    db = await conn
+    db.row_factory = aiosqlite.Row
+    return db
+
+
+async def _patiently(
+    db: aiosqlite.Connection, deadline: float, sql: str, script: bool = False
+) -> Any:
+    """Run ``sql`` (its first value, if any; a whole ``script``), retrying while another
+    process holds the lock, until ``deadline``. The wait is here, in asyncio.sleep,
+    rather than in SQLite's busy handler, which nothing interrupts: SIGTERM stops it."""
+    while True:
+        try:
+            if script:
+                await db.executescript(sql)
+                return None
+            async with db.execute(sql) as cur:
+                row = await cur.fetchone()
+            return row[0] if row else None
+        except sqlite3.OperationalError as exc:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            name = getattr(exc, "sqlite_errorname", None) or ""
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
+async def _close_quietly(db: aiosqlite.Connection) -> None:
+    """Close a connection whatever state it is in (a query running: interrupted first)."""
+    with contextlib.suppress(Exception):
+        await db.interrupt()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(db.close(), 5)
+
+
+def _entry_lines(entries: Iterable[tuple[str, Sequence[Any], bool]]) -> Iterator[bytes]:
+    for op, params, _ in entries:
+        yield journal.encode(op, params)
 
 
 _UPSERT_SESSION = (
@@ -308,6 +510,19 @@ class Store(Protocol):
     async def latest_message(self, session_id: str) -> MessageRecord | None: ...
 
 
+OP_COLUMNS: dict[str, tuple[str, ...]] = {
+    "message": tuple(c.sql for c in COLUMNS),
+    "session": ("id", "created_at", "budget_usd", "paused", "pause_reason", "label", "updated_at"),
+    "agent": ("session_id", "agent_id", "budget_usd", "paused", "pause_reason", "updated_at"),
+    "global": ("budget_usd", "configured_usd", "updated_at"),
+}
+"""The parameters of each queued write, by name: the journal's header, the data of a
+rejected row, and how an older journal's lines are read."""
+
+_Entry = tuple[str, Sequence[Any], bool]
+"""A queued write: its operation, its parameters, and whether the journal has it."""
+
+
 class SQLiteStore:
     def __init__(
         self,
@@ -315,60 +530,283 @@ class SQLiteStore:
         flush_interval: float = 0.2,
         max_queue: int = 200_000,
         on_drop: Callable[[int], None] | None = None,
+        on_reject: Callable[[int], None] | None = None,
+        on_error: Callable[[int], None] | None = None,
+        watch_interval: float = WATCH_S,
+        lock_wait: float = OPEN_BUSY_S,
     ) -> None:
+        """``on_drop``, ``on_reject``, ``on_error``: counters of writes dropped (queue
+        full), rows rejected, and failed write attempts (the metrics, docs §9).
+        ``watch_interval``: how often the file is checked (WATCH_S); ``lock_wait``: how
+        long the open waits for another process's lock (OPEN_BUSY_S)."""
         self.path = path
+        self._watch_interval = watch_interval
+        self._lock_wait = lock_wait
         self._interval = flush_interval
         self._max_queue = max_queue
         self._on_drop = on_drop
+        self._on_reject = on_reject
+        self._on_error = on_error
         self._db: aiosqlite.Connection | None = None
-        self._pending: deque[tuple[str, Sequence[Any]]] = deque()
+        self._pending: deque[_Entry] = deque()
         self._enqueued = 0
-        self._committed = 0
+        """Writes ever queued; write number ``n`` has journal index ``n``."""
         self._wake = asyncio.Event()
-        self._committed_cond = asyncio.Condition()
+        self._done_cond = asyncio.Condition()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._flushers = 0
+        self._attempts = 0
+        """Write attempts that failed (a read waiting while failing stops at the next)."""
         self._tx = asyncio.Lock()
         """Held from BEGIN to COMMIT/ROLLBACK: reads that must see only committed rows wait."""
         self._totals: dict[str, dict[str, Any]] = {}
         self._totals_seq = 0
         """``_totals`` holds every row up to this ``seq``."""
+        self._journal: journal.Journal | None = None
+        self._failing: str | None = None
+        """Why the database refuses writes now (None: it takes them)."""
+        self._failing_since = 0.0
+        self._failed_at_first = 0
+        self._next_fail_log = 0.0
+        self._dropped = 0
+        self._next_drop_log = 0.0
+        self._journal_failures_logged = 0
+        self._next_journal_log = 0.0
+        self.rejected = 0
+        """Rows the database refused since start (they are in ``rejected_rows``)."""
+        self._file_ids: dict[str, tuple[int, int] | None] = {}
+        """(device, inode) of the database file and of its -wal and -shm, when opened."""
+        self._next_watch = 0.0
+        self._rescue: Path | None = None
+        """A copy of a deleted database file not yet put in its place."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self, start_writer: bool = True) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(self.path, timeout=5.0, isolation_level=None)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await self._migrate(db)
-        self._db = db
-        if start_writer:
-            self._writer = asyncio.create_task(self._write_loop(), name="spendgate-writer")
+        """Open (creating or migrating) the database. With ``start_writer`` (the proxy):
+        check the file, import what a previous process left in its journal or recovery
+        file, and start the writer and the journal. :class:`StoreOpenError` if the
+        database cannot be used, saying why."""
+        self._db = await self._open_db(check=start_writer)
+        if not start_writer:
+            return
+        try:
+            self._journal = journal.Journal(self.path, OP_COLUMNS)
+        except OSError as exc:
+            await self._abandon()
+            raise StoreOpenError(
+                self.path, f"cannot create its journal beside it ({exc.strerror})"
+            ) from None
+        try:
+            await self._import_left_behind()
+        except BaseException:
+            await self._abandon()
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="spendgate-writer")
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        async with db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
+    async def _abandon(self) -> None:
+        """Give up an open that failed half way: nothing written, nothing deleted."""
+        if self._journal is not None:
+            self._journal.close(delete=not self._pending)
+            self._journal = None
+        if self._db is not None:
+            await _close_quietly(self._db)
+            self._db = None
+
+    async def _open_db(self, check: bool) -> aiosqlite.Connection:
+        path = self.path
+        _preflight(path)
+        try:
+            db = await _connect(path, 0)  # a lock is waited for here, where a signal can stop it
+        except sqlite3.Error as exc:
+            raise StoreOpenError(path, _problem(exc)) from None
+        deadline = time.monotonic() + self._lock_wait
+        try:
+            mode = await _patiently(db, deadline, "PRAGMA journal_mode=WAL")
+            if str(mode).lower() != "wal":
+                raise StoreOpenError(path, f"cannot use WAL journal mode (it stays {mode!r})")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            if check:
+                await self._quick_check(db)
+                await _patiently(db, deadline, "BEGIN IMMEDIATE")  # can it be written at all?
+                await db.execute("ROLLBACK")
+            await self._migrate(db, deadline)
+            await _patiently(db, deadline, _SANE_ROW)
+            await db.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+        except BaseException as exc:
+            await _close_quietly(db)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreOpenError(path, _problem(exc, self._lock_wait)) from None
+            raise
+        self._file_ids = {
+            suffix: _file_id(path.with_name(path.name + suffix)) for suffix in ("", "-wal", "-shm")
+        }
+        return db
+
+    async def _quick_check(self, db: aiosqlite.Connection) -> None:
+        """Damaged pages are refused at start-up; the check is bounded in time. Two
+        stops: a progress handler (between the statement's steps, such as its per-row
+        NOT NULL checks) and ``sqlite3_interrupt`` at the deadline (inside the b-tree
+        walk, which is one step)."""
+        deadline = time.monotonic() + QUICK_CHECK_S
+        stopped = False
+
+        def progress() -> int:
+            nonlocal stopped
+            stopped = stopped or time.monotonic() > deadline
+            return int(stopped)
+
+        async def interrupt_at_deadline() -> None:
+            nonlocal stopped
+            await asyncio.sleep(QUICK_CHECK_S)
+            stopped = True
+            await db.interrupt()
+
+        await db.set_progress_handler(progress, 1000)
+        timer = asyncio.create_task(interrupt_at_deadline())
+        try:
+            async with db.execute("PRAGMA quick_check(5)") as cur:
+                rows = [str(r[0]) for r in await cur.fetchall()]
+        except sqlite3.OperationalError:
+            if not stopped:
+                raise
+            size = self.path.stat().st_size / 1e6
+            log.warning(
+                "database %s: quick_check stopped after %g s (%.0f MB): not every page checked",
+                self.path, QUICK_CHECK_S, size,
+            )  # fmt: skip
+            return
+        finally:
+            timer.cancel()
+            await db.set_progress_handler(lambda: 0, 0)  # n 0: no handler
+        if rows != ["ok"]:
+            found = " ".join(" ".join(rows).split()).replace("*** in database main *** ", "")
+            raise StoreOpenError(self.path, f"the file is damaged (quick_check: {found})")
+
+    async def _migrate(self, db: aiosqlite.Connection, deadline: float) -> None:
+        version = int(await _patiently(db, deadline, "PRAGMA user_version") or 0)
         for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-            await db.executescript(f"BEGIN; {sql}; PRAGMA user_version = {number}; COMMIT;")
+            script = f"BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {number}; COMMIT;"
+            await _patiently(db, deadline, script, script=True)
             log.info("database %s migrated to schema version %d", self.path, number)
 
+    async def _import_left_behind(self) -> None:
+        """Queue the writes a stopped process left in journals and recovery files (the
+        files are kept, held by this process, until those writes are done), and write
+        them now if the database takes them."""
+        assert self._journal is not None
+        found = journal.orphans(self.path)
+        if not found:
+            return
+        defaults = await self._defaults()
+        messages = bad = 0
+        for f in found:
+            for e in f.entries:
+                params = _normalized(e, defaults)
+                if params is None:
+                    bad += 1
+                    continue
+                messages += e.op == "message"
+                self._enqueue(e.op, params, journaled=True)
+            bad += f.bad_lines
+            self._journal.adopt(f, self._enqueued)
+        names = ", ".join(str(f.path) for f in found)
+        skipped = f"; {bad} unreadable lines skipped (a write cut short)" if bad else ""
+        log.warning(
+            "importing %d writes (%d message rows) left in %s by a process that stopped "
+            "before the database had them%s", len(self._pending), messages, names, skipped,
+        )  # fmt: skip
+        before, rejected = await self._max_seq(), self.rejected
+        try:
+            while self._pending:
+                await self._write_batch()
+        except Exception as exc:
+            log.error(
+                "database %s: cannot write the imported rows now (%s); %d writes stay "
+                "queued for the writer (and in those files until written)",
+                self.path, exc, len(self._pending),
+            )  # fmt: skip
+            return
+        new = await self._max_seq() - before
+        log.warning(
+            "imported %s: %d new message rows, %d already stored, %d rejected",
+            names, new, messages - new - (self.rejected - rejected), self.rejected - rejected,
+        )  # fmt: skip
+
+    async def _defaults(self) -> dict[tuple[str, str], Any]:
+        """The columns' defaults, for journal lines written before a column existed."""
+        out: dict[tuple[str, str], Any] = {}
+        async with self.db.execute("PRAGMA table_info(token_usage)") as cur:
+            for r in await cur.fetchall():
+                if r["dflt_value"] is not None:
+                    async with self.db.execute(f"SELECT {r['dflt_value']}") as value:
+                        found = await value.fetchone()
+                    out["message", r["name"]] = found[0] if found else None
+        return out
+
+    async def _max_seq(self) -> int:
+        async with self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM token_usage") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def close(self) -> None:
-        """Write everything queued, then close (called on shutdown, SIGINT/SIGTERM)."""
+        """Write everything queued, then close (called on shutdown, SIGINT/SIGTERM).
+        What the database does not take in time goes to the recovery file; nothing is
+        left out without a log line saying how many and why."""
         self._closing = True
         if self._writer is not None:
             self._wake.set()
             try:
-                await asyncio.wait_for(self._writer, timeout=30)
-            except (TimeoutError, asyncio.CancelledError):
-                log.error("gave up writing %d queued rows at shutdown", len(self._pending))
+                await asyncio.wait_for(asyncio.shield(self._writer), CLOSE_WAIT_S)
+            except TimeoutError:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._writer
+                self._failing = self._failing or f"not written in {CLOSE_WAIT_S:g} s"
             self._writer = None
+        if self._journal is not None:
+            if self._pending:
+                self._save_unwritten()
+            kept = self._journal.close(delete=not self._pending)
+            self._journal = None
+            if kept:
+                log.error("journal files kept for the next start: %s", ", ".join(map(str, kept)))
+        if self._dropped:
+            log.error(
+                "%d writes were dropped while running: the queue was full (%d) while the "
+                "database refused writes", self._dropped, self._max_queue,
+            )  # fmt: skip
         if self._db is not None:
-            await self._db.close()
+            with contextlib.suppress(Exception):  # one self-contained file left behind
+                await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await _close_quietly(self._db)
             self._db = None
+
+    def _save_unwritten(self) -> None:
+        """At shutdown: the writes the database did not take go to the recovery file."""
+        n = len(self._pending)
+        rows = sum(1 for e in self._pending if e[0] == "message")
+        why = self._failing or "the database did not take them"
+        assert self._journal is not None
+        try:
+            where = journal.save_recovery(
+                self.path, journal.header(OP_COLUMNS), _entry_lines(self._pending)
+            )
+        except OSError as exc:
+            in_journal = sum(1 for e in self._pending if e[2])
+            log.error(
+                "database %s: %d writes (%d message rows) could not be written (%s), nor "
+                "saved to a recovery file (%s): %d of them are in the journal, which the "
+                "next start imports; %d are lost",
+                self.path, n, rows, why, exc, in_journal, n - in_journal,
+            )  # fmt: skip
+            return
+        log.error(
+            "database %s: %d writes (%d message rows) could not be written (%s); saved "
+            "to %s, which the next start imports", self.path, n, rows, why, where,
+        )  # fmt: skip
+        self._pending.clear()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -382,20 +820,54 @@ class SQLiteStore:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    def _enqueue(self, op: str, params: Sequence[Any]) -> None:
+    @property
+    def failing(self) -> str | None:
+        """Why the database refuses writes now, or None."""
+        return self._failing
+
+    @property
+    def _done(self) -> int:
+        """Every write up to this number is committed, rejected or dropped (FIFO)."""
+        return self._enqueued - len(self._pending)
+
+    def _enqueue(self, op: str, params: Sequence[Any], journaled: bool = False) -> None:
         if len(self._pending) >= self._max_queue:
-            lost = self._pending.popleft()
-            log.error(
-                "storage queue full (%d): dropping a queued %s write; the database is failing",
-                self._max_queue,
-                lost[0],
-            )
-            if self._on_drop is not None:
-                self._on_drop(1)
-        self._pending.append((op, params))
+            self._drop()
         self._enqueued += 1
-        if len(self._pending) >= 500:
+        jr = self._journal
+        if jr is not None and not journaled:
+            journaled = jr.append(self._enqueued, journal.encode(op, params))
+            if not journaled:
+                self._journal_failed(jr)
+        self._pending.append((op, params, journaled))
+        if len(self._pending) >= WAKE_AT and self._failing is None:
             self._wake.set()
+
+    def _drop(self) -> None:
+        lost = self._pending.popleft()
+        self._dropped += 1
+        if self._on_drop is not None:
+            self._on_drop(1)
+        now = time.monotonic()
+        if now >= self._next_drop_log:
+            self._next_drop_log = now + REPEAT_LOG_S / 3
+            log.error(
+                "storage queue full (%d): dropping the oldest queued %s write (%d dropped "
+                "so far); the database is failing (%s)",
+                self._max_queue, lost[0], self._dropped, self._failing or "too slow",
+            )  # fmt: skip
+
+    def _journal_failed(self, jr: journal.Journal) -> None:
+        now = time.monotonic()
+        if now >= self._next_journal_log:
+            self._next_journal_log = now + REPEAT_LOG_S
+            log.error(
+                "journal %s: cannot append (%s): %d writes so far are only in memory "
+                "until the database has them",
+                jr.paths[-1] if jr.paths else self.path.parent, jr.last_error,
+                jr.failures - self._journal_failures_logged,
+            )  # fmt: skip
+            self._journal_failures_logged = jr.failures
 
     def add_message(self, message: MessageRecord) -> None:
         self._enqueue("message", _message_params(message))
@@ -410,71 +882,266 @@ class SQLiteStore:
         self._enqueue("global", _global_params(budget))
 
     async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued before this call is committed."""
+        """Wait until everything queued before this call is committed. While the
+        database refuses writes, the writer tries once more at once and the wait is
+        short (FAILING_FLUSH_S): reads answer from what the database holds."""
         target = self._enqueued
-        if self._committed >= target:
+        if self._done >= target:
             return
         if self._writer is None:
-            await self._write_batch()
+            while self._done < target and self._pending:
+                await self._write_batch()
             return
+        attempts = self._attempts
+        failing = self._failing is not None
+        if failing:  # one more attempt now, and no long wait for it
+            timeout = min(timeout, FAILING_FLUSH_S)
+        self._flushers += 1
         self._wake.set()
-        async with self._committed_cond:
-            try:
+        try:
+            async with self._done_cond:
                 await asyncio.wait_for(
-                    self._committed_cond.wait_for(lambda: self._committed >= target), timeout
+                    self._done_cond.wait_for(
+                        lambda: (
+                            self._done >= target
+                            or (self._failing is not None and self._attempts > attempts)
+                        )
+                    ),
+                    timeout,
                 )
-            except TimeoutError:
-                log.error("flush timed out with %d rows queued", len(self._pending))
+        except TimeoutError:
+            if not failing:
+                log.error("flush timed out with %d writes queued", len(self._pending))
+        finally:
+            self._flushers -= 1
+
+    async def _notify(self) -> None:
+        async with self._done_cond:
+            self._done_cond.notify_all()
 
     async def _write_loop(self) -> None:
-        backoff = self._interval
+        delay = self._interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), delay)
             self._wake.clear()
+            try:
+                await self._watch()
+            except Exception:
+                log.exception("database %s: checking the file failed", self.path)
             if self._pending:
                 try:
                     await self._write_batch()
-                    backoff = self._interval
-                except Exception as exc:  # locked, disk full, I/O error: keep rows, retry
-                    log.error(
-                        "database write failed (%s); %d rows kept for retry",
-                        exc,
-                        len(self._pending),
-                    )
-                    backoff = min(backoff * 2, 5.0)
-                    if self._closing and backoff >= 5.0:
+                except Exception as exc:  # full disk, I/O error, locked: keep rows, retry
+                    delay = await self._write_failed(exc, delay)
+                    if self._closing:
                         return
-                    await asyncio.sleep(backoff)
                     continue
+                self._write_worked()
+                delay = self._interval
+                if self._pending and (
+                    self._closing or self._flushers or len(self._pending) >= WAKE_AT
+                ):
+                    self._wake.set()  # more to write at once
             if self._closing and not self._pending:
                 return
 
+    async def _write_failed(self, exc: Exception, delay: float) -> float:
+        self._attempts += 1
+        if self._on_error is not None:
+            self._on_error(1)
+        now = time.monotonic()
+        first = self._failing is None
+        self._failing = f"{type(exc).__name__}: {exc}"
+        if first:
+            self._failing_since, self._failed_at_first = now, len(self._pending)
+        if first or now >= self._next_fail_log:
+            self._next_fail_log = now + REPEAT_LOG_S
+            log.error(
+                "database %s: cannot write (%s)%s; %d writes queued (%d message rows; at "
+                "most %d are kept, then the oldest are dropped), retried every %g s at "
+                "most; reads answer from what is stored",
+                self.path, self._failing,
+                "" if first else f" for {now - self._failing_since:.0f} s",
+                len(self._pending), sum(1 for e in self._pending if e[0] == "message"),
+                self._max_queue, min(delay * 2, 5.0),
+            )  # fmt: skip
+        await self._notify()  # flushes waiting for this batch stop waiting
+        return min(delay * 2, 5.0)
+
+    def _write_worked(self) -> None:
+        if self._failing is not None:
+            log.warning(
+                "database %s: writes work again after %.1f s (%s)",
+                self.path, time.monotonic() - self._failing_since, self._failing,
+            )  # fmt: skip
+            self._failing = None
+
     async def _write_batch(self) -> None:
+        """Commit up to BATCH_MAX queued writes in one transaction. Rows the database
+        refuses go to ``rejected_rows``; any other failure rolls back and raises, with
+        every write still queued."""
         if not self._pending:
             return
-        batch = list(self._pending)
-        messages = [p for op, p in batch if op == "message"]
+        n = min(len(self._pending), BATCH_MAX)
+        batch = list(itertools.islice(self._pending, n))
+        rejected: list[tuple[str, str, Sequence[Any]]] = []
         db = self.db
         async with self._tx:
             try:
                 await db.execute("BEGIN")
                 for op, sql in _UPSERTS.items():
-                    params = [p for o, p in batch if o == op]
+                    params = [p for o, p, _ in batch if o == op]
                     if params:
-                        await db.executemany(sql, params)
-                for sql, params in _insert_chunks(messages):
-                    await db.execute(sql, params)
+                        try:
+                            await db.executemany(sql, params)
+                        except Exception as exc:
+                            if not is_row_error(exc):
+                                raise
+                            await _one_by_one(db, op, sql, params, rejected)
+                messages = [p for o, p, _ in batch if o == "message"]
+                for sql, flat, rows in _insert_chunks(messages):
+                    try:
+                        await db.execute(sql, flat)
+                    except Exception as exc:
+                        if not is_row_error(exc):
+                            raise
+                        await _one_by_one(db, "message", _insert_messages(1), rows, rejected)
+                if rejected:
+                    now = time.time()
+                    await db.executemany(
+                        _INSERT_REJECTED,
+                        [(now, op, why, _rejected_data(op, p)) for op, why, p in rejected],
+                    )
                 await db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
-                    await db.execute("ROLLBACK")
+                    with contextlib.suppress(Exception):
+                        await db.execute("ROLLBACK")
                 raise
-        for _ in batch:
+        for _ in range(n):
             self._pending.popleft()
-        self._committed += len(batch)
-        async with self._committed_cond:
-            self._committed_cond.notify_all()
+        if rejected:
+            self._rejected(rejected)
+        if self._journal is not None:
+            self._journal.release(self._done)
+        await self._notify()
+
+    def _rejected(self, rejected: list[tuple[str, str, Sequence[Any]]]) -> None:
+        self.rejected += len(rejected)
+        if self._on_reject is not None:
+            self._on_reject(len(rejected))
+        op, why, params = rejected[0]
+        what = f"{op} {params[0]!r}" if params else op
+        log.warning(
+            "database %s refused %d rows (first: %s: %s); they are in rejected_rows, "
+            "every other row was written", self.path, len(rejected), what, why,
+        )  # fmt: skip
+
+    # -- the file deleted or replaced while running ------------------------------------------
+
+    async def _watch(self) -> None:
+        """At most every WATCH_S: is the file at the path still the one we have open?
+        And the journal's?"""
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + self._watch_interval
+        jr = self._journal
+        if jr is not None and not jr.intact():
+            log.error(
+                "journal %s was deleted while running: a new one takes the %d writes "
+                "not yet committed", jr.paths[-1], len(self._pending),
+            )  # fmt: skip
+            base = self._done + 1
+            ok = jr.restart(
+                (base + i, journal.encode(op, p)) for i, (op, p, _) in enumerate(self._pending)
+            )
+            self._pending = deque((op, p, ok) for op, p, _ in self._pending)
+        if self._rescue is not None:
+            async with self._tx:
+                await self._replace_file(self._rescue)
+            return
+        seen = _file_id(self.path)
+        if seen == self._file_ids.get("") or not self._file_ids:
+            return
+        what = "deleted" if seen is None else "replaced by another file"
+        log.error(
+            "database %s was %s while spendgate was running: every row written since "
+            "went into a file no one can open again; recreating it from what the open "
+            "connection still reads", self.path, what,
+        )  # fmt: skip
+        rescue = self.path.with_name(f"{self.path.name}.rescue-{os.urandom(4).hex()}")
+        async with self._tx:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                target = sqlite3.connect(rescue, check_same_thread=False)
+                try:
+                    await self.db.backup(target)
+                finally:
+                    target.close()
+            except Exception as exc:
+                with contextlib.suppress(OSError):
+                    rescue.unlink()
+                log.error(
+                    "database %s: could not copy what the deleted file holds (%s); "
+                    "trying again in %g s", self.path, exc, self._watch_interval,
+                )  # fmt: skip
+                return
+            await _close_quietly(self.db)
+            self._db = None
+            for suffix in ("-wal", "-shm"):  # the old file's, if still at the path
+                side = self.path.with_name(self.path.name + suffix)
+                if _file_id(side) is not None and _file_id(side) == self._file_ids.get(suffix):
+                    with contextlib.suppress(OSError):
+                        side.unlink()
+            self._rescue = rescue
+            await self._replace_file(rescue)
+
+    async def _replace_file(self, rescue: Path) -> None:
+        """Put the copy of the lost file in its place (or, if another database now
+        stands there, merge the copy into it) and reopen."""
+        path = self.path
+        merge = path.exists() and rescue.exists()  # else the copy is in place already
+        try:
+            if not merge and rescue.exists():
+                os.replace(rescue, path)
+            try:
+                db = await self._open_db(check=False)
+            except StoreOpenError as exc:
+                if not merge:
+                    raise
+                aside = path.with_name(f"{path.name}.replaced-{int(time.time())}")
+                log.error("database %s: the file now there is unusable (%s); moved to %s",
+                          path, exc.problem, aside)  # fmt: skip
+                os.replace(path, aside)
+                os.replace(rescue, path)
+                merge = False
+                db = await self._open_db(check=False)
+        except Exception as exc:
+            log.error(
+                "database %s: cannot reopen (%s); the copy is kept in %s, %d writes stay "
+                "queued; trying again in %g s",
+                path, exc, rescue, len(self._pending), self._watch_interval,
+            )  # fmt: skip
+            return
+        self._db = db
+        self._rescue = None
+        self._totals, self._totals_seq = {}, 0  # seq numbers of another file
+        if merge:
+            try:
+                await _merge(db, rescue)
+            except Exception as exc:
+                log.error(
+                    "database %s: the file now there is used; merging what the lost one "
+                    "held failed (%s): that is kept in %s", path, exc, rescue,
+                )  # fmt: skip
+                return
+            with contextlib.suppress(OSError):
+                rescue.unlink()
+        done = "now holds the rows of the lost file too" if merge else "recreated with every row"
+        log.error("database %s %s; %d queued writes go to it", path, done, len(self._pending))
+        self._wake.set()
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -600,3 +1267,81 @@ class SQLiteStore:
             (session_id,),
         )
         return _message_from_row(rows[0]) if rows else None
+
+
+def _normalized(e: journal.Entry, defaults: dict[tuple[str, str], Any]) -> Sequence[Any] | None:
+    """A journal line's values in today's column order (None: an unknown operation).
+    A column the line lacks (written by an older version) takes its default."""
+    current = OP_COLUMNS.get(e.op)
+    if current is None:
+        return None
+    if tuple(e.columns) == current and len(e.values) == len(current):
+        return e.values
+    row = dict(zip(e.columns, e.values, strict=False))
+    return [row.get(c, defaults.get((e.op, c))) for c in current]
+
+
+async def _one_by_one(
+    db: aiosqlite.Connection,
+    op: str,
+    sql: str,
+    rows: Sequence[Sequence[Any]],
+    rejected: list[tuple[str, str, Sequence[Any]]],
+) -> None:
+    """Write ``rows`` one statement each; those the database refuses go to ``rejected``."""
+    for params in rows:
+        try:
+            await db.execute(sql, params)
+        except Exception as exc:
+            if not is_row_error(exc):
+                raise
+            rejected.append((op, f"{type(exc).__name__}: {exc}", params))
+
+
+def _rejected_data(op: str, params: Sequence[Any]) -> str:
+    names = OP_COLUMNS.get(op, ())
+    data = {
+        names[i] if i < len(names) else str(i): journal.jsonable(v) for i, v in enumerate(params)
+    }
+    return json.dumps(data)
+
+
+_MERGED = {
+    "token_usage": "INSERT OR IGNORE",
+    "sessions": "INSERT OR REPLACE",
+    "agent_budgets": "INSERT OR REPLACE",
+    "global_budget": "INSERT OR REPLACE",
+    "rejected_rows": "INSERT",
+}
+"""How the rows of a lost file join the file that replaced it: messages by id (kept
+once), budgets as the running proxy had them, rejected rows all."""
+_RENUMBERED = {"token_usage": {"seq"}, "rejected_rows": {"id"}}
+"""Row numbers the file they join gives anew."""
+
+
+async def _merge(db: aiosqlite.Connection, rescue: Path) -> None:
+    async def columns(schema: str, table: str) -> list[str]:
+        async with db.execute(f"PRAGMA {schema}.table_info({table})") as cur:
+            return [r["name"] for r in await cur.fetchall()]
+
+    await db.execute("ATTACH DATABASE ? AS rescue", (str(rescue),))
+    try:
+        await db.execute("BEGIN")
+        await db.execute("DROP TRIGGER IF EXISTS token_usage_sane")  # copy what it holds
+        for table, verb in _MERGED.items():
+            own = set(await columns("main", table)) - _RENUMBERED.get(table, set())
+            names = ", ".join(c for c in await columns("rescue", table) if c in own)
+            if not names:
+                continue
+            order = " ORDER BY seq" if table == "token_usage" else ""
+            await db.execute(
+                f"{verb} INTO main.{table} ({names}) SELECT {names} FROM rescue.{table}{order}"
+            )
+        await db.execute(_SANE_ROW)
+        await db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        raise
+    finally:
+        await db.execute("DETACH DATABASE rescue")
