@@ -4,26 +4,40 @@ input, request inspection and the framing edge cases."""
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendgate.providers import ADAPTERS, get_adapter
-from spendgate.providers._api import Adapter, NullParser, RequestInfo, ResponseParser
+from spendgate.billing import estimated_counts
+from spendgate.providers import ADAPTERS, _sse_decoder, get_adapter
+from spendgate.providers._api import MAX_NOTES, Adapter, NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
+    INVALID,
+    MAX_BODY_BYTES,
     MAX_CHOICES,
     MAX_OUTPUT_TOKENS,
+    MAX_PARSE_COST,
     JSONElementFramer,
     as_int,
+    count,
     loads_lenient,
+    parse_cost,
+    part,
+    shown,
+    total,
 )
+from spendgate.providers._sse_decoder import MAX_EVENT_BYTES, SSEDecoder, SSEEvent
 from spendgate.providers.anthropic import AnthropicAdapter
 from spendgate.providers.gemini import GeminiAdapter
 from spendgate.providers.ollama import OllamaAdapter
 from spendgate.providers.openai import OpenAIAdapter, UsageChunkFilter
-from spendgate.usage import Usage
+from spendgate.providers.openai_filter import MAX_PENDING
+from spendgate.usage import MAX_TOKENS, Usage
 from tests.paths import FIXTURES
 
 OPENAI = OpenAIAdapter()
@@ -888,3 +902,368 @@ def test_filter_property_only_usage_events_vanish(events: list[bytes], cuts: lis
     points = sorted({min(c, len(data)) for c in cuts})
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     assert filtered(data, pieces) == want
+
+
+# --- usage numbers validated where they enter (issue #16) ------------------------------------
+
+# The hostile figures as usage counts: none is a token count, each is "not reported".
+BAD_COUNTS: list[tuple[object, str]] = [
+    (2**63, "usage out of range: {field}=9223372036854775808"),
+    (1e300, "usage out of range: {field}=1e300"),
+    (-5, "usage out of range: {field}=-5"),
+    ("12", 'usage not an integer: {field}="12"'),
+    (True, "usage not an integer: {field}=true"),
+    (1.5, "usage not an integer: {field}=1.5"),
+    (MAX_TOKENS + 1, "usage out of range: {field}=10000000001"),
+    (float("inf"), "usage out of range: {field}=inf"),
+    (float("nan"), "usage not an integer: {field}=nan"),
+    ([3], "usage not an integer: {field}=a list"),
+]
+
+
+def test_count_accepts_token_counts_and_notes_everything_else() -> None:
+    notes: list[str] = []
+    assert [count(v, "f", notes.append) for v in (0, 7, 12.0, MAX_TOKENS, None)] == [
+        0,
+        7,
+        12,
+        MAX_TOKENS,
+        None,
+    ]
+    assert notes == []
+    for value, why in BAD_COUNTS:
+        notes.clear()
+        assert count(value, "f", notes.append) is None  # not reported
+        assert part(value, "f", notes.append) == INVALID  # in a sum: spoils the sum
+        assert notes == [why.format(field="f")] * 2
+    assert total(3, None, 4) == 7 and total(None, None) is None and total(3, INVALID) is None
+    assert shown("x" * 100) == '"xxxxxxxxxxxxxxxxxxxxxxxx..."'
+    assert shown(2**200) == "an integer of 201 bits"
+    assert shown("\x1b[31m\n") == '"\\u001b[31m\\n"'  # nothing unprintable reaches a log
+
+
+def parse(adapter: Adapter, operation: str, data: bytes) -> ResponseParser:
+    return run(adapter.parser(RequestInfo(operation=operation), 200, ""), data)
+
+
+def _openai_usage(block: dict[str, Any]) -> bytes:
+    return sse({"model": "m", "choices": [], "usage": block})
+
+
+def _anthropic_usage(block: dict[str, Any]) -> bytes:
+    start = {"type": "message_start", "message": {"model": "claude-x", "usage": block}}
+    return b"event: message_start\ndata: " + orjson.dumps(start) + b"\n\n"
+
+
+def _gemini_usage(block: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps({"modelVersion": "g", "usageMetadata": block}) + b"\n\n"
+
+
+def _ollama_usage(block: dict[str, Any]) -> bytes:
+    return orjson.dumps({"model": "llama", "done": True, **block}) + b"\n"
+
+
+USAGE_FORMS = [
+    # adapter, operation, how a usage block is sent, its input and output field names
+    (OPENAI, "chat", _openai_usage, "prompt_tokens", "completion_tokens"),
+    (OPENAI, "responses", _openai_usage, "input_tokens", "output_tokens"),
+    (ANTHROPIC, "messages", _anthropic_usage, "input_tokens", "output_tokens"),
+    (GEMINI, "stream_generate_content", _gemini_usage, "promptTokenCount", "candidatesTokenCount"),
+    (OLLAMA, "ollama_chat", _ollama_usage, "prompt_eval_count", "eval_count"),
+]
+
+
+@pytest.mark.parametrize(("adapter", "operation", "wrap", "inp", "out"), USAGE_FORMS)
+@pytest.mark.parametrize(("value", "why"), BAD_COUNTS, ids=[repr(v)[:12] for v, _ in BAD_COUNTS])
+def test_an_invalid_count_is_not_reported_and_noted(
+    adapter: Adapter, operation: str, wrap: Any, inp: str, out: str, value: object, why: str
+) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return  # not JSON: orjson refuses it (the NaN/Infinity test below sends it as text)
+    parser = run(
+        adapter.parser(RequestInfo(operation=operation), 200, ""), wrap({inp: value, out: 5})
+    )
+    assert parser.usage is not None
+    assert parser.usage.input_tokens is None  # not reported: the row is an estimate
+    assert parser.usage.output_tokens == 5
+    assert parser.notes == [why.format(field=inp)]
+
+
+@pytest.mark.parametrize(("adapter", "operation", "wrap", "inp", "out"), USAGE_FORMS)
+def test_nan_and_infinity_as_python_servers_write_them(
+    adapter: Adapter, operation: str, wrap: Any, inp: str, out: str
+) -> None:
+    # Python's json.dumps writes NaN and Infinity; orjson refuses such an event, which is
+    # read again as Python reads it, so its count is refused rather than the event lost.
+    for text, why in (
+        (b"NaN", "not an integer"),
+        (b"Infinity", "out of range"),
+        (b"1e400", "out of range"),
+    ):
+        data = wrap({inp: 7, out: 5}).replace(b"7", text, 1)
+        parser = run(adapter.parser(RequestInfo(operation=operation), 200, ""), data)
+        assert parser.usage is not None and parser.usage.input_tokens is None, text
+        assert parser.usage.output_tokens == 5
+        assert parser.notes and parser.notes[0].startswith(f"usage {why}: {inp}="), parser.notes
+
+
+def test_openai_cached_beyond_the_prompt_is_clamped() -> None:
+    # The issue's figure: 999,999 cached tokens against 0 input, billed $1.25 before.
+    block = {"prompt_tokens": 0, "completion_tokens": 0}
+    block["prompt_tokens_details"] = {"cached_tokens": 999_999}  # type: ignore[assignment]
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), _openai_usage(block))
+    assert parser.usage == Usage(input_tokens=0, output_tokens=0, cached_input_tokens=0)
+    assert parser.notes == ["cached tokens beyond the input: 999999 > 0, clamped to 0"]
+    reasoning = {"prompt_tokens": 5, "completion_tokens": 2}
+    reasoning["completion_tokens_details"] = {"reasoning_tokens": 9}  # type: ignore[assignment]
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), _openai_usage(reasoning))
+    assert parser.usage == Usage(input_tokens=5, output_tokens=2, reasoning_tokens=2)
+
+
+def test_gemini_cached_beyond_the_prompt_is_clamped_and_a_bad_part_spoils_its_sum() -> None:
+    meta: dict[str, Any] = {
+        "promptTokenCount": 10,
+        "cachedContentTokenCount": 50,
+        "candidatesTokenCount": 1,
+    }
+    parser = parse(GEMINI, "generate_content", _gemini_usage(meta))
+    assert parser.usage == Usage(input_tokens=10, output_tokens=1, cached_input_tokens=10)
+    assert parser.notes == ["cached tokens beyond the input: 50 > 10, clamped to 10"]
+    meta = {"promptTokenCount": 1e300, "toolUsePromptTokenCount": 4, "candidatesTokenCount": 1}
+    parser = parse(GEMINI, "generate_content", _gemini_usage(meta))
+    assert parser.usage is not None and parser.usage.input_tokens is None  # not 4
+
+
+def test_anthropic_cache_reads_are_added_so_never_beyond_the_input() -> None:
+    # Anthropic's cache reads and writes are apart from input_tokens and added to it, so
+    # a large cache read is a large input, not an inconsistency.
+    block: dict[str, Any] = {
+        "input_tokens": 0,
+        "cache_read_input_tokens": 999_999,
+        "output_tokens": 1,
+    }
+    parser = parse(ANTHROPIC, "messages", _anthropic_usage(block))
+    assert parser.usage == Usage(input_tokens=999_999, output_tokens=1, cached_input_tokens=999_999)
+    assert parser.notes == []
+    block = {
+        "input_tokens": 1,
+        "cache_creation_input_tokens": 5,
+        "cache_creation": {"ephemeral_1h_input_tokens": 8},
+        "output_tokens": 1,
+    }
+    parser = parse(ANTHROPIC, "messages", _anthropic_usage(block))
+    assert parser.usage is not None and parser.usage.cache_write_1h_tokens == 5
+    assert parser.notes == ["1-hour cache writes beyond the cache writes: 8 > 5, clamped"]
+
+
+def test_anthropic_a_bad_later_count_keeps_the_earlier_one_and_a_bad_part_spoils_input() -> None:
+    start = _anthropic_usage({"input_tokens": 10, "output_tokens": 1})
+    usage = {"input_tokens": -5, "output_tokens": 9}
+    delta = b"data: " + orjson.dumps({"type": "message_delta", "usage": usage}) + b"\n\n"
+    parser = parse(ANTHROPIC, "messages", start + delta)
+    assert parser.usage == Usage(input_tokens=10, output_tokens=9)
+    assert parser.notes == ["usage out of range: input_tokens=-5"]
+    block = {"input_tokens": 10, "cache_read_input_tokens": 2**63, "output_tokens": 1}
+    parser = parse(ANTHROPIC, "messages", _anthropic_usage(block))
+    assert parser.usage == Usage(input_tokens=None, output_tokens=1)  # not 10: a part is unknown
+
+
+def test_notes_are_distinct_and_bounded() -> None:
+    chunks = [
+        {"choices": [], "usage": {"prompt_tokens": -i, "completion_tokens": 1}}
+        for i in range(1, 50)
+    ]
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), sse(*chunks, *chunks))
+    assert len(parser.notes) == MAX_NOTES
+    assert parser.notes[0] == "usage out of range: prompt_tokens=-1"
+
+
+def test_estimates_hold_reported_breakdowns_within_the_estimated_input() -> None:
+    info = RequestInfo(operation="chat", input_chars=40)  # an estimate of 10 input tokens
+    counts = estimated_counts(info, Usage(cached_input_tokens=999_999, reasoning_tokens=7), 8)
+    assert (counts.input_tokens, counts.cached_input_tokens) == (10, 10)
+    assert (counts.output_tokens, counts.reasoning_tokens) == (2, 2)
+
+
+# --- every buffer an upstream controls is bounded and linear (issue #16) -----------------------
+
+
+def test_a_line_with_no_end_is_held_up_to_the_cap_then_skipped() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b'data: {"a":1}\n\ndata: ' + b"x" * 1000) == [
+        SSEEvent("message", b'{"a":1}')
+    ]
+    piece = b"x" * (1 << 16)
+    for _ in range((MAX_EVENT_BYTES >> 16) + 8):  # past the cap: 8 MiB and more
+        assert decoder.feed(piece) == []
+        assert decoder._held <= MAX_EVENT_BYTES  # never more than the cap
+    assert decoder.skipped == 1
+    assert decoder.feed(b"x\ndata: dropped too\n\ndata: next\n\n") == [SSEEvent("message", b"next")]
+    assert decoder.close() == []
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+def test_an_oversized_line_ending_at_a_piece_edge_dispatches_nothing_spurious(end: bytes) -> None:
+    with mock.patch.object(_sse_decoder, "MAX_EVENT_BYTES", 16):
+        decoder = SSEDecoder()
+        decoder.feed(b"event: big\ndata: " + b"y" * 40)
+        assert decoder.skipped == 1
+        events = decoder.feed(b"y" * 5 + end[:1])  # a CR here may be half of a CRLF
+        events += decoder.feed(end[1:] + end + b"data: after\n\n")  # a blank line, then one
+        assert events == [SSEEvent("message", b"after")]
+
+
+def test_an_event_of_many_small_lines_is_dropped_past_the_cap() -> None:
+    with mock.patch.object(_sse_decoder, "MAX_EVENT_BYTES", 100):
+        decoder = SSEDecoder()
+        for _ in range(30):
+            assert decoder.feed(b"data: 0123456789\n") == []
+        assert decoder.skipped == 1
+        assert decoder.feed(b"\ndata: ok\n\n") == [SSEEvent("message", b"ok")]
+        # The same lines in one event below the cap still make one event, in any pieces.
+        decoder = SSEDecoder()
+        lines = b"data: 0123456789\n" * 5 + b"\n"
+        events = [e for i in range(len(lines)) for e in decoder.feed(lines[i : i + 1])]
+        assert events == [SSEEvent("message", b"\n".join([b"0123456789"] * 5))]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "operation"),
+    [(OPENAI, "chat"), (ANTHROPIC, "messages"), (GEMINI, "stream_generate_content")],
+)
+def test_a_giant_sse_line_costs_one_pass_and_the_usage_after_it_still_counts(
+    adapter: Adapter, operation: str
+) -> None:
+    usage = {
+        "chat": _openai_usage({"prompt_tokens": 3, "completion_tokens": 2}),
+        "messages": _anthropic_usage({"input_tokens": 3, "output_tokens": 2}),
+        "stream_generate_content": _gemini_usage(
+            {"promptTokenCount": 3, "candidatesTokenCount": 2}
+        ),
+    }[operation]
+    parser = adapter.parser(RequestInfo(operation=operation), 200, "text/event-stream")
+    parser.feed(b"data: " + b"x" * 100)
+    piece = b"x" * (1 << 16)
+    for _ in range(64 << 4):  # a 64 MiB line with no newline
+        parser.feed(piece)
+    parser.feed(b"\n\n" + usage)
+    parser.close()
+    assert parser.usage is not None and parser.usage.total_tokens == 5
+    assert parser.notes == ["oversized SSE events skipped: 1 over 8 MiB, usage may be missing"]
+
+
+def test_an_oversized_ndjson_line_is_skipped_and_the_next_one_read() -> None:
+    parser = OLLAMA.parser(RequestInfo(operation="ollama_chat"), 200, "application/x-ndjson")
+    parser.feed(b'{"model":"llama","message":{"content":"hi"}}\n{"message":{"content":"')
+    for _ in range((MAX_EVENT_BYTES >> 16) + 2):
+        parser.feed(b"x" * (1 << 16))
+    parser.feed(b'"}}\n' + _ollama_usage({"prompt_eval_count": 4, "eval_count": 2}))
+    parser.close()
+    assert parser.usage == Usage(input_tokens=4, output_tokens=2)
+    assert parser.notes == ["oversized NDJSON lines skipped: 1 over 8 MiB, usage may be missing"]
+
+
+def test_a_json_body_past_the_buffer_is_not_parsed_and_noted() -> None:
+    parser = OPENAI.parser(RequestInfo(operation="chat"), 200, "application/json")
+    parser.feed(b'{"model":"m","x":"')
+    piece = b"x" * (1 << 20)  # one object, held many times over: little memory
+    for _ in range(MAX_BODY_BYTES >> 20):
+        parser.feed(piece)
+    parser.feed(b'","usage":{"prompt_tokens":1,"completion_tokens":1}}')
+    parser.close()
+    assert parser.usage is None
+    assert parser.notes == ["JSON body over 64 MiB: not parsed"]
+
+
+def test_a_dense_json_body_is_refused_before_it_is_parsed() -> None:
+    # 3 MiB of empty objects would take about 90 MB parsed; text of 4 MiB parses.
+    tail = b'],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    dense = b'{"model":"m","x":[' + b"{}," * (2 << 19) + b"0" + tail
+    assert parse_cost(dense, MAX_PARSE_COST) > MAX_PARSE_COST
+    parser = OPENAI.parser(RequestInfo(operation="chat"), 200, "application/json")
+    parser.feed_whole(dense)
+    assert parser.usage is None
+    assert parser.notes == [
+        f"JSON too dense to parse: a payload of {len(dense):,} bytes would take over 64 MiB "
+        "parsed, usage may be missing"
+    ]
+    text = b'{"model":"m","x":["' + b"QUJD" * (1 << 20) + b'"' + tail
+    parser = OPENAI.parser(RequestInfo(operation="chat"), 200, "application/json")
+    parser.feed_whole(text)
+    assert parser.usage == Usage(input_tokens=1, output_tokens=1) and parser.notes == []
+
+
+def test_the_filter_passes_an_oversized_event_and_still_drops_the_usage_chunk() -> None:
+    usage_only = b"data: " + orjson.dumps(USAGE_CHUNK) + b"\n\n"
+    content = b"data: " + orjson.dumps(CONTENT_CHUNK) + b"\n\n"
+    for end in (b"\n\n", b"\r\n\r\n", b"\r\r"):
+        big = b"data: " + b"z" * (3 * MAX_PENDING) + end
+        data = content + big + usage_only + b"data: [DONE]\n\n"
+        want = content + big + b"data: [DONE]\n\n"
+        for step in (1000, 4096, MAX_PENDING + 1, len(data)):
+            f = UsageChunkFilter()
+            out = b""
+            for i in range(0, len(data), step):
+                out += f.feed(data[i : i + step])
+                assert len(f._pending) <= MAX_PENDING + step  # held back: bounded
+            assert out + f.close() == want, (end, step)
+
+
+# --- fuzzing the bounds ---------------------------------------------------------------------
+
+_ODD_NUMBER: st.SearchStrategy[object] = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(
+        [2**63, 2**64, 1e300, -5, "12", True, False, None, [], {}, MAX_TOKENS, MAX_TOKENS + 1]
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    form=st.sampled_from(USAGE_FORMS),
+    values=st.lists(_ODD_NUMBER, min_size=2, max_size=6),
+    cached=_ODD_NUMBER,
+)
+def test_property_any_usage_numbers_give_valid_consistent_counts(
+    form: tuple[Any, ...], values: list[object], cached: object
+) -> None:
+    """Whatever numbers an upstream reports, each count that comes out is a whole number
+    within the bound, every breakdown within its total, and the notes are few."""
+    adapter, operation, wrap, inp, out = form
+    extras: dict[str, dict[str, Any]] = {
+        "chat": {
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": values[-1]},
+        },
+        "responses": {"input_tokens_details": {"cached_tokens": cached}},
+        "messages": {
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": values[-1],
+            "cache_creation": {"ephemeral_1h_input_tokens": values[0]},
+        },
+        "stream_generate_content": {
+            "cachedContentTokenCount": cached,
+            "thoughtsTokenCount": values[-1],
+            "toolUsePromptTokenCount": values[0],
+        },
+        "ollama_chat": {},
+    }
+    extra = extras[operation]
+    block = json.dumps({inp: values[0], out: values[1], **extra}).encode()  # NaN as Python
+    data = wrap({"__block__": 0}).replace(b'{"__block__":0}', block)
+    parser = run(adapter.parser(RequestInfo(operation=operation), 200, ""), data)
+    assert len(parser.notes) <= MAX_NOTES
+    usage = parser.usage
+    if usage is None:
+        return
+    for value in usage:
+        assert value is None or (type(value) is int and 0 <= value <= 3 * MAX_TOKENS)
+    c = usage.counts()
+    if usage.input_tokens is not None:
+        assert c.cached_input_tokens + c.cache_write_tokens <= c.input_tokens
+    if usage.output_tokens is not None:
+        assert c.reasoning_tokens <= c.output_tokens
+    if usage.cache_write_tokens is not None:
+        assert c.cache_write_1h_tokens <= c.cache_write_tokens

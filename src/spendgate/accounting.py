@@ -262,6 +262,7 @@ class Accountant:
             duration_ms=round((time.perf_counter() - ex.t0) * 1000, 3),
             key_fingerprint=ex.key_fingerprint,
             error=ex.error,
+            note=ex.note(),
             transport=ex.transport,
         )
         if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message

@@ -19,7 +19,9 @@ NOTHING = TokenCounts()
 
 def estimated_counts(info: RequestInfo, reported: Usage | None, output_chars: int) -> TokenCounts:
     """Estimates from the request size and the deltas streamed so far, with whatever
-    the provider did report taking precedence over its estimate."""
+    the provider did report taking precedence over its estimate. Reported breakdowns are
+    held within the totals here too (an estimated input may be smaller than the cached
+    tokens reported beside it): :meth:`TokenCounts.within_input`."""
     out = estimate_tokens(output_chars)
     if reported is None:
         return TokenCounts(input_tokens=estimate_tokens(info.input_chars), output_tokens=out)
@@ -30,7 +32,7 @@ def estimated_counts(info: RequestInfo, reported: Usage | None, output_chars: in
         cache_write_tokens=reported.cache_write_tokens or 0,
         cache_write_1h_tokens=reported.cache_write_1h_tokens or 0,
         reasoning_tokens=reported.reasoning_tokens or 0,
-    )
+    ).within_input()
 
 
 def billed_counts(

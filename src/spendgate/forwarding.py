@@ -13,7 +13,7 @@ import hashlib
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, unquote
 
 from multidict import CIMultiDictProxy
@@ -28,35 +28,180 @@ HOP_BY_HOP = frozenset(
 KEY_HEADERS = ("x-api-key", "x-goog-api-key", "api-key")
 
 
-class Decoder(Protocol):
-    def decompress(self, data: bytes) -> bytes: ...
+MAX_DECODED_BYTES = 64 << 20
+"""Bytes of a compressed body inflated for the parser: the most a JSON body may hold for
+parsing (``providers._common.MAX_BODY_BYTES``), and far more than any stream sends. A
+gzip bomb stops here: the parser gets nothing past it (its row is estimated, and its
+note says why) while the client gets every compressed byte as it came."""
+INFLATE_PIECE = 1 << 18
+"""Most bytes inflated per step: the parser gets a long body in pieces of this size, so
+no single inflated copy grows past it (zlib's ``max_length``, brotli's output limit)."""
+WHOLE_PIECE = 8 << 20
+"""A body read whole is inflated in one step up to this size (then the parser reads it
+at once, as an uncompressed one); past it, in ``INFLATE_PIECE`` pieces."""
 
 
-def _decoder(encoding: str) -> Decoder | None:
-    """A decompressor for the parser's copy of a compressed body (the client gets it as is)."""
+class _Codec(Protocol):
+    def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
+        """At most about ``limit`` bytes of output for ``data`` (empty: carry on with
+        what is held), and whether more output is pending."""
+
+
+class _Zlib:
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d = zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
+
+    def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
+        d = self._d
+        out = d.decompress(data or d.unconsumed_tail, limit)
+        return out, bool(d.unconsumed_tail) or len(out) >= limit
+
+
+class _Brotli:
+    __slots__ = ("_d",)
+
+    def __init__(self, decompressor: Any) -> None:
+        self._d = decompressor
+
+    def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
+        d = self._d
+        out: bytes = d.process(data, output_buffer_limit=limit)
+        return out, not d.can_accept_more_data()
+
+
+class _Zstd:
+    """zstd, whose decompressor cannot bound its output: it is given the input in slices
+    of ``SLICE`` bytes. A zstd block inflates to at most 128 KiB and takes at least 4
+    bytes, so one slice yields at most 2 MiB (a step's output stays near ``limit``), and
+    reading even an incompressible body this way costs about 8 ms per MB."""
+
+    SLICE = 64
+    __slots__ = ("_at", "_d", "_pending")
+
+    def __init__(self, decompressor: Any) -> None:
+        self._d = decompressor
+        self._pending = b""
+        self._at = 0
+
+    def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
+        if data:
+            rest = self._pending[self._at :]
+            self._pending, self._at = rest + data if rest else data, 0
+        pending, at, end, d, step = self._pending, self._at, len(self._pending), self._d, self.SLICE
+        out: list[bytes] = []
+        size = 0
+        while at < end and size < limit:
+            piece: bytes = d.decompress(pending[at : at + step])
+            at += step
+            if piece:
+                out.append(piece)
+                size += len(piece)
+        self._at = at
+        return b"".join(out), at < end
+
+
+def _codec(encoding: str) -> _Codec | None:
+    """A decompressor for the parser's copy of a compressed body (the client gets it as
+    is). Brotli needs the ``brotli`` package 1.2 or later, the first whose output can be
+    bounded; without it a ``br`` body is not parsed; zstd needs ``zstandard``."""
     enc = encoding.strip().lower()
     if enc in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(wbits=47)  # gzip or zlib, detected from the header
-    if enc == "br":
+        return _Zlib()
+    if enc == "zstd":
         try:
-            import brotli  # type: ignore[import-not-found,unused-ignore]
-
-            return brotli.Decompressor()  # type: ignore[no-any-return,unused-ignore]
+            import zstandard
         except ImportError:
             return None
+        return _Zstd(zstandard.ZstdDecompressor().decompressobj())
+    if enc == "br":
+        try:
+            import brotli  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        except ImportError:
+            return None
+        decompressor = brotli.Decompressor()
+        if not hasattr(decompressor, "can_accept_more_data"):
+            return None
+        return _Brotli(decompressor)
     return None
 
 
+class Inflater:
+    """``feed`` behind a decompressor, bounded: each step inflates at most
+    :data:`INFLATE_PIECE` bytes and hands them on, and past :data:`MAX_DECODED_BYTES`
+    in all it stops for good. ``note`` says why it stopped (the cap, or a body that is
+    not the encoding it claims), else None."""
+
+    __slots__ = ("_codec", "_feed", "_left", "note")
+
+    def __init__(self, feed: Callable[[bytes], None], codec: _Codec, limit: int) -> None:
+        self._feed = feed
+        self._codec = codec
+        self._left = limit
+        self.note: str | None = None
+
+    def __call__(self, data: bytes) -> None:
+        if self.note is None:
+            self._pump(data, INFLATE_PIECE)
+
+    def whole(self, body: bytes, feed_whole: Callable[[bytes], None]) -> bool:
+        """A body read whole: inflated at once up to :data:`WHOLE_PIECE` and handed to
+        ``feed_whole`` (True: the parser is done), else in pieces to ``feed`` (False:
+        the caller still closes the parser)."""
+        try:
+            out, more = self._codec.inflate(body, WHOLE_PIECE)
+        except Exception:
+            self._unreadable()
+            feed_whole(b"")
+            return True
+        if not more:
+            feed_whole(out)
+            return True
+        self._take(out)
+        if self.note is None:
+            self._pump(b"", INFLATE_PIECE)
+        return False
+
+    def _pump(self, data: bytes, limit: int) -> None:
+        codec = self._codec
+        try:
+            out, more = codec.inflate(data, limit)
+            while self._take(out) and more:
+                out, more = codec.inflate(b"", limit)
+        except Exception:  # zlib.error, brotli.error, ZstdError: not what it claims to be
+            self._unreadable()
+
+    def _take(self, out: bytes) -> bool:
+        """Hand ``out`` on within the cap; False once past it."""
+        self._left -= len(out)
+        if self._left < 0:
+            self.note = (
+                f"compressed body over {MAX_DECODED_BYTES >> 20} MiB inflated: "
+                "parsing stopped, usage may be missing"
+            )
+            return False
+        if out:
+            self._feed(out)
+        return True
+
+    def _unreadable(self) -> None:
+        self.note = "compressed body unreadable: parsing stopped, usage may be missing"
+
+
+def inflater(feed: Callable[[bytes], None], encoding: str) -> Inflater | None:
+    """``feed`` behind a bounded decompressor for ``encoding``; None if unreadable."""
+    codec = _codec(encoding)
+    return None if codec is None else Inflater(feed, codec, MAX_DECODED_BYTES)
+
+
 def decoded(feed: Callable[[bytes], None], encoding: str) -> Callable[[bytes], None] | None:
-    """``feed`` for raw body bytes: itself, or behind a decompressor for a compressed
-    body (the parser reads a decompressed copy, the client gets the bytes as they came);
-    None if the encoding is unreadable."""
+    """``feed`` for raw body bytes: itself, or behind a bounded decompressor for a
+    compressed body (:class:`Inflater`: the parser reads a decompressed copy, the client
+    gets the bytes as they came); None if the encoding is unreadable."""
     if not encoding:
         return feed
-    decoder = _decoder(encoding)
-    if decoder is None:
-        return None
-    return lambda data: feed(decoder.decompress(data))
+    return inflater(feed, encoding)
 
 
 def key_fingerprint(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

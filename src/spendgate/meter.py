@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 from spendgate import billing
 from spendgate.budgets import Headroom, Refusal, Reservation, usd
 from spendgate.errors import stream_error_bytes
-from spendgate.forwarding import decoded, event_end, redact
+from spendgate.forwarding import Inflater, event_end, inflater, redact
 from spendgate.pricing import ModelPrice
 from spendgate.providers._api import Adapter, OutputFilter, RequestInfo, ResponseParser
+from spendgate.providers._common import shown
 from spendgate.records import MessageRecord
 from spendgate.routing import Target
 from spendgate.usage import TokenCounts
@@ -44,6 +45,15 @@ log = logging.getLogger("spendgate.proxy")
 
 CLIENT_CLOSED = 499
 """Row status when the client left before the upstream answered (nginx's convention)."""
+
+MAX_LOGGED_NOTES = 1000
+"""(route, kind) pairs of row notes already logged: each kind of note is logged once per
+route (routes are configured, kinds are a fixed few), and this bounds it anyway."""
+_logged_notes: set[tuple[str, str]] = set()
+
+UNREAD_NOTE = "not valid JSON"
+"""The kind of note a parser gives for payloads it could not read: left out of the row
+of a response cut short, whose last event is expected to be cut too."""
 
 # Message ids: a random per-process prefix and a counter (unique across restarts and
 # replicas, and no system call per request as uuid4 makes).
@@ -59,11 +69,11 @@ class Meter:
     """
 
     __slots__ = (
-        "_acct", "_adapter", "_body_done", "_cut", "_cut_by", "_cutting", "_filter",
-        "_last_out", "_live", "_ndjson", "_out_filter", "_parse", "_parser_open", "_stop",
-        "aborted", "cut_enabled", "error", "id", "info", "key_fingerprint", "last_live",
-        "parser", "price", "priced_model", "reservation", "started_at", "status",
-        "streamed", "t0", "target", "ttft",
+        "_acct", "_adapter", "_body_done", "_cut", "_cut_by", "_cutting", "_decode_note",
+        "_filter", "_inflater", "_last_out", "_live", "_ndjson", "_out_filter", "_parse",
+        "_parser_open", "_stop", "aborted", "cut_enabled", "error", "id", "info",
+        "key_fingerprint", "last_live", "parser", "price", "priced_model", "reservation",
+        "started_at", "status", "streamed", "t0", "target", "ttft",
     )  # fmt: skip
 
     transport = "http"
@@ -103,6 +113,10 @@ class Meter:
         self.parser: ResponseParser | None = None
         self._parse: Callable[[bytes], None] | None = None
         self._parser_open = False
+        self._inflater: Inflater | None = None
+        """The parser's bounded decompressor, for a compressed body."""
+        self._decode_note: str | None = None
+        """Why a compressed body was not parsed at all (an encoding spendgate cannot read)."""
         self._out_filter: OutputFilter | None = None
         self._filter: Callable[[bytes], bytes] | None = None
         """``_out_filter.feed``, looked up once: it runs for every piece of a stream."""
@@ -163,7 +177,12 @@ class Meter:
         encoding = headers.get("Content-Encoding", "")
         self.parser = parser = self._adapter.parser(self.info, status, ctype)
         self._parser_open = True
-        self._parse = decoded(parser.feed, encoding)
+        if encoding:  # the parser reads a bounded, decompressed copy
+            self._parse = self._inflater = inflate = inflater(parser.feed, encoding)
+            if inflate is None:
+                self._decode_note = f"Content-Encoding {shown(encoding)} not read: not parsed"
+        else:
+            self._parse = parser.feed
         ok = status < 400
         out_filter = self._adapter.output_filter(self.info) if ok and not encoding else None
         self._out_filter = out_filter
@@ -188,14 +207,42 @@ class Meter:
         assert parser is not None, "response_started comes first"
         self._parser_open = False  # feed_whole stands for feed and close
         self._body_done = True
-        feed = decoded(parser.feed_whole, encoding)
-        try:
-            if feed is not None:
-                feed(body)
-                return
-        except Exception:  # a broken compressed body: unparsed, still forwarded
-            pass
-        parser.feed_whole(b"")
+        if not encoding:
+            parser.feed_whole(body)
+            return
+        inflate = self._inflater
+        if inflate is None:  # an encoding spendgate cannot read: unparsed, still forwarded
+            parser.feed_whole(b"")
+        elif not inflate.whole(body, parser.feed_whole):  # it went in pieces: end them
+            self._parser_open = True
+            self._close_parser()
+
+    def note(self) -> str | None:
+        """The row's note: what the parser refused, adjusted or could not read, and why a
+        compressed body was not parsed (whole or in part); None when all was plain. The
+        first note of each kind on a route is logged."""
+        parser = self.parser
+        notes = parser.notes if parser is not None else []
+        inflate = self._inflater
+        decode_note = inflate.note if inflate is not None else self._decode_note
+        if not notes and decode_note is None:
+            return None  # nearly every row
+        if decode_note is not None:
+            notes.append(decode_note)
+        if not self.complete:
+            notes = [n for n in notes if not n.startswith(UNREAD_NOTE)]
+        if not notes:
+            return None
+        route = self.target.route.name
+        for text in notes:
+            key = (route, text.partition(":")[0])
+            if key not in _logged_notes and len(_logged_notes) < MAX_LOGGED_NOTES:
+                _logged_notes.add(key)
+                log.warning(
+                    "route %s, message %s: %s (each kind logged once per route)",
+                    route, self.id, text,
+                )  # fmt: skip
+        return "; ".join(notes)
 
     def _first_byte(self) -> None:
         if self.ttft is None:
@@ -318,5 +365,12 @@ class Meter:
     def _close_parser(self) -> None:
         if self._parser_open:
             self._parser_open = False
-            assert self.parser is not None
-            self.parser.close()
+            parser = self.parser
+            assert parser is not None
+            inflate = self._inflater
+            if inflate is not None and inflate.note is not None:
+                # Decompression stopped partway: closing would parse the truncated rest
+                # (a cut JSON document, held whole); what was read is settled instead.
+                parser.settle()
+            else:
+                parser.close()

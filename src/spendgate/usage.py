@@ -7,7 +7,17 @@ become zero (docs/reference.md §3).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
+
+MAX_TOKENS = 10**10
+"""The largest token count one usage field may report: ten thousand times the largest
+context window of any model in the bundled price table. A field beyond it (``2**63``,
+``1e300``) is not reported, like a negative or non-integer one (docs/reference.md §3),
+so no row can hold a number that breaks the database or prices to an absurd sum."""
+
+Note = Callable[[str], None]
+"""Where a parser says what it refused or adjusted (the row's ``note``)."""
 
 
 class Usage(NamedTuple):
@@ -60,6 +70,48 @@ class TokenCounts(NamedTuple):
     @property
     def uncached_input_tokens(self) -> int:
         return max(0, self.input_tokens - self.cached_input_tokens - self.cache_write_tokens)
+
+    def within_input(self) -> TokenCounts:
+        """These counts with the breakdowns clamped as :func:`consistent` clamps them
+        (for estimates, whose input may be an estimate while the breakdowns are reported)."""
+        inp, out, cached, write, write_1h, reasoning = self
+        cached = min(cached, inp)
+        write = min(write, inp - cached)
+        fixed = TokenCounts(inp, out, cached, write, min(write_1h, write), min(reasoning, out))
+        return self if fixed == self else fixed
+
+
+def consistent(usage: Usage, note: Note) -> Usage:
+    """``usage`` with each breakdown at most what it breaks down, each fix noted.
+
+    On the normalized form (every adapter's input already includes cache reads and
+    writes): ``cached_input_tokens + cache_write_tokens <= input_tokens`` (reads first,
+    writes get what is left), ``cache_write_1h_tokens <= cache_write_tokens`` and
+    ``reasoning_tokens <= output_tokens``. Anthropic's input is the sum of its three
+    fields, so it always holds there; OpenAI's and Gemini's cached tokens are part of
+    the prompt count, so a report of more cached tokens than prompt tokens is clamped.
+    A breakdown whose total was not reported is left as it is (an estimate clamps it,
+    :func:`spendgate.billing.estimated_counts`).
+    """
+    inp, out, cached, write, write_1h, reasoning = usage
+    if cached is None and write is None and reasoning is None:
+        return usage  # nearly every report: nothing to compare
+    if inp is not None:
+        if cached is not None and cached > inp:
+            note(f"cached tokens beyond the input: {cached} > {inp}, clamped to {inp}")
+            cached = inp
+        room = inp - (cached or 0)
+        if write is not None and write > room:
+            note(f"cache writes beyond the input: {write} > {room}, clamped to {room}")
+            write = room
+    if write is not None and write_1h is not None and write_1h > write:
+        note(f"1-hour cache writes beyond the cache writes: {write_1h} > {write}, clamped")
+        write_1h = write
+    if out is not None and reasoning is not None and reasoning > out:
+        note(f"reasoning tokens beyond the output: {reasoning} > {out}, clamped to {out}")
+        reasoning = out
+    fixed = Usage(inp, out, cached, write, write_1h, reasoning)
+    return usage if fixed == usage else fixed
 
 
 def estimate_tokens(chars: int) -> int:

@@ -79,6 +79,17 @@ class ResponseParser(Protocol):
     def output_chars(self) -> int:
         """Characters of generated deltas so far (text, tool arguments, reasoning)."""
 
+    @property
+    def notes(self) -> list[str]:
+        """What the parser refused, adjusted or could not read (a usage count out of range,
+        cached tokens clamped, an oversized event skipped), for the row's ``note``: each a
+        short line ``kind: details``, at most ``MAX_NOTES`` distinct ones; usually none."""
+
+
+MAX_NOTES = 4
+"""Distinct notes one parser keeps: a stream repeating a bad count on every chunk, or a
+new bad value each time, cannot grow the row's note."""
+
 
 class OutputFilter(Protocol):
     """Rewrites the byte stream sent to the client (only for the include_usage rewrite)."""
@@ -117,6 +128,7 @@ class BaseParser:
         self._usage: Usage | None = None
         self._model: str | None = None
         self._output_chars = 0
+        self._notes: list[str] | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -129,6 +141,18 @@ class BaseParser:
     @property
     def output_chars(self) -> int:
         return self._output_chars
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self._notes) if self._notes else []
+
+    def _note(self, text: str) -> None:
+        """Keep a note for the row (distinct ones, at most ``MAX_NOTES``)."""
+        notes = self._notes
+        if notes is None:
+            self._notes = [text]
+        elif text not in notes and len(notes) < MAX_NOTES:
+            notes.append(text)
 
     def settle(self) -> None:
         pass  # nothing held back: every piece is examined as it arrives

@@ -9,6 +9,7 @@ forwarding (docs/reference.md §3).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -16,14 +17,27 @@ from typing import Any, Protocol
 import orjson
 
 from spendgate.providers._api import BaseParser, RequestInfo
-from spendgate.providers._sse_decoder import SSEDecoder
-from spendgate.usage import Usage
+from spendgate.providers._sse_decoder import MAX_EVENT_BYTES, SSEDecoder
+from spendgate.usage import MAX_TOKENS, Note, Usage
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
-"""Largest JSON body, JSON-array element or NDJSON line buffered for parsing; beyond it,
-no usage. Room for the largest answer a provider sends whole (OpenAI embeddings for
-2,048 inputs of 3,072 dimensions in base64, the SDKs' default, are about 34 MB), while
-a broken or hostile upstream cannot make one response hold more than this."""
+"""Largest JSON body or JSON-array element buffered for parsing; beyond it, no usage.
+Room for the largest answer a provider sends whole (OpenAI embeddings for 2,048 inputs
+of 3,072 dimensions in base64, the SDKs' default, are about 34 MB), while a broken or
+hostile upstream cannot make one response hold more than this. An SSE event or an
+NDJSON line is held to the smaller ``MAX_EVENT_BYTES`` (8 MiB)."""
+
+DENSE_CHECK_BYTES = 1 << 20
+"""Payloads larger than this are sized up before they are parsed (below it, the parsed
+objects take at most about 32 MB, whatever the bytes)."""
+MAX_PARSE_COST = 64 << 20
+"""Estimated memory the objects parsed from one payload may take. Parsed JSON can take
+thirty times its size (``[{},{},...]``: a dict per three bytes), so a dense payload of a
+few megabytes would otherwise cost gigabytes; text and base64 take about their size."""
+REREAD_BYTES = 1 << 16
+"""Payloads orjson rejects up to this size are read again with Python's ``json`` (which
+reads ``NaN``, ``Infinity`` and numbers beyond a double, as Python servers write them),
+so that such a usage count is refused as out of range rather than losing its event."""
 
 JSONObject = dict[str, Any]
 
@@ -72,10 +86,75 @@ def json_len(value: Any) -> int:
         return 0
 
 
-def add_ints(*values: int | None) -> int | None:
-    """Sum of the reported values; None only if none was reported."""
+def ignore_note(text: str) -> None:
+    """A :data:`~spendgate.usage.Note` that keeps nothing (for callers with no row)."""
+
+
+INVALID = -1
+"""What :func:`part` returns for a count that was reported but is not valid (and noted):
+a sum that includes it is not reported either (:func:`total`)."""
+
+
+def count(value: Any, field: str, note: Note) -> int | None:
+    """A usage count as it enters spendgate: a non-negative integer up to ``MAX_TOKENS``
+    (integral floats too: ``12.0``), else None: missing (absent or null), or not a count
+    (negative, beyond the bound, a bool, a string, NaN, infinite, a fraction), which
+    ``note`` is told, with the provider's field name."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value  # nearly every count: one type check and two comparisons
+    if value is None:
+        return None
+    value = part(value, field, note)
+    return None if value == INVALID else value
+
+
+def part(value: Any, field: str, note: Note) -> int | None:
+    """:func:`count` for a part of a sum: :data:`INVALID` for a value that is no count,
+    so that :func:`total` can tell it from a part not reported."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    if value is None:
+        return None
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_TOKENS:
+        return int(value)
+    numeric = type(value) is int or (type(value) is float and not math.isnan(value))
+    integral = numeric and (type(value) is int or value.is_integer() or math.isinf(value))
+    problem = "out of range" if integral else "not an integer"
+    note(f"usage {problem}: {field}={shown(value)}")
+    return INVALID
+
+
+def valid(value: int | None) -> int | None:
+    """A :func:`part` as a field: :data:`INVALID` is not reported."""
+    return None if value == INVALID else value
+
+
+def total(*values: int | None) -> int | None:
+    """Sum of the reported counts; None if none was reported, or if one was invalid (a
+    sum missing a part would under-report: better an estimate, flagged)."""
+    if INVALID in values:
+        return None
     present = [v for v in values if v is not None]
     return sum(present) if present else None
+
+
+def shown(value: Any) -> str:
+    """A short, printable rendering of an upstream's value for a note or a log line."""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is int:
+        bits = value.bit_length()
+        return str(value) if bits <= 128 else f"an integer of {bits} bits"
+    if type(value) is float:
+        return repr(value).replace("e+", "e")
+    if isinstance(value, str):
+        head = json.dumps(value[:24])  # ASCII escapes: nothing unprintable gets through
+        return head if len(value) <= 24 else head[:-1] + '..."'
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def reported(usage: Usage) -> Usage | None:
@@ -250,6 +329,13 @@ class Framer(Protocol):
 
     def close(self) -> list[bytes]: ...
 
+    def problem(self) -> str | None:
+        """Why part of the body was not handed on (too long), for the row's note."""
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB"
+
 
 class SSEFramer:
     """The ``data`` of each Server-Sent Event (the event name is repeated in the JSON)."""
@@ -265,34 +351,62 @@ class SSEFramer:
     def close(self) -> list[bytes]:
         return [event.data for event in self._decoder.close()]
 
+    def problem(self) -> str | None:
+        n = self._decoder.skipped
+        if not n:
+            return None
+        return (
+            f"oversized SSE events skipped: {n} over {_mib(MAX_EVENT_BYTES)}, usage may be missing"
+        )
+
 
 class LineFramer:
-    """Newline-delimited JSON (Ollama). Partial lines are kept as parts, not re-joined."""
+    """Newline-delimited JSON (Ollama). Partial lines are kept as parts, not re-joined; a
+    line longer than ``MAX_EVENT_BYTES`` is dropped (``_size`` -1 while skipping it)."""
 
-    __slots__ = ("_parts", "_size")
+    __slots__ = ("_parts", "_size", "skipped")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
         self._size = 0
+        self.skipped = 0
 
     def feed(self, data: bytes) -> list[bytes]:
         if b"\n" not in data:
-            self._size += len(data)
-            if self._size <= MAX_BODY_BYTES:
-                self._parts.append(data)
+            self._hold(data)
             return []
         lines = data.split(b"\n")
-        if self._parts:
+        if self._size < 0:
+            lines[0] = b""  # the end of the oversized line
+        elif self._parts:
             lines[0] = b"".join(self._parts) + lines[0]
-        tail = lines.pop()
-        self._parts = [tail] if tail else []
-        self._size = len(tail)
+        self._parts, self._size = [], 0
+        self._hold(lines.pop())
         return [line for line in lines if line.strip()]
+
+    def _hold(self, piece: bytes) -> None:
+        if self._size < 0 or not piece:
+            return
+        self._size += len(piece)
+        if self._size <= MAX_EVENT_BYTES:
+            self._parts.append(piece)
+        else:
+            self._parts, self._size = [], -1
+            self.skipped += 1
 
     def close(self) -> list[bytes]:
         rest = b"".join(self._parts)
-        self._parts = []
+        self._parts, self._size = [], 0
         return [rest] if rest.strip() else []
+
+    def problem(self) -> str | None:
+        n = self.skipped
+        if not n:
+            return None
+        return (
+            f"oversized NDJSON lines skipped: {n} over {_mib(MAX_EVENT_BYTES)}, "
+            "usage may be missing"
+        )
 
 
 class BodyFramer:
@@ -317,6 +431,11 @@ class BodyFramer:
         self._parts = []
         return [body] if body else []
 
+    def problem(self) -> str | None:
+        if self._size <= MAX_BODY_BYTES:
+            return None
+        return f"JSON body over {_mib(MAX_BODY_BYTES)}: not parsed"
+
 
 _STRUCTURAL = re.compile(rb'["{}\[\]]')
 _IN_STRING = re.compile(rb'["\\]')
@@ -333,9 +452,10 @@ class JSONElementFramer:
     byte is scanned once; consumed bytes are dropped from the buffer.
     """
 
-    __slots__ = ("_base", "_buf", "_depth", "_done", "_in_str", "_pos", "_start")
+    __slots__ = ("_base", "_buf", "_depth", "_done", "_in_str", "_oversized", "_pos", "_start")
 
     def __init__(self) -> None:
+        self._oversized = False
         self._buf = bytearray()
         self._pos = 0
         self._depth = 0
@@ -364,8 +484,14 @@ class JSONElementFramer:
             if start >= 0:
                 self._start = 0
         if len(buf) > MAX_BODY_BYTES:
+            self._oversized = True
             return out + self._stop()
         return out
+
+    def problem(self) -> str | None:
+        if not self._oversized:
+            return None
+        return f"JSON element over {_mib(MAX_BODY_BYTES)}: parsing stopped"
 
     def _open(self, buf: bytearray) -> bool:
         """Reads the body's first byte, past whitespace: ``[`` (elements start inside it)
@@ -453,6 +579,8 @@ class FramedParser(BaseParser):
     def __init__(self) -> None:
         super().__init__()
         self._framer: Framer | None = None
+        self._unreadable = 0
+        """Payloads neither orjson nor Python's ``json`` could read."""
 
     def _json_framer(self) -> Framer:
         return BodyFramer()
@@ -476,7 +604,7 @@ class FramedParser(BaseParser):
                 self._framer = self._json_framer() if json_like else self._text_framer()
             payloads = self._framer.feed(data)
         except Exception:
-            self._framer = _DEAD
+            self._stop_framing("framing failed: parsing stopped")
             return
         self._payloads(payloads)
 
@@ -501,19 +629,88 @@ class FramedParser(BaseParser):
             payloads = self._framer.close()
         except Exception:
             payloads = []
-        self._framer = _DEAD
+        self._stop_framing()
         self._payloads(payloads)
+
+    def _stop_framing(self, why: str | None = None) -> None:
+        """No more framing: keep what the framer has to say, then let it go."""
+        framer = self._framer
+        problem = framer.problem() if framer is not None else None
+        for text in (problem, why):
+            if text:
+                self._note(text)
+        self._framer = _DEAD
+
+    @property
+    def notes(self) -> list[str]:
+        framer = self._framer
+        if framer is _DEAD and self._notes is None and not self._unreadable:
+            return []  # nearly every response, once closed
+        notes = super().notes
+        problem = framer.problem() if framer is not None else None
+        if problem and problem not in notes:
+            notes.append(problem)  # mid-stream: the framer still holds it
+        if self._unreadable:
+            notes.append(f"not valid JSON: {self._unreadable} payload(s) skipped")
+        return notes
 
     def _payloads(self, payloads: list[bytes]) -> None:
         wanted, handle = self._wanted, self._handle
         for payload in payloads:
             try:
-                if wanted(payload):
+                if not wanted(payload):
+                    continue
+                if len(payload) > DENSE_CHECK_BYTES and self._too_dense(payload):
+                    continue
+                try:
                     obj = orjson.loads(payload)
-                    if type(obj) is dict:
-                        handle(obj)
-            except Exception:  # bad JSON, bad UTF-8, a surprise shape: skip this payload
+                except orjson.JSONDecodeError:
+                    obj = self._reread(payload)
+                if type(obj) is dict:
+                    handle(obj)
+            except Exception:  # a surprise shape: skip this payload
                 continue
+
+    def _too_dense(self, payload: bytes) -> bool:
+        cost = parse_cost(payload, MAX_PARSE_COST)
+        if cost <= MAX_PARSE_COST:
+            return False
+        self._note(
+            f"JSON too dense to parse: a payload of {len(payload):,} bytes would take over "
+            f"{_mib(MAX_PARSE_COST)} parsed, usage may be missing"
+        )
+        return True
+
+    def _reread(self, payload: bytes) -> Any:
+        """A payload orjson rejects, read as Python's ``json`` reads it (small ones only:
+        this is the slow path); None, counted, if that fails too."""
+        if len(payload) <= REREAD_BYTES:
+            try:
+                return json.loads(payload)  # invalid UTF-8 stays an error
+            except (ValueError, RecursionError):
+                pass
+        self._unreadable += 1
+        return None
+
+
+_STRUCTURE = bytes(range(256)).translate(None, b"{[,:")
+"""Every byte but the four that start a parsed object (``bytes.translate`` deletes these)."""
+_COST_WINDOW = 1 << 20
+
+
+def parse_cost(payload: bytes, limit: int) -> int:
+    """About how much memory parsing ``payload`` takes, in bytes (measured with orjson on
+    CPython 3.11: a dict about 200 bytes, any other value 64 or less, text one byte per
+    byte). Read in windows of 1 MiB, stopping as soon as it passes ``limit``: a dense
+    payload is refused after a few windows, and no window is copied more than once."""
+    cost = 0
+    for start in range(0, len(payload), _COST_WINDOW):
+        window = payload[start : start + _COST_WINDOW]
+        marks = window.translate(None, _STRUCTURE)
+        cost += len(window) + 64 * len(marks) + 136 * marks.count(b"{")
+        if cost > limit:
+            break
+    return cost
 
 
 class _DeadFramer:
@@ -522,6 +719,9 @@ class _DeadFramer:
 
     def close(self) -> list[bytes]:
         return []
+
+    def problem(self) -> str | None:
+        return None
 
 
 _DEAD = _DeadFramer()

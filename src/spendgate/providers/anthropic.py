@@ -13,22 +13,24 @@ from typing import Any
 
 from spendgate.providers._api import NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
+    INVALID,
     FramedParser,
     JSONObject,
-    add_ints,
     as_dict,
-    as_int,
     as_list,
     json_len,
     largest_int,
     nonempty_str,
+    part,
     read_object,
     reported,
     str_len,
     text_chars,
+    total,
     unread_request,
+    valid,
 )
-from spendgate.usage import Usage
+from spendgate.usage import Usage, consistent
 
 _FIELDS = (
     "input_tokens",
@@ -84,29 +86,33 @@ class AnthropicParser(FramedParser):
             self._merge(block)
 
     def _merge(self, block: JSONObject) -> None:
-        raw = self._raw
+        # A field reported invalid keeps the last valid value of it; with none, it stays
+        # INVALID, so the sums that need it are not reported (:func:`total`).
+        raw, note = self._raw, self._note
         for key in _FIELDS:
-            value = as_int(block.get(key))
-            if value is not None:
+            value = part(block.get(key), key, note)
+            if value is not None and (value != INVALID or key not in raw):
                 raw[key] = value
         creation = as_dict(block.get("cache_creation"))
-        one_hour = as_int(creation.get("ephemeral_1h_input_tokens")) if creation else None
-        if one_hour is not None:
-            raw["ephemeral_1h"] = one_hour
+        if creation:
+            one_hour = part(
+                creation.get("ephemeral_1h_input_tokens"), "ephemeral_1h_input_tokens", note
+            )
+            if one_hour is not None and (one_hour != INVALID or "ephemeral_1h" not in raw):
+                raw["ephemeral_1h"] = one_hour
         read = raw.get("cache_read_input_tokens")
         write = raw.get("cache_creation_input_tokens")
-        self._usage = (
-            reported(
-                Usage(
-                    input_tokens=add_ints(raw.get("input_tokens"), read, write),
-                    output_tokens=raw.get("output_tokens"),
-                    cached_input_tokens=read,
-                    cache_write_tokens=write,
-                    cache_write_1h_tokens=raw.get("ephemeral_1h"),
-                )
+        usage = reported(
+            Usage(
+                input_tokens=total(raw.get("input_tokens"), read, write),
+                output_tokens=valid(raw.get("output_tokens")),
+                cached_input_tokens=valid(read),
+                cache_write_tokens=valid(write),
+                cache_write_1h_tokens=valid(raw.get("ephemeral_1h")),
             )
-            or self._usage
         )
+        if usage is not None:
+            self._usage = consistent(usage, note)
 
 
 class AnthropicAdapter:

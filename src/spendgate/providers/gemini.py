@@ -18,21 +18,23 @@ from spendgate.providers._common import (
     Framer,
     JSONElementFramer,
     JSONObject,
-    add_ints,
     as_dict,
-    as_int,
     as_list,
     choice_count,
+    ignore_note,
     json_len,
     largest_int,
     nonempty_str,
+    part,
     read_object,
     reported,
     str_len,
     text_chars,
+    total,
     unread_request,
+    valid,
 )
-from spendgate.usage import Usage
+from spendgate.usage import Note, Usage, consistent
 
 # /v1beta/models/{m}:op, /v1/projects/p/locations/l/publishers/google/models/{m}:op
 _PATH = re.compile(r"/(?:models|tunedModels)/([^/:]+):(generateContent|streamGenerateContent)$")
@@ -46,23 +48,28 @@ _MAX_KEYS = ("maxOutputTokens", "max_output_tokens")
 _CHOICE_KEYS = ("candidateCount", "candidate_count")
 
 
-def map_usage(meta: JSONObject) -> Usage | None:
+def map_usage(meta: JSONObject, note: Note = ignore_note) -> Usage | None:
     """``usageMetadata`` → spendgate usage, or None for a block without counts.
 
     ``promptTokenCount`` includes cached tokens; tool-use prompt tokens (code
-    execution, search) are input too. ``candidatesTokenCount`` excludes thoughts.
+    execution, search) are input too. ``candidatesTokenCount`` excludes thoughts. A
+    count that is not valid is not reported, nor is a sum it is part of (:func:`total`).
     """
-    thoughts = as_int(meta.get("thoughtsTokenCount"))
-    return reported(
+    get = meta.get
+    thoughts = part(get("thoughtsTokenCount"), "thoughtsTokenCount", note)
+    prompt = part(get("promptTokenCount"), "promptTokenCount", note)
+    tool_use = part(get("toolUsePromptTokenCount"), "toolUsePromptTokenCount", note)
+    candidates = part(get("candidatesTokenCount"), "candidatesTokenCount", note)
+    cached = part(get("cachedContentTokenCount"), "cachedContentTokenCount", note)
+    usage = reported(
         Usage(
-            input_tokens=add_ints(
-                as_int(meta.get("promptTokenCount")), as_int(meta.get("toolUsePromptTokenCount"))
-            ),
-            output_tokens=add_ints(as_int(meta.get("candidatesTokenCount")), thoughts),
-            cached_input_tokens=as_int(meta.get("cachedContentTokenCount")),
-            reasoning_tokens=thoughts,
+            input_tokens=total(prompt, tool_use),
+            output_tokens=total(candidates, thoughts),
+            cached_input_tokens=valid(cached),
+            reasoning_tokens=valid(thoughts),
         )
     )
+    return None if usage is None else consistent(usage, note)
 
 
 def _part_chars(part: Any) -> int:
@@ -96,7 +103,7 @@ class GeminiParser(FramedParser):
                 self._output_chars += sum(_part_chars(p) for p in as_list(content.get("parts")))
         meta = as_dict(obj.get("usageMetadata"))
         if meta is not None:
-            self._usage = map_usage(meta) or self._usage
+            self._usage = map_usage(meta, self._note) or self._usage
 
 
 class GeminiAdapter:

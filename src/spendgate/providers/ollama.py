@@ -16,8 +16,8 @@ from spendgate.providers._common import (
     JSONObject,
     LineFramer,
     as_dict,
-    as_int,
     as_list,
+    count,
     json_len,
     largest_int,
     nonempty_str,
@@ -58,15 +58,10 @@ class OllamaParser(FramedParser):
                     self._output_chars += json_len(fn.get("arguments"))
         self._output_chars += str_len(obj.get("response")) + str_len(obj.get("thinking"))
         if obj.get("done") is True:
-            self._usage = (
-                reported(
-                    Usage(
-                        input_tokens=as_int(obj.get("prompt_eval_count")),
-                        output_tokens=as_int(obj.get("eval_count")),
-                    )
-                )
-                or self._usage
-            )
+            note = self._note
+            prompt = count(obj.get("prompt_eval_count"), "prompt_eval_count", note)
+            generated = count(obj.get("eval_count"), "eval_count", note)
+            self._usage = reported(Usage(prompt, generated)) or self._usage
 
 
 class OllamaAdapter:

@@ -23,14 +23,15 @@ from spendgate.providers._common import (
     JSONObject,
     SSEFramer,
     as_dict,
-    as_int,
     as_list,
+    count,
+    ignore_note,
     nonempty_str,
     str_len,
 )
 from spendgate.providers.openai_filter import UsageChunkFilter, is_usage_only_event
 from spendgate.providers.openai_request import OPERATIONS, classify, inspect_request
-from spendgate.usage import Usage
+from spendgate.usage import Note, Usage, consistent
 
 __all__ = [
     "OPERATIONS",
@@ -44,36 +45,44 @@ __all__ = [
 ]
 
 
-def map_usage(block: JSONObject, *, embeddings: bool = False) -> Usage | None:
+def map_usage(
+    block: JSONObject, *, embeddings: bool = False, note: Note = ignore_note
+) -> Usage | None:
     """OpenAI usage → spendgate usage; accepts both the chat and the Responses spelling.
 
     ``prompt_tokens``/``input_tokens`` already include cached tokens and
     ``completion_tokens``/``output_tokens`` already include reasoning (docs/reference.md §3).
+    A count that is not valid is not reported, and ``note`` is told (:func:`count`);
+    cached tokens beyond the prompt are clamped to it (:func:`consistent`).
     """
     get = block.get
-    inp = as_int(get("prompt_tokens"))
+    inp = count(get("prompt_tokens"), "prompt_tokens", note)
     if inp is None:
-        inp = as_int(get("input_tokens"))
-    out = as_int(get("completion_tokens"))
+        inp = count(get("input_tokens"), "input_tokens", note)
+    out = count(get("completion_tokens"), "completion_tokens", note)
     if out is None:
-        out = as_int(get("output_tokens"))
+        out = count(get("output_tokens"), "output_tokens", note)
     if out is None and embeddings and inp is not None:
         out = 0
     details = get("prompt_tokens_details")
     if type(details) is not dict:
         details = get("input_tokens_details")
-    cached = as_int(details.get("cached_tokens")) if type(details) is dict else None
-    if cached is None and "prompt_cache_hit_tokens" in block:
-        cached = as_int(get("prompt_cache_hit_tokens"))  # DeepSeek
+    cached = None
+    if type(details) is dict:
+        cached = count(details.get("cached_tokens"), "cached_tokens", note)
+    if cached is None and "prompt_cache_hit_tokens" in block:  # DeepSeek
+        cached = count(get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens", note)
     details = get("completion_tokens_details")
     if type(details) is not dict:
         details = get("output_tokens_details")
-    reasoning = as_int(details.get("reasoning_tokens")) if type(details) is dict else None
-    if inp is None and out is None and cached is None and reasoning is None:
-        return None  # an empty block is no report
-    return Usage(
-        input_tokens=inp, output_tokens=out, cached_input_tokens=cached, reasoning_tokens=reasoning
-    )
+    reasoning = None
+    if type(details) is dict:
+        reasoning = count(details.get("reasoning_tokens"), "reasoning_tokens", note)
+    if cached is None and reasoning is None:
+        if inp is None and out is None:
+            return None  # an empty block is no report
+        return Usage(inp, out)
+    return consistent(Usage(inp, out, cached, reasoning_tokens=reasoning), note)
 
 
 _TEXT_KEYS = frozenset({"content", "reasoning_content", "reasoning", "refusal"})
@@ -267,6 +276,9 @@ class OpenAIParser(FramedParser):
             for block in lazy:
                 payloads.extend(framer.feed(block))
             self._payloads(payloads)
+            problem = framer.problem()
+            if problem:
+                self._note(problem)
         finally:
             self._counting = False
 
@@ -294,7 +306,8 @@ class OpenAIParser(FramedParser):
                         self._output_chars += len(text)
         block = obj.get("usage")  # may ride on a chunk with choices (OpenRouter)
         if type(block) is dict and not self._counting:  # set-aside events are older
-            self._usage = map_usage(block, embeddings=self._embeddings) or self._usage
+            usage = map_usage(block, embeddings=self._embeddings, note=self._note)
+            self._usage = usage or self._usage
 
     def _response_event(self, kind: str, obj: JSONObject) -> None:
         if kind.endswith(".delta"):
@@ -310,7 +323,7 @@ class OpenAIParser(FramedParser):
             self._model = nonempty_str(response.get("model"))
         block = as_dict(response.get("usage"))
         if block is not None and not self._counting:  # set-aside events are older
-            self._usage = map_usage(block) or self._usage
+            self._usage = map_usage(block, note=self._note) or self._usage
         if body:
             self._output_chars += sum(
                 _output_item_chars(i) for i in as_list(response.get("output"))

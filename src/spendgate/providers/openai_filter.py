@@ -57,21 +57,32 @@ def is_usage_only_event(block: bytes) -> bool:
     return obj is not None and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
 
 
+MAX_PENDING = 1 << 16
+"""Bytes of an unfinished event the filter holds back. The usage-only event is a few
+hundred bytes, so a longer one cannot be it: past this the held bytes go to the client
+and the rest of that event passes as it comes, so neither memory nor the copying of held
+bytes grows with an event that never ends."""
+
+
 class UsageChunkFilter:
     """Removes the usage-only SSE event from what the client receives.
 
     Every other byte passes unchanged (``[DONE]``, comments, CRLF framing). An event is
     held back only until its terminating blank line arrives, since whether to drop it
-    is known only then. A body that is not SSE (an error JSON) passes straight through.
+    is known only then, and only up to :data:`MAX_PENDING` bytes. A body that is not SSE
+    (an error JSON) passes straight through.
     """
 
-    __slots__ = ("_fast", "_passthrough", "_pending")
+    __slots__ = ("_fast", "_passthrough", "_pending", "_tail")
 
     def __init__(self) -> None:
         self._pending = b""
         self._passthrough: bool | None = None
         self._fast = False
         """Known SSE and nothing held back: a piece of whole LF events may skip ``_feed``."""
+        self._tail: bytes | None = None
+        """Inside an event too long to hold: its last bytes passed on (to find its end
+        across pieces), else None."""
 
     def feed(self, data: bytes) -> bytes:
         # The common piece passes as it is: it ends with a blank line (in LF or CRLF
@@ -80,10 +91,35 @@ class UsageChunkFilter:
         if self._fast and data[-2:] == b"\n\n" and _EMPTY_LIST.search(data) is None:
             return data
         out = self._feed(data)
-        self._fast = self._passthrough is False and not self._pending
+        self._fast = self._passthrough is False and not self._pending and self._tail is None
         return out
 
     def _feed(self, data: bytes) -> bytes:
+        if self._tail is not None:  # the rest of an event too long to hold passes as is
+            cut = self._oversized_end(data)
+            if cut < 0:
+                return data
+            return data[:cut] + self._feed(data[cut:])
+        out = self._filter(data)
+        if len(self._pending) > MAX_PENDING:
+            held, self._pending = self._pending, b""
+            self._tail = held[-_END_OVERLAP:]
+            return out + held
+        return out
+
+    def _oversized_end(self, data: bytes) -> int:
+        """Where the event too long to hold ends in ``data`` (the index after its blank
+        line), or -1 while it goes on."""
+        tail = self._tail or b""
+        probe = tail + data
+        m = _EVENT_END.search(probe)
+        if m is None or (m.end() == len(probe) and probe[-1] == 0x0D):  # CR: maybe CRLF
+            self._tail = probe[-_END_OVERLAP:]
+            return -1
+        self._tail = None
+        return max(0, m.end() - len(tail))
+
+    def _filter(self, data: bytes) -> bytes:
         if self._passthrough is None:
             head = (self._pending + data).lstrip()
             if head:
