@@ -559,6 +559,42 @@ async def test_429_is_retried(
     check_rows(sg, [r for r in rows if r["inputTokens"] or r["outputTokens"]], generations(fake))
 
 
+# --- compressed responses ---------------------------------------------------------------------
+
+
+def codex_with_provider(box: Sandbox, base_url: str) -> Command:
+    argv, env = codex_command(box, None)
+    (box.home / ".codex" / "config.toml").write_text(codex_provider_block(base_url))
+    return argv, env
+
+
+@pytest.mark.parametrize(
+    ("cli", "encoding", "make"),
+    [
+        pytest.param(CLAUDE, "br", claude_command, id="claude-code-br"),
+        pytest.param(CODEX, "zstd", codex_with_provider, id="codex-zstd"),
+    ],
+)
+async def test_compressed_responses_are_metered(
+    cli: Cli,
+    encoding: str,
+    make: Callable[[Sandbox, str], Command],
+    sg: Proxy,
+    fake: AgentUpstream,
+    box: Sandbox,
+) -> None:
+    """Each agent offers br or zstd; an upstream that uses it is metered exactly (spendgate
+    decodes its own copy) and the agent gets the encoded bytes it asked for."""
+    require(cli)
+    fake.compress = True
+    route = "anthropic" if cli is CLAUDE else "openai/v1"
+    result = await run(*make(box, sg.url(f"/s/enc/{route}")), box.work, timeout=RUN_TIMEOUT)
+    ok(result)
+    encoded = [e for e in fake.exchanges if ("Content-Encoding", encoding) in e.response_headers]
+    assert encoded, [e.response_headers for e in fake.exchanges]
+    check_rows(sg, await rows_of(sg, "enc", len(fake.asks())), fake.asks())
+
+
 # --- replay: the recorded exchanges, no CLI needed ----------------------------------------------
 
 RECORDINGS = list(recordings())

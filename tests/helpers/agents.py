@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -30,7 +31,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import brotli  # type: ignore[import-untyped,unused-ignore]
 import orjson
+import zstandard
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
@@ -466,9 +469,14 @@ class AgentUpstream:
     by their ending, so any prefix in front (spendgate's ``/s/{session}/…`` form when the
     agents talk to it directly) works. ``script`` decides each generation's turn."""
 
-    def __init__(self, script: Script = plain, *, websocket: bool = True) -> None:
+    def __init__(
+        self, script: Script = plain, *, websocket: bool = True, compress: bool = False
+    ) -> None:
         self.script = script
         self.websocket = websocket
+        self.compress = compress
+        """Encode each generation's HTTP response as the best of :data:`ENCODINGS` the
+        request's ``Accept-Encoding`` offers."""
         self.exchanges: list[Exchange] = []
         self.held = 0
         self._hold = asyncio.Event()
@@ -522,9 +530,19 @@ class AgentUpstream:
             ex.transport = "websocket"
             return await self._socket(request, ex)
         status, ctype, payload = self._answer(request.method, path, body, ex)
+        headers = {}
+        if self.compress and ex.asks and status == 200:
+            offered = {
+                e.split(";")[0].strip().lower()
+                for e in request.headers.get("Accept-Encoding", "").split(",")
+            }
+            encoding = next((e for e in ENCODINGS if e in offered), None)
+            if encoding is not None:
+                payload = ENCODINGS[encoding](payload)
+                headers["Content-Encoding"] = encoding
         ex.status, ex.response = status, payload
-        resp = web.Response(status=status, body=payload, content_type=ctype)
-        ex.response_headers = [("Content-Type", resp.headers["Content-Type"])]
+        resp = web.Response(status=status, body=payload, content_type=ctype, headers=headers)
+        ex.response_headers = [(k, resp.headers[k]) for k in ("Content-Type", *headers)]
         return resp
 
     def _answer(self, method: str, path: str, body: bytes, ex: Exchange) -> tuple[int, str, bytes]:
@@ -597,6 +615,13 @@ class AgentUpstream:
         ex.close_code = ws.close_code
         return ws
 
+
+ENCODINGS: dict[str, Callable[[bytes], bytes]] = {
+    "br": brotli.compress,
+    "zstd": zstandard.ZstdCompressor().compress,
+    "gzip": gzip.compress,
+}
+"""What a compressing fake upstream prefers, best first (the agents offer br, zstd, gzip)."""
 
 _APIS = (
     ("/messages", "anthropic"),
