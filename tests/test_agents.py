@@ -31,6 +31,7 @@ from tests.helpers.agents import (
     AIDER_ANTHROPIC_MODEL,
     AIDER_OPENAI_MODEL,
     CLAUDE,
+    CLIS,
     CODEX,
     CODEX_MODEL,
     HOLD_HEADER,
@@ -602,7 +603,7 @@ _NOT_REPLAYED = {"host", "content-length", "connection", "upgrade"}
 
 
 def test_every_agent_has_recordings() -> None:
-    assert {r.agent for r in RECORDINGS} == {c.name for c in (CLAUDE, CODEX, OPENCODE, AIDER)}
+    assert {r.agent for r in RECORDINGS} == {c.name for c in CLIS}
 
 
 def identity(agent: str, path: str, headers: list[tuple[str, str]]) -> tuple[str, str | None]:

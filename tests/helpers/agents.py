@@ -453,10 +453,6 @@ class Exchange:
     """Per ask, the turn answered (None: a prewarm with no generation)."""
     close_code: int | None = None
 
-    def header(self, name: str) -> str | None:
-        lname = name.lower()
-        return next((v for k, v in self.headers if k.lower() == lname), None)
-
 
 HOLD_HEADER = "x-test-hold"
 """A request carrying it waits at the fake upstream until ``AgentUpstream.release()``."""
