@@ -1267,3 +1267,18 @@ def test_property_any_usage_numbers_give_valid_consistent_counts(
         assert c.reasoning_tokens <= c.output_tokens
     if usage.cache_write_tokens is not None:
         assert c.cache_write_1h_tokens <= c.cache_write_tokens
+
+
+def test_a_responses_request_that_generates_nothing_is_free() -> None:
+    """Codex opens each WebSocket with ``generate: false`` (a prewarm): no message."""
+    adapter = get_adapter("openai")
+    body = b'{"type": "response.create", "model": "gpt-5.5", "generate": false, "input": []}'
+    assert (
+        adapter.inspect("POST", "/v1/responses", {}, body, inject_stream_usage=True).operation
+        == "other"
+    )
+    body = body.replace(b"false", b"true")
+    assert (
+        adapter.inspect("POST", "/v1/responses", {}, body, inject_stream_usage=True).operation
+        == "responses"
+    )

@@ -74,6 +74,10 @@ def inspect_request(
         obj = loads_lenient(body)
         if obj is None:
             return unread_request(op, body, deployment)
+    if op == "responses" and obj.get("generate") is False:
+        # Codex's prewarm: it opens each socket with a response.create that generates
+        # nothing (to warm the cache and get a previous_response_id). Free, so no message.
+        return RequestInfo(operation="other", body=body)
     stream = obj.get("stream") is True
     info = RequestInfo(
         operation=op,
