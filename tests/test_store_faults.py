@@ -12,11 +12,13 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -219,6 +221,52 @@ async def test_quick_check_is_bounded_in_time(
     await again.open()
     await again.close()
     assert "quick_check stopped after 0 s" in caplog.text
+
+
+def test_read_only_file_and_directory_refuse_an_unprivileged_user(tmp_path: Path) -> None:
+    """Root writes whatever the mode says, so as root the modes are tried by an
+    unprivileged user (``setpriv``), on files in a directory that user can reach."""
+    if not ROOT or shutil.which("setpriv") is None:
+        pytest.skip("the in-process cases cover this when not root")
+    base = Path(tempfile.mkdtemp(prefix="spendgate-modes-"))
+    try:
+        base.chmod(0o755)
+        read_only = spendgate_db(base / "ro.db", rows=1)
+        (base / "ro-dir").mkdir()
+        in_read_only = spendgate_db(base / "ro-dir" / "x.db", rows=1)
+        for path in (base / "ro-dir", in_read_only, read_only):
+            os.chown(path, 65534, 65534)
+        read_only.chmod(0o444)
+        (base / "ro-dir").chmod(0o555)
+        script = (
+            "import asyncio, sys\n"
+            "from pathlib import Path\n"
+            "from spendgate.store import SQLiteStore, StoreOpenError\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n"
+            "        asyncio.run(SQLiteStore(Path(p)).open())\n"
+            "    except StoreOpenError as exc:\n"
+            "        print(exc)\n"
+        )
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", script, str(read_only), str(in_read_only)],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "HOME": str(base)},
+        )  # fmt: skip
+        if done.returncode and "Permission denied" in done.stderr:
+            pytest.skip(f"the unprivileged user cannot run this Python: {done.stderr[-200:]}")
+        first, second = done.stdout.splitlines()
+        assert (
+            first
+            == f"{read_only}: it cannot be written: the file is read-only for this user (mode 444)"
+        )
+        assert second.startswith(
+            f"{in_read_only}: its directory {base / 'ro-dir'} cannot be written"
+        )
+        assert "(mode 555)" in second
+    finally:
+        (base / "ro-dir").chmod(0o755)
+        shutil.rmtree(base)
 
 
 async def test_a_read_only_mount_fails_the_open_saying_why(tmp_path: Path) -> None:

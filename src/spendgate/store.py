@@ -141,12 +141,13 @@ BATCH_MAX = 4096
 read waiting on the connection never waits long."""
 WAKE_AT = 500
 """Queued writes that wake the writer before its interval."""
-OPEN_BUSY_S = 2.0
-"""At start-up, how long to wait for a lock another process holds before giving up."""
+OPEN_BUSY_S = 1.5
+"""At start-up, how long to wait for a lock another process holds before giving up (with
+the quick_check's second and the imports' second or so, a refused start takes < 5 s)."""
 BUSY_MS = 500
 """While running, how long a write waits for another process's lock before the batch
 fails and is retried (reads share the connection, so this bounds their wait too)."""
-QUICK_CHECK_S = 1.5
+QUICK_CHECK_S = 1.0
 """``PRAGMA quick_check`` at start-up stops after this long (a big file is only partly
 checked, and the log says so). It reads every page: 1.2 s for a 415 MB file (2 million
 rows) from the page cache; ``integrity_check`` took 8.3 s on it (bench/results.md)."""
@@ -567,7 +568,6 @@ class SQLiteStore:
         self._failing: str | None = None
         """Why the database refuses writes now (None: it takes them)."""
         self._failing_since = 0.0
-        self._failed_at_first = 0
         self._next_fail_log = 0.0
         self._dropped = 0
         self._next_drop_log = 0.0
@@ -629,6 +629,7 @@ class SQLiteStore:
             await db.execute("PRAGMA synchronous=NORMAL")
             if check:
                 await self._quick_check(db)
+                deadline = max(deadline, time.monotonic() + 0.25)  # a few tries after it
                 await _patiently(db, deadline, "BEGIN IMMEDIATE")  # can it be written at all?
                 await db.execute("ROLLBACK")
             await self._migrate(db, deadline)
@@ -862,8 +863,8 @@ class SQLiteStore:
         if now >= self._next_journal_log:
             self._next_journal_log = now + REPEAT_LOG_S
             log.error(
-                "journal %s: cannot append (%s): %d writes so far are only in memory "
-                "until the database has them",
+                "journal %s: cannot append (%s): %d writes (since the last such line) are "
+                "only in memory until the database has them",
                 jr.paths[-1] if jr.paths else self.path.parent, jr.last_error,
                 jr.failures - self._journal_failures_logged,
             )  # fmt: skip
@@ -954,7 +955,7 @@ class SQLiteStore:
         first = self._failing is None
         self._failing = f"{type(exc).__name__}: {exc}"
         if first:
-            self._failing_since, self._failed_at_first = now, len(self._pending)
+            self._failing_since = now
         if first or now >= self._next_fail_log:
             self._next_fail_log = now + REPEAT_LOG_S
             log.error(
