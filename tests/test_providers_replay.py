@@ -16,7 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spendgate.forwarding import INFLATE_PIECE, Inflater, _codec, inflater
+from spendgate.forwarding import (
+    INFLATE_PIECE,
+    MAX_DECODED_BYTES,
+    STEP_BYTES,
+    Inflater,
+    _codec,
+    inflater,
+)
 from spendgate.providers import _common, _sse_decoder, get_adapter, openai
 from spendgate.providers._api import ResponseParser
 from tests.helpers.recordings import CASES, Case, spendgate_usage
@@ -203,3 +210,22 @@ def test_property_a_compressed_body_reads_as_the_plain_one_within_the_cap(
         capped(bomb[i : i + 4096])
     assert sum(got) <= limit and max(got, default=0) <= 2 * INFLATE_PIECE + (2 << 20)
     assert capped.note is not None and capped.note.startswith("compressed body over")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_one_piece_of_a_bomb_inflates_at_most_a_step_and_the_rest_waits(encoding: str) -> None:
+    """A bomb's first 64 KiB may hold the whole cap: each piece (and each ``step``)
+    inflates at most about ``STEP_BYTES``, so other requests get their turn between."""
+    bomb = _compress(encoding, b"\0" * (80 << 20))
+    got: list[int] = []
+    codec = _codec(encoding)
+    assert codec is not None
+    inflate = Inflater(lambda b: got.append(len(b)), codec, MAX_DECODED_BYTES)
+    inflate(bomb[:65536])
+    steps = [sum(got)]
+    while inflate.pending:
+        inflate.step()
+        steps.append(sum(got) - sum(steps))
+    assert max(steps) <= STEP_BYTES + 2 * INFLATE_PIECE + (2 << 20)
+    assert len(steps) >= MAX_DECODED_BYTES // (2 * STEP_BYTES)
+    assert sum(got) <= MAX_DECODED_BYTES and inflate.note is not None

@@ -39,6 +39,11 @@ no single inflated copy grows past it (zlib's ``max_length``, brotli's output li
 WHOLE_PIECE = 8 << 20
 """A body read whole is inflated in one step up to this size (then the parser reads it
 at once, as an uncompressed one); past it, in ``INFLATE_PIECE`` pieces."""
+STEP_BYTES = 4 << 20
+"""Most bytes inflated per piece of the body that arrives (or per :meth:`Inflater.step`):
+what an upstream's one piece can make the proxy do before other requests get their turn
+(a gzip bomb's 64 KiB piece would otherwise inflate to the whole 64 MiB cap at once).
+What is left stays pending, inflated with the next piece or by ``step`` until done."""
 
 
 class _Codec(Protocol):
@@ -55,20 +60,31 @@ class _Zlib:
 
     def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
         d = self._d
-        out = d.decompress(data or d.unconsumed_tail, limit)
+        tail = d.unconsumed_tail
+        out = d.decompress(tail + data if tail and data else data or tail, limit)
         return out, bool(d.unconsumed_tail) or len(out) >= limit
 
 
 class _Brotli:
-    __slots__ = ("_d",)
+    """Brotli takes new input only once it has given out all it holds: input that comes
+    meanwhile waits in ``_held``."""
+
+    __slots__ = ("_d", "_held")
 
     def __init__(self, decompressor: Any) -> None:
         self._d = decompressor
+        self._held: list[bytes] = []
 
     def inflate(self, data: bytes, limit: int) -> tuple[bytes, bool]:
-        d = self._d
+        d, held = self._d, self._held
+        if data:
+            held.append(data)
+        data = b""
+        if held and d.can_accept_more_data():
+            data = b"".join(held)
+            held.clear()
         out: bytes = d.process(data, output_buffer_limit=limit)
-        return out, not d.can_accept_more_data()
+        return out, bool(held) or not d.can_accept_more_data()
 
 
 class _Zstd:
@@ -129,26 +145,34 @@ def _codec(encoding: str) -> _Codec | None:
 
 class Inflater:
     """``feed`` behind a decompressor, bounded: each step inflates at most
-    :data:`INFLATE_PIECE` bytes and hands them on, and past :data:`MAX_DECODED_BYTES`
-    in all it stops for good. ``note`` says why it stopped (the cap, or a body that is
-    not the encoding it claims), else None."""
+    :data:`INFLATE_PIECE` bytes and hands them on, each piece of the body at most
+    :data:`STEP_BYTES` (the rest stays :attr:`pending` for the next piece or
+    :meth:`step`), and past :data:`MAX_DECODED_BYTES` in all it stops for good. ``note``
+    says why it stopped (the cap, or a body that is not the encoding it claims)."""
 
-    __slots__ = ("_codec", "_feed", "_left", "note")
+    __slots__ = ("_codec", "_feed", "_left", "note", "pending")
 
     def __init__(self, feed: Callable[[bytes], None], codec: _Codec, limit: int) -> None:
         self._feed = feed
         self._codec = codec
         self._left = limit
         self.note: str | None = None
+        self.pending = False
+        """Input is held that was not inflated yet (call :meth:`step` until False)."""
 
     def __call__(self, data: bytes) -> None:
         if self.note is None:
-            self._pump(data, INFLATE_PIECE)
+            self._pump(data, STEP_BYTES)
+
+    def step(self) -> None:
+        """Inflate some more of what is pending (at most :data:`STEP_BYTES`)."""
+        if self.note is None:
+            self._pump(b"", STEP_BYTES)
 
     def whole(self, body: bytes, feed_whole: Callable[[bytes], None]) -> bool:
         """A body read whole: inflated at once up to :data:`WHOLE_PIECE` and handed to
-        ``feed_whole`` (True: the parser is done), else in pieces to ``feed`` (False:
-        the caller still closes the parser)."""
+        ``feed_whole`` (True: the parser is done), else the first piece to ``feed``
+        (False: the rest is :attr:`pending`, and the caller still closes the parser)."""
         try:
             out, more = self._codec.inflate(body, WHOLE_PIECE)
         except Exception:
@@ -158,19 +182,22 @@ class Inflater:
         if not more:
             feed_whole(out)
             return True
-        self._take(out)
-        if self.note is None:
-            self._pump(b"", INFLATE_PIECE)
+        self.pending = self._take(out)
         return False
 
-    def _pump(self, data: bytes, limit: int) -> None:
+    def _pump(self, data: bytes, budget: int) -> None:
         codec = self._codec
+        more = False
         try:
-            out, more = codec.inflate(data, limit)
+            out, more = codec.inflate(data, INFLATE_PIECE)
             while self._take(out) and more:
-                out, more = codec.inflate(b"", limit)
+                budget -= len(out)
+                if budget <= 0:
+                    break
+                out, more = codec.inflate(b"", INFLATE_PIECE)
         except Exception:  # zlib.error, brotli.error, ZstdError: not what it claims to be
             self._unreadable()
+        self.pending = more and self.note is None
 
     def _take(self, out: bytes) -> bool:
         """Hand ``out`` on within the cap; False once past it."""

@@ -20,6 +20,7 @@ time to first byte) and the budget cut; the bookkeeping at the end is the accoun
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -213,9 +214,10 @@ class Meter:
         inflate = self._inflater
         if inflate is None:  # an encoding spendgate cannot read: unparsed, still forwarded
             parser.feed_whole(b"")
-        elif not inflate.whole(body, parser.feed_whole):  # it went in pieces: end them
-            self._parser_open = True
-            self._close_parser()
+        elif not inflate.whole(body, parser.feed_whole):  # it goes in pieces: end them
+            self._parser_open = True  # (the rest is inflated in close(), a step at a time)
+            if not inflate.pending:
+                self._close_parser()
 
     def note(self) -> str | None:
         """The row's note: what the parser refused, adjusted or could not read, and why a
@@ -296,7 +298,9 @@ class Meter:
     def body_ended(self) -> bytes:
         """The upstream's body ended normally; returns what the output filter still held."""
         self._body_done = True
-        self._close_parser()
+        inflate = self._inflater
+        if inflate is None or not inflate.pending:  # else close() inflates the rest first
+            self._close_parser()
         out_filter = self._out_filter
         return out_filter.close() if out_filter is not None else b""
 
@@ -356,6 +360,9 @@ class Meter:
 
     async def close(self) -> MessageRecord:
         """Always last: price, settle the budget, queue the row, publish, record metrics."""
+        inflate = self._inflater
+        if inflate is not None and inflate.pending and self._parser_open:
+            await _inflate_rest(inflate)
         self._close_parser()
         if self._live:
             self._live = False
@@ -374,3 +381,12 @@ class Meter:
                 parser.settle()
             else:
                 parser.close()
+
+
+async def _inflate_rest(inflate: Inflater) -> None:
+    """What a compressed body still holds, a step at a time with the event loop's other
+    work between steps (a body read whole, or a bomb's last piece, may hold up to the
+    64 MiB cap: other requests must not wait for all of it)."""
+    while inflate.pending:
+        inflate.step()
+        await asyncio.sleep(0)
