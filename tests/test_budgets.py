@@ -465,3 +465,28 @@ async def test_what_holds_the_headroom_is_in_the_api_and_the_status_line(
     upstream.gate.set()
     assert await asyncio.gather(*tasks) == [200, 200]
     assert (await proxy.cost("held"))["waiting"] == 0
+
+
+async def test_an_agent_budgeted_after_a_restart_counts_what_it_spent_before(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """Only agents with a budget are loaded at start-up; one budgeted later is seeded
+    from its rows from before the restart, and its spend since is not counted twice."""
+    upstream.default = completion(100, 100)  # $0.00125 on gpt-4o
+    first = await start_proxy()
+    async with oai(first, "ag/a/coder") as c:
+        await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
+    await first.server.close()
+    second = await start_proxy()
+    async with oai(second, "ag/a/coder") as c:
+        await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
+    async with second.http.put(
+        second.url("/api/sessions/ag/agents/coder/budget"), json={"budgetUsd": 0.01}
+    ) as r:
+        agent = await r.json()
+    assert Decimal(str(agent["spentUsd"])) == Decimal("0.0025")
+    async with second.http.put(
+        second.url("/api/sessions/ag/agents/coder/budget"), json={"budgetUsd": 0.002}
+    ) as r:
+        agent = await r.json()
+    assert agent["paused"] is True and Decimal(str(agent["spentUsd"])) == Decimal("0.0025")

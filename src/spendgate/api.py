@@ -183,7 +183,11 @@ async def set_agent_budget(request: web.Request) -> web.Response:
         raise api_error(400, f"invalid agent id {agent[:40]!r}")
     app = request.app
     ledger = app[LEDGER]
-    change = await ledger.set_agent_budget(sid, agent, await _budget_body(request))
+    budget = await _budget_body(request)
+    if ledger.unseeded_agent(sid, agent):  # its spend from before start-up, from the rows
+        before = await app[STORE].agent_spend([(sid, agent)], ledger.loaded_at)
+        ledger.seed_agent(sid, agent, before[(sid, agent)])
+    change = await ledger.set_agent_budget(sid, agent, budget)
     apply_change(change, app[STORE], app[BUS])
     for rec, spent in ledger.agent_budgets(sid):
         if rec.agent_id == agent:

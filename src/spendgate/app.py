@@ -68,11 +68,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             timezone=settings.budget_timezone,
         )
         period = ledger.period
+        agent_budgets = await store.load_agent_budgets()
         ledger.load(
             await store.load_sessions(),
             await store.spend_by_session(),
-            agents=await store.load_agent_budgets(),
-            agent_spend=await store.spend_by_agent(),
+            agents=agent_budgets,
+            agent_spend=await store.agent_spend((a.session_id, a.agent_id) for a in agent_budgets),
             global_record=await store.load_global_budget(),
             global_spend=await store.spend_since(period.start if period else None),
         )

@@ -65,6 +65,9 @@ class _Scope:
     reserved_total: Decimal = _ZERO
     """What the in-flight requests of this scope reserved, kept as they come and go."""
     in_flight: int = 0
+    seeded: bool = True
+    """Its spend includes what was spent before this process started (an agent first
+    seen since then is not, until :meth:`MemoryLedger.seed_agent`)."""
     warned: set[float] = field(default_factory=set)
     next_warning_at: Decimal | None = None
     """Spend at which the lowest threshold not yet warned about is crossed (None: none)."""
@@ -165,6 +168,13 @@ class BudgetLedger(Protocol):
         self, session_id: str, agent_id: str, budget: Decimal | None
     ) -> Change: ...
 
+    @property
+    def loaded_at(self) -> float: ...
+
+    def unseeded_agent(self, session_id: str, agent_id: str) -> bool: ...
+
+    def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None: ...
+
     async def set_global_budget(self, budget: Decimal | None) -> Change: ...
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change: ...
@@ -223,6 +233,7 @@ class MemoryLedger:
         self._period = period_at(period, timezone, clock())
         self._waiters: deque[_Waiter] = deque()
         self._ids = itertools.count(1)
+        self._loaded_at = clock()
 
     @property
     def period(self) -> Period | None:
@@ -247,6 +258,7 @@ class MemoryLedger:
         for srec in sessions:
             spent = spend.get(srec.id, _ZERO)
             self._sessions[srec.id] = self._restored(_Scope(SESSION, srec, srec.id), spent)
+        self._loaded_at = self._clock()
         by_agent = {(r.session_id, r.agent_id): r for r in agents}
         for key, amount in (agent_spend or {}).items():
             arec = by_agent.pop(key, None) or AgentBudgetRecord(*key)
@@ -284,7 +296,7 @@ class MemoryLedger:
         sc = self._agents.get(key)
         if sc is None:  # tracked from the first request, persisted once it has a budget
             rec = AgentBudgetRecord(session_id, agent_id)
-            sc = self._agents[key] = _Scope(AGENT, rec, session_id, agent_id)
+            sc = self._agents[key] = _Scope(AGENT, rec, session_id, agent_id, seeded=False)
         return sc
 
     def _scopes(self, session_id: str, agent_id: str | None, change: Change) -> tuple[_Scope, ...]:
@@ -599,6 +611,25 @@ class MemoryLedger:
         change = Change()
         self._set(self._session(session_id, change), budget, change)
         return change
+
+    @property
+    def loaded_at(self) -> float:
+        """When the spend on record was loaded: messages started before this are not in
+        the spend of an agent first seen since (:meth:`seed_agent`)."""
+        return self._loaded_at
+
+    def unseeded_agent(self, session_id: str, agent_id: str) -> bool:
+        """Is this agent's spend before :attr:`loaded_at` missing? (Only agents with a
+        budget are loaded at start-up; the caller seeds one before budgeting it.)"""
+        sc = self._agents.get((session_id, agent_id))
+        return sc is None or not sc.seeded
+
+    def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None:
+        """Add what the agent spent before :attr:`loaded_at`, once."""
+        sc = self._agent(session_id, agent_id)
+        if not sc.seeded:
+            sc.seeded = True
+            sc.spent += before
 
     async def set_agent_budget(
         self, session_id: str, agent_id: str, budget: Decimal | None

