@@ -611,6 +611,19 @@ async def test_the_journal_is_emptied_as_rows_are_committed(tmp_path: Path) -> N
     assert left_files(tmp_path) == []
 
 
+async def test_an_empty_journal_left_behind_is_deleted_without_a_word(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The common case after a kill: the writer had caught up, the segment holds only
+    its header."""
+    path = tmp_path / "e.db"
+    (tmp_path / "e.db.journal-dead-0001.jsonl").write_bytes(journal.header(OP_COLUMNS))
+    store = SQLiteStore(path)
+    await store.open()
+    assert [p.name for p in tmp_path.glob("*dead*")] == [] and "importing" not in caplog.text
+    await store.close()
+
+
 async def test_a_live_process_journal_is_not_imported_by_another(tmp_path: Path) -> None:
     path = tmp_path / "two.db"
     first = SQLiteStore(path, flush_interval=60)

@@ -699,7 +699,12 @@ class SQLiteStore:
         files are kept, held by this process, until those writes are done), and write
         them now if the database takes them."""
         assert self._journal is not None
-        found = journal.orphans(self.path)
+        found = []
+        for f in journal.orphans(self.path):
+            if f.entries or f.bad_lines:
+                found.append(f)
+            else:  # every write in it was committed (a kill after the writer caught up)
+                journal.discard(f.path, f.fd)
         if not found:
             return
         defaults = await self._defaults()
