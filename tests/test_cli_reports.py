@@ -341,3 +341,15 @@ def test_money_for_people() -> None:
     assert total_usd(0.5, 3, 1) == "$0.5000 + N/A" and total_usd(0.0, 3, 2) == "$0.00 + N/A"
     assert total_usd(None, 3, 3) == "N/A" and total_usd(0.0, 3, 3) == "N/A"  # never $0.00
     assert budget_usd(None) == "unlimited" and budget_usd(5) == "$5.00"
+
+
+@pytest.mark.parametrize("command", ["sessions", "report"])
+def test_a_file_that_is_no_database_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    bad = tmp_path / "notes.db"
+    bad.write_text("not a database, just notes\n" * 100)
+    argv = [command, "--db", str(bad)] + (["s1"] if command == "report" else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"spendgate: cannot use the database {bad}") and err.count("\n") == 1

@@ -102,7 +102,14 @@ async def _open_store(settings: Settings) -> AsyncIterator[Any]:
 
 
 def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    return asyncio.run(coro())
+    """Run a command that reads the database; a file it cannot use is one line, exit 1."""
+    from spendgate.store import StoreOpenError
+
+    try:
+        return asyncio.run(coro())
+    except StoreOpenError as exc:  # one line, no traceback (docs/reference.md §5)
+        print(f"spendgate: cannot use the database {exc}", file=sys.stderr)
+        return 1
 
 
 def _no_database(settings: Settings) -> bool:
