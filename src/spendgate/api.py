@@ -68,15 +68,13 @@ async def session_cost(request: web.Request) -> web.Response:
     rec = _known_session(request)
     app = request.app
     ledger = app[LEDGER]
-    summary = await reports.session_summary(app[STORE], app[PRICES], rec, ledger.spent(rec.id))
-    summary.update(session_json(ledger, rec))  # the live figures: spend, what is held now
+    summary = await reports.session_summary(
+        app[STORE], app[PRICES], rec, ledger.spent(rec.id), ledger.pressure(rec.id)
+    )
     by_agent = summary["byAgent"]
     for agent, spent in ledger.agent_budgets(rec.id):
         group = by_agent.setdefault(agent.agent_id, {"messageCount": 0, "costUsd": None})
-        pressure = ledger.pressure(rec.id, agent.agent_id)
-        group.update(
-            reports.budget_json(agent.budget_usd, spent, agent.paused, agent.pause_reason, pressure)
-        )
+        group.update(_agent_budget(ledger, agent, spent))
     return json_response(summary)
 
 
@@ -166,12 +164,17 @@ async def set_budget(request: web.Request) -> web.Response:
     return await _session_change(request, change)
 
 
-def agent_json(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+def _agent_budget(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+    """An agent budget's fields, with what holds its headroom now."""
     pressure = ledger.pressure(rec.session_id, rec.agent_id)
+    return reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure)
+
+
+def agent_json(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
     return {
         "sessionId": rec.session_id,
         "agentId": rec.agent_id,
-        **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure),
+        **_agent_budget(ledger, rec, spent),
     }
 
 

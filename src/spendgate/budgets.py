@@ -8,7 +8,8 @@ the global scope; it is admitted only if every one of them admits it:
 - **402** (a :class:`Refusal` with ``status`` 402) when a scope is paused or its *spent*
   cost has reached its budget;
 - it **waits** when spent is below the budget but the other in-flight requests'
-  reservations hold the headroom (spent + reserved ≥ budget). Waiters are admitted in
+  reservations hold the headroom (spent + theirs + its own would pass the budget; a
+  request alone in its scope is always admitted). Waiters are admitted in
   arrival order as reservations settle; when the wait runs out the refusal is a
   **429** that says how much is held, by how many requests.
 
@@ -36,7 +37,6 @@ from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionReco
 MANUAL = "manual"
 BUDGET = "budget"
 SESSION, AGENT, GLOBAL = "session", "agent", "global"
-SCOPES = (SESSION, AGENT, GLOBAL)
 
 BudgetRecord = SessionRecord | AgentBudgetRecord | GlobalBudgetRecord
 _ZERO = Decimal(0)
@@ -251,7 +251,9 @@ class MemoryLedger:
         global_spend: Decimal = _ZERO,
     ) -> None:
         """Restore state after a restart: budgets, spend and pauses survive, warnings
-        don't refire. ``global_spend`` is the spend of the current period.
+        don't refire. ``agent_spend`` is that of the agents in ``agents`` (those with a
+        budget; others are seeded when budgeted, :meth:`seed_agent`), ``global_spend``
+        that of the current period.
 
         A global budget saved through the API wins over ``SPENDGATE_GLOBAL_BUDGET_USD``
         until that setting changes (``configured`` remembers what it was)."""
@@ -259,12 +261,10 @@ class MemoryLedger:
             spent = spend.get(srec.id, _ZERO)
             self._sessions[srec.id] = self._restored(_Scope(SESSION, srec, srec.id), spent)
         self._loaded_at = self._clock()
-        by_agent = {(r.session_id, r.agent_id): r for r in agents}
-        for key, amount in (agent_spend or {}).items():
-            arec = by_agent.pop(key, None) or AgentBudgetRecord(*key)
-            self._agents[key] = self._restored(_Scope(AGENT, arec, *key), amount)
-        for key, arec in by_agent.items():
-            self._agents[key] = self._restored(_Scope(AGENT, arec, *key), _ZERO)
+        for arec in agents:
+            key = (arec.session_id, arec.agent_id)
+            spent = (agent_spend or {}).get(key, _ZERO)
+            self._agents[key] = self._restored(_Scope(AGENT, arec, *key), spent)
         current = self._global.record
         assert isinstance(current, GlobalBudgetRecord)
         if global_record is not None and global_record.configured == current.configured:
@@ -474,10 +474,10 @@ class MemoryLedger:
     def _expire(self, waiter: _Waiter) -> None:
         """The wait ran out: a 429 naming the headroom it waited for. (Had there been
         room, or had its scope been spent, :meth:`_drain` would have answered already.)"""
-        if not waiter.future.done():
-            self._waiters.remove(waiter)
-            w = waiter
-            waiter.future.set_result(self._refusal(w.held_on, _HELD, w.session_id, w.reserve))
+        w = waiter
+        if not w.future.done():
+            self._waiters.remove(w)
+            w.future.set_result(self._refusal(w.held_on, _HELD, w.session_id, w.reserve))
 
     def _drain(self) -> None:
         """Admit waiters in arrival order while there is headroom; each one admitted

@@ -229,29 +229,29 @@ def _amount(text: str) -> float | None:
 
 def cmd_budget(args: argparse.Namespace) -> int:
     """``budget SESSION USD [--agent AGENT]`` or ``budget --global USD``."""
-    given = args.global_usd if args.global_usd is not None else args.usd
-    if (args.global_usd is None) == (args.session is None) or (args.usd is None) != (
-        args.global_usd is not None
-    ):
+    glob = args.global_usd is not None
+    if (args.session is None, args.usd is None) != (glob, glob):  # one form or the other
         print(
             "spendgate: use `budget SESSION USD [--agent AGENT]` or `budget --global USD`",
             file=sys.stderr,
         )
         return 2
-    if args.global_usd is not None and args.agent:
+    if glob and args.agent:
         print("spendgate: --agent is for a session's agent, not the global budget", file=sys.stderr)
         return 2
+    given = args.global_usd if glob else args.usd
     try:
         budget = _amount(given)
     except ValueError:
         print(f"spendgate: {given!r} is not an amount in USD ≥ 0 (or 'none')", file=sys.stderr)
         return 2
-    body = {"budgetUsd": budget}
-    if args.global_usd is not None:
-        return _admin(args, "PUT", "/api/budget", body)
-    if args.agent:
-        return _admin(args, "PUT", f"/api/sessions/{args.session}/agents/{args.agent}/budget", body)
-    return _admin(args, "PUT", f"/api/sessions/{args.session}/budget", body)
+    if glob:
+        path = "/api/budget"
+    elif args.agent:
+        path = f"/api/sessions/{args.session}/agents/{args.agent}/budget"
+    else:
+        path = f"/api/sessions/{args.session}/budget"
+    return _admin(args, "PUT", path, {"budgetUsd": budget})
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -85,9 +85,14 @@ def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 async def session_summary(
-    store: Store, prices: PriceTable, rec: SessionRecord, spent: Decimal
+    store: Store,
+    prices: PriceTable,
+    rec: SessionRecord,
+    spent: Decimal,
+    pressure: Pressure | None = None,
 ) -> dict[str, Any]:
-    """The session cost summary (docs/reference.md §8)."""
+    """The session cost summary (docs/reference.md §8); ``pressure`` from the live
+    ledger (the API), none from the file alone (the CLI)."""
     (tot,) = await store.totals(rec.id)
     latest = await store.latest_message(rec.id)
     context = None
@@ -95,7 +100,7 @@ async def session_summary(
         price = prices.resolve(latest.model, latest.provider) if latest.model else None
         window = price.context_window if price else None
         context = context_data(rec.id, latest.model, latest.total_tokens, window)
-    summary = session_json(rec, spent)
+    summary = session_json(rec, spent, pressure)
     summary.update(
         totalInputTokens=tot["input_tokens"],
         totalOutputTokens=tot["output_tokens"],
