@@ -88,12 +88,12 @@ class Accountant:
         self._reserve_output = reserve_output_tokens
         self._wait = admission_wait_s
         self._allow_unpriced = unpriced_models == "allow"
-        self._price_as: ModelPrice | None = None
-        """``price_as:MODEL``: the price of models the table lacks."""
+        self._stand_in: str | None = None
+        """``price_as:MODEL``: the model whose price stands in for models the table
+        lacks, looked up in the current table (a price reload swaps it)."""
         if unpriced_models.startswith("price_as:"):
-            stand_in = unpriced_models.partition(":")[2]
-            self._price_as = prices.priced(stand_in, None)
-            if self._price_as is None:
+            self._stand_in = stand_in = unpriced_models.partition(":")[2]
+            if prices.priced(stand_in, None) is None:
                 raise SettingsError(
                     f"bad setting unpriced_models (SPENDGATE_UNPRICED_MODELS): "
                     f"price_as:{stand_in} names a model with no price"
@@ -115,8 +115,10 @@ class Accountant:
         a model the table lacks."""
         if model != ex.priced_model:
             r = ex.target.route
-            ex.price = self.prices.priced(model, r.provider, local=r.local) or self._price_as
-            ex.priced_model = model
+            price = self.prices.priced(model, r.provider, local=r.local)
+            if price is None and self._stand_in is not None:
+                price = self.prices.priced(self._stand_in, None)
+            ex.price, ex.priced_model = price, model
         return ex.price
 
     def reserve_cost(self, ex: Meter, price: ModelPrice) -> Decimal:
