@@ -186,6 +186,38 @@ async def _empty(store: SQLiteStore) -> bool:
     return store.queue_depth == 0
 
 
+async def test_a_flush_waits_past_a_failing_attempt_that_started_before_it(
+    tmp_path: Path,
+) -> None:
+    """CI saw this race: a write attempt already under way when the lock is released
+    fails a moment later; a flush called in between must wait for the next attempt,
+    which writes, instead of returning on that stale failure with its rows unwritten."""
+    store = SQLiteStore(tmp_path / "r.db", flush_interval=0.01)
+    await store.open()
+    real = store._write_batch
+    started, fail = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def stale_failure() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            started.set()
+            await fail.wait()
+            raise sqlite3.OperationalError("database is locked")
+        await real()
+
+    store._write_batch = stale_failure  # type: ignore[method-assign]
+    store.add_message(row(1))
+    await started.wait()  # the first attempt is under way, with our row in it
+    flushing = asyncio.create_task(store.flush())
+    await asyncio.sleep(0.05)
+    fail.set()  # ... and it fails after the flush was called
+    await flushing
+    assert store.queue_depth == 0 and calls >= 2
+    await store.close()
+
+
 async def test_queue_bound_drops_loudly(tmp_path: Path, caplog: object) -> None:
     dropped: list[int] = []
     store = SQLiteStore(tmp_path / "d.db", flush_interval=60, max_queue=5, on_drop=dropped.append)

@@ -559,7 +559,8 @@ class SQLiteStore:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._flushers = 0
-        self._attempts = 0
+        self._tries = 0  # write attempts started by the writer
+        self._failed_try = 0  # the number of the last one that failed
         """Write attempts that failed (a read waiting while failing stops at the next)."""
         self._tx = asyncio.Lock()
         """Held from BEGIN to COMMIT/ROLLBACK: reads that must see only committed rows wait."""
@@ -900,7 +901,7 @@ class SQLiteStore:
             while self._done < target and self._pending:
                 await self._write_batch()
             return
-        attempts = self._attempts
+        first_try = self._tries + 1  # an attempt already under way may predate our rows
         failing = self._failing is not None
         if failing:  # one more attempt now, and no long wait for it
             timeout = min(timeout, FAILING_FLUSH_S)
@@ -912,7 +913,7 @@ class SQLiteStore:
                     self._done_cond.wait_for(
                         lambda: (
                             self._done >= target
-                            or (self._failing is not None and self._attempts > attempts)
+                            or (self._failing is not None and self._failed_try >= first_try)
                         )
                     ),
                     timeout,
@@ -938,6 +939,7 @@ class SQLiteStore:
             except Exception:
                 log.exception("database %s: checking the file failed", self.path)
             if self._pending:
+                self._tries += 1
                 try:
                     await self._write_batch()
                 except Exception as exc:  # full disk, I/O error, locked: keep rows, retry
@@ -955,7 +957,7 @@ class SQLiteStore:
                 return
 
     async def _write_failed(self, exc: Exception, delay: float) -> float:
-        self._attempts += 1
+        self._failed_try = self._tries
         if self._on_error is not None:
             self._on_error(1)
         now = time.monotonic()
