@@ -126,10 +126,20 @@ async def test_page_is_self_contained_with_a_strict_policy(proxy: Proxy) -> None
 
 async def test_page_needs_the_admin_token_when_one_is_set(start_proxy: StartProxy) -> None:
     proxy = await start_proxy(admin_token="s3cret")
-    async with proxy.http.get(proxy.url("/")) as resp:
-        assert resp.status == 401
+    for query, title in (("", "needs the admin token"), ("?token=nope", "token is wrong")):
+        async with proxy.http.get(proxy.url("/" + query)) as resp:
+            assert resp.status == 401
+            assert resp.content_type == "text/html"  # a page that explains, not raw JSON
+            html = await resp.text()
+            assert "'unsafe-inline'" not in resp.headers["Content-Security-Policy"]
+        assert title in html and "/?token=" in html and "SPENDGATE_ADMIN_TOKEN" in html
+        assert "nope" not in html  # nothing from the request is echoed
+    async with proxy.http.get(proxy.url("/"), headers={"Authorization": "Bearer s3cret"}) as resp:
+        assert resp.status == 200
     async with proxy.http.get(proxy.url("/?token=s3cret")) as resp:
         assert resp.status == 200
+    async with proxy.http.get(proxy.url("/api/sessions")) as resp:  # the API still says JSON
+        assert resp.status == 401 and resp.content_type == "application/json"
 
 
 # --- in the browser -------------------------------------------------------------------------
@@ -351,6 +361,25 @@ async def test_resume_button_lifts_a_pause_with_the_admin_token(
 
     await eventually(resumed)
     await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_the_token_page_leads_to_the_dashboard(
+    browser: Browser, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(admin_token="s3cret")
+    page = await browser.new_page()
+    try:
+        await page.goto(proxy.url("/"))
+        await expect(page.locator("#token-needed h1")).to_have_text(
+            "This dashboard needs the admin token"
+        )
+        await page.locator("input[name=token]").fill("s3cret")
+        await page.locator("button[type=submit]").click()
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live")
+        assert page.url.endswith("/?token=s3cret")
+    finally:
+        await page.close()
 
 
 @needs_browser

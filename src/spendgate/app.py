@@ -7,7 +7,7 @@ import hmac
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
 import aiohttp
@@ -175,11 +175,18 @@ async def _close_subscribers(app: web.Application) -> None:
         app[BUS].close()
 
 
-def _guarded(handler: Handler, token: str, query_token: bool) -> Handler:
+def _guarded(
+    handler: Handler,
+    token: str,
+    query_token: bool,
+    refused: Callable[[bool], web.StreamResponse] | None = None,
+) -> Handler:
     """``handler`` behind the admin token (compared in constant time).
 
     A wrapper on the admin routes rather than a middleware, so proxied requests, the
-    hot path, run no auth code at all.
+    hot path, run no auth code at all. ``refused`` (called with whether a token was
+    given) answers instead of the API's JSON 401: the dashboard's page that says how to
+    pass the token.
     """
 
     async def guarded(request: web.Request) -> web.StreamResponse:
@@ -188,6 +195,8 @@ def _guarded(handler: Handler, token: str, query_token: bool) -> Handler:
         if not given and query_token:
             given = request.query.get("token", "")  # EventSource and links can't set headers
         if not hmac.compare_digest(given.encode(), token.encode()):
+            if refused is not None:
+                return refused(bool(given))
             raise api.api_error(
                 401, "missing or wrong admin token: send Authorization: Bearer <token>"
             )
@@ -210,7 +219,13 @@ def _add_admin_routes(app: web.Application, settings: Settings) -> None:
         guard = guard or (r.path == "/metrics" and settings.metrics_require_token)
         handler = r.handler
         if token and guard:
-            handler = _guarded(handler, token, query_token=r.path in ("/", "/api/events"))
+            page = r.path == "/"
+            handler = _guarded(
+                handler,
+                token,
+                query_token=page or r.path == "/api/events",
+                refused=dashboard.token_page if page else None,
+            )
         web.RouteDef(r.method, r.path, handler, r.kwargs).register(app.router)
 
 
