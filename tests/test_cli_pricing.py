@@ -156,4 +156,5 @@ def test_pricing_unknown_route_and_sources(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "N/A" in err  # one line, not the proxy's log warning
     assert main(["pricing"]) == 0
-    assert orjson.loads(capsys.readouterr().out)["sources"][0]["source"] == "bundled"
+    sources = orjson.loads(capsys.readouterr().out)["sources"]
+    assert [s["source"] for s in sources] == ["overrides", "bundled"]

@@ -116,8 +116,8 @@ async def test_update_fetches_checks_reports_and_stores(
     assert (price["input"], price["output"]) == (2, 12)
     assert await run("pricing") == 0
     sources = shown(capsys.readouterr().out)["sources"]
-    assert [s["source"] for s in sources] == ["bundled", "update"]
-    assert sources[1]["from"] == url and sources[1]["models"] == 3687
+    assert [s["source"] for s in sources] == ["overrides", "bundled", "update"]
+    assert sources[2]["from"] == url and sources[2]["models"] == 3687
 
 
 async def test_update_from_a_models_dev_file_reports_changed_prices(
@@ -243,7 +243,7 @@ def test_the_update_over_the_bundled_table_and_the_users_file_over_both(tmp_path
     assert gpt.price_source == f"file {mine}"
     mini = t.get("gpt-4o-mini")
     assert mini is not None and mini.price_source == "bundled 2026-11-22"
-    assert [s["source"] for s in t.sources] == ["bundled", "update", "file"]
+    assert [s["source"] for s in t.sources] == ["overrides", "bundled", "update", "file"]
     # no update stored yet: the bundled table alone
     assert len(load_price_table(update_file=tmp_path / "none.json")) == len(load_price_table())
 
@@ -304,7 +304,7 @@ async def test_reload_through_the_api(
         assert r.status == 200
         done = await r.json()
     assert done["reloaded"] is True and done["models"] > 3000
-    assert [s["source"] for s in done["sources"]] == ["bundled", "update"]
+    assert [s["source"] for s in done["sources"]] == ["overrides", "bundled", "update"]
     # azure/gpt-35-turbo: input 0.5, output 1.5 → (1000 x 0.5 + 500 x 1.5) / 1e6
     assert (await chat(proxy, "after"))["costUsd"] == pytest.approx(0.00125)
     url = proxy.url("/api/pricing/gpt-35-turbo?route=openai")

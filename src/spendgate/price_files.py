@@ -34,6 +34,7 @@ import orjson
 from spendgate import __version__
 from spendgate.pricing import (
     BUNDLED,
+    OVERRIDES,
     PRICE_FIELDS,
     UPDATE,
     ModelPrice,
@@ -350,6 +351,74 @@ def bundled_date() -> str | None:
 
 
 @dataclass(frozen=True)
+class Overrides:
+    """The shipped overrides file (src/spendgate/data/price_overrides.json): prices the
+    table lacks (long-context tiers, per-call tool fees, models it does not list), each
+    citing its source; docs/reference.md §4, The table."""
+
+    models: Mapping[str, Mapping[str, Any]]
+    tool_fees: Mapping[str, Mapping[str, Any]]
+    """Per provider (an entry's ``provider``): tool → USD per call."""
+    date: str | None
+
+    def apply(self, raws: dict[str, tuple[Mapping[str, Any], str, str | None, str | None]]) -> None:
+        """Fill in, under ``raws`` (id → (entry, source, date, overrides date)), what the
+        table lacks: a field the table's entry has wins; a missing entry is added whole."""
+        for key, override in self.models.items():
+            found = raws.get(key)
+            if found is None:
+                raws[key] = (override, OVERRIDES, self.date, None)
+                continue
+            base, source, date, _ = found
+            merged = _under(base, override)
+            if merged is not base:
+                raws[key] = (merged, source, date, self.date)
+        # Provider-wide fees: not a price of the entry's own, so priceSource keeps its
+        # source (the fee charged is on the row as toolCostUsd).
+        for key, (entry, source, date, patched) in list(raws.items()):
+            fees = self.tool_fees.get(str(entry.get("provider", "")))
+            if fees:
+                raws[key] = (_under(entry, {"tool_fees": fees}), source, date, patched)
+
+
+def _under(base: Mapping[str, Any], extra: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``base`` with the fields of ``extra`` it lacks (``tool_fees`` merged per tool);
+    ``base`` itself when ``extra`` adds nothing. Comment keys (``_source``) are not
+    copied."""
+    added = {k: v for k, v in extra.items() if not k.startswith("_") and k not in base}
+    fees = added.pop("tool_fees", None) or extra.get("tool_fees")
+    if isinstance(fees, Mapping):
+        have = base.get("tool_fees") or {}
+        new = {t: f for t, f in fees.items() if not str(t).startswith("_") and t not in have}
+        if new:
+            added["tool_fees"] = {**have, **new}
+    return {**base, **added} if added else base
+
+
+@lru_cache(maxsize=1)
+def shipped_overrides() -> Overrides:
+    """The overrides file shipped in the package, read once (:func:`parse_overrides`)."""
+    raw = resources.files("spendgate").joinpath("data", "price_overrides.json").read_bytes()
+    return parse_overrides(json.loads(raw, parse_float=Decimal))
+
+
+def parse_overrides(data: Mapping[str, Any]) -> Overrides:
+    """An overrides document (the shipped file's shape), every entry checked: a bad one is
+    a PricingError naming it, so a broken file fails the tests, not a request."""
+    models, _ = _spendgate_tables(data, OVERRIDES)
+    date = data.get("_date")
+    date = date if isinstance(date, str) else None
+    for key, entry in models.items():
+        model_price(key, entry, OVERRIDES, date)
+    fees = data.get("tool_fees") or {}
+    if not isinstance(fees, Mapping) or not all(isinstance(v, Mapping) for v in fees.values()):
+        raise PricingError(f"{OVERRIDES}: tool_fees must map providers to tables")
+    for provider, table in fees.items():
+        model_price(f"tool_fees.{provider}", {"tool_fees": table}, OVERRIDES, date)
+    return Overrides(models, {str(k): dict(v) for k, v in fees.items()}, date)
+
+
+@dataclass(frozen=True)
 class StoredUpdate:
     """A table ``spendgate pricing update`` stored: its entries and where it came from."""
 
@@ -390,15 +459,15 @@ def _table(
     update: StoredUpdate | None, user_file: Path | None, aliases: Mapping[str, str] | None
 ) -> PriceTable:
     bundled_models, bundled_aliases, date = _bundled()
-    raws: dict[str, tuple[Mapping[str, Any], str, str | None]] = {
-        k: (v, BUNDLED, date) for k, v in bundled_models.items()
+    raws: dict[str, tuple[Mapping[str, Any], str, str | None, str | None]] = {
+        k: (v, BUNDLED, date, None) for k, v in bundled_models.items()
     }
     sources: list[dict[str, Any]] = [
         {"source": BUNDLED, "date": date, "models": len(bundled_models)}
     ]
     if update is not None:
         for key, entry in update.models.items():
-            raws[key] = (entry, UPDATE, update.date or None)
+            raws[key] = (entry, UPDATE, update.date or None, None)
         sources.append(
             {
                 "source": UPDATE,
@@ -410,16 +479,29 @@ def _table(
                 "models": len(update.models),
             }
         )
+    overrides = shipped_overrides()
+    overrides.apply(raws)
+    # lowest first: the overrides rank under the table they fill in
+    sources.insert(
+        0, {"source": OVERRIDES, "date": overrides.date, "models": len(overrides.models)}
+    )
     all_aliases = dict(bundled_aliases)
     if user_file is not None:
         user_models, user_aliases = read_price_file(user_file)
         for key, override in user_models.items():
-            base = raws.get(key, ({}, BUNDLED, None))[0]
-            raws[key] = ({**base, **override}, str(user_file), None)
+            base = raws.get(key, ({}, BUNDLED, None, None))[0]
+            entry = {**base, **override}
+            if isinstance(base.get("tool_fees"), Mapping) and isinstance(
+                override.get("tool_fees"), Mapping
+            ):
+                entry["tool_fees"] = {**base["tool_fees"], **override["tool_fees"]}
+            raws[key] = (entry, str(user_file), None, None)
         all_aliases.update(user_aliases)
         sources.append({"source": "file", "file": str(user_file), "models": len(user_models)})
     all_aliases.update(aliases or {})
-    prices = {k: model_price(k, raw, source, d) for k, (raw, source, d) in raws.items()}
+    prices = {
+        k: model_price(k, raw, source, d, patched) for k, (raw, source, d, patched) in raws.items()
+    }
     return PriceTable(prices, all_aliases, sources)
 
 
@@ -429,8 +511,9 @@ def load_price_table(
     update_file: Path | None = None,
 ) -> PriceTable:
     """The effective table: bundled prices, then the stored update (``update_file``, when
-    it exists: its entries replace bundled ones whole), then the user's file, then
-    configured aliases.
+    it exists: its entries replace bundled ones whole), then under those the shipped
+    overrides (filling in only what they lack), then the user's file, then configured
+    aliases.
 
     A user entry for a known model overrides only the fields it sets, so
     ``[models."gpt-4o"] input = 2.0`` keeps the other prices.

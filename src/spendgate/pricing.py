@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -22,8 +22,10 @@ log = logging.getLogger("spendgate.pricing")
 
 MILLION = Decimal(1_000_000)
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
+TOOLS = ("web_search", "file_search", "code_interpreter", "code_execution")
+"""Server-side tools billed per call (``tool_fees``, docs/reference.md §4)."""
 ENTRY_FIELDS = frozenset(
-    {*PRICE_FIELDS, "provider", "tiers", "context_window", "max_output_tokens"}
+    {*PRICE_FIELDS, "provider", "tiers", "context_window", "max_output_tokens", "tool_fees"}
 )
 BUNDLED = "bundled"
 """``ModelPrice.source`` of the table shipped with spendgate (src/spendgate/data)."""
@@ -31,6 +33,9 @@ UPDATE = "update"
 """``ModelPrice.source`` of a table fetched by ``spendgate pricing update``."""
 LOCAL = "local"
 """``ModelPrice.source`` of the $0 price of a local route's model (no entry priced it)."""
+OVERRIDES = "overrides"
+"""``ModelPrice.source`` of an entry only the shipped overrides file
+(src/spendgate/data/price_overrides.json) has."""
 _ZERO = Decimal(0)
 
 # Resolution caches are keyed by client-supplied model names; bound them.
@@ -75,11 +80,16 @@ class ModelPrice:
     context_window: int | None = None
     """The model's ``max_input_tokens``."""
     max_output_tokens: int | None = None
+    tool_fees: Mapping[str, Decimal] = field(default_factory=dict)
+    """USD per call of each server-side tool (:data:`TOOLS`), not per million."""
     source: str = BUNDLED
-    """``bundled``, ``update``, ``local`` or the path of the user's price file that set
-    this entry."""
+    """``bundled``, ``update``, ``overrides``, ``local`` or the path of the user's price
+    file that set this entry."""
     source_date: str | None = None
-    """The date (YYYY-MM-DD) of the bundled table or of the update that set this entry."""
+    """The date (YYYY-MM-DD) of the bundled table, the update or the overrides file that
+    set this entry."""
+    overrides_date: str | None = None
+    """The overrides file's date when it filled in fields the table's entry lacked."""
 
     @property
     def priced(self) -> bool:
@@ -93,7 +103,7 @@ class ModelPrice:
 
     @property
     def from_user_file(self) -> bool:
-        return self.source not in (BUNDLED, UPDATE, LOCAL)
+        return self.source not in (BUNDLED, UPDATE, OVERRIDES, LOCAL)
 
     @property
     def priced_as(self) -> str:
@@ -106,7 +116,10 @@ class ModelPrice:
         ``file /path/to/pricing.toml`` or ``local`` (a local route, §4)."""
         if self.from_user_file:
             return f"file {self.source}"
-        return self.source if self.source_date is None else f"{self.source} {self.source_date}"
+        base = self.source if self.source_date is None else f"{self.source} {self.source_date}"
+        return (
+            base if self.overrides_date is None else f"{base} + {OVERRIDES} {self.overrides_date}"
+        )
 
     def cost(self, counts: TokenCounts) -> Decimal | None:
         """USD for ``counts``; reasoning is part of output and billed once."""
@@ -156,6 +169,7 @@ class ModelPrice:
             "tiers": [t.to_json() for t in self.tiers],
             "contextWindow": self.context_window,
             "maxOutputTokens": self.max_output_tokens,
+            "toolFees": {k: float(v) for k, v in sorted(self.tool_fees.items())},
             "source": self.source,
             "pricedAs": self.priced_as,
             "priceSource": self.price_source,
@@ -579,8 +593,32 @@ def _count(value: object, where: str, field: str) -> int | None:
 # --- entries ------------------------------------------------------------------------
 
 
+def _tool_fees(value: object, where: str) -> dict[str, Decimal]:
+    """``tool_fees``: a table of :data:`TOOLS` to USD per call."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PricingError(f"{where}: tool_fees must be a table of tool = USD per call")
+    unknown = sorted(str(k) for k in value if k not in TOOLS and not str(k).startswith("_"))
+    if unknown:
+        raise PricingError(
+            f"{where}: unknown tool(s) in tool_fees: {', '.join(unknown)} "
+            f"(known: {', '.join(TOOLS)})"
+        )
+    fees = {}
+    for tool in TOOLS:
+        fee = _price(value.get(tool), where, f"tool_fees.{tool}")
+        if fee is not None:
+            fees[tool] = fee
+    return fees
+
+
 def model_price(
-    model: str, raw: Mapping[str, Any], source: str = BUNDLED, source_date: str | None = None
+    model: str,
+    raw: Mapping[str, Any],
+    source: str = BUNDLED,
+    source_date: str | None = None,
+    overrides_date: str | None = None,
 ) -> ModelPrice:
     """Validate one entry in spendgate's format (per-million prices) into a ModelPrice.
 
@@ -622,6 +660,8 @@ def model_price(
         tiers=tuple(tiers),
         context_window=_count(raw.get("context_window"), where, "context_window"),
         max_output_tokens=_count(raw.get("max_output_tokens"), where, "max_output_tokens"),
+        tool_fees=_tool_fees(raw.get("tool_fees"), where),
         source=source,
         source_date=source_date,
+        overrides_date=overrides_date,
     )
