@@ -353,3 +353,52 @@ def test_a_file_that_is_no_database_is_one_line(
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"spendgate: cannot use the database {bad}") and err.count("\n") == 1
+
+
+async def test_report_over_time_as_table_json_and_csv(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Across sessions, aggregated by the store: the API's shape as JSON, a table, a CSV."""
+    code, out, _ = await run(
+        capsys, "report", "--db", str(db), "--by", "session", "--format", "json"
+    )
+    assert code == 0
+    r = json.loads(out)
+    assert r["by"] == "session" and r["timezone"] == "UTC" and r["since"] is None
+    rows = {row["key"]: row for row in r["rows"]}
+    assert rows["run-1"]["messageCount"] == 4 and rows["run-1"]["unpricedMessageCount"] == 1
+    assert rows["run-1"]["costUsd"] == pytest.approx(0.0427)
+    assert r["total"]["messageCount"] == 5 and r["total"]["inputTokens"] == 32_700
+    # 0.0427 + (1,000 × 0.15 + 100 × 0.6) µ$
+    assert r["total"]["costUsd"] == pytest.approx(0.04291)
+    code, out, _ = await run(capsys, "report", "--db", str(db), "--since", "1h")
+    assert code == 0
+    (today,) = [ln for ln in out.splitlines() if ln.strip().startswith("20")]
+    assert "32,700" in today and "$0.0429 + N/A" in today
+    assert "all sessions" in out and "by day" in out
+    code, out, _ = await run(capsys, "report", "--db", str(db), "--by", "model", "--format", "csv")
+    assert code == 0
+    lines = list(csv.reader(io.StringIO(out)))
+    assert lines[0] == ["key", "messageCount", "inputTokens", "outputTokens",
+                        "cachedInputTokens", "costUsd", "unpricedMessageCount"]  # fmt: skip
+    by_model = {ln[0]: ln for ln in lines[1:]}
+    assert by_model["gpt-4o"][5] == "0.0385"  # exact, not 0.038500000000000006
+    assert by_model["my-private-model"][5] == ""  # unknown, not 0
+    code, out, _ = await run(
+        capsys, "report", "run-1", "--db", str(db), "--by", "agent", "--format", "json"
+    )
+    one = json.loads(out)
+    assert one["sessionId"] == "run-1"
+    assert {a["key"]: a["messageCount"] for a in one["rows"]} == {"coder": 2, "planner": 1, None: 1}
+    code, out, _ = await run(capsys, "report", "--db", str(db), "--since", "2000-01-01",
+                             "--until", "2000-01-02")  # fmt: skip
+    assert code == 0 and "no messages from 2000-01-01T00:00:00Z" in out
+
+
+async def test_report_over_time_refuses_bad_times(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = await run(capsys, "report", "--db", str(db), "--since", "last tuesday")
+    assert code == 2 and "since 'last tuesday' is not a date" in err
+    code, _, err = await run(capsys, "report", "--db", str(db), "--since", "1d", "--until", "2d")
+    assert code == 2 and "must be before until" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -19,6 +20,8 @@ from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
 from spendgate.pricing import PricingError
 from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
 from spendgate.routing import valid_id
+from spendgate.store import REPORT_BY
+from spendgate.timespec import TimeSpecError
 
 routes = web.RouteTableDef()
 
@@ -61,6 +64,25 @@ def _known_session(request: web.Request) -> SessionRecord:
 async def list_sessions(request: web.Request) -> web.Response:
     sessions = await reports.sessions_list(request.app[STORE], request.app[LEDGER].spent)
     return json_response({"sessions": sessions})
+
+
+@routes.get("/api/report")
+async def report(request: web.Request) -> web.Response:
+    """Totals across sessions per hour, day, week, month, model, agent or session
+    (docs/reference.md §8)."""
+    query = request.query
+    by = query.get("by") or "day"
+    if by not in REPORT_BY:
+        raise api_error(400, f"by must be one of {', '.join(REPORT_BY)}")
+    session = query.get("session") or None
+    if session is not None and not valid_id(session):
+        raise api_error(400, f"invalid session id {session[:40]!r}")
+    try:
+        since, until = reports.bounds(query.get("since"), query.get("until"), time.time())
+    except TimeSpecError as exc:
+        raise api_error(400, str(exc)) from None
+    found = await reports.over_time(request.app[STORE], by, since, until, session)
+    return json_response(found.to_json())
 
 
 @routes.get("/api/sessions/{id}/cost")

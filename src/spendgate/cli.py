@@ -143,11 +143,46 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return _run(go)
 
 
+def _report_over_time(args: argparse.Namespace) -> int:
+    """``report [SESSION] --since/--until/--by``: totals per period, model, agent or session
+    across sessions (or of SESSION), aggregated by the store (docs/reference.md §11)."""
+    import time
+
+    from spendgate import render, reports
+    from spendgate.timespec import TimeSpecError
+
+    try:
+        since, until = reports.bounds(args.since, args.until, time.time())
+    except TimeSpecError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        settings = _settings(args)
+        if _no_database(settings):
+            return 1
+        async with _open_store(settings) as store:
+            found = await reports.over_time(store, args.by or "day", since, until, args.session)
+        if args.format == "csv":
+            csv.writer(sys.stdout, lineterminator="\n").writerows(found.csv_rows())
+        elif args.format == "json":
+            print(orjson.dumps(found.to_json(), option=orjson.OPT_INDENT_2).decode())
+        else:
+            render.print_report(found.to_json())
+        return 0
+
+    return _run(go)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    """One session: totals by model and agent (table, json), or every message (csv)."""
+    """One session: totals by model and agent (table, json), or every message (csv); with
+    ``--since``, ``--until`` or ``--by``, or no session, totals over time."""
     from spendgate import render, reports
     from spendgate.price_files import load_price_table
     from spendgate.records import EXPORT_COLUMNS
+
+    if args.session is None or args.by or args.since or args.until:
+        return _report_over_time(args)
 
     async def go() -> int:
         settings = _settings(args)
@@ -379,6 +414,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spendgate.store import REPORT_BY
+
     p = argparse.ArgumentParser(prog="spendgate", description="LLM cost proxy")
     p.add_argument("--version", action="version", version=f"spendgate {__version__}")
     p.add_argument("--config", help="TOML settings file (or SPENDGATE_CONFIG)")
@@ -400,8 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int)
     sp = add("sessions", cmd_sessions, "list sessions with totals")
     sp.add_argument("--format", choices=("table", "json"), default="table")
-    sp = add("report", cmd_report, "a session's cost report")
-    sp.add_argument("session")
+    sp = add("report", cmd_report, "cost over time across sessions, or a session's report")
+    sp.add_argument("session", nargs="?", help="one session (alone: its summary, csv: its rows)")
+    sp.add_argument("--since", help="from: 2026-12-01, 2026-12-01T13:00Z, or back from now: 7d")
+    sp.add_argument("--until", help="to (exclusive; a date takes in its whole day)")
+    sp.add_argument("--by", choices=REPORT_BY, help="group rows (default: day)")
     sp.add_argument("--format", choices=("table", "json", "csv"), default="table")
     sp = add(
         "budget",

@@ -126,21 +126,61 @@ def print_summary(s: dict[str, Any]) -> None:
 def _groups_table(
     title: str, groups: dict[str, dict[str, Any]], s: dict[str, Any], total: str
 ) -> Table:
-    table = Table(title=f"by {title}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column(title, no_wrap=True, min_width=min(24, max(map(len, groups))))
+    """A session summary's ``byModel`` / ``byAgent``, most costly first."""
+    rows = [
+        (Text(k), g) for k, g in sorted(groups.items(), key=lambda kv: -(kv[1]["costUsd"] or 0))
+    ]
+    sums = {
+        "messageCount": s["messageCount"], "inputTokens": s["totalInputTokens"],
+        "cachedInputTokens": s["totalCachedInputTokens"], "outputTokens": s["totalOutputTokens"],
+    }  # fmt: skip
+    return _totals_table(f"by {title}", title, rows, (sums, total) if len(groups) > 1 else None)
+
+
+def _totals_table(
+    title: str,
+    column: str,
+    rows: list[tuple[Text, dict[str, Any]]],
+    total: tuple[dict[str, Any], str] | None,
+) -> Table:
+    """One line per group (messages, tokens, cost), then the ``total`` line if given (its
+    sums and its cost already as text)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    widest = max((len(k) for k, _ in rows), default=len(column))
+    table.add_column(column, no_wrap=True, min_width=min(24, widest))
     for name in ("msgs", "input", "cached", "output"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("cost", justify="right", no_wrap=True)
-    for name, g in sorted(groups.items(), key=lambda kv: -(kv[1]["costUsd"] or 0)):
-        table.add_row(
-            Text(name), f"{g['messageCount']:,}", f"{g['inputTokens']:,}",
-            f"{g['cachedInputTokens']:,}", f"{g['outputTokens']:,}",
-            total_usd(g["costUsd"], g["messageCount"], g["unpricedMessageCount"]),
-        )  # fmt: skip
-    if len(groups) > 1:
+
+    def cells(g: dict[str, Any]) -> list[str]:
+        return [f"{g['messageCount']:,}", f"{g['inputTokens']:,}",
+                f"{g['cachedInputTokens']:,}", f"{g['outputTokens']:,}"]  # fmt: skip
+
+    for key, g in rows:
+        cost = total_usd(g["costUsd"], g["messageCount"], g["unpricedMessageCount"])
+        table.add_row(key, *cells(g), cost)
+    if total is not None:
+        sums, cost = total
         table.add_section()
-        table.add_row(
-            Text("total", style="bold"), f"{s['messageCount']:,}", f"{s['totalInputTokens']:,}",
-            f"{s['totalCachedInputTokens']:,}", f"{s['totalOutputTokens']:,}", total,
-        )  # fmt: skip
+        table.add_row(Text("total", style="bold"), *cells(sums), cost)
     return table
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """``spendgate report --by …``: one line per hour, day, week, month, model, agent or
+    session, then the total (a ``reports.Report.to_json()``)."""
+    console = _console()
+    span = f"{r['since'] or 'the first row'} to {r['until'] or 'now'} (UTC)"
+    scope = f"session {r['sessionId']}" if r.get("sessionId") else "all sessions"
+    if not r["rows"]:
+        console.print(f"no messages from {span} in {scope}", markup=False, highlight=False)
+        return
+    rows = []
+    for row in r["rows"]:
+        key = Text("(none)", style="dim") if row["key"] is None else Text(row["key"])
+        if row.get("label"):
+            key.append(f" ({row['label']})", style="dim")
+        rows.append((key, row))
+    t = r["total"]
+    total = total_usd(t["costUsd"], t["messageCount"], t["unpricedMessageCount"])
+    console.print(_totals_table(f"{scope}, {span}, by {r['by']}", r["by"], rows, (t, total)))

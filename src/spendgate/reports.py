@@ -11,6 +11,7 @@ from spendgate.events import context_data
 from spendgate.pricing import PriceTable
 from spendgate.records import SessionRecord
 from spendgate.store import Store
+from spendgate.timespec import TimeSpecError, iso_bound, parse
 
 
 def _float(value: Decimal | float | None) -> float | None:
@@ -146,3 +147,110 @@ async def sessions_list(
         )
         out.append(item)
     return out
+
+
+REPORT_FIELDS = (
+    ("messageCount", "message_count"),
+    ("inputTokens", "input_tokens"),
+    ("outputTokens", "output_tokens"),
+    ("cachedInputTokens", "cached_input_tokens"),
+    ("costUsd", "cost_usd"),
+    ("unpricedMessageCount", "unpriced_message_count"),
+)
+"""A report row's JSON keys (and CSV columns, after ``key``) and the store's names."""
+
+
+def bounds(since: str | None, until: str | None, now: float) -> tuple[float | None, float | None]:
+    """A report's ``since`` and ``until`` as Unix times (:mod:`spendgate.timespec` forms;
+    ``until`` exclusive, a date taking in its whole day); TimeSpecError when unreadable
+    or not in order. The API and the command line read them alike."""
+    start = None if not since else parse(since, now, "since")
+    end = None if not until else parse(until, now, "until", end_of_day=True)
+    if start is not None and end is not None and start >= end:
+        raise TimeSpecError(f"since ({since}) must be before until ({until})")
+    return start, end
+
+
+class Report:
+    """A report over time (docs/reference.md §8 ``GET /api/report``): the store's rows
+    and their total, with exact costs (Decimal) until shown."""
+
+    def __init__(
+        self,
+        by: str,
+        since: float | None,
+        until: float | None,
+        rows: list[dict[str, Any]],
+        session: str | None = None,
+    ) -> None:
+        self.by, self.since, self.until, self.rows, self.session = by, since, until, rows, session
+        total: dict[str, Any] = {name: 0 for _, name in REPORT_FIELDS}
+        total["cost_usd"] = None
+        for r in rows:
+            for _, name in REPORT_FIELDS:
+                if name != "cost_usd":
+                    total[name] += r[name]
+            if r["cost_usd"] is not None:
+                total["cost_usd"] = (total["cost_usd"] or Decimal(0)) + r["cost_usd"]
+        self.total = total
+
+    @staticmethod
+    def cost(row: dict[str, Any]) -> Decimal | None:
+        """A row's or the total's cost as shown: None when :func:`none_priced`, 0 when
+        nothing had a cost (the rule of :func:`_total_cost`), else the exact sum."""
+        if none_priced(row["message_count"], row["unpriced_message_count"]):
+            return None
+        cost: Decimal | None = row["cost_usd"]
+        return Decimal(0) if cost is None else cost
+
+    def _fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {key: row[name] for key, name in REPORT_FIELDS}
+        out["costUsd"] = _float(self.cost(row))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            item = {"key": r["key"], **self._fields(r)}
+            if self.by == "session":
+                item["label"] = r.get("label")
+            rows.append(item)
+        out: dict[str, Any] = {
+            "since": iso_bound(self.since),
+            "until": iso_bound(self.until),
+            "by": self.by,
+            "timezone": "UTC",
+        }
+        if self.session is not None:
+            out["sessionId"] = self.session
+        out.update(rows=rows, total=self._fields(self.total))
+        return out
+
+    def csv_rows(self) -> list[list[Any]]:
+        """The header and one line per row (no total line: a reader sums them). Costs
+        exact (``0.0427``), unknown ones and null keys empty."""
+        head = ["key", *(key for key, _ in REPORT_FIELDS)]
+        if self.by == "session":
+            head.append("label")
+        lines: list[list[Any]] = [head]
+        for r in self.rows:
+            cost = self.cost(r)
+            cells = [r[name] for _, name in REPORT_FIELDS]
+            cells[4] = "" if cost is None else format(cost, "f")
+            line = ["" if r["key"] is None else r["key"], *cells]
+            if self.by == "session":
+                line.append(r.get("label") or "")
+            lines.append(line)
+        return lines
+
+
+async def over_time(
+    store: Store,
+    by: str,
+    since: float | None,
+    until: float | None,
+    session: str | None = None,
+) -> Report:
+    """Totals across sessions (or of one) per hour, day, week, month, model, agent or
+    session, aggregated by the store."""
+    return Report(by, since, until, await store.report(by, since, until, session), session)

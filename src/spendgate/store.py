@@ -381,6 +381,73 @@ unknown and it has tokens: a row without tokens costs nothing whatever the price
 unmetered request, such as a model listing, is stored with a NULL cost)."""
 
 
+REPORT_BY = ("hour", "day", "week", "month", "model", "agent", "session")
+"""What a report over time groups by (docs/reference.md §8 ``GET /api/report``)."""
+_BUCKET_S = {"hour": 3600, "day": 86400, "week": 86400, "month": 86400}
+"""Time reports sum rows into whole hours or days first (an integer per row, cheap),
+then name and merge those few buckets: weeks and months are made of days."""
+_BUCKET_KEY = {
+    "hour": "strftime('%Y-%m-%dT%H:00Z', b * 3600, 'unixepoch')",
+    "day": "strftime('%Y-%m-%d', b * 86400, 'unixepoch')",
+    "month": "strftime('%Y-%m', b * 86400, 'unixepoch')",
+    # ISO 8601 week: the year and week of the week's Thursday (back 3 days, then on to
+    # the next Thursday or the day itself); SQLite 3.40 has no %G or %V.
+    "week": "strftime('%Y', date(b * 86400, 'unixepoch', '-3 days', 'weekday 4')) || '-W' || "
+    "printf('%02d', (strftime('%j', date(b * 86400, 'unixepoch', '-3 days', 'weekday 4')) - 1)"
+    " / 7 + 1)",
+}
+_GROUP_COLUMN = {"model": "model", "agent": "agent_id", "session": "session_id"}
+_REPORT_SUMS = (
+    "COUNT(*) AS message_count, SUM(input_tokens) AS input_tokens, "
+    "SUM(output_tokens) AS output_tokens, SUM(cached_input_tokens) AS cached_input_tokens, "
+    "SUM(cost_usd) AS cost_usd, SUM(cost_usd IS NULL AND total_tokens > 0) "
+    "AS unpriced_message_count"
+)
+_REPORT_MERGE = (
+    "SUM(message_count) AS message_count, SUM(input_tokens) AS input_tokens, "
+    "SUM(output_tokens) AS output_tokens, SUM(cached_input_tokens) AS cached_input_tokens, "
+    f"ROUND(SUM(cost_usd), {COST_DIGITS}) AS cost_usd, "
+    "SUM(unpriced_message_count) AS unpriced_message_count"
+)
+
+
+def _report_sql(
+    by: str, since: float | None, until: float | None, session: str | None
+) -> tuple[str, list[Any]]:
+    """One report query: rows in ``[since, until)`` (of one session), grouped ``by``,
+    sorted by key. Only the bounds given become conditions, so an all-time report scans
+    the table rather than walking the ``started_at`` index end to end."""
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append("started_at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("started_at < ?")
+        params.append(until)
+    if session is not None:
+        where.append("session_id = ?")
+        params.append(session)
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    if by in _BUCKET_S:
+        inner = (
+            f"SELECT CAST(started_at / {_BUCKET_S[by]} AS INTEGER) AS b, {_REPORT_SUMS} "
+            f"FROM token_usage{cond} GROUP BY b"
+        )
+        sql = f"SELECT {_BUCKET_KEY[by]} AS key, {_REPORT_MERGE} FROM ({inner}) GROUP BY key"
+    elif by in _GROUP_COLUMN:
+        column = _GROUP_COLUMN[by]
+        # +column: group by sorting what the bounds select, not by walking the session
+        # index over every row (1.2 s instead of 10 ms for a week of 300,000 rows)
+        sql = f"SELECT {column} AS key, {_REPORT_SUMS} FROM token_usage{cond} GROUP BY +{column}"
+        sql = f"SELECT key, {_REPORT_MERGE} FROM ({sql}) GROUP BY key"
+    else:
+        raise ValueError(f"unknown report grouping {by!r}")
+    if by == "session":
+        sql = f"SELECT g.*, s.label AS label FROM ({sql}) g LEFT JOIN sessions s ON s.id = g.key"
+    return sql + " ORDER BY key IS NULL, key", params
+
+
 _NO_TOTALS: dict[str, Any] = {
     "message_count": 0, "input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0,
     "cache_write_tokens": 0, "reasoning_tokens": 0, "cost_usd": None,
@@ -511,6 +578,14 @@ class Store(Protocol):
     def iter_messages(self, session_id: str) -> AsyncIterator[MessageRecord]: ...
 
     async def latest_message(self, session_id: str) -> MessageRecord | None: ...
+
+    async def report(
+        self,
+        by: str,
+        since: float | None = None,
+        until: float | None = None,
+        session: str | None = None,
+    ) -> list[dict[str, Any]]: ...
 
 
 OP_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -1287,6 +1362,28 @@ class SQLiteStore:
             (session_id,),
         )
         return _message_from_row(rows[0]) if rows else None
+
+    async def report(
+        self,
+        by: str,
+        since: float | None = None,
+        until: float | None = None,
+        session: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Totals of the rows started in ``[since, until)`` (None: unbounded), of one
+        ``session`` or all, per ``by`` (:data:`REPORT_BY`; time keys in UTC), sorted by
+        key (null last). Each row: ``key``, ``message_count``, ``input_tokens``,
+        ``output_tokens``, ``cached_input_tokens``, ``cost_usd`` (a Decimal, the priced
+        rows' sum rounded to COST_DIGITS; None when no row is priced),
+        ``unpriced_message_count``; with ``by="session"`` also its ``label``."""
+        sql, params = _report_sql(by, since, until, session)
+        await self.flush()
+        out = []
+        for r in await self._fetchall(sql, params):
+            row = dict(r)
+            row["cost_usd"] = _money(row["cost_usd"])
+            out.append(row)
+        return out
 
 
 def _normalized(e: journal.Entry, defaults: dict[tuple[str, str], Any]) -> Sequence[Any] | None:
