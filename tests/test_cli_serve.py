@@ -107,3 +107,39 @@ async def test_sigkill_leaves_a_database_that_opens_cleanly(
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         (count,) = db.execute("SELECT COUNT(*) FROM token_usage").fetchone()
     assert count == 50
+
+
+def serve_once(**env: str) -> subprocess.CompletedProcess[str]:
+    """`spendgate serve` that is expected to stop by itself (a start-up error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "spendgate", "serve"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """docs/reference.md §11: no traceback when the port is taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve_once(SPENDGATE_PORT=str(port), SPENDGATE_DB_PATH=str(tmp_path / "x.db"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"spendgate: cannot listen on http://127.0.0.1:{port}: the port is in use (another "
+        "spendgate, or another program?): choose another with --port or SPENDGATE_PORT"
+    )
+
+
+def test_a_misspelt_variable_stops_serve_before_it_listens(tmp_path: Path) -> None:
+    done = serve_once(SPENDGATE_ADMIN_TOKN="x", SPENDGATE_DB_PATH=str(tmp_path / "x.db"))
+    assert done.returncode == 2 and not (tmp_path / "x.db").exists()
+    assert done.stderr == (
+        "spendgate: unknown environment variable SPENDGATE_ADMIN_TOKN "
+        "(did you mean SPENDGATE_ADMIN_TOKEN?)\n"
+    )

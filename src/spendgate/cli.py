@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import errno
 import gc
 import logging
 import sys
@@ -29,6 +30,16 @@ short-lived objects, nearly all freed by reference counting; at Python's default
 young collection every 700 allocations) the collector kept scanning the in-flight
 requests' objects. This measured about 4 % fewer instructions per request
 (``bench/instructions.py``); peak RSS with 1,000 open streams stayed under 100 MB."""
+
+
+LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the port is in use (another spendgate, or another program?): "
+    "choose another with --port or SPENDGATE_PORT",
+    errno.EACCES: "permission denied (ports below 1024 need privileges): "
+    "choose another with --port or SPENDGATE_PORT",
+    errno.EADDRNOTAVAIL: "the address is not one of this machine's: check --host or SPENDGATE_HOST",
+}
+"""Why ``serve`` could not bind, by errno: each a one-line error, exit 1."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -82,6 +93,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except StoreOpenError as exc:  # one line, no traceback (docs/reference.md §5)
         print(f"spendgate: cannot use the database {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the listening socket: one line, no traceback (§11)
+        if exc.errno not in LISTEN_ERRORS:
+            raise
+        print(
+            f"spendgate: cannot listen on {http_url(settings.host, settings.port)}: "
+            f"{LISTEN_ERRORS[exc.errno]}",
+            file=sys.stderr,
+        )
         return 1
     finally:  # whatever is left to do at exit can still be stopped
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

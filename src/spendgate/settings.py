@@ -3,21 +3,38 @@
 Precedence, highest first: keyword arguments (tests), environment, ``.env``, TOML
 (``--config`` or ``SPENDGATE_CONFIG``), defaults. Every field has a description, and
 docs/reference.md §10 lists every field (tests/test_reference.py checks it).
+
+:func:`load_settings` is strict (docs/reference.md §10 "Strict checks"): a name that is
+no setting, in the TOML file, the environment or ``.env``, stops start-up naming the
+closest valid one, and every bad value is named with where it came from. The valid names
+are the model's own fields, so a setting added to :class:`Settings` is known at once.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import dotenv
+import orjson
 import platformdirs
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -26,11 +43,48 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from spendgate.providers import ADAPTERS
+
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spendgate_config_file", default=None)
+
+
+CARRIED_PATHS: dict[str, tuple[str, ...]] = {
+    "openai": ("/v1",),
+    "openai_compatible": ("/v1",),
+    "anthropic": ("/v1",),
+    "gemini": ("/v1beta", "/v1alpha", "/v1"),
+    "ollama": ("/api",),
+    "azure": ("/openai",),
+}
+"""Per adapter, the path segments its clients' requests already start with (the SDKs
+and agents add ``/v1/...`` to a base URL, Ollama clients ``/api/...``, Azure's
+``/openai/deployments/...``): an upstream ending in one would get it twice
+(``/v1/v1/chat/completions``), docs/reference.md §10 "Strict checks"."""
+
+
+def doubled_path(upstream: str, adapter: str) -> str | None:
+    """The path ``upstream`` ends in that the route's requests carry again, or None."""
+    path = "/" + upstream.partition("://")[2].partition("/")[2]
+    for carried in CARRIED_PATHS.get(adapter, ()):
+        if path.lower().endswith(carried):
+            return carried
+    return None
+
+
+def _doubled_error(upstream: str, adapter: str) -> None:
+    carried = doubled_path(upstream, adapter)
+    if carried is not None:
+        fix = upstream[: -len(carried)] or upstream
+        raise ValueError(
+            f"{upstream!r} ends in {carried}, which the {adapter} route's requests already "
+            f"carry (it would send {carried}{carried}/...): use {fix!r}"
+        )
 
 
 class RouteConfig(BaseModel):
     """A configured route: path prefix → upstream base URL, read with one wire format."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a default
 
     prefix: str = Field(description="Path prefix, e.g. /groq")
     upstream: str = Field(description="Upstream base URL, e.g. https://api.groq.com/openai")
@@ -62,9 +116,26 @@ class RouteConfig(BaseModel):
             raise ValueError(f"route upstream {v!r} must be an http(s) URL")
         return v.rstrip("/")
 
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str) -> str:
+        if v not in ADAPTERS:
+            raise ValueError(
+                f"unknown adapter {v!r}{_closest(v, ADAPTERS)}; adapters are "
+                + ", ".join(sorted(ADAPTERS))
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _not_doubled(self) -> RouteConfig:
+        _doubled_error(self.upstream, self.adapter)
+        return self
+
 
 class AgentHeaders(BaseModel):
     """A known coding agent's own session header (and optional sub-agent header)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     agent: str
     session: list[str]
@@ -246,10 +317,12 @@ class Settings(BaseSettings):
 
     @field_validator("openai_base_url", "anthropic_base_url", "gemini_base_url", "ollama_base_url")
     @classmethod
-    def _base_url(cls, v: str) -> str:
+    def _base_url(cls, v: str, info: ValidationInfo) -> str:
         if not re.match(r"^https?://[^/]+", v):
             raise ValueError(f"{v!r} is not an http(s) URL")
-        return v.rstrip("/")
+        v = v.rstrip("/")
+        _doubled_error(v, str(info.field_name).removesuffix("_base_url"))
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -280,21 +353,189 @@ def _config_file(path: Path | None) -> Iterator[None]:
         _CONFIG_FILE.reset(token)
 
 
+NOT_SETTINGS: dict[str, str] = {
+    "SPENDGATE_CONFIG": "the TOML file's path, read by load_settings itself",
+    # Switches of the test suite and its scripts, not settings: a developer's or CI's
+    # environment may hold them while `spendgate serve` starts (tests/README.md).
+    "SPENDGATE_CHROMIUM": "the browser tests' Chromium (tests/test_dashboard.py)",
+    "SPENDGATE_DASHBOARD_SCREENSHOT": "where the browser tests save the README's screenshot",
+    "SPENDGATE_AGENTS_DIR": "where scripts/install-agents puts the agent CLIs the tests run",
+    "SPENDGATE_AGENTS_MAX_AGE_H": "how often scripts/install-agents refreshes them",
+}
+"""``SPENDGATE_*`` environment variables that are known but are no setting."""
+
+TEST_SWITCH_PREFIX = "SPENDGATE_REQUIRE_"
+"""``SPENDGATE_REQUIRE_BROWSER``, ``SPENDGATE_REQUIRE_AGENTS`` and any such: the test
+suite's switches that turn a skip into a failure (``.ci/run`` sets them), not settings."""
+
+_SUBMODELS: dict[str, type[BaseModel]] = {"routes": RouteConfig, "agent_headers": AgentHeaders}
+"""Settings that are lists of tables, whose keys are checked too (extra="forbid")."""
+
+_FLAGS = {"host": "--host", "port": "--port", "db_path": "--db"}
+"""Command-line flags that become keyword overrides (cli._settings)."""
+
+
+def setting_names() -> list[str]:
+    """Every setting's name, from the model itself (so settings added later are known)."""
+    return list(Settings.model_fields)
+
+
+def env_name(setting: str) -> str:
+    return f"SPENDGATE_{setting.upper()}"
+
+
+def _closest(name: str, valid: Collection[str]) -> str:
+    """`` (did you mean X?)`` for the closest valid name, or nothing when none is close."""
+    near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def unknown_variables(env: Mapping[str, str], where: str) -> list[str]:
+    """One problem per ``SPENDGATE_*`` name in ``env`` that is no setting. Names are
+    matched ignoring case, as pydantic-settings reads them."""
+    known = {env_name(n) for n in setting_names()}
+    problems = []
+    for name in sorted(env):
+        upper = name.upper()
+        if not upper.startswith("SPENDGATE_") or upper in known or upper in NOT_SETTINGS:
+            continue
+        if upper.startswith(TEST_SWITCH_PREFIX):
+            continue
+        problems.append(f"unknown {where} {name}{_closest(upper, known)}")
+    return problems
+
+
+def unknown_keys(data: Mapping[str, Any], where: str) -> list[str]:
+    """One problem per top-level key of a TOML file that is no setting (keys inside
+    ``[[routes]]`` and ``[[agent_headers]]`` are the models' own check)."""
+    names = setting_names()
+    return [f"{where}: unknown key {key}{_closest(key, names)}" for key in data if key not in names]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def _read_dotenv(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    return {k: v or "" for k, v in dotenv.dotenv_values(path).items()}
+
+
+class _Origins:
+    """Where each setting's value came from, in the sources' precedence, to name it in
+    an error: the flag, the variable (environment or ``.env``), or the file and key."""
+
+    def __init__(
+        self,
+        overrides: Mapping[str, Any],
+        env: Mapping[str, str],
+        dotenv_path: Path,
+        dotenv_vars: Mapping[str, str],
+        config: Path | None,
+        toml: Mapping[str, Any],
+    ) -> None:
+        self._overrides = overrides
+        self._env = {k.upper(): v for k, v in env.items()}
+        self._dotenv_path = dotenv_path
+        self._dotenv = {k.upper(): v for k, v in dotenv_vars.items()}
+        self._config = config
+        self._toml = toml
+
+    def describe(self, loc: tuple[int | str, ...]) -> str:
+        """``loc`` (pydantic's error location) as the place the user wrote it."""
+        if not loc:
+            return "settings"
+        field = str(loc[0])
+        var = env_name(field)
+        if field in self._overrides:
+            return _FLAGS.get(field, f"argument {field}")
+        for vars_, place in ((self._env, "environment variable"), (self._dotenv, None)):
+            if var in vars_:
+                where = f"{place} {var}" if place else f"{self._dotenv_path}, {var}"
+                return where + _inner(loc, _json(vars_[var]))
+        if field in self._toml and self._config is not None:
+            inner = _inner(loc, self._toml.get(field))
+            return f"{self._config}" + (inner or f", key {field}")
+        return field
+
+
+def _json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _inner(loc: tuple[int | str, ...], value: Any) -> str:
+    """The part of ``loc`` inside a setting: ``, [[routes]] #2 (prefix /groq), key
+    adapter`` for a table of a list, ``, key field.key`` for a dictionary; empty for the
+    whole setting."""
+    field, rest = str(loc[0]), loc[1:]
+    if not rest:
+        return ""
+    if not isinstance(rest[0], int):
+        return ", key " + ".".join(str(p) for p in loc)
+    label = f", [[{field}]] #{rest[0] + 1}"
+    entry = value[rest[0]] if isinstance(value, list) and rest[0] < len(value) else None
+    if isinstance(entry, dict) and isinstance(entry.get("prefix"), str):
+        label += f" (prefix {entry['prefix']})"
+    keys = ".".join(str(p) for p in rest[1:])
+    return label + (f", key {keys}" if keys else "")
+
+
+def _problem(err: Any, origins: _Origins) -> str:
+    """One pydantic error as one readable problem, naming where the value came from."""
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden" and len(loc) >= 3:
+        model = _SUBMODELS.get(str(loc[0]))
+        hint = _closest(str(loc[-1]), list(model.model_fields)) if model else ""
+        where = origins.describe(loc).rpartition(", key ")[0]
+        return f"{where}: unknown key {loc[-1]}{hint}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"bad setting in {origins.describe(loc)}: {msg}"
+
+
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
-    """Build Settings, turning validation errors into one line per bad setting."""
-    path = config or os.environ.get("SPENDGATE_CONFIG")
+    """Build Settings strictly (docs/reference.md §10 "Strict checks"): names that are no
+    setting, then bad values, each problem naming its source; all of them in one line."""
+    env = os.environ
+    path = config or env.get("SPENDGATE_CONFIG")
     cfg = Path(path) if path else None
     if cfg is not None and not cfg.is_file():
         raise SettingsError(f"config file {cfg} does not exist")
+    toml = _read_toml(cfg) if cfg is not None else {}
+    dotenv_path = Path(str(Settings.model_config.get("env_file") or ".env"))
+    dotenv_vars = _read_dotenv(dotenv_path)
+    problems = [
+        *(
+            f"unknown setting {k}{_closest(k, setting_names())}"
+            for k in overrides
+            if k not in Settings.model_fields
+        ),
+        *unknown_keys(toml, str(cfg)),
+        *unknown_variables(env, "environment variable"),
+        *unknown_variables(dotenv_vars, f"variable in {dotenv_path}:"),
+    ]
+    if problems:
+        raise SettingsError("; ".join(problems))
+    origins = _Origins(overrides, env, dotenv_path, dotenv_vars, cfg, toml)
     try:
         with _config_file(cfg):
             return Settings(**overrides)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
-            env = f"SPENDGATE_{str(err['loc'][0]).upper()}" if err["loc"] else ""
-            lines.append(f"bad setting {name} ({env}): {err['msg']}")
-        raise SettingsError("; ".join(lines)) from None
-    except ValueError as exc:  # e.g. unparsable TOML or env JSON
-        raise SettingsError(f"bad settings: {exc}") from None
+        raise SettingsError("; ".join(_problem(e, origins) for e in exc.errors())) from None
+    except ValueError as exc:  # pydantic-settings: JSON in a variable that does not parse
+        found = re.search(r'field "(\w+)" from source "(\w+)"', str(exc))
+        if found is None:
+            raise SettingsError(f"bad settings: {exc}") from None
+        var = env_name(found[1])
+        dotenv_src = found[2].startswith("DotEnv")
+        where = f"{dotenv_path}, {var}" if dotenv_src else f"environment variable {var}"
+        raise SettingsError(f"bad setting in {where}: not valid JSON") from None
