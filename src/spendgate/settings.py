@@ -384,16 +384,19 @@ def env_name(setting: str) -> str:
     return f"SPENDGATE_{setting.upper()}"
 
 
-def _closest(name: str, valid: Collection[str]) -> str:
-    """`` (did you mean X?)`` for the closest valid name, or nothing when none is close."""
-    near = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {near[0]}?)" if near else ""
+def _closest(name: str, valid: Collection[str], prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the closest valid name, or nothing when none is close.
+    ``prefix``, shared by every name, is left out of the comparison (else every
+    ``SPENDGATE_*`` name would look close to every other)."""
+    near = difflib.get_close_matches(name.removeprefix(prefix), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{near[0]}?)" if near else ""
 
 
 def unknown_variables(env: Mapping[str, str], where: str) -> list[str]:
     """One problem per ``SPENDGATE_*`` name in ``env`` that is no setting. Names are
     matched ignoring case, as pydantic-settings reads them."""
-    known = {env_name(n) for n in setting_names()}
+    names = [n.upper() for n in setting_names()]
+    known = {f"SPENDGATE_{n}" for n in names}
     problems = []
     for name in sorted(env):
         upper = name.upper()
@@ -401,7 +404,7 @@ def unknown_variables(env: Mapping[str, str], where: str) -> list[str]:
             continue
         if upper.startswith(TEST_SWITCH_PREFIX):
             continue
-        problems.append(f"unknown {where} {name}{_closest(upper, known)}")
+        problems.append(f"unknown {where} {name}{_closest(upper, names, 'SPENDGATE_')}")
     return problems
 
 
