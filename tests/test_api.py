@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime, timedelta
 from typing import Any
 
 import openai
@@ -85,6 +86,14 @@ async def test_messages_pagination_and_export(proxy: Proxy, upstream: FakeUpstre
         data = orjson.loads(await r.read())
     assert len(data) == 5 and data[0]["costUsd"] is None
     assert set(data[0]) >= {"messageId", "startedAt", "ttftMs", "durationMs", "aborted"}
+    # Exports show times as ISO-8601 UTC; the messages API keeps Unix seconds (the
+    # dashboard's arithmetic), and both name the same moment to the millisecond.
+    for api_row, csv_row, json_row in zip(rows, table, data, strict=True):
+        assert isinstance(api_row["startedAt"], float)
+        assert csv_row["startedAt"] == json_row["startedAt"]
+        moment = datetime.fromisoformat(json_row["startedAt"])
+        assert json_row["startedAt"].endswith("Z") and moment.utcoffset() == timedelta(0)
+        assert abs(moment.timestamp() - api_row["startedAt"]) < 0.001
 
 
 async def test_unknown_session_is_404(proxy: Proxy) -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import openai
@@ -257,6 +259,9 @@ async def test_report_csv_is_one_row_per_message(
     assert [r["agentId"] for r in rows] == ["planner", "coder", "coder", ""]
     assert float(rows[0]["costUsd"]) == pytest.approx(0.035)
     assert rows[3]["costUsd"] == ""  # unknown price: empty, not 0
+    for r in rows:  # ISO-8601 UTC, not Unix seconds
+        started = datetime.fromisoformat(r["startedAt"])
+        assert r["startedAt"].endswith("Z") and abs(time.time() - started.timestamp()) < 600
     assert sum(int(r["inputTokens"]) for r in rows) == 31_700
 
 
@@ -402,3 +407,22 @@ async def test_report_over_time_refuses_bad_times(
     assert code == 2 and "since 'last tuesday' is not a date" in err
     code, _, err = await run(capsys, "report", "--db", str(db), "--since", "1d", "--until", "2d")
     assert code == 2 and "must be before until" in err
+
+
+async def test_sessions_since_and_iso_times(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = await run(capsys, "sessions", "--db", str(db), "--format", "json")
+    assert code == 0
+    for row in json.loads(out):
+        for key in ("createdAt", "lastActivityAt"):
+            moment = datetime.fromisoformat(row[key])
+            assert row[key].endswith("Z") and abs(time.time() - moment.timestamp()) < 600
+    code, out, _ = await run(capsys, "report", "run-1", "--db", str(db), "--format", "json")
+    assert json.loads(out)["createdAt"].endswith("Z")
+    code, out, _ = await run(
+        capsys, "sessions", "--db", str(db), "--since", "1h", "--format", "json"
+    )
+    assert code == 0 and {r["sessionId"] for r in json.loads(out)} == {"run-1", "other"}
+    code, out, _ = await run(capsys, "sessions", "--db", str(db), "--since", "2099-01-01")
+    assert code == 0 and "no sessions active since 2099-01-01 recorded" in out
+    code, _, err = await run(capsys, "sessions", "--db", str(db), "--since", "soon")
+    assert code == 2 and "since 'soon' is not a date" in err

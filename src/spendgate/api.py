@@ -145,7 +145,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
     else:
         sep = b"["
         async for m in store.iter_messages(rec.id):
-            await resp.write(sep + orjson.dumps(m.to_json()))
+            await resp.write(sep + orjson.dumps(m.export_json()))
             sep = b","
         await resp.write(b"[]" if sep == b"[" else b"]")
     await resp.write_eof()

@@ -148,16 +148,29 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     """Every session with its totals, newest activity first; needs no running proxy."""
     from spendgate import render, reports
 
+    since = None
+    if args.since:
+        import time
+
+        from spendgate.timespec import TimeSpecError, parse
+
+        try:
+            since = parse(args.since, time.time(), "since")
+        except TimeSpecError as exc:
+            print(f"spendgate: {exc}", file=sys.stderr)
+            return 2
+
     async def go() -> int:
         settings = _settings(args)
         if _no_database(settings):
             return 1
         async with _open_store(settings) as store:
-            rows = await reports.sessions_list(store)
+            rows = await reports.sessions_list(store, since=since)
         if args.format == "json":
-            print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+            shown = [reports.exported(r) for r in rows]
+            print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
         else:
-            render.print_sessions(rows, settings.db_path)
+            render.print_sessions(rows, settings.db_path, args.since)
         return 0
 
     return _run(go)
@@ -228,7 +241,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             prices = load_price_table(settings.pricing_file, settings.model_aliases)
             summary = await reports.session_summary(store, prices, rec, spent)
         if args.format == "json":
-            print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+            print(orjson.dumps(reports.exported(summary), option=orjson.OPT_INDENT_2).decode())
         else:
             render.print_summary(summary)
         return 0
@@ -456,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
     sp = add("sessions", cmd_sessions, "list sessions with totals")
+    sp.add_argument("--since", help="only those active since: 2026-12-01, 7d, ...")
     sp.add_argument("--format", choices=("table", "json"), default="table")
     sp = add("report", cmd_report, "cost over time across sessions, or a session's report")
     sp.add_argument("session", nargs="?", help="one session (alone: its summary, csv: its rows)")

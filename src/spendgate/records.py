@@ -16,12 +16,16 @@ from decimal import Decimal
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+from spendgate.timespec import iso
+
 VALUE = "value"
 """Stored and shown as it is (text, integer, real, or None)."""
 FLAG = "flag"
 """A bool: JSON true/false, an INTEGER 0/1 in SQL (read back as a bool)."""
 MONEY = "money"
 """A ``Decimal`` or None: a float in JSON, REAL in SQL (read back exactly via ``repr``)."""
+TIME = "time"
+"""A Unix time (REAL in SQL): a number in the API's JSON, ISO-8601 UTC in exports."""
 
 
 class Column(NamedTuple):
@@ -90,9 +94,17 @@ class MessageRecord:
                 out[key] = float(value)
         return out
 
+    def export_json(self) -> dict[str, Any]:
+        """One row of an export (docs/reference.md §5): ``to_json`` with its times as
+        ISO-8601 UTC (``2026-12-01T13:05:09.250Z``) rather than Unix seconds."""
+        out = self.to_json()
+        for key in _EXPORT_TIMES:
+            out[key] = iso(out[key])
+        return out
+
     def csv_cells(self) -> list[Any]:
-        """One export row: the ``to_json`` values, with unknown (None) as an empty cell."""
-        return ["" if v is None else v for v in self.to_json().values()]
+        """One CSV export row: the ``export_json`` values, unknown (None) as an empty cell."""
+        return ["" if v is None else v for v in self.export_json().values()]
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -114,7 +126,7 @@ COLUMNS: tuple[Column, ...] = (
     _col("cost_usd", "costUsd", MONEY),
     _col("estimated", "estimated", FLAG),
     _col("aborted", "aborted", FLAG),
-    _col("started_at", "startedAt"),
+    _col("started_at", "startedAt", TIME),
     _col("ttft_ms", "ttftMs"),
     _col("duration_ms", "durationMs"),
     _col("key_fingerprint", None),
@@ -133,6 +145,7 @@ _EXPORTED = tuple(c for c in COLUMNS if c.key is not None)
 EXPORT_COLUMNS: tuple[str, ...] = tuple(c.key for c in _EXPORTED if c.key is not None)
 """The keys of :meth:`MessageRecord.to_json`, in order: the CSV export's header."""
 _export_values = attrgetter(*(c.attr for c in _EXPORTED))
+_EXPORT_TIMES = tuple(c.key for c in _EXPORTED if c.kind == TIME and c.key is not None)
 _EXPORT_MONEY = tuple(c.key for c in _EXPORTED if c.kind == MONEY and c.key is not None)
 
 

@@ -53,11 +53,13 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
 
 
-def print_sessions(rows: list[dict[str, Any]], db_path: Path) -> None:
-    """``spendgate sessions``: one line per session (``reports.sessions_list`` rows)."""
+def print_sessions(rows: list[dict[str, Any]], db_path: Path, since: str | None = None) -> None:
+    """``spendgate sessions``: one line per session (``reports.sessions_list`` rows, those
+    active ``since`` when given)."""
     console = _console()
     if not rows:
-        console.print(f"no sessions recorded in {db_path}", markup=False)
+        when = f" active since {since}" if since else ""
+        console.print(f"no sessions{when} recorded in {db_path}", markup=False)
         return
     table = Table(
         title=f"{len(rows)} sessions", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False

@@ -11,7 +11,7 @@ from spendgate.events import context_data
 from spendgate.pricing import PriceTable
 from spendgate.records import SessionRecord
 from spendgate.store import Store
-from spendgate.timespec import TimeSpecError, iso_bound, parse
+from spendgate.timespec import TimeSpecError, iso, iso_bound, parse
 
 
 def _float(value: Decimal | float | None) -> float | None:
@@ -118,15 +118,30 @@ async def session_summary(
     return summary
 
 
+SESSION_TIMES = ("createdAt", "lastActivityAt")
+"""The Unix times of a session's JSON (the API's); exports show them as ISO-8601 UTC."""
+
+
+def exported(session: dict[str, Any]) -> dict[str, Any]:
+    """A session's JSON as the command line's ``--format json`` writes it: its times as
+    ISO-8601 UTC (docs/reference.md §11), as the message exports show theirs."""
+    return {k: iso(v) if k in SESSION_TIMES else v for k, v in session.items()}
+
+
 async def sessions_list(
-    store: Store, spent_of: Callable[[str], Decimal] | None = None
+    store: Store,
+    spent_of: Callable[[str], Decimal] | None = None,
+    since: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Every session with its totals, newest activity first.
+    """Every session with its totals, newest activity first; with ``since``, only those
+    active (or created, when without messages) at or after it.
 
     ``spent_of`` is the live ledger's view; without one (the CLI) the rows' sum is used.
     """
     out = []
     for row in await store.session_totals():
+        if since is not None and (row["last_at"] or row["created_at"]) < since:
+            continue
         rec = SessionRecord(
             row["id"],
             row["created_at"],

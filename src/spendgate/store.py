@@ -41,6 +41,7 @@ from spendgate.records import (
     FLAG,
     MONEY,
     STORED_FIELDS,
+    TIME,
     VALUE,
     AgentBudgetRecord,
     GlobalBudgetRecord,
@@ -493,7 +494,12 @@ def _message_params(m: MessageRecord) -> Sequence[Any]:
     return params
 
 
-_DECODE: dict[str, Callable[[Any], Any] | None] = {VALUE: None, FLAG: bool, MONEY: _money}
+_DECODE: dict[str, Callable[[Any], Any] | None] = {
+    VALUE: None,
+    TIME: None,
+    FLAG: bool,
+    MONEY: _money,
+}
 _DECODERS = tuple(_DECODE[c.kind] for c in STORED_FIELDS)
 
 
