@@ -4,12 +4,15 @@ rules, then over HTTP."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from spendgate.routing import Router, RoutingError, build_routes, canonical_path
+from spendgate.app import make_app
+from spendgate.routing import OLLAMA_ENDPOINTS, Router, RoutingError, build_routes, canonical_path
 from spendgate.settings import RouteConfig, Settings
-from tests.conftest import Proxy
+from tests.conftest import Proxy, StartProxy
+from tests.paths import FIXTURES
 from tests.upstream import FakeUpstream, fixture_reply
 
 
@@ -32,6 +35,14 @@ def router() -> Router:
         ("/gemini/v1beta/models/gemini-2.5-flash:generateContent", "gemini",
          "/v1beta/models/gemini-2.5-flash:generateContent", "default", None),
         ("/ollama/api/chat", "ollama", "/api/chat", "default", None),
+        ("/api/chat", "ollama", "/api/chat", "default", None),
+        ("/api/generate", "ollama", "/api/generate", "default", None),
+        ("/api/embed", "ollama", "/api/embed", "default", None),
+        ("/api/embeddings", "ollama", "/api/embeddings", "default", None),
+        ("/api/tags", "ollama", "/api/tags", "default", None),
+        ("/api/show", "ollama", "/api/show", "default", None),
+        ("/api/blobs/sha256:abc", "ollama", "/api/blobs/sha256:abc", "default", None),
+        ("/s/local-1/api/chat", "ollama", "/api/chat", "local-1", None),
         ("/groq/v1/chat/completions", "groq", "/v1/chat/completions", "default", None),
     ],
 )  # fmt: skip
@@ -238,3 +249,46 @@ def test_an_encoded_slash_is_kept_only_where_nothing_is_metered(router: Router) 
     with pytest.raises(RoutingError, match="segment"):
         router.resolve("/v1/models/%2e%2E/x", {}, "GET")  # dot segments: never
     assert canonical_path("/a%2fb", keep_separators=True) == "/a%2Fb"
+
+
+@pytest.mark.parametrize("path", ["/api/sessions", "/api/chatx", "/api/", "/apichat", "/api"])
+def test_other_api_paths_are_not_ollamas(router: Router, path: str) -> None:
+    """Only Ollama's own endpoint names leave spendgate's /api/ namespace."""
+    with pytest.raises(RoutingError, match="no route"):
+        router.resolve(path, {})
+
+
+def test_spendgate_api_uses_no_ollama_endpoint_name(tmp_path: Path) -> None:
+    """The clash rule (docs/reference.md §1 "Path forms"): aiohttp dispatches spendgate's
+    own routes first, so an API route named like an Ollama endpoint would hide it."""
+    app = make_app(Settings(db_path=tmp_path / "x.db"))
+    ours = {
+        r.canonical.split("/")[2] for r in app.router.resources() if r.canonical.startswith("/api/")
+    }
+    assert "sessions" in ours and "budget" in ours  # the check sees the API
+    assert not ours & OLLAMA_ENDPOINTS
+
+
+async def test_unprefixed_ollama_paths_through_the_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """OLLAMA_HOST=http://127.0.0.1:8787 (host:port only): /api/chat is metered on the
+    ollama route while /api/sessions stays spendgate's, behind its token."""
+    proxy = await start_proxy(admin_token="tok")
+    upstream.queue(fixture_reply("ollama/chat_stream_llama3.ndjson"))
+    body = (FIXTURES / "ollama/chat_stream_llama3.request.json").read_bytes()
+    async with proxy.http.post(
+        proxy.url("/api/chat"), data=body, headers={"X-Spendgate-Session": "olla"}
+    ) as r:
+        assert r.status == 200
+        await r.read()
+    assert upstream.seen[0].path == "/api/chat"
+    async with proxy.http.get(proxy.url("/api/sessions")) as r:
+        assert r.status == 401  # the API, not forwarded
+    auth = {"Authorization": "Bearer tok"}
+    async with proxy.http.get(proxy.url("/api/sessions/olla/messages"), headers=auth) as r:
+        rows = (await r.json())["messages"]
+    assert [(m["route"], m["modelId"], m["outputTokens"] > 0) for m in rows] == [
+        ("ollama", "llama3", True)
+    ]
+    assert len(upstream.seen) == 1

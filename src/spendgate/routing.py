@@ -17,6 +17,17 @@ from spendgate.settings import AgentHeaders, RouteConfig, Settings
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_SESSION = "default"
 
+OLLAMA_ENDPOINTS = frozenset(
+    {
+        "chat", "generate", "embed", "embeddings", "tags", "show", "ps", "version",
+        "create", "copy", "delete", "pull", "push", "blobs",
+    }
+)  # fmt: skip
+"""The first segments after ``/api/`` of Ollama's own API: an unprefixed ``/api/chat``
+(a tool that takes only host:port) goes to the route named ``ollama``. Every other
+``/api/...`` path is spendgate's (docs/reference.md §1 "Path forms"): its API never
+uses one of these names (tests/test_routing.py checks the app's routes)."""
+
 # Decoded in the canonical path: RFC 3986's unreserved characters (§2.3, §6.2.2.2) and the
 # two pchars that delimit nothing inside a path, ':' and '@' (ASGI servers, Go's net/http
 # and Google's front end read "%3A" as ":"; Gemini's "models/x:generateContent" must
@@ -218,10 +229,14 @@ class Router:
             return self._by_name["openai"], path
         if path.startswith(("/v1beta/", "/v1alpha/")) and "gemini" in self._by_name:
             return self._by_name["gemini"], path
+        ollama = path.startswith("/api/") and path[5:].partition("/")[0] in OLLAMA_ENDPOINTS
+        if ollama and "ollama" in self._by_name:
+            return self._by_name["ollama"], path
         prefixes = ", ".join(r.prefix for r in self._routes)
         raise RoutingError(
             f"no route for path {path!r}: use one of {prefixes} (optionally after "
-            "/s/{session}/), or an unprefixed /v1/... OpenAI or Anthropic path"
+            "/s/{session}/), or an unprefixed /v1/... OpenAI or Anthropic path or "
+            "/api/chat-style Ollama path"
         )
 
     def _from_headers(
