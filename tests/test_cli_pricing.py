@@ -158,3 +158,52 @@ def test_pricing_unknown_route_and_sources(capsys: pytest.CaptureFixture[str]) -
     assert main(["pricing"]) == 0
     sources = orjson.loads(capsys.readouterr().out)["sources"]
     assert [s["source"] for s in sources] == ["overrides", "bundled"]
+
+
+def test_pricing_list_is_the_effective_table_as_the_proxy_charges_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text(
+        '[models."my-private-model"]\ninput = 1.25\noutput = 5\n'
+        '[models."gpt-4o"]\ninput = 2.0\n'
+        '[aliases]\n"team-default" = "gpt-4o-mini"\n'
+    )
+    monkeypatch.setenv("SPENDGATE_PRICING_FILE", str(mine))
+    assert main(["pricing", "--list", "--json", "--db", str(tmp_path / "x.db")]) == 0
+    rows = orjson.loads(capsys.readouterr().out)
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) > 300
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["my-private-model"]["input"] == 1.25
+    assert by_id["gpt-4o"]["input"] == 2.0 and by_id["gpt-4o"]["output"] == 10  # one field
+    assert by_id["team-default"]["alias"] == "gpt-4o-mini"
+    assert by_id["team-default"]["pricedAs"].startswith("gpt-4o-mini")
+    for model in ("gpt-4o", "team-default", "claude-sonnet-4-5", "my-private-model"):
+        assert main(["pricing", model, "--db", str(tmp_path / "x.db")]) == 0  # the same lookup
+        alone = orjson.loads(capsys.readouterr().out)
+        alone.pop("query")
+        listed = dict(by_id[model])
+        listed.pop("id"), listed.pop("alias")
+        assert listed == alone, model
+
+
+def test_pricing_search_and_routes(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    db = ["--db", str(tmp_path / "x.db")]
+    assert main(["pricing", "--list", "--search", "Sonnet-4.5", "--json", *db]) == 0
+    found = [r["id"] for r in orjson.loads(capsys.readouterr().out)]
+    assert "claude-sonnet-4-5" in found and all("sonnet-4" in f.replace(".", "-") for f in found)
+    assert main(["pricing", "--search", "sonnet-4-5", *db]) == 0  # --search implies --list
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("claude-sonnet-4-5 ")]
+    assert line.split()[1:4] == ["3", "0.3", "15"] and "200,000" in line
+    assert main(["pricing", "--list", "--search", "gpt-4o-mini", "--route", "ollama", "--json",
+                 *db]) == 0  # fmt: skip
+    assert all(r["input"] == 0 and r["source"] == "local" for r in orjson.loads(
+        capsys.readouterr().out))  # fmt: skip
+    assert main(["pricing", "--list", "--search", "zzz-no-such", *db]) == 0
+    assert "no models matching 'zzz-no-such'" in capsys.readouterr().out
+    assert main(["pricing", "--list", "--route", "nope", *db]) == 2
+    assert "no route named 'nope'" in capsys.readouterr().err
+    assert main(["pricing", "gpt-4o", "--list", *db]) == 2
+    assert "--list takes no MODEL" in capsys.readouterr().err

@@ -363,6 +363,41 @@ def _pricing_update(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _pricing_list(args: argparse.Namespace, settings: Settings) -> int:
+    """``pricing --list [--search TEXT] [--json]``: the effective table, each id priced
+    by the proxy's own lookup (on ``--route`` etc. when given)."""
+    from spendgate import price_files, render, reports
+    from spendgate.pricing import PricingError
+
+    if args.model is not None:
+        print("spendgate: --list takes no MODEL (filter with --search TEXT)", file=sys.stderr)
+        return 2
+    quiet = logging.getLogger("spendgate.pricing")  # its "no price" is for the proxy's log
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        table = price_files.settings_table(settings)
+        local = True if args.local else None
+        price_files.lookup(table, settings, "", route=args.route, provider=args.provider)
+
+        def charged(model: str) -> Any:
+            return price_files.lookup(
+                table, settings, model, route=args.route, provider=args.provider, local=local
+            )[0]
+
+        rows = reports.price_list(table, charged, args.search)
+    except PricingError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        quiet.setLevel(level)
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        render.print_prices(rows, args.search)
+    return 0
+
+
 def cmd_pricing(args: argparse.Namespace) -> int:
     from spendgate import price_files
     from spendgate.pricing import PricingError
@@ -386,6 +421,8 @@ def cmd_pricing(args: argparse.Namespace) -> int:
         return _pricing_update(args, settings)
     if args.model == "reload":
         return _admin(args, "POST", "/api/pricing/reload")
+    if args.list or args.search is not None:
+        return _pricing_list(args, settings)
     try:
         table = price_files.settings_table(settings)
         if args.model is None:  # where the prices come from
@@ -504,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--route", help="price as on this route (its provider and local flag)")
     sp.add_argument("--provider", help="price as on a route of this provider")
     sp.add_argument("--local", action="store_true", help="price as on a local route")
+    sp.add_argument("--list", action="store_true", help="every model id and alias, priced")
+    sp.add_argument("--search", metavar="TEXT", help="--list: only ids containing TEXT")
+    sp.add_argument("--json", action="store_true", help="--list: as JSON")
     sp.add_argument("--from", dest="source", metavar="URL|FILE", help="update: the table to fetch")
     sp.add_argument("--force", action="store_true", help="update: store a refused table")
     sp.add_argument("--dry-run", action="store_true", help="update: check and report only")

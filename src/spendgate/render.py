@@ -186,3 +186,39 @@ def print_report(r: dict[str, Any]) -> None:
     t = r["total"]
     total = total_usd(t["costUsd"], t["messageCount"], t["unpricedMessageCount"])
     console.print(_totals_table(f"{scope}, {span}, by {r['by']}", r["by"], rows, (t, total)))
+
+
+def _per_million(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.4f}".rstrip("0").rstrip(".")
+
+
+def print_prices(rows: list[dict[str, Any]], search: str | None) -> None:
+    """``spendgate pricing --list``: one line per model id (``reports.price_list`` rows),
+    prices in USD per million tokens as the proxy charges them."""
+    console = _console()
+    if not rows:
+        what = f" matching {search!r}" if search else ""
+        console.print(f"no models{what} in the price table", markup=False, highlight=False)
+        return
+    table = Table(
+        title=f"{len(rows)} models, USD per million tokens", title_justify="left",
+        box=box.SIMPLE_HEAD, pad_edge=False,
+    )  # fmt: skip
+    table.add_column("model", no_wrap=True)
+    for name in ("input", "cached", "output"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("context", justify="right", no_wrap=True)
+    table.add_column("priced as / source")
+    for r in rows:
+        if r["pricedAs"] is None:
+            table.add_row(Text(r["id"]), "N/A", "", "N/A", "", Text("no price", style="dim"))
+            continue
+        via = (
+            r["priceSource"] if r["pricedAs"] == r["id"] else f"{r['pricedAs']}, {r['priceSource']}"
+        )
+        window = r["contextWindow"]
+        table.add_row(
+            Text(r["id"]), _per_million(r["input"]), _per_million(r["cachedInput"]),
+            _per_million(r["output"]), "" if window is None else f"{window:,}", Text(via),
+        )  # fmt: skip
+    console.print(table)

@@ -8,7 +8,7 @@ from typing import Any
 
 from spendgate.budgets import Pressure
 from spendgate.events import context_data
-from spendgate.pricing import PriceTable
+from spendgate.pricing import ModelPrice, PriceTable
 from spendgate.records import SessionRecord
 from spendgate.store import Store
 from spendgate.timespec import TimeSpecError, iso, iso_bound, parse
@@ -269,3 +269,29 @@ async def over_time(
     """Totals across sessions (or of one) per hour, day, week, month, model, agent or
     session, aggregated by the store."""
     return Report(by, since, until, await store.report(by, since, until, session), session)
+
+
+def _searchable(text: str) -> str:
+    return text.lower().replace(".", "-").replace("_", "-")
+
+
+def price_list(
+    table: PriceTable,
+    charged: Callable[[str], ModelPrice | None],
+    search: str | None = None,
+) -> list[dict[str, Any]]:
+    """``spendgate pricing --list``: every id of the effective table (bundled, updated,
+    overrides, the user's file) and every alias, with what ``charged`` (the proxy's own
+    lookup) charges for it, sorted by id; ``search`` keeps the ids that contain it, case,
+    dots and dashes aside (``sonnet-4.5`` finds ``claude-sonnet-4-5``)."""
+    ids = {p.model for p in table} | set(table.aliases)
+    if search:
+        wanted = _searchable(search.strip())
+        ids = {i for i in ids if wanted in _searchable(i)}
+    out = []
+    for model in sorted(ids):
+        price = charged(model)
+        row: dict[str, Any] = {"id": model, "alias": table.aliases.get(model)}
+        row.update(price.to_json() if price is not None else {"pricedAs": None})
+        out.append(row)
+    return out
