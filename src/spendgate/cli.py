@@ -378,6 +378,7 @@ def _pricing_list(args: argparse.Namespace, settings: Settings) -> int:
     try:
         table = price_files.settings_table(settings)
         local = True if args.local else None
+        # the route is checked once, even when the search matches nothing
         price_files.lookup(table, settings, "", route=args.route, provider=args.provider)
 
         def charged(model: str) -> Any:
