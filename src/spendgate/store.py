@@ -27,7 +27,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from operator import attrgetter
 from pathlib import Path
@@ -607,31 +607,35 @@ _Entry = tuple[str, Sequence[Any], bool]
 """A queued write: its operation, its parameters, and whether the journal has it."""
 
 
-class SQLiteStore:
+class QueuedStore:
+    """The write path both stores share (docs/reference.md §5): writes append to a
+    bounded in-memory queue and to the journal, and one writer task commits them in
+    batches; while the database refuses writes they stay queued and are retried with
+    backoff; at shutdown what is left goes to the recovery file. A subclass says how a
+    batch is written (:meth:`_write_batch`) and how the database is read."""
+
     def __init__(
         self,
-        path: Path,
-        flush_interval: float = 0.2,
-        max_queue: int = 200_000,
-        on_drop: Callable[[int], None] | None = None,
-        on_reject: Callable[[int], None] | None = None,
-        on_error: Callable[[int], None] | None = None,
-        watch_interval: float = WATCH_S,
-        lock_wait: float = OPEN_BUSY_S,
+        journal_path: Path,
+        where: str,
+        flush_interval: float,
+        max_queue: int,
+        on_drop: Callable[[int], None] | None,
+        on_reject: Callable[[int], None] | None,
+        on_error: Callable[[int], None] | None,
     ) -> None:
-        """``on_drop``, ``on_reject``, ``on_error``: counters of writes dropped (queue
-        full), rows rejected, and failed write attempts (the metrics, docs §9).
-        ``watch_interval``: how often the file is checked (WATCH_S); ``lock_wait``: how
-        long the open waits for another process's lock (OPEN_BUSY_S)."""
-        self.path = path
-        self._watch_interval = watch_interval
-        self._lock_wait = lock_wait
+        """``journal_path``: the journal and recovery files are named after it (a
+        database file, or a local name for a server's database); ``where``: the
+        database as log lines name it (never with a password). ``on_drop``,
+        ``on_reject``, ``on_error``: counters of writes dropped (queue full), rows
+        rejected, and failed write attempts (the metrics, docs §9)."""
+        self.journal_path = journal_path
+        self.where = where
         self._interval = flush_interval
         self._max_queue = max_queue
         self._on_drop = on_drop
         self._on_reject = on_reject
         self._on_error = on_error
-        self._db: aiosqlite.Connection | None = None
         self._pending: deque[_Entry] = deque()
         self._enqueued = 0
         """Writes ever queued; write number ``n`` has journal index ``n``."""
@@ -643,11 +647,6 @@ class SQLiteStore:
         self._tries = 0  # write attempts started by the writer
         self._failed_try = 0  # the number of the last one that failed
         """Write attempts that failed (a read waiting while failing stops at the next)."""
-        self._tx = asyncio.Lock()
-        """Held from BEGIN to COMMIT/ROLLBACK: reads that must see only committed rows wait."""
-        self._totals: dict[str, dict[str, Any]] = {}
-        self._totals_seq = 0
-        """``_totals`` holds every row up to this ``seq``."""
         self._journal: journal.Journal | None = None
         self._failing: str | None = None
         """Why the database refuses writes now (None: it takes them)."""
@@ -659,6 +658,357 @@ class SQLiteStore:
         self._next_journal_log = 0.0
         self.rejected = 0
         """Rows the database refused since start (they are in ``rejected_rows``)."""
+
+    # -- what each database does -------------------------------------------------------
+
+    async def _write_batch(self) -> None:
+        """Commit up to BATCH_MAX queued writes in one transaction and pop them; rows
+        the database refuses go to ``rejected_rows`` (then :meth:`_rejected`); any other
+        failure raises with every write still queued."""
+        raise NotImplementedError
+
+    async def _watch(self) -> None:
+        """Called by the writer before each try (the SQLite file's replacement check)."""
+
+    async def _defaults(self) -> dict[tuple[str, str], Any]:
+        """The columns' defaults, for journal lines written before a column existed."""
+        raise NotImplementedError
+
+    async def _max_seq(self) -> int:
+        """The highest message row number committed (counts the rows an import adds)."""
+        raise NotImplementedError
+
+    async def _abandon(self) -> None:
+        """Give up an open that failed half way: nothing written, nothing deleted."""
+        if self._journal is not None:
+            self._journal.close(delete=not self._pending)
+            self._journal = None
+
+    def messages(
+        self, session_id: str, after: int, limit: int
+    ) -> Awaitable[tuple[list[MessageRecord], int | None]]:
+        raise NotImplementedError
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def _start_writer(self) -> None:
+        """With the database open: start the journal, import what a previous process
+        left in its journal or recovery file, and start the writer."""
+        try:
+            self._journal = journal.Journal(self.journal_path, OP_COLUMNS)
+        except OSError as exc:
+            await self._abandon()
+            raise StoreOpenError(
+                self.journal_path, f"cannot create its journal beside it ({exc.strerror})"
+            ) from None
+        try:
+            await self._import_left_behind()
+        except BaseException:
+            await self._abandon()
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="spendgate-writer")
+
+    async def _stop_writer(self) -> None:
+        """Let the writer commit what is queued (CLOSE_WAIT_S at most), then put what is
+        still queued in the recovery file; nothing is left out without a log line saying
+        how many and why."""
+        self._closing = True
+        if self._writer is not None:
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), CLOSE_WAIT_S)
+            except TimeoutError:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._writer
+                self._failing = self._failing or f"not written in {CLOSE_WAIT_S:g} s"
+            self._writer = None
+        if self._journal is not None:
+            if self._pending:
+                self._save_unwritten()
+            kept = self._journal.close(delete=not self._pending)
+            self._journal = None
+            if kept:
+                log.error("journal files kept for the next start: %s", ", ".join(map(str, kept)))
+        if self._dropped:
+            log.error(
+                "%d writes were dropped while running: the queue was full (%d) while the "
+                "database refused writes", self._dropped, self._max_queue,
+            )  # fmt: skip
+
+    async def _import_left_behind(self) -> None:
+        """Queue the writes a stopped process left in journals and recovery files (the
+        files are kept, held by this process, until those writes are done), and write
+        them now if the database takes them."""
+        assert self._journal is not None
+        found = []
+        for f in journal.orphans(self.journal_path):
+            if f.entries or f.bad_lines:
+                found.append(f)
+            else:  # every write in it was committed (a kill after the writer caught up)
+                journal.discard(f.path, f.fd)
+        if not found:
+            return
+        defaults = await self._defaults()
+        messages = bad = 0
+        for f in found:
+            for e in f.entries:
+                params = _normalized(e, defaults)
+                if params is None:
+                    bad += 1
+                    continue
+                messages += e.op == "message"
+                self._enqueue(e.op, params, journaled=True)
+            bad += f.bad_lines
+            self._journal.adopt(f, self._enqueued)
+        names = ", ".join(str(f.path) for f in found)
+        skipped = f"; {bad} unreadable lines skipped (a write cut short)" if bad else ""
+        log.warning(
+            "importing %d writes (%d message rows) left in %s by a process that stopped "
+            "before the database had them%s", len(self._pending), messages, names, skipped,
+        )  # fmt: skip
+        before, rejected = await self._max_seq(), self.rejected
+        try:
+            while self._pending:
+                await self._write_batch()
+        except Exception as exc:
+            log.error(
+                "database %s: cannot write the imported rows now (%s); %d writes stay "
+                "queued for the writer (and in those files until written)",
+                self.where, exc, len(self._pending),
+            )  # fmt: skip
+            return
+        new = await self._max_seq() - before
+        log.warning(
+            "imported %s: %d new message rows, %d already stored, %d rejected",
+            names, new, messages - new - (self.rejected - rejected), self.rejected - rejected,
+        )  # fmt: skip
+
+    def _save_unwritten(self) -> None:
+        """At shutdown: the writes the database did not take go to the recovery file."""
+        n = len(self._pending)
+        rows = sum(1 for e in self._pending if e[0] == "message")
+        why = self._failing or "the database did not take them"
+        assert self._journal is not None
+        try:
+            where = journal.save_recovery(
+                self.journal_path, journal.header(OP_COLUMNS), _entry_lines(self._pending)
+            )
+        except OSError as exc:
+            in_journal = sum(1 for e in self._pending if e[2])
+            log.error(
+                "database %s: %d writes (%d message rows) could not be written (%s), nor "
+                "saved to a recovery file (%s): %d of them are in the journal, which the "
+                "next start imports; %d are lost",
+                self.where, n, rows, why, exc, in_journal, n - in_journal,
+            )  # fmt: skip
+            return
+        log.error(
+            "database %s: %d writes (%d message rows) could not be written (%s); saved "
+            "to %s, which the next start imports", self.where, n, rows, why, where,
+        )  # fmt: skip
+        self._pending.clear()
+
+    # -- writes (never awaited by the request path) --------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def failing(self) -> str | None:
+        """Why the database refuses writes now, or None."""
+        return self._failing
+
+    @property
+    def _done(self) -> int:
+        """Every write up to this number is committed, rejected or dropped (FIFO)."""
+        return self._enqueued - len(self._pending)
+
+    def _enqueue(self, op: str, params: Sequence[Any], journaled: bool = False) -> None:
+        if len(self._pending) >= self._max_queue:
+            self._drop()
+        self._enqueued += 1
+        jr = self._journal
+        if jr is not None and not journaled:
+            journaled = jr.append(self._enqueued, journal.encode(op, params))
+            if not journaled:
+                self._journal_failed(jr)
+        self._pending.append((op, params, journaled))
+        if len(self._pending) >= WAKE_AT and self._failing is None:
+            self._wake.set()
+
+    def _drop(self) -> None:
+        lost = self._pending.popleft()
+        self._dropped += 1
+        if self._on_drop is not None:
+            self._on_drop(1)
+        now = time.monotonic()
+        if now >= self._next_drop_log:
+            self._next_drop_log = now + REPEAT_LOG_S / 3
+            log.error(
+                "storage queue full (%d): dropping the oldest queued %s write (%d dropped "
+                "so far); the database is failing (%s)",
+                self._max_queue, lost[0], self._dropped, self._failing or "too slow",
+            )  # fmt: skip
+
+    def _journal_failed(self, jr: journal.Journal) -> None:
+        now = time.monotonic()
+        if now >= self._next_journal_log:
+            self._next_journal_log = now + REPEAT_LOG_S
+            log.error(
+                "journal %s: cannot append (%s): %d writes (since the last such line) are "
+                "only in memory until the database has them",
+                jr.paths[-1] if jr.paths else self.journal_path.parent, jr.last_error,
+                jr.failures - self._journal_failures_logged,
+            )  # fmt: skip
+            self._journal_failures_logged = jr.failures
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything queued before this call is committed. While the
+        database refuses writes, the writer tries once more at once and the wait is
+        short (FAILING_FLUSH_S): reads answer from what the database holds."""
+        target = self._enqueued
+        if self._done >= target:
+            return
+        if self._writer is None:
+            while self._done < target and self._pending:
+                await self._write_batch()
+            return
+        first_try = self._tries + 1  # an attempt already under way may predate our rows
+        failing = self._failing is not None
+        if failing:  # one more attempt now, and no long wait for it
+            timeout = min(timeout, FAILING_FLUSH_S)
+        self._flushers += 1
+        self._wake.set()
+        try:
+            async with self._done_cond:
+                await asyncio.wait_for(
+                    self._done_cond.wait_for(
+                        lambda: (
+                            self._done >= target
+                            or (self._failing is not None and self._failed_try >= first_try)
+                        )
+                    ),
+                    timeout,
+                )
+        except TimeoutError:
+            if not failing:
+                log.error("flush timed out with %d writes queued", len(self._pending))
+        finally:
+            self._flushers -= 1
+
+    async def _notify(self) -> None:
+        async with self._done_cond:
+            self._done_cond.notify_all()
+
+    async def _write_loop(self) -> None:
+        delay = self._interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
+            try:
+                await self._watch()
+            except Exception:
+                log.exception("database %s: checking the file failed", self.where)
+            if self._pending:
+                self._tries += 1
+                try:
+                    await self._write_batch()
+                except Exception as exc:  # full disk, I/O error, locked: keep rows, retry
+                    delay = await self._write_failed(exc, delay)
+                    if self._closing:
+                        return
+                    continue
+                self._write_worked()
+                delay = self._interval
+                if self._pending and (
+                    self._closing or self._flushers or len(self._pending) >= WAKE_AT
+                ):
+                    self._wake.set()  # more to write at once
+            if self._closing and not self._pending:
+                return
+
+    async def _write_failed(self, exc: Exception, delay: float) -> float:
+        self._failed_try = self._tries
+        if self._on_error is not None:
+            self._on_error(1)
+        now = time.monotonic()
+        first = self._failing is None
+        self._failing = f"{type(exc).__name__}: {exc}"
+        if first:
+            self._failing_since = now
+        if first or now >= self._next_fail_log:
+            self._next_fail_log = now + REPEAT_LOG_S
+            log.error(
+                "database %s: cannot write (%s)%s; %d writes queued (%d message rows; at "
+                "most %d are kept, then the oldest are dropped), retried every %g s at "
+                "most; reads answer from what is stored",
+                self.where, self._failing,
+                "" if first else f" for {now - self._failing_since:.0f} s",
+                len(self._pending), sum(1 for e in self._pending if e[0] == "message"),
+                self._max_queue, min(delay * 2, 5.0),
+            )  # fmt: skip
+        await self._notify()  # flushes waiting for this batch stop waiting
+        return min(delay * 2, 5.0)
+
+    def _write_worked(self) -> None:
+        if self._failing is not None:
+            log.warning(
+                "database %s: writes work again after %.1f s (%s)",
+                self.where, time.monotonic() - self._failing_since, self._failing,
+            )  # fmt: skip
+            self._failing = None
+
+    def _rejected(self, rejected: list[tuple[str, str, Sequence[Any]]]) -> None:
+        self.rejected += len(rejected)
+        if self._on_reject is not None:
+            self._on_reject(len(rejected))
+        op, why, params = rejected[0]
+        what = f"{op} {params[0]!r}" if params else op
+        log.warning(
+            "database %s refused %d rows (first: %s: %s); they are in rejected_rows, "
+            "every other row was written", self.where, len(rejected), what, why,
+        )  # fmt: skip
+
+    async def iter_messages(self, session_id: str) -> AsyncIterator[MessageRecord]:
+        """All rows of a session in pages, so an export holds one page in memory at a time."""
+        after = 0
+        while True:
+            page, cursor = await self.messages(session_id, after, 1000)
+            for m in page:
+                yield m
+            if cursor is None:
+                return
+            after = cursor
+
+
+class SQLiteStore(QueuedStore):
+    def __init__(
+        self,
+        path: Path,
+        flush_interval: float = 0.2,
+        max_queue: int = 200_000,
+        on_drop: Callable[[int], None] | None = None,
+        on_reject: Callable[[int], None] | None = None,
+        on_error: Callable[[int], None] | None = None,
+        watch_interval: float = WATCH_S,
+        lock_wait: float = OPEN_BUSY_S,
+    ) -> None:
+        """See :class:`QueuedStore` for the rest. ``watch_interval``: how often the file
+        is checked (WATCH_S); ``lock_wait``: how long the open waits for another
+        process's lock (OPEN_BUSY_S)."""
+        super().__init__(path, str(path), flush_interval, max_queue, on_drop, on_reject, on_error)
+        self.path = path
+        self._watch_interval = watch_interval
+        self._lock_wait = lock_wait
+        self._db: aiosqlite.Connection | None = None
+        self._tx = asyncio.Lock()
+        """Held from BEGIN to COMMIT/ROLLBACK: reads that must see only committed rows wait."""
+        self._totals: dict[str, dict[str, Any]] = {}
+        self._totals_seq = 0
+        """``_totals`` holds every row up to this ``seq``."""
         self._file_ids: dict[str, tuple[int, int] | None] = {}
         """(device, inode) of the database file and of its -wal and -shm, when opened."""
         self._next_watch = 0.0
@@ -675,25 +1025,11 @@ class SQLiteStore:
         self._db = await self._open_db(check=start_writer)
         if not start_writer:
             return
-        try:
-            self._journal = journal.Journal(self.path, OP_COLUMNS)
-        except OSError as exc:
-            await self._abandon()
-            raise StoreOpenError(
-                self.path, f"cannot create its journal beside it ({exc.strerror})"
-            ) from None
-        try:
-            await self._import_left_behind()
-        except BaseException:
-            await self._abandon()
-            raise
-        self._writer = asyncio.create_task(self._write_loop(), name="spendgate-writer")
+        await self._start_writer()
 
     async def _abandon(self) -> None:
         """Give up an open that failed half way: nothing written, nothing deleted."""
-        if self._journal is not None:
-            self._journal.close(delete=not self._pending)
-            self._journal = None
+        await super()._abandon()
         if self._db is not None:
             await _close_quietly(self._db)
             self._db = None
@@ -776,54 +1112,6 @@ class SQLiteStore:
             await _patiently(db, deadline, script, script=True)
             log.info("database %s migrated to schema version %d", self.path, number)
 
-    async def _import_left_behind(self) -> None:
-        """Queue the writes a stopped process left in journals and recovery files (the
-        files are kept, held by this process, until those writes are done), and write
-        them now if the database takes them."""
-        assert self._journal is not None
-        found = []
-        for f in journal.orphans(self.path):
-            if f.entries or f.bad_lines:
-                found.append(f)
-            else:  # every write in it was committed (a kill after the writer caught up)
-                journal.discard(f.path, f.fd)
-        if not found:
-            return
-        defaults = await self._defaults()
-        messages = bad = 0
-        for f in found:
-            for e in f.entries:
-                params = _normalized(e, defaults)
-                if params is None:
-                    bad += 1
-                    continue
-                messages += e.op == "message"
-                self._enqueue(e.op, params, journaled=True)
-            bad += f.bad_lines
-            self._journal.adopt(f, self._enqueued)
-        names = ", ".join(str(f.path) for f in found)
-        skipped = f"; {bad} unreadable lines skipped (a write cut short)" if bad else ""
-        log.warning(
-            "importing %d writes (%d message rows) left in %s by a process that stopped "
-            "before the database had them%s", len(self._pending), messages, names, skipped,
-        )  # fmt: skip
-        before, rejected = await self._max_seq(), self.rejected
-        try:
-            while self._pending:
-                await self._write_batch()
-        except Exception as exc:
-            log.error(
-                "database %s: cannot write the imported rows now (%s); %d writes stay "
-                "queued for the writer (and in those files until written)",
-                self.path, exc, len(self._pending),
-            )  # fmt: skip
-            return
-        new = await self._max_seq() - before
-        log.warning(
-            "imported %s: %d new message rows, %d already stored, %d rejected",
-            names, new, messages - new - (self.rejected - rejected), self.rejected - rejected,
-        )  # fmt: skip
-
     async def _defaults(self) -> dict[tuple[str, str], Any]:
         """The columns' defaults, for journal lines written before a column existed."""
         out: dict[tuple[str, str], Any] = {}
@@ -844,120 +1132,18 @@ class SQLiteStore:
         """Write everything queued, then close (called on shutdown, SIGINT/SIGTERM).
         What the database does not take in time goes to the recovery file; nothing is
         left out without a log line saying how many and why."""
-        self._closing = True
-        if self._writer is not None:
-            self._wake.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._writer), CLOSE_WAIT_S)
-            except TimeoutError:
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._writer
-                self._failing = self._failing or f"not written in {CLOSE_WAIT_S:g} s"
-            self._writer = None
-        if self._journal is not None:
-            if self._pending:
-                self._save_unwritten()
-            kept = self._journal.close(delete=not self._pending)
-            self._journal = None
-            if kept:
-                log.error("journal files kept for the next start: %s", ", ".join(map(str, kept)))
-        if self._dropped:
-            log.error(
-                "%d writes were dropped while running: the queue was full (%d) while the "
-                "database refused writes", self._dropped, self._max_queue,
-            )  # fmt: skip
+        await self._stop_writer()
         if self._db is not None:
             with contextlib.suppress(Exception):  # one self-contained file left behind
                 await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await _close_quietly(self._db)
             self._db = None
 
-    def _save_unwritten(self) -> None:
-        """At shutdown: the writes the database did not take go to the recovery file."""
-        n = len(self._pending)
-        rows = sum(1 for e in self._pending if e[0] == "message")
-        why = self._failing or "the database did not take them"
-        assert self._journal is not None
-        try:
-            where = journal.save_recovery(
-                self.path, journal.header(OP_COLUMNS), _entry_lines(self._pending)
-            )
-        except OSError as exc:
-            in_journal = sum(1 for e in self._pending if e[2])
-            log.error(
-                "database %s: %d writes (%d message rows) could not be written (%s), nor "
-                "saved to a recovery file (%s): %d of them are in the journal, which the "
-                "next start imports; %d are lost",
-                self.path, n, rows, why, exc, in_journal, n - in_journal,
-            )  # fmt: skip
-            return
-        log.error(
-            "database %s: %d writes (%d message rows) could not be written (%s); saved "
-            "to %s, which the next start imports", self.path, n, rows, why, where,
-        )  # fmt: skip
-        self._pending.clear()
-
     @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
             raise RuntimeError("store is not open")
         return self._db
-
-    # -- writes (never awaited by the request path) --------------------------------------
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    @property
-    def failing(self) -> str | None:
-        """Why the database refuses writes now, or None."""
-        return self._failing
-
-    @property
-    def _done(self) -> int:
-        """Every write up to this number is committed, rejected or dropped (FIFO)."""
-        return self._enqueued - len(self._pending)
-
-    def _enqueue(self, op: str, params: Sequence[Any], journaled: bool = False) -> None:
-        if len(self._pending) >= self._max_queue:
-            self._drop()
-        self._enqueued += 1
-        jr = self._journal
-        if jr is not None and not journaled:
-            journaled = jr.append(self._enqueued, journal.encode(op, params))
-            if not journaled:
-                self._journal_failed(jr)
-        self._pending.append((op, params, journaled))
-        if len(self._pending) >= WAKE_AT and self._failing is None:
-            self._wake.set()
-
-    def _drop(self) -> None:
-        lost = self._pending.popleft()
-        self._dropped += 1
-        if self._on_drop is not None:
-            self._on_drop(1)
-        now = time.monotonic()
-        if now >= self._next_drop_log:
-            self._next_drop_log = now + REPEAT_LOG_S / 3
-            log.error(
-                "storage queue full (%d): dropping the oldest queued %s write (%d dropped "
-                "so far); the database is failing (%s)",
-                self._max_queue, lost[0], self._dropped, self._failing or "too slow",
-            )  # fmt: skip
-
-    def _journal_failed(self, jr: journal.Journal) -> None:
-        now = time.monotonic()
-        if now >= self._next_journal_log:
-            self._next_journal_log = now + REPEAT_LOG_S
-            log.error(
-                "journal %s: cannot append (%s): %d writes (since the last such line) are "
-                "only in memory until the database has them",
-                jr.paths[-1] if jr.paths else self.path.parent, jr.last_error,
-                jr.failures - self._journal_failures_logged,
-            )  # fmt: skip
-            self._journal_failures_logged = jr.failures
 
     def add_message(self, message: MessageRecord) -> None:
         self._enqueue("message", _message_params(message))
@@ -970,103 +1156,6 @@ class SQLiteStore:
 
     def save_global_budget(self, budget: GlobalBudgetRecord) -> None:
         self._enqueue("global", _global_params(budget))
-
-    async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything queued before this call is committed. While the
-        database refuses writes, the writer tries once more at once and the wait is
-        short (FAILING_FLUSH_S): reads answer from what the database holds."""
-        target = self._enqueued
-        if self._done >= target:
-            return
-        if self._writer is None:
-            while self._done < target and self._pending:
-                await self._write_batch()
-            return
-        first_try = self._tries + 1  # an attempt already under way may predate our rows
-        failing = self._failing is not None
-        if failing:  # one more attempt now, and no long wait for it
-            timeout = min(timeout, FAILING_FLUSH_S)
-        self._flushers += 1
-        self._wake.set()
-        try:
-            async with self._done_cond:
-                await asyncio.wait_for(
-                    self._done_cond.wait_for(
-                        lambda: (
-                            self._done >= target
-                            or (self._failing is not None and self._failed_try >= first_try)
-                        )
-                    ),
-                    timeout,
-                )
-        except TimeoutError:
-            if not failing:
-                log.error("flush timed out with %d writes queued", len(self._pending))
-        finally:
-            self._flushers -= 1
-
-    async def _notify(self) -> None:
-        async with self._done_cond:
-            self._done_cond.notify_all()
-
-    async def _write_loop(self) -> None:
-        delay = self._interval
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            self._wake.clear()
-            try:
-                await self._watch()
-            except Exception:
-                log.exception("database %s: checking the file failed", self.path)
-            if self._pending:
-                self._tries += 1
-                try:
-                    await self._write_batch()
-                except Exception as exc:  # full disk, I/O error, locked: keep rows, retry
-                    delay = await self._write_failed(exc, delay)
-                    if self._closing:
-                        return
-                    continue
-                self._write_worked()
-                delay = self._interval
-                if self._pending and (
-                    self._closing or self._flushers or len(self._pending) >= WAKE_AT
-                ):
-                    self._wake.set()  # more to write at once
-            if self._closing and not self._pending:
-                return
-
-    async def _write_failed(self, exc: Exception, delay: float) -> float:
-        self._failed_try = self._tries
-        if self._on_error is not None:
-            self._on_error(1)
-        now = time.monotonic()
-        first = self._failing is None
-        self._failing = f"{type(exc).__name__}: {exc}"
-        if first:
-            self._failing_since = now
-        if first or now >= self._next_fail_log:
-            self._next_fail_log = now + REPEAT_LOG_S
-            log.error(
-                "database %s: cannot write (%s)%s; %d writes queued (%d message rows; at "
-                "most %d are kept, then the oldest are dropped), retried every %g s at "
-                "most; reads answer from what is stored",
-                self.path, self._failing,
-                "" if first else f" for {now - self._failing_since:.0f} s",
-                len(self._pending), sum(1 for e in self._pending if e[0] == "message"),
-                self._max_queue, min(delay * 2, 5.0),
-            )  # fmt: skip
-        await self._notify()  # flushes waiting for this batch stop waiting
-        return min(delay * 2, 5.0)
-
-    def _write_worked(self) -> None:
-        if self._failing is not None:
-            log.warning(
-                "database %s: writes work again after %.1f s (%s)",
-                self.path, time.monotonic() - self._failing_since, self._failing,
-            )  # fmt: skip
-            self._failing = None
 
     async def _write_batch(self) -> None:
         """Commit up to BATCH_MAX queued writes in one transaction. Rows the database
@@ -1117,17 +1206,6 @@ class SQLiteStore:
         if self._journal is not None:
             self._journal.release(self._done)
         await self._notify()
-
-    def _rejected(self, rejected: list[tuple[str, str, Sequence[Any]]]) -> None:
-        self.rejected += len(rejected)
-        if self._on_reject is not None:
-            self._on_reject(len(rejected))
-        op, why, params = rejected[0]
-        what = f"{op} {params[0]!r}" if params else op
-        log.warning(
-            "database %s refused %d rows (first: %s: %s); they are in rejected_rows, "
-            "every other row was written", self.path, len(rejected), what, why,
-        )  # fmt: skip
 
     # -- the file deleted or replaced while running ------------------------------------------
 
@@ -1348,17 +1426,6 @@ class SQLiteStore:
         more = len(rows) > limit
         rows = rows[:limit]
         return [_message_from_row(r) for r in rows], (rows[-1]["seq"] if more else None)
-
-    async def iter_messages(self, session_id: str) -> AsyncIterator[MessageRecord]:
-        """All rows of a session in pages, so an export holds one page in memory at a time."""
-        after = 0
-        while True:
-            page, cursor = await self.messages(session_id, after, 1000)
-            for m in page:
-                yield m
-            if cursor is None:
-                return
-            after = cursor
 
     async def latest_message(self, session_id: str) -> MessageRecord | None:
         await self.flush()
