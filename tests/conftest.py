@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from spendgate.metrics import Metrics
 from spendgate.pricing import PriceTable
 from spendgate.settings import Settings
 from spendgate.store import Store
+from tests.helpers import postgres as pg
 from tests.upstream import FakeUpstream
 
 
@@ -112,6 +113,26 @@ async def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[S
     for p in started:
         await p.http.close()
         await p.server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.PostgresServer]:
+    """One real PostgreSQL server for the whole run (tests/helpers/postgres.py); skips, or
+    fails under SPENDGATE_REQUIRE_SHARED, where PostgreSQL is not installed."""
+    pg.need_server()
+    server = pg.PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def pg_url(postgres: pg.PostgresServer) -> str:
+    """A fresh database on that server, for one test."""
+    if not postgres.running():  # a test that played an outage and failed before restarting
+        postgres.start()
+    return postgres.new_database()
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from spendgate.pricing import PricingError
 from spendgate.proxy import ProxyHandler
 from spendgate.routing import Router, build_routes
 from spendgate.settings import Settings
-from spendgate.store import SQLiteStore
+from spendgate.store_factory import describe, make_store
 
 log = logging.getLogger("spendgate")
 
@@ -51,9 +51,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         session_labels=settings.metrics_session_labels,
         max_models=settings.metrics_max_models,
     )
-    store = SQLiteStore(
-        settings.db_path,
-        flush_interval=settings.flush_interval_ms / 1000,
+    store = make_store(
+        settings,
         on_drop=metrics.store_dropped.inc,
         on_reject=metrics.store_rejected.inc,
         on_error=metrics.store_write_errors.inc,
@@ -112,7 +111,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             metrics,
         )
         app[PROXY].attach(router, acct, client)
-        log.info("database %s, %d routes", settings.db_path, len(router.routes))
+        log.info("database %s, %d routes", describe(settings), len(router.routes))
     except BaseException:  # a failed or interrupted start-up (SIGTERM) closes the store too
         await store.close()
         raise

@@ -58,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from spendgate.app import make_app
     from spendgate.store import StoreOpenError
+    from spendgate.store_factory import describe
 
     settings = _settings(args)
     logging.basicConfig(
@@ -80,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gc.set_threshold(*GC_THRESHOLDS)
     print(
         f"spendgate {__version__} on {http_url(settings.host, settings.port)} "
-        f"(db {settings.db_path})"
+        f"(db {describe(settings)})"
     )
     try:
         web.run_app(
@@ -111,9 +112,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @asynccontextmanager
 async def _open_store(settings: Settings) -> AsyncIterator[Any]:
-    from spendgate.store import SQLiteStore
+    from spendgate.store_factory import make_store
 
-    store = SQLiteStore(settings.db_path)
+    store = make_store(settings)
     await store.open(start_writer=False)
     try:
         yield store
@@ -133,11 +134,14 @@ def _run(coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 def _no_database(settings: Settings) -> bool:
-    """Reports read the file directly; say so plainly (and create nothing) when it is missing."""
-    if settings.db_path.exists():
+    """Reports read the store directly; say so plainly (and create nothing) when its
+    SQLite file is missing (a server's database is always there to ask)."""
+    from spendgate.store_factory import is_postgres, sqlite_path
+
+    if is_postgres(settings.store_url) or sqlite_path(settings).exists():
         return False
     print(
-        f"spendgate: no database at {settings.db_path} (nothing recorded yet? "
+        f"spendgate: no database at {sqlite_path(settings)} (nothing recorded yet? "
         "point --db or SPENDGATE_DB_PATH at the proxy's file)",
         file=sys.stderr,
     )
@@ -147,6 +151,7 @@ def _no_database(settings: Settings) -> bool:
 def cmd_sessions(args: argparse.Namespace) -> int:
     """Every session with its totals, newest activity first; needs no running proxy."""
     from spendgate import render, reports
+    from spendgate.store_factory import describe
 
     since = None
     if args.since:
@@ -170,7 +175,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             shown = [reports.exported(r) for r in rows]
             print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
         else:
-            render.print_sessions(rows, settings.db_path, args.since)
+            render.print_sessions(rows, describe(settings), args.since)
         return 0
 
     return _run(go)
@@ -213,6 +218,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from spendgate import render, reports
     from spendgate.price_files import load_price_table
     from spendgate.records import EXPORT_COLUMNS
+    from spendgate.store_factory import describe
 
     if args.session is None or args.by or args.since or args.until:
         return _report_over_time(args)
@@ -226,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             rec = sessions.get(args.session)
             if rec is None:
                 print(
-                    f"spendgate: unknown session {args.session!r} in {settings.db_path} "
+                    f"spendgate: unknown session {args.session!r} in {describe(settings)} "
                     "(`spendgate sessions` lists them)",
                     file=sys.stderr,
                 )

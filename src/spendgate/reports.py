@@ -65,8 +65,16 @@ def _total_cost(totals: dict[str, Any]) -> float | None:
     messages, or only rows without tokens)."""
     if none_priced(totals["message_count"], totals["unpriced_message_count"]):
         return None
-    cost: float | None = totals["cost_usd"]
-    return 0.0 if cost is None else cost
+    cost = totals["cost_usd"]
+    return 0.0 if cost is None else float(cost)
+
+
+def _decimal(value: Decimal | float | None) -> Decimal | None:
+    """A store's money as a ``Decimal``: PostgreSQL's NUMERIC is one already; SQLite's
+    REAL reads back exactly through ``repr`` (docs/reference.md §5)."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    return Decimal(repr(value))
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -145,12 +153,12 @@ async def sessions_list(
         rec = SessionRecord(
             row["id"],
             row["created_at"],
-            None if row["budget_usd"] is None else Decimal(repr(row["budget_usd"])),
+            _decimal(row["budget_usd"]),
             bool(row["paused"]),
             row["pause_reason"],
             row["label"],
         )
-        summed = Decimal(repr(row["cost_usd"] or 0))
+        summed = _decimal(row["cost_usd"]) or Decimal(0)
         item = session_json(rec, spent_of(rec.id) if spent_of else summed)
         item.update(
             totalCostUsd=_total_cost(row),

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Listen address")
     port: int = Field(default=8787, ge=0, le=65535, description="Listen port")
     db_path: Path = Field(default_factory=default_db_path, description="The SQLite file")
+    store_url: str | None = Field(
+        default=None,
+        description="Where rows are stored: sqlite:///PATH, or postgresql://user:pw@host:port/db "
+        "(shared by several replicas; needs pip install 'spendgate[shared]'). "
+        "Unset: the SQLite file at db_path",
+    )
     openai_base_url: str = Field(
         default="https://api.openai.com", description="Upstream of /openai"
     )
@@ -280,6 +286,14 @@ class Settings(BaseSettings):
         description="Known coding agents' session headers",
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for /api")
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        if v is None or v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            return v
+        shown = v.split("@")[-1]  # never the password
+        raise ValueError(f"store_url ...{shown!r} must be sqlite:///PATH or postgresql://...")
 
     @field_validator("budget_thresholds", mode="before")
     @classmethod

@@ -229,9 +229,10 @@ def is_row_error(exc: BaseException) -> bool:
 
 
 class StoreOpenError(Exception):
-    """The database cannot be used: says which file and why, in one line."""
+    """The database cannot be used: says which (a file, or a server's database) and
+    why, in one line."""
 
-    def __init__(self, path: Path, problem: str) -> None:
+    def __init__(self, path: Path | str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
@@ -482,16 +483,25 @@ _MONEY_AT = tuple(i for i, c in enumerate(COLUMNS) if c.kind == MONEY)
 # FLAG columns need no encoding: sqlite3 binds a bool as the INTEGER 0 or 1.
 
 
-def _message_params(m: MessageRecord) -> Sequence[Any]:
-    """The INSERT parameters of one row, in ``COLUMNS`` order (on the request path)."""
-    values = _message_values(m)
-    if not _MONEY_AT:
-        return values
-    params = list(values)
-    for i in _MONEY_AT:
-        if params[i] is not None:
-            params[i] = float(params[i])
+def message_encoder(money: Callable[[Decimal], Any]) -> Callable[[MessageRecord], Sequence[Any]]:
+    """How a store queues a row: its values in ``COLUMNS`` order, each MONEY value
+    passed through ``money`` (SQLite: a float; PostgreSQL: the exact decimal string)."""
+
+    def params(m: MessageRecord) -> Sequence[Any]:  # on the request path
+        values = _message_values(m)
+        if not _MONEY_AT:
+            return values
+        out = list(values)
+        for i in _MONEY_AT:
+            if out[i] is not None:
+                out[i] = money(out[i])
+        return out
+
     return params
+
+
+_message_params = message_encoder(float)
+"""The INSERT parameters of one row, in ``COLUMNS`` order."""
 
 
 _DECODE: dict[str, Callable[[Any], Any] | None] = {
@@ -542,10 +552,20 @@ def _session_from_row(r: aiosqlite.Row) -> SessionRecord:
 
 
 class Store(Protocol):
-    """What the proxy and API need from storage; a PostgreSQL store can slot in."""
+    """What the proxy and API need from storage: :class:`SQLiteStore`, or
+    :class:`spendgate.store_postgres.PostgresStore` (``store_factory.make_store``).
+
+    ``flush`` is read-your-writes for this process: every write it queued before the
+    call is committed (or the database is failing). Money in reads is a ``Decimal``
+    where the database keeps it exactly (PostgreSQL), a float where it does not (SQLite
+    sums): consumers take either (``reports``)."""
 
     @property
     def queue_depth(self) -> int: ...
+
+    async def open(self, start_writer: bool = True) -> None: ...
+
+    async def close(self) -> None: ...
 
     def add_message(self, message: MessageRecord) -> None: ...
 
@@ -695,6 +715,7 @@ class QueuedStore:
         """With the database open: start the journal, import what a previous process
         left in its journal or recovery file, and start the writer."""
         try:
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
             self._journal = journal.Journal(self.journal_path, OP_COLUMNS)
         except OSError as exc:
             await self._abandon()

@@ -1,0 +1,217 @@
+"""The PostgreSQL store alone, against a real server (tests/helpers/postgres.py): several
+processes writing at once, the server stopped and started mid-run, replicas migrating
+together, columns added by a newer version, start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+import spendgate.store
+from spendgate.records import SessionRecord
+from spendgate.settings import Settings
+from spendgate.store import StoreOpenError
+from spendgate.store_factory import MISSING_EXTRA, make_store
+from spendgate.store_postgres import PostgresStore
+from tests.conftest import eventually
+from tests.helpers.postgres import PostgresServer, free_port
+from tests.helpers.records import message
+
+_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from decimal import Decimal
+    from pathlib import Path
+    from spendgate.store_postgres import PostgresStore
+    from tests.helpers.records import message
+
+    async def main(url, name, rows, journal):
+        store = PostgresStore(url, Path(journal), flush_interval=0.005)
+        await store.open()
+        for i in range(rows):
+            cost = Decimal("0.0000000001") * (i + 1)
+            store.add_message(message(id=f"{name}-{i}", session_id=f"s{i % 3}", cost_usd=cost))
+            if i % 7 == 0:
+                await asyncio.sleep(0.001)  # let the writer commit small, interleaved batches
+        await store.close()
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    """
+)
+
+
+def _db(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def _store(url: str, tmp_path: Path, **kw: float) -> PostgresStore:
+    return PostgresStore(url, tmp_path / "journal" / "pg", flush_interval=0.02, **kw)
+
+
+async def test_several_processes_writing_at_once_keep_totals_exact_and_cursors_whole(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    """Three writer processes commit interleaved batches while this one pages one
+    session's rows with the cursor: the reader sees every row once, and each session's
+    totals equal the sum of its rows."""
+    reader = _store(pg_url, tmp_path)
+    await reader.open()
+    rows, names = 300, ("a", "b", "c")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*sys.path, os.getcwd()])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, pg_url, n, str(rows), str(tmp_path / f"j-{n}")],
+            env=env,
+        )
+        for n in names
+    ]
+    seen: list[str] = []
+    after = 0
+
+    async def page() -> None:
+        nonlocal after
+        while True:
+            batch, cursor = await reader.messages("s0", after, 17)
+            seen.extend(m.id for m in batch)
+            if batch:  # where the next poll starts (the cursor is None on the last page)
+                last = "SELECT seq FROM token_usage WHERE id = $1"
+                after = cursor or int(await reader.pool.fetchval(last, batch[-1].id))
+            if cursor is None:
+                return
+
+    try:
+        while any(p.poll() is None for p in procs):
+            await page()
+            await asyncio.sleep(0.005)
+        await page()
+    finally:
+        for p in procs:
+            p.wait(timeout=60)
+    assert all(p.returncode == 0 for p in procs)
+    expected = {f"{n}-{i}" for n in names for i in range(rows) if i % 3 == 0}
+    assert len(seen) == len(set(seen)) and set(seen) == expected
+    summed = postgres.psql(
+        _db(pg_url),
+        "SELECT session_id, COUNT(*), SUM(cost_usd), SUM(input_tokens) FROM token_usage "
+        "GROUP BY session_id ORDER BY session_id",
+    )
+    kept = postgres.psql(
+        _db(pg_url),
+        "SELECT session_id, message_count, cost_usd, input_tokens FROM session_totals "
+        "ORDER BY session_id",
+    )
+    assert summed == kept and len(summed.splitlines()) == 3
+    totals = await reader.spend_by_session()
+    each = [Decimal("0.0000000001") * (i + 1) for i in range(rows)]
+    assert totals["s1"] == sum(each[1::3]) * len(names)
+    await reader.close()
+
+
+async def test_an_outage_loses_no_row_and_writes_none_twice(
+    postgres: PostgresServer,
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    for i in range(20):
+        store.add_message(message(id=f"before-{i}"))
+    await store.flush()
+    postgres.stop()
+    try:
+        for i in range(30):
+            store.add_message(message(id=f"during-{i}"))
+        await store.flush()  # short: the database is failing
+        await eventually(lambda: _true(store.failing is not None))
+        assert store.queue_depth == 30
+    finally:
+        postgres.start()
+    await eventually(lambda: _true(store.queue_depth == 0), timeout=15)
+    assert "writes work again" in caplog.text
+    count = "SELECT COUNT(*), COUNT(DISTINCT id) FROM token_usage"
+    assert postgres.psql(_db(pg_url), count) == "50|50"
+
+    # Down at shutdown: the queue goes to the recovery file, and the next start imports it.
+    monkeypatch.setattr(spendgate.store, "CLOSE_WAIT_S", 1.0)
+    postgres.stop()
+    try:
+        for i in range(10):
+            store.add_message(message(id=f"at-close-{i}"))
+        await store.close()
+    finally:
+        postgres.start()
+    assert "saved to" in caplog.text
+    again = _store(pg_url, tmp_path)
+    await again.open()
+    assert postgres.psql(_db(pg_url), count) == "60|60"
+    assert await again.session_totals() == []  # no session rows: the totals table, then
+    assert postgres.psql(_db(pg_url), "SELECT message_count FROM session_totals") == "60"
+    await again.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_replicas_starting_together_migrate_once(pg_url: str, tmp_path: Path) -> None:
+    stores = [_store(pg_url, tmp_path / str(i)) for i in range(4)]
+    await asyncio.gather(*(s.open(start_writer=False) for s in stores))
+    versions = await stores[0].pool.fetch("SELECT version FROM spendgate_schema")
+    assert [r["version"] for r in versions] == [1]
+    for s in stores:
+        await s.close()
+
+
+async def test_a_column_a_newer_version_added_is_added_at_start_up(
+    pg_url: str, tmp_path: Path
+) -> None:
+    store = _store(pg_url, tmp_path)
+    await store.open(start_writer=False)
+    await store.pool.execute("ALTER TABLE token_usage DROP COLUMN note")
+    await store.pool.execute("ALTER TABLE sessions DROP COLUMN label")
+    await store.close()
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    store.add_message(message(id="m1", note="estimated"))
+    store.save_session(SessionRecord("run-1", 1.0, label="named"))
+    assert (await store.latest_message("run-1")).note == "estimated"  # type: ignore[union-attr]
+    assert (await store.load_sessions())[0].label == "named"
+    await store.close()
+
+
+async def test_start_up_errors_are_one_line(pg_url: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreOpenError) as refused:
+        await _store(f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x", tmp_path).open()
+    assert "cannot connect" in str(refused.value) and "secret" not in str(refused.value)
+    assert time.monotonic() - started < 6
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(StoreOpenError) as unknown:
+        await _store(missing, tmp_path).open()
+    assert "no_such_database" in str(unknown.value) and "\n" not in str(unknown.value)
+
+
+def test_without_asyncpg_the_url_says_which_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    monkeypatch.delitem(sys.modules, "spendgate.store_postgres", raising=False)
+    settings = Settings(store_url="postgresql://u:pw@127.0.0.1:1/db", db_path=tmp_path / "x.db")
+    with pytest.raises(StoreOpenError) as exc:
+        make_store(settings)
+    assert str(exc.value) == f"postgresql://u:***@127.0.0.1:1/db: {MISSING_EXTRA}"
+
+
+def test_a_store_url_of_another_kind_stops_start_up() -> None:
+    with pytest.raises(ValueError, match="sqlite:///PATH or postgresql://"):
+        Settings(store_url="mysql://u:pw@h/db")
