@@ -201,3 +201,37 @@ async def test_rows_survive_a_restart_and_a_second_replica_reads_them(
     reader = await open_store(start_writer=False)  # the CLI's way
     (row,) = await reader.session_totals()
     assert row["message_count"] == 3 and _float(row["cost_usd"]) == pytest.approx(0.6)
+
+
+async def test_reports_over_time_group_alike(open_store: OpenStore) -> None:
+    store = await open_store()
+    store.save_session(SessionRecord("b", 1.0, label="second"))
+    at = 1767225600.0  # 2026-01-01T00:00:00Z, a Thursday: ISO week 2026-W01
+    rows = [
+        ("1", "a", "m-x", at + 60, "0.1"),
+        ("2", "a", "m-y", at + 3600 * 5, "0.2"),
+        ("3", "b", "m-x", at + 86400 * 4, None),  # Monday 2026-01-05: week 2
+        ("4", "b", None, at - 1, "0.3"),  # 2025-12-31: ISO week 2026-W01 too
+    ]
+    for mid, sid, model, started, cost in rows:
+        store.add_message(
+            message(id=mid, session_id=sid, model=model, started_at=started,
+                    cost_usd=None if cost is None else Decimal(cost))
+        )  # fmt: skip
+    by_week = await store.report("week")
+    assert [(r["key"], r["message_count"]) for r in by_week] == [("2026-W01", 3), ("2026-W02", 1)]
+    assert _float(by_week[0]["cost_usd"]) == pytest.approx(0.6)
+    assert by_week[1]["cost_usd"] is None and by_week[1]["unpriced_message_count"] == 1
+    by_hour = await store.report("hour", since=at, until=at + 86400)
+    assert [r["key"] for r in by_hour] == ["2026-01-01T00:00Z", "2026-01-01T05:00Z"]
+    assert [r["key"] for r in await store.report("day")] == [
+        "2025-12-31", "2026-01-01", "2026-01-05"
+    ]  # fmt: skip
+    assert [r["key"] for r in await store.report("month")] == ["2025-12", "2026-01"]
+    by_model = await store.report("model", session="a")
+    assert [(r["key"], r["input_tokens"]) for r in by_model] == [("m-x", 1200), ("m-y", 1200)]
+    assert [r["key"] for r in await store.report("model")] == ["m-x", "m-y", None]
+    by_session = {r["key"]: r for r in await store.report("session")}
+    assert by_session["b"]["label"] == "second" and by_session["a"]["label"] is None
+    with pytest.raises(ValueError):
+        await store.report("year")

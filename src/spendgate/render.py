@@ -53,7 +53,9 @@ def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)  # a pipe gets whole lines
 
 
-def print_sessions(rows: list[dict[str, Any]], db_path: Path | str, since: str | None = None) -> None:
+def print_sessions(
+    rows: list[dict[str, Any]], db_path: Path | str, since: str | None = None
+) -> None:
     """``spendgate sessions``: one line per session (``reports.sessions_list`` rows, those
     active ``since`` when given)."""
     console = _console()

@@ -431,6 +431,47 @@ _TOTALS = (
 """The SQLite store's ``_TOTALS``, in PostgreSQL."""
 
 
+_UTC = "to_timestamp(started_at) AT TIME ZONE 'UTC'"
+_REPORT_KEY = {
+    "hour": f"""to_char({_UTC}, 'YYYY-MM-DD"T"HH24:00"Z"')""",
+    "day": f"to_char({_UTC}, 'YYYY-MM-DD')",
+    "week": f"""to_char({_UTC}, 'IYYY-"W"IW')""",  # ISO 8601 week
+    "month": f"to_char({_UTC}, 'YYYY-MM')",
+    "model": "model",
+    "agent": "agent_id",
+    "session": "session_id",
+}
+"""Each grouping of a report (``store.REPORT_BY``), in the SQLite store's key forms."""
+_REPORT_SUMS = (
+    "COUNT(*) AS message_count, "
+    + ", ".join(f"COALESCE(SUM({c}), 0)::BIGINT AS {c}" for c in _COUNTED[:3])
+    + ", SUM(cost_usd) AS cost_usd, "
+    "COUNT(*) FILTER (WHERE cost_usd IS NULL AND total_tokens > 0) AS unpriced_message_count"
+)
+
+
+def _report_sql(
+    by: str, since: float | None, until: float | None, session: str | None
+) -> tuple[str, list[Any]]:
+    """The SQLite store's report query, in PostgreSQL: one GROUP BY over the rows in
+    the bounds, keys in byte order (``COLLATE "C"``, as SQLite), null last."""
+    key = _REPORT_KEY.get(by)
+    if key is None:
+        raise ValueError(f"unknown report grouping {by!r}")
+    where: list[str] = []
+    params: list[Any] = []
+    for cond, value in (("started_at >= ", since), ("started_at < ", until),
+                        ("session_id = ", session)):  # fmt: skip
+        if value is not None:
+            params.append(value)
+            where.append(f"{cond}${len(params)}")
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    sql = f"SELECT {key} AS key, {_REPORT_SUMS} FROM token_usage{cond} GROUP BY 1"
+    if by == "session":
+        sql = f"SELECT g.*, s.label AS label FROM ({sql}) g LEFT JOIN sessions s ON s.id = g.key"
+    return f'SELECT * FROM ({sql}) r ORDER BY key COLLATE "C" NULLS LAST', params
+
+
 class PostgresStore(QueuedStore):
     def __init__(
         self,
@@ -726,6 +767,23 @@ class PostgresStore(QueuedStore):
         more = len(rows) > limit
         rows = rows[:limit]
         return [_message(r) for r in rows], (rows[-1]["seq"] if more else None)
+
+    async def report(
+        self,
+        by: str,
+        since: float | None = None,
+        until: float | None = None,
+        session: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """As :meth:`spendgate.store.SQLiteStore.report` (the same keys and rows)."""
+        sql, params = _report_sql(by, since, until, session)
+        await self.flush()
+        out = []
+        for r in await self._fetch(sql, *params):
+            row = dict(r)
+            row["cost_usd"] = _round(row["cost_usd"])
+            out.append(row)
+        return out
 
     async def latest_message(self, session_id: str) -> MessageRecord | None:
         await self.flush()
