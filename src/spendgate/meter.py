@@ -29,9 +29,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from spendgate import billing
+from spendgate.boundaries import MAX_CUT_WAIT_BYTES, Boundaries, boundaries_for
 from spendgate.budgets import Headroom, Refusal, Reservation, usd
 from spendgate.errors import stream_error_bytes
-from spendgate.forwarding import Inflater, event_end, inflater, redact
+from spendgate.forwarding import Inflater, inflater, redact
 from spendgate.pricing import ModelPrice
 from spendgate.providers._api import Adapter, OutputFilter, RequestInfo, ResponseParser
 from spendgate.providers._common import shown
@@ -70,11 +71,12 @@ class Meter:
     """
 
     __slots__ = (
-        "_acct", "_adapter", "_body_done", "_cut", "_cut_by", "_cutting", "_decode_note",
-        "_filter", "_inflater", "_last_out", "_live", "_ndjson", "_out_filter", "_parse",
-        "_parser_open", "_stop", "aborted", "cut_enabled", "error", "id", "info",
-        "key_fingerprint", "last_live", "parser", "price", "priced_model", "reservation",
-        "started_at", "status", "streamed", "t0", "target", "ttft",
+        "_acct", "_adapter", "_body_done", "_bounds", "_cut", "_cut_by", "_cutting",
+        "_decode_note", "_filter", "_inflater", "_live", "_out_filter", "_parse",
+        "_parser_open", "_stop", "_truncated", "_waited", "aborted", "cut_enabled",
+        "cut_short", "error", "id", "info", "key_fingerprint", "last_live", "parser", "price",
+        "priced_model", "reservation", "started_at", "status", "streamed", "t0", "target",
+        "ttft",
     )  # fmt: skip
 
     transport = "http"
@@ -121,12 +123,17 @@ class Meter:
         self._out_filter: OutputFilter | None = None
         self._filter: Callable[[bytes], bytes] | None = None
         """``_out_filter.feed``, looked up once: it runs for every piece of a stream."""
-        self._live = self._cut = self._cutting = self._stop = self._ndjson = False
+        self._live = self._cut = self._cutting = self._stop = self._truncated = False
         self._body_done = False
         """The upstream's whole body arrived (so a client leaving now loses nothing)."""
-        self._last_out = b""
         self._cut_by: Headroom | None = None
         """The budget the cut is for, once it is due."""
+        self._bounds: Boundaries | None = None
+        """Where the stream may be cut (only for a stream the cut applies to)."""
+        self._waited = 0
+        """Bytes let through since the cut was due, waiting for a boundary."""
+        self.cut_short = False
+        """The cut found no boundary: the proxy closes the connection, nothing in-band."""
 
     # -- what the meter knows --------------------------------------------------------------
 
@@ -196,8 +203,9 @@ class Meter:
             ("text/event-stream", "application/x-ndjson")
         )
         self._live = live = ok and streamed
-        self._cut = live and self.cut_enabled
-        self._ndjson = "ndjson" in lowered
+        self._cut = cut = live and self.cut_enabled
+        if cut:
+            self._bounds = boundaries_for(lowered, encoding)
         if live:
             self._acct.stream_started()
 
@@ -252,17 +260,23 @@ class Meter:
 
     def outgoing(self, chunk: bytes) -> bytes:
         """What the client gets for this piece of the body: the piece itself, the output
-        filter's version of it, or, once a cut is due, the piece up to the last event
-        boundary in it."""
+        filter's version of it, or, once a cut is due, the piece up to the last boundary
+        in it (:mod:`spendgate.boundaries`: an SSE event, an NDJSON line, a JSON-array
+        element), which the stream's cut points see from the first piece."""
         if self.ttft is None:  # _first_byte() inline: this runs for every piece
             self.ttft = time.perf_counter() - self.t0
         out = self._filter(chunk) if self._filter is not None else chunk
+        bounds = self._bounds
+        if bounds is None:
+            return out
+        end = bounds.scan(out)
         if self._cutting:
-            end = event_end(out, self._ndjson)
             if end >= 0:
-                self._stop = True  # the cut happens here: feed() says so
-                out = out[:end]
-        self._last_out = out
+                self._stop = self._truncated = True  # the cut happens here: feed() says so
+                return out[:end]
+            self._waited += len(out)
+            if self._waited > MAX_CUT_WAIT_BYTES:
+                self._end_short(f"no event boundary in the {self._waited} bytes since it was due")
         return out
 
     def feed(self, chunk: bytes) -> bool:
@@ -280,8 +294,11 @@ class Meter:
             acct.live(self)
             if self._cut and not self._cutting and (by := acct.over_budget(self)):
                 self._cutting, self._cut_by = True, by
-                out = self._last_out
-                if out and event_end(out, self._ndjson) == len(out):
+                bounds = self._bounds
+                if bounds is not None and bounds.opaque:
+                    self._end_short("a compressed body has no boundary the client decodes")
+                    return True
+                if bounds is not None and bounds.clean:
                     return True
         return False
 
@@ -328,9 +345,21 @@ class Meter:
             f"{usd(self._acct.ledger.spent(self.target.session_id))} in the session before "
             "this response)."
         )
-        return stream_error_bytes(
-            self.error_style, 402, msg, "budget_exceeded", f"{scope}_budget_exceeded"
-        )
+        code, bounds = f"{scope}_budget_exceeded", self._bounds
+        if self.cut_short:
+            return b""
+        if bounds is None:  # events one at a time (a WebSocket): each is whole
+            return stream_error_bytes(self.error_style, 402, msg, "budget_exceeded", code)
+        return bounds.ending(self.error_style, msg, "budget_exceeded", code, self._truncated)
+
+    def _end_short(self, why: str) -> None:
+        """A due cut that cannot end at a boundary: the proxy closes the connection (the
+        client sees a stream cut short, never a broken unit passed off as whole)."""
+        self._stop = self.cut_short = True
+        log.warning(
+            "route %s, message %s: budget cut closes the connection mid-stream: %s",
+            self.target.route.name, self.id, why,
+        )  # fmt: skip
 
     def upstream_failed(self, kind: str, detail: str, status: int | None = None) -> None:
         """The upstream failed: before any byte reached the client (``status`` is the

@@ -248,6 +248,8 @@ class ProxyHandler:
                     await write(out)
                 if feed(chunk):  # over budget: this was the last event the client gets
                     await _finish(resp, meter, meter.cut())
+                    if meter.cut_short and request.transport is not None:
+                        request.transport.close()  # no boundary: it must look cut short
                     return resp
             watch.check()
             await _finish(resp, meter, meter.body_ended())

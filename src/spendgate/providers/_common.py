@@ -437,9 +437,9 @@ class BodyFramer:
         return f"JSON body over {_mib(MAX_BODY_BYTES)}: not parsed"
 
 
-_STRUCTURAL = re.compile(rb'["{}\[\]]')
-_IN_STRING = re.compile(rb'["\\]')
-_WS = b" \t\r\n"
+JSON_STRUCTURAL = re.compile(rb'["{}\[\]]')
+JSON_IN_STRING = re.compile(rb'["\\]')
+JSON_WHITESPACE = b" \t\r\n"
 
 
 class JSONElementFramer:
@@ -498,7 +498,7 @@ class JSONElementFramer:
         or ``{``; False while there is only whitespace, or for anything else (then the
         framer stops)."""
         i, n = self._pos, len(buf)
-        while i < n and buf[i] in _WS:
+        while i < n and buf[i] in JSON_WHITESPACE:
             i += 1
         if i == n:
             buf.clear()
@@ -522,7 +522,7 @@ class JSONElementFramer:
         """
         i, depth, start, in_str = self._pos, self._depth, self._start, self._in_str
         base, n = self._base, len(buf)
-        structural, in_string = _STRUCTURAL.search, _IN_STRING.search
+        structural, in_string = JSON_STRUCTURAL.search, JSON_IN_STRING.search
         search = (structural, in_string)[in_str]  # the next byte that matters in this state
         while True:
             m = search(buf, i)
