@@ -11,6 +11,7 @@ import csv
 import errno
 import gc
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -587,3 +588,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout closed it (``spendgate sessions | head -1``): stop quietly,
+    status 0 as for the tables, which rich already writes so (docs/reference.md §11):
+    the reader chose to stop reading, nothing failed. What Python still holds for
+    stdout would raise again when flushed at exit, so stdout becomes /dev/null first."""
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 0
