@@ -215,3 +215,52 @@ def test_without_asyncpg_the_url_says_which_extra(
 def test_a_store_url_of_another_kind_stops_start_up() -> None:
     with pytest.raises(ValueError, match="sqlite:///PATH or postgresql://"):
         Settings(store_url="mysql://u:pw@h/db")
+
+
+async def test_a_read_on_one_replica_sees_what_another_has_only_queued(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Read-your-writes across replicas: A's writer would not commit for a minute, yet
+    B's read (after A's request finished, its row queued) finds the row."""
+    a = PostgresStore(pg_url, tmp_path / "a" / "pg", flush_interval=60)
+    b = PostgresStore(pg_url, tmp_path / "b" / "pg", flush_interval=60)
+    await a.open()
+    await b.open()
+    a.save_session(SessionRecord("run-1", 1.0))
+    a.add_message(message(id="m1", cost_usd=Decimal("0.25")))
+    assert a.queue_depth == 2
+    started = time.monotonic()
+    assert await b.spend_by_session() == {"run-1": Decimal("0.25")}
+    assert time.monotonic() - started < 0.9  # answered, not timed out
+    assert a.queue_depth == 0
+    reader = PostgresStore(pg_url, tmp_path / "r" / "pg")  # the CLI: no writer of its own
+    await reader.open(start_writer=False)
+    b.add_message(message(id="m2"))
+    (tot,) = await reader.totals("run-1")
+    assert tot["message_count"] == 2
+    await a.close()
+    started = time.monotonic()
+    await reader.totals("run-1")  # A is gone: nobody to wait for but B
+    assert time.monotonic() - started < 0.9
+    await b.close()
+    await reader.close()
+
+
+async def test_a_replica_that_does_not_answer_delays_a_read_by_one_second_at_most(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    hung = await asyncpg.connect(
+        pg_url, server_settings={"application_name": "spendgate-writer hung"}
+    )
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    store.add_message(message(id="m1"))
+    started = time.monotonic()
+    (tot,) = await store.totals("run-1")
+    assert tot["message_count"] == 1
+    assert 0.9 < time.monotonic() - started < 3
+    assert "1 of 1 other replicas did not confirm" in caplog.text
+    await hung.close()
+    await store.close()

@@ -982,6 +982,17 @@ class QueuedStore:
             )  # fmt: skip
             self._failing = None
 
+    async def _committed(self, n: int, rejected: list[tuple[str, str, Sequence[Any]]]) -> None:
+        """The first ``n`` queued writes are committed (``rejected`` of them set aside):
+        off the queue and the journal, and the flushes waiting for them wake."""
+        for _ in range(n):
+            self._pending.popleft()
+        if rejected:
+            self._rejected(rejected)
+        if self._journal is not None:
+            self._journal.release(self._done)
+        await self._notify()
+
     def _rejected(self, rejected: list[tuple[str, str, Sequence[Any]]]) -> None:
         self.rejected += len(rejected)
         if self._on_reject is not None:
@@ -1220,13 +1231,7 @@ class SQLiteStore(QueuedStore):
                     with contextlib.suppress(Exception):
                         await db.execute("ROLLBACK")
                 raise
-        for _ in range(n):
-            self._pending.popleft()
-        if rejected:
-            self._rejected(rejected)
-        if self._journal is not None:
-            self._journal.release(self._done)
-        await self._notify()
+        await self._committed(n, rejected)
 
     # -- the file deleted or replaced while running ------------------------------------------
 

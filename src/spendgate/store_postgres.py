@@ -27,9 +27,12 @@ the recovery file. What differs is how a batch is written and read:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import socket
 import time
 import types
 import typing
@@ -472,6 +475,129 @@ def _report_sql(
     return f'SELECT * FROM ({sql}) r ORDER BY key COLLATE "C" NULLS LAST', params
 
 
+FLUSH_CHANNEL = "spendgate_flush"
+"""NOTIFY channel of read barriers: a replica about to read asks every writer to commit."""
+FLUSHED_CHANNEL = "spendgate_flushed"
+"""NOTIFY channel of the answers: ``TOKEN REPLICA`` once that replica has committed."""
+BARRIER_S = 1.0
+"""The longest a read waits for the other replicas' answers (then it reads anyway)."""
+WRITER_NAME = "spendgate-writer "
+"""``application_name`` prefix of a writing replica's listening connection: the
+replicas a barrier waits for are the connections of that name (a dead replica's
+connection is gone, so nobody waits for it)."""
+_REPEAT_LOG_S = 30.0
+
+
+class _ReadBarrier:
+    """Read-your-writes across replicas (docs/reference.md §5 "PostgreSQL"): before a
+    read, every other live writer commits what it has queued. One listening connection
+    per store: a writer answers requests on FLUSH_CHANNEL after its own flush; a reader
+    counts the writers (``pg_stat_activity``), asks, and waits for that many answers,
+    BARRIER_S at most."""
+
+    def __init__(self, store: PostgresStore, answers: bool) -> None:
+        self.store = store
+        self.answers = answers
+        self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.name = (WRITER_NAME if answers else "spendgate-reader ") + self.id
+        self._conn: Any = None
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, tuple[set[str], int, asyncio.Event]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_connect = 0.0
+        self._next_log = 0.0
+
+    async def connect(self) -> None:
+        """(Re)open the listening connection; it does not survive a server restart."""
+        self._next_connect = time.monotonic() + 1.0
+        conn = await asyncpg.connect(
+            self.store.url, timeout=CONNECT_TIMEOUT_S,
+            server_settings={"application_name": self.name},
+        )  # fmt: skip
+        await conn.add_listener(FLUSHED_CHANNEL, self._answered)
+        if self.answers:
+            await conn.add_listener(FLUSH_CHANNEL, self._asked)
+        self._conn = conn
+
+    async def ensure(self) -> bool:
+        """Is the listening connection up (reconnected at most once a second)?"""
+        if self._conn is not None and not self._conn.is_closed():
+            return True
+        if time.monotonic() < self._next_connect:
+            return False
+        try:
+            await self.connect()
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 5)
+            self._conn = None
+
+    def _asked(self, conn: Any, pid: int, channel: str, token: str) -> None:
+        if token.startswith(self.id + ":"):
+            return
+        task = asyncio.create_task(self._answer(token))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, token: str) -> None:
+        await QueuedStore.flush(self.store)  # this replica's own queue, committed
+        with contextlib.suppress(Exception):
+            await self.store.pool.execute(
+                "SELECT pg_notify($1, $2)", FLUSHED_CHANNEL, f"{token} {self.id}"
+            )
+
+    def _answered(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        token, _, replica = payload.partition(" ")
+        found = self._waiting.get(token)
+        if found is None:
+            return
+        seen, expected, done = found
+        seen.add(replica)
+        if len(seen) >= expected:
+            done.set()
+
+    async def wait(self) -> None:
+        """Every other writer has committed what it queued before this call (or
+        BARRIER_S passed: a WARNING says how many did not answer)."""
+        if not await self.ensure():
+            return
+        pool = self.store.pool
+        token = f"{self.id}:{next(self._tokens)}"
+        try:
+            count = (
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND starts_with(application_name, $1) AND application_name <> $2"
+            )
+            expected = int(await pool.fetchval(count, WRITER_NAME, self.name))
+            if not expected:
+                return
+            seen: set[str] = set()
+            done = asyncio.Event()
+            self._waiting[token] = (seen, expected, done)
+            await pool.execute("SELECT pg_notify($1, $2)", FLUSH_CHANNEL, token)
+            await asyncio.wait_for(done.wait(), BARRIER_S)
+        except TimeoutError:
+            now = time.monotonic()
+            if now >= self._next_log:
+                self._next_log = now + _REPEAT_LOG_S
+                log.warning(
+                    "database %s: %d of %d other replicas did not confirm their writes "
+                    "within %g s; this read may miss their latest rows",
+                    self.store.where, expected - len(seen), expected, BARRIER_S,
+                )  # fmt: skip
+        except Exception:
+            return  # the database is failing: the read says so itself
+        finally:
+            self._waiting.pop(token, None)
+
+
 class PostgresStore(QueuedStore):
     def __init__(
         self,
@@ -493,6 +619,7 @@ class PostgresStore(QueuedStore):
         self._pool: Any = None
         self._inserted = 0
         """Message rows this process inserted (duplicates not counted)."""
+        self._barrier: _ReadBarrier | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -520,12 +647,19 @@ class PostgresStore(QueuedStore):
             if isinstance(exc, Exception):
                 raise StoreOpenError(self.where, _problem(exc)) from None
             raise
-        if start_writer:
-            try:
+        self._barrier = _ReadBarrier(self, answers=start_writer)
+        try:
+            await self._barrier.connect()
+            if start_writer:
                 await self._start_writer()
-            except BaseException:
-                await self._close_pool()
+        except BaseException as exc:
+            await self._barrier.close()
+            await self._close_pool()
+            if isinstance(exc, (StoreOpenError, asyncio.CancelledError)) or not isinstance(
+                exc, Exception
+            ):
                 raise
+            raise StoreOpenError(self.where, _problem(exc)) from None
 
     async def _migrate(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -568,7 +702,21 @@ class PostgresStore(QueuedStore):
     async def close(self) -> None:
         """Write everything queued, then close (the rest: the recovery file)."""
         await self._stop_writer()
+        if self._barrier is not None:
+            await self._barrier.close()
         await self._close_pool()
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Read-your-writes across replicas: this process's queue is committed (as
+        SQLite's), then every other live replica's (:class:`_ReadBarrier`)."""
+        await super().flush(timeout)
+        if self._barrier is not None and self._failing is None:
+            await self._barrier.wait()
+
+    async def _watch(self) -> None:
+        """Before each write: the barrier's connection, back after a server restart."""
+        if self._barrier is not None:
+            await self._barrier.ensure()
 
     async def _close_pool(self) -> None:
         if self._pool is None:
@@ -648,13 +796,7 @@ class PostgresStore(QueuedStore):
                     [(now, op, why, _rejected_data(op, p)) for op, why, p in rejected],
                 )
         self._inserted += inserted
-        for _ in range(n):
-            self._pending.popleft()
-        if rejected:
-            self._rejected(rejected)
-        if self._journal is not None:
-            self._journal.release(self._done)
-        await self._notify()
+        await self._committed(n, rejected)
 
     @staticmethod
     async def _write(conn: Any, op: str, rows: list[list[Any]]) -> int:
