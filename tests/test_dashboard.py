@@ -8,6 +8,7 @@ The browser tests need Debian's ``chromium`` (or ``SPENDGATE_CHROMIUM``) and the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 
 from spendgate.render import total_usd
 from tests.conftest import Proxy, StartProxy, eventually
+from tests.helpers.gate import Gate
 from tests.upstream import FakeUpstream, json_reply, sse_reply
 
 WAIT_MS = 10_000  # every browser wait is bounded by this
@@ -474,6 +476,255 @@ async def test_screenshot_of_a_few_sessions(
     if target:
         Path(target).write_bytes(shot)
     await assert_no_reload_and_no_errors(page)
+
+
+async def order(page: Page) -> list[str]:
+    """The session ids of the cards shown, top to bottom."""
+    ids: list[str] = await page.locator("section.session:not([hidden])").evaluate_all(
+        "els => els.map((e) => e.dataset.session)"
+    )
+    return ids
+
+
+async def set_in_dialog(page: Page, value: str) -> None:
+    await expect(page.locator("#budget-dialog")).to_be_visible()
+    await page.locator("#budget-input").fill(value)
+    await page.locator("#budget-set").click()
+
+
+@needs_browser
+async def test_session_agent_and_global_budgets_are_set_from_the_page(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    # gpt-4o: 10,000 × 2.5 + 1,000 × 10 µ$ = $0.035.
+    await chat(proxy, upstream, "run-b", "gpt-4o", 10_000, 1_000, agent="coder")
+    page = await open_dashboard(browser, proxy)
+    c = card(page, "run-b")
+    await expect(c.locator(".session-cost")).to_have_text("$0.0350")
+
+    # Bad input is explained in the dialog, which keeps what was typed; nothing is sent.
+    await c.locator("button.budget-edit").click()
+    await set_in_dialog(page, "ten dollars")
+    await expect(page.locator("#budget-error")).to_contain_text("enter an amount in USD")
+    await expect(page.locator("#budget-input")).to_have_value("ten dollars")
+    assert (await proxy.cost("run-b"))["budgetUsd"] is None
+    await set_in_dialog(page, "$2.50")
+    await expect(page.locator("#budget-dialog")).to_be_hidden()
+    await expect(c.locator(".budget-text")).to_have_text("$0.0350 of $2.50 (1.4%)")
+    assert (await proxy.cost("run-b"))["budgetUsd"] == 2.5
+
+    # Lowered to below the spend: over budget, and the action offered raises it (a resume
+    # would be refused with a 409 while over).
+    await c.locator("button.budget-edit").click()
+    await set_in_dialog(page, "0.01")
+    await expect(c.locator(".head .state")).to_have_text("OVER BUDGET")
+    await expect(c.locator(".state-line .why")).to_contain_text("requests get a 402")
+    await expect(c.locator("button.resume")).to_have_count(0)
+    await c.locator(".state-line button.raise").click()
+    await expect(page.locator("#budget-input")).to_have_value("0.06")  # half as much again
+    await page.locator("#budget-set").click()
+    await expect(c.locator(".state-line")).to_be_hidden()
+    summary = await proxy.cost("run-b")
+    assert summary["budgetUsd"] == 0.06 and summary["paused"] is False
+    await c.locator("button.budget-edit").click()
+    await page.locator("#budget-unlimited").click()
+    await expect(c.locator(".budget-text")).to_have_text("no budget ($0.0350 spent)")
+    assert (await proxy.cost("run-b"))["budgetUsd"] is None
+
+    # The agent's budget, from its row in the card.
+    agent = c.locator('.agent[data-agent="coder"]')
+    await expect(agent.locator(".agent-budget")).to_have_text("no agent budget")
+    await agent.locator("button.agent-budget-edit").click()
+    await set_in_dialog(page, "0.02")
+    await expect(agent.locator(".agent-budget")).to_have_text("agent budget $0.0350 of $0.0200")
+    await expect(agent.locator(".agent-state")).to_have_text("OVER BUDGET")
+    got = (await proxy.cost("run-b"))["byAgent"]["coder"]
+    assert got["budgetUsd"] == 0.02 and got["paused"] is True
+
+    # The global budget, from the toolbar.
+    await page.locator("#global-edit").click()
+    await set_in_dialog(page, "100")
+    await expect(page.locator("#global-text")).to_have_text("$0.0350 of $100.00")
+    assert (await proxy.get_json("/api/budget"))["budgetUsd"] == 100
+    await page.locator("#global-edit").click()
+    await set_in_dialog(page, "0.03")
+    await expect(page.locator("#global-state")).to_be_visible()
+    await expect(page.locator("#global-state .why")).to_contain_text("Global budget: Over budget")
+    await page.locator("#global-state button.lift").click()
+    await page.locator("#budget-unlimited").click()
+    await expect(page.locator("#global-state")).to_be_hidden()
+    await expect(page.locator("#global-text")).to_have_text("unlimited")
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_waiting_requests_show_with_the_action_that_admits_them(
+    browser: Browser, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(admission_wait_s=20)
+    async with proxy.http.put(
+        proxy.url("/api/sessions/run-w/budget"), json={"budgetUsd": 0.01}
+    ) as resp:
+        assert resp.status == 200
+    upstream.gate = Gate()  # type: ignore[attr-defined]
+
+    async def bounded() -> None:
+        """600 output tokens at most: $0.006 reserved, so two do not fit in $0.01."""
+        upstream.queue(json_reply(completion("gpt-4o", 10, 5)))
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url("/s/run-w/openai/v1"), api_key="k", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o", max_tokens=600, messages=[{"role": "user", "content": "x"}]
+            )
+
+    first = asyncio.create_task(bounded())
+    await upstream.gate.until_held(1)  # type: ignore[attr-defined]
+    second = asyncio.create_task(bounded())
+
+    async def queued() -> bool:
+        return proxy.ledger.pressure("run-w").waiting == 1
+
+    await eventually(queued)
+    page = await open_dashboard(browser, proxy)
+    c = card(page, "run-w")
+    await expect(c.locator(".head .state")).to_have_text("WAITING")
+    await expect(c.locator(".state-line .why")).to_contain_text("1 request waits")
+    await expect(c.locator(".state-line .why")).to_contain_text("429 (budget_reserved)")
+    await c.locator(".state-line button.raise").click()
+    await set_in_dialog(page, "1")
+    await upstream.gate.until_held(2)  # type: ignore[attr-defined]  # raising admitted it
+    upstream.gate.set()  # type: ignore[attr-defined]
+    await asyncio.gather(first, second)
+    await expect(c.locator(".state-line")).to_be_hidden()
+    await expect(c.locator(".total-msgs")).to_have_text("2")
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
+async def test_search_sort_and_a_stable_order(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    # Costs: beta $0.035 > gamma $0.006 > alpha $0.00021; activity: gamma, beta, alpha.
+    await chat(proxy, upstream, "alpha", "gpt-4o-mini", 1_000, 100, agent="planner")
+    await chat(proxy, upstream, "beta", "gpt-4o", 10_000, 1_000)
+    await chat(proxy, upstream, "gamma", "gpt-4o", 2_000, 100, agent="reviewer")
+    page = await open_dashboard(browser, proxy)
+    await expect(card(page, "alpha").locator(".total-msgs")).to_have_text("1")
+    assert await order(page) == ["gamma", "beta", "alpha"]
+    await page.locator("#sort").select_option("cost")
+    assert await order(page) == ["beta", "gamma", "alpha"]
+    # New spend that leaves the ranking as it is moves nothing.
+    await chat(proxy, upstream, "alpha", "gpt-4o-mini", 1_000, 100, agent="planner")
+    await expect(card(page, "alpha").locator(".total-msgs")).to_have_text("2")
+    assert await order(page) == ["beta", "gamma", "alpha"]
+    # Spend that passes the others moves the card: the sort says so.
+    await chat(proxy, upstream, "alpha", "gpt-4o", 20_000, 1_000)
+    await expect(card(page, "alpha").locator(".session-cost")).to_have_text("$0.0604")
+    await expect(page.locator("section.session").first).to_have_attribute("data-session", "alpha")
+    assert await order(page) == ["alpha", "beta", "gamma"]
+
+    search = page.locator("#search")
+    for query, shown in (
+        ("reviewer", ["gamma"]),  # an agent
+        ("gpt-4o-mini", ["alpha"]),  # a model
+        ("BET", ["beta"]),  # a session, any case
+        ("", ["alpha", "beta", "gamma"]),
+    ):
+        await search.fill(query)
+        await expect(page.locator("section.session:not([hidden])")).to_have_count(len(shown))
+        assert await order(page) == shown, query
+    await search.fill("nothing-like-it")
+    await expect(page.locator("#nomatch")).to_be_visible()
+    await page.reload()  # the sort is remembered
+    await expect(page.locator("#sort")).to_have_value("cost")
+    await expect(card(page, "gamma").locator(".total-msgs")).to_have_text("1")
+    assert await order(page) == ["alpha", "beta", "gamma"]
+
+
+@needs_browser
+async def test_error_rows_idle_sessions_and_a_context_meter_per_agent(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    # gpt-4o's window is 128,000 tokens.
+    await chat(proxy, upstream, "run-e", "gpt-4o", 50_000, 1_000, agent="planner")
+    await chat(proxy, upstream, "run-e", "gpt-4o", 100_000, 2_000, agent="coder")
+    base = proxy.url("/s/run-e/a/coder/openai/v1")
+    async with openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0) as client:
+        # An embedding (8,000 tokens) and error rows: none of them moves the context meter.
+        upstream.queue(json_reply({
+            "object": "list", "model": "text-embedding-3-small",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
+            "usage": {"prompt_tokens": 8_000, "total_tokens": 8_000},
+        }))  # fmt: skip
+        await client.embeddings.create(model="text-embedding-3-small", input="x")
+        for status in (429, 500):
+            upstream.queue(json_reply({"error": {"message": "no", "type": "x"}}, status=status))
+            with pytest.raises(openai.APIStatusError):
+                await client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+                )
+    await chat(proxy, upstream, "embed-only", "gpt-4o", 0, 0)  # a row without tokens
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    await page.clock.install()
+    await page.goto(proxy.url("/"))
+    c = card(page, "run-e")
+    await expect(c.locator(".total-msgs")).to_have_text("5")
+    planner = c.locator('.agent[data-agent="planner"] .ctx-text')
+    coder = c.locator('.agent[data-agent="coder"] .ctx-text')
+    await expect(planner).to_have_text("51,000 / 128,000 tokens (39.8%) · gpt-4o")
+    await expect(coder).to_have_text("102,000 / 128,000 tokens (79.7%) · gpt-4o")
+    await expect(c.locator(".ctx-none")).to_have_count(0)  # never "no messages yet" here
+    errors = c.locator("tr.msg-row.err td.status")
+    await expect(errors).to_have_count(2)
+    await expect(errors.nth(0)).to_have_text("⚠ 500 upstream error")
+    await expect(errors.nth(1)).to_have_text("⚠ 429 rate limited")
+    e = card(page, "embed-only")
+    await expect(e.locator(".total-msgs")).to_have_text("1")
+    await expect(e.locator(".ctx-none")).to_have_text(
+        "no chat or messages requests yet: no context to show"
+    )
+    await expect(c.locator(".burn")).to_contain_text("/min")
+    await page.clock.fast_forward("06:00")  # five minutes without a message: idle
+    await expect(c.locator(".burn")).to_have_text("idle")
+    await expect(c.locator(".eta")).to_have_text("unlimited")
+    await page.close()
+
+
+@needs_browser
+async def test_usable_at_400_px(
+    browser: Browser, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(default_session_budget_usd=1.0)
+    await chat(proxy, upstream, "a-rather-long-session-name-for-a-phone", "gpt-4o", 90_000, 2_000,
+               agent="planner")  # fmt: skip
+    page = await browser.new_page(viewport={"width": 400, "height": 900})
+    await page.goto(proxy.url("/"))
+    c = card(page, "a-rather-long-session-name-for-a-phone")
+    await expect(c.locator(".total-msgs")).to_have_text("1")
+    await expect(c.locator('.agent[data-agent="planner"] .ctx-text')).to_contain_text("92,000")
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    wide = await page.evaluate(
+        "[...document.querySelectorAll('body *')]"
+        ".filter((e) => e.getBoundingClientRect().right > 400 && !e.closest('.msgs'))"
+        ".map((e) => e.tagName + '.' + e.className).slice(0, 8)"
+    )
+    assert width <= 400, f"the page is {width} px wide at 400: {wide}"
+    box = await c.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 400
+    for button in ("button.pause", "button.budget-edit"):
+        b = await c.locator(button).bounding_box()
+        assert b is not None and b["x"] + b["width"] <= 400, button
+    await c.locator("button.budget-edit").click()
+    dialog = await page.locator("#budget-dialog").bounding_box()
+    assert dialog is not None and dialog["x"] >= 0 and dialog["x"] + dialog["width"] <= 400
+    await page.locator("#budget-cancel").click()
+    shot = await page.screenshot(full_page=True)
+    await assert_not_blank(browser, shot)
+    target = os.environ.get("SPENDGATE_DASHBOARD_SCREENSHOT_NARROW")
+    if target:
+        Path(target).write_bytes(shot)
+    await page.close()
 
 
 # --- "not blank" ---------------------------------------------------------------------------
