@@ -4,7 +4,8 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md* ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the shared extra (asyncpg, redis): the same image runs one process or several replicas.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[shared]"
 
 FROM python:3.12-slim
 ENV PYTHONUNBUFFERED=1 \

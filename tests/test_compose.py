@@ -9,12 +9,14 @@ validates the compose file where the plugin is.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -22,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from spendgate.app import make_app
 from spendgate.metrics import Metrics
-from spendgate.settings import load_settings
+from spendgate.settings import Settings, load_settings
 from tests.helpers.records import message
 from tests.helpers.stack import (
     ALERTS,
@@ -59,7 +61,7 @@ def mounts(svc: dict[str, Any]) -> dict[str, str]:
 
 def published(svc: dict[str, Any]) -> list[tuple[str, int, int]]:
     out = []
-    for spec in svc["ports"]:
+    for spec in svc.get("ports", []):
         host, host_port, container_port = spec.split(":")
         out.append((host, int(host_port), int(container_port)))
     return out
@@ -88,7 +90,14 @@ def exported_metric_names() -> set[str]:
 
 def test_compose_has_the_three_services_and_named_volumes() -> None:
     compose = load(COMPOSE)
-    assert set(compose["services"]) == {"spendgate", "prometheus", "grafana"}
+    by_profile: dict[str, set[str]] = {}
+    for name, svc in compose["services"].items():
+        for profile in svc.get("profiles", [""]):
+            by_profile.setdefault(profile, set()).add(name)
+    assert by_profile == {
+        "": {"spendgate", "prometheus", "grafana"},
+        "shared": {"postgres", "redis", "spendgate-shared", "lb"},
+    }
     for name, svc in compose["services"].items():
         for target, source in mounts(svc).items():
             if source.startswith("/"):
@@ -136,14 +145,90 @@ def has_compose() -> bool:
 
 
 @pytest.mark.skipif(not has_compose(), reason="the docker compose plugin is not installed")
-def test_docker_compose_config_is_valid() -> None:
+@pytest.mark.parametrize("profile", [[], ["--profile", "shared"]])
+def test_docker_compose_config_is_valid(profile: list[str]) -> None:
     run = subprocess.run(
-        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"],
+        ["docker", "compose", "-f", str(COMPOSE), *profile, "config", "--quiet"],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "SPENDGATE_ADMIN_TOKEN": "t"},
     )
     assert run.returncode == 0, run.stderr
+
+
+# -- the "shared" profile: PostgreSQL, Redis, 3 replicas behind nginx -------------------------
+
+
+def shared_env() -> dict[str, str]:
+    env = service("spendgate-shared")["environment"]
+    return {k: interpolate(str(v)) for k, v in env.items()}
+
+
+def test_the_replicas_share_postgres_and_redis_and_need_a_token() -> None:
+    svc = service("spendgate-shared")
+    assert svc["deploy"]["replicas"] == 3
+    assert svc["image"] == service("spendgate")["image"]  # one image, with the shared extra
+    raw = service("spendgate-shared")["environment"]
+    assert raw["SPENDGATE_ADMIN_TOKEN"].startswith("${SPENDGATE_ADMIN_TOKEN:?")  # no default
+    env = shared_env()
+    known = {f"SPENDGATE_{name.upper()}" for name in Settings.model_fields}
+    checked = {k.removeprefix("SPENDGATE_").lower(): v for k, v in env.items() if k in known}
+    settings = load_settings(**{**checked, "admin_token": "t"})
+    assert settings.host == "0.0.0.0" and not settings.allow_remote_without_token
+    pg = urlsplit(settings.store_url or "")
+    db = service("postgres")["environment"]
+    assert pg.scheme == "postgresql" and pg.hostname == "postgres" and pg.port == 5432
+    assert (pg.username, pg.password, pg.path) == (
+        db["POSTGRES_USER"], interpolate(db["POSTGRES_PASSWORD"]), "/" + db["POSTGRES_DB"],
+    )  # fmt: skip
+    redis = urlsplit(env["SPENDGATE_REDIS_URL"])
+    assert (redis.scheme, redis.hostname, redis.port) == ("redis", "redis", 6379)
+    command = service("redis")["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    for name in ("postgres", "redis"):
+        assert svc["depends_on"][name]["condition"] == "service_healthy"
+        assert service(name)["healthcheck"]["test"]
+    assert settings.db_path.parent.as_posix() in mounts(svc)  # journals on a volume
+    text = (ROOT / "Dockerfile").read_text()
+    assert '".[shared]"' in text
+
+
+def nginx_conf() -> str:
+    target = "/etc/nginx/conf.d/default.conf"
+    return Path(mounts(service("lb"))[target]).read_text()
+
+
+def test_nginx_balances_every_replica_and_passes_streams_and_header_names() -> None:
+    conf = nginx_conf()
+    directives = {line.split()[0]: line.split(None, 1)[1].rstrip(";").strip()
+                  for line in (raw.split("#")[0].strip() for raw in conf.splitlines())
+                  if line and not line.endswith(("{", "}")) and " " in line}  # fmt: skip
+    assert directives["underscores_in_headers"] == "on"
+    assert directives["proxy_buffering"] == "off"
+    assert directives["proxy_request_buffering"] == "off"
+    assert directives["proxy_pass"] == "http://spendgate"
+    port = int(shared_env()["SPENDGATE_PORT"])
+    assert directives["server"] == f"spendgate-shared:{port} resolve"
+    (host, _, container_port) = published(service("lb"))[0]
+    assert host == "127.0.0.1" and directives["listen"] == str(container_port)
+    assert "proxy_set_header Upgrade $http_upgrade;" in conf  # WebSocket upgrades
+    body_limit = int(directives["client_max_body_size"].removesuffix("m")) * 1024 * 1024
+    assert body_limit >= load_settings().max_request_bytes
+
+
+def test_prometheus_finds_every_replica_and_the_dashboard_sums_them() -> None:
+    (job,) = [j for j in load(PROMETHEUS)["scrape_configs"] if j["job_name"] == "spendgate-shared"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["spendgate-shared"] and sd["type"] == "A"
+    assert sd["port"] == int(shared_env()["SPENDGATE_PORT"])
+    rules = [r for g in load(ALERTS)["groups"] for r in g["rules"] if r.get("alert")]
+    (down,) = [r for r in rules if r["alert"] == "SpendgateDown"]
+    assert "spendgate-shared" in down["expr"]
+    # Each panel aggregates over instances: a per-replica series would show N lines
+    for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())):
+        inner = expr.removeprefix("histogram_quantile(").split(",", 1)[-1].strip()
+        assert re.match(r"(sum|max|topk)\b", inner) or re.match(r"(sum|max|topk)\b", expr), expr
 
 
 # -- Prometheus ------------------------------------------------------------------------------

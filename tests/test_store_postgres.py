@@ -13,6 +13,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import openai
 import pytest
 
 import spendgate.store
@@ -21,9 +22,10 @@ from spendgate.settings import Settings
 from spendgate.store import StoreOpenError
 from spendgate.store_factory import MISSING_EXTRA, make_store
 from spendgate.store_postgres import PostgresStore
-from tests.conftest import eventually
+from tests.conftest import StartProxy, eventually
 from tests.helpers.postgres import PostgresServer, free_port
 from tests.helpers.records import message
+from tests.upstream import FakeUpstream, fixture_reply
 
 _WRITER = textwrap.dedent(
     """
@@ -264,3 +266,40 @@ async def test_a_replica_that_does_not_answer_delays_a_read_by_one_second_at_mos
     assert "1 of 1 other replicas did not confirm" in caplog.text
     await hung.close()
     await store.close()
+
+
+async def test_the_proxy_on_postgres_forwards_through_an_outage_and_keeps_every_row(
+    postgres: PostgresServer, pg_url: str, start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """Two proxies (replicas) on one database: requests through A while PostgreSQL is
+    down are answered; B's session list (read from the store; a session's own routes
+    need the shared ledger) has every row once the server is back."""
+    a = await start_proxy(store_url=pg_url)
+    b = await start_proxy(store_url=pg_url, db_path=a.settings.db_path.parent / "b" / "x.db")
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+
+    async def ask(n: int) -> None:
+        c = openai.AsyncOpenAI(base_url=a.url("/s/pg/openai/v1"), api_key="k", max_retries=0)
+        async with c:
+            for _ in range(n):
+                await c.chat.completions.create(
+                    model="gpt-3.5-turbo", messages=[{"role": "user", "content": "x"}]
+                )
+
+    async def listed_on_b() -> int:
+        (row,) = (await b.get_json("/api/sessions"))["sessions"]
+        return int(row["messageCount"])
+
+    await ask(3)
+    assert await listed_on_b() == 3  # read on B right after A's requests
+    postgres.stop()
+    try:
+        await ask(4)
+        async with b.http.get(b.url("/api/sessions")) as resp:
+            down = resp.status
+    finally:
+        postgres.start()
+    assert down >= 500
+    await eventually(lambda: _true(a.store.queue_depth == 0), timeout=15)
+    assert await listed_on_b() == 7 and (await a.cost("pg"))["messageCount"] == 7
+    assert postgres.psql(_db(pg_url), "SELECT COUNT(DISTINCT id) FROM token_usage") == "7"
