@@ -22,6 +22,7 @@ import hashlib
 import re
 import shutil
 import sys
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from spendgate.price_files import convert_litellm, dumps_table  # noqa: E402
-from spendgate.pricing import model_price  # noqa: E402
+from spendgate.pricing import (  # noqa: E402
+    PREFIX_ORDER,
+    PriceTable,
+    model_price,
+    spelling,
+)
 
 VENDORED = ROOT / "tests" / "fixtures" / "prices"
 OUT_DIR = ROOT / "src" / "spendgate" / "data"
@@ -42,10 +48,31 @@ OUT_DIR = ROOT / "src" / "spendgate" / "data"
 # LiteLLM's keys (xai/grok-4, ...), found by resolve(model, provider) trying
 # "provider/model" first.
 PROVIDERS = ("openai", "anthropic", "gemini", "ollama")
-COMPATIBLE = ("xai", "deepseek", "groq", "mistral", "openrouter")
+COMPATIBLE = ("xai", "deepseek", "groq", "mistral", "openrouter", "dashscope")
 MODES = {"chat", "completion", "embedding", "responses"}
+# Clouds that list the makers' models: their entries are kept for models that have no
+# first-party entry (vertex_ai/gemini-3-pro-preview, vertex_ai/claude-3-haiku@20240307,
+# azure/gpt-35-turbo), one per model, in pricing.PREFIX_ORDER.
+CLOUDS = (
+    "vertex_ai",
+    "vertex_ai-language-models",
+    "vertex_ai-anthropic_models",
+    "azure",
+    "azure_text",
+    "bedrock",
+    "bedrock_converse",
+    "azure_ai",
+)
+# A regional or cross-region listing (us.anthropic..., bedrock/us-gov-west-1/...,
+# azure/eu/...): priced with an uplift, not the model's list price.
+REGIONAL = re.compile(
+    r"(?:^|/)(?:[a-z]{2}(?:-gov)?|apac|global)\.|/(?:[a-z]{2}(?:-[a-z]+)+-\d|eu|us|global)/"
+)
 
 # Bedrock base ids (no region prefix) of Claude models: anthropic.<id>[-vN[:M]].
+BEDROCK_ID = re.compile(
+    r"^(?:anthropic|meta|mistral|amazon|cohere|ai21|deepseek|openai|qwen)\.(.+?)(?:-v\d+(?::\d+)?)?$"
+)
 BEDROCK_CLAUDE = re.compile(
     r"^anthropic\.(claude-(?:\d|opus|sonnet|haiku)[a-z0-9.-]*?)(?:-v\d+(?::\d+)?)?$"
 )
@@ -75,6 +102,39 @@ def select(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         and v.get("litellm_provider") in PROVIDERS + COMPATIBLE
     }
     return convert_litellm(kept, api_ids=True)
+
+
+def keep_elsewhere(data: dict[str, Any], models: dict[str, dict[str, Any]]) -> list[str]:
+    """Add, for each model the kept entries do not price, the best other provider's
+    listing of it (pricing.PREFIX_ORDER: vertex_ai, azure, bedrock, azure_ai), under its
+    own key, so it resolves as docs/reference.md §4 step 4 says."""
+    kept = PriceTable({k: model_price(k, v) for k, v in models.items()})
+    rank = {p: i for i, p in enumerate(PREFIX_ORDER)}
+    best: dict[str, tuple[tuple[int, str], str, dict[str, Any]]] = {}
+    for key, spec in data.items():
+        if (
+            not isinstance(spec, dict)
+            or spec.get("mode") not in MODES
+            or spec.get("litellm_provider") not in CLOUDS
+            or REGIONAL.search(key)
+            or key.count("/") > 1
+        ):
+            continue
+        entry = convert_litellm({key: spec}).get(key)
+        if entry is None:
+            continue
+        name = key.rpartition("/")[2]
+        m = BEDROCK_ID.match(name)
+        name = spelling((m[1] if m else name).replace("@", "-"))
+        found = kept.resolve(name)
+        if found is not None and found.priced:
+            continue
+        order = (rank.get(key.partition("/")[0] if "/" in key else "bedrock", len(rank)), key)
+        if name not in best or order < best[name][0]:
+            best[name] = (order, key, entry)
+    for _, key, entry in best.values():
+        models[key] = entry
+    return sorted(key for _, key, _ in best.values())
 
 
 def derive_claude(data: dict[str, Any], models: dict[str, dict[str, Any]]) -> list[str]:
@@ -121,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         "--source-version", default="1.109.1", help="litellm package version of --source"
     )
     ap.add_argument("--out", type=Path, default=OUT_DIR / "prices.json")
+    ap.add_argument(
+        "--date",
+        default=datetime.now(UTC).date().isoformat(),
+        help="the table's date (_date: the day the source was published; default today)",
+    )
     args = ap.parse_args(argv)
     license_file: Path = args.license or args.source.parent / "LICENSE-model_prices.txt"
 
@@ -128,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = orjson.loads(raw)
     models = select(data)
     derived = derive_claude(data, models)
+    elsewhere = keep_elsewhere(data, models)
     aliases = {a: t for a, t in CLAUDE_ALIASES.items() if t in models and a not in models}
     for key, entry in models.items():
         model_price(key, entry)  # the loader must accept every entry
@@ -146,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(derived)} (first-party ids of Claude models listed only as Bedrock "
         "entries, at Bedrock's list price which equals Anthropic's; a missing "
         "cache_write_1h set to 2x input per Anthropic's pricing; see each _derived_from). "
-        "Aliases are Anthropic's documented model aliases."
+        f"Kept under another provider's key, for {len(elsewhere)} models no kept entry "
+        f"prices: the first of {', '.join(CLOUDS)} listings (no regional ones) in "
+        "spendgate's prefix order. Per-call tool fees (search_context_cost_per_query at "
+        "the medium size, file_search_cost_per_1k_calls, code_interpreter_cost_per_session), "
+        "_flex/_priority/_batches prices (service_tiers), audio and image token prices and "
+        "DashScope's tiered_pricing kept. Aliases are Anthropic's documented model aliases."
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(dumps_table(models, aliases, attribution))
+    args.out.write_bytes(dumps_table(models, aliases, attribution, {"_date": args.date}))
     shutil.copyfile(license_file, args.out.parent / "LICENSE-model_prices.txt")
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({len(models)} models, {len(derived)} derived, {size // 1024} KB)")

@@ -117,7 +117,23 @@ def test_convert_litellm_spot_checks(litellm: dict[str, Any]) -> None:
         "provider": "openai",
         "context_window": 128000,
         "max_output_tokens": 16384,
+        # *_priority and *_batches prices; search_context_cost_per_query per call
+        "service_tiers": {
+            "batch": {"input": D("0.075"), "output": D("0.3")},
+            "priority": {"input": D("0.25"), "output": D(1), "cached_input": D("0.125")},
+        },
+        "tool_fees": {"web_search": D("0.025")},
     }
+    gpt5 = c["gpt-5"]["service_tiers"]
+    assert (gpt5["flex"]["input"], gpt5["flex"]["output"]) == (D("0.625"), D(5))
+    assert c["gpt-5.4"]["service_tiers"]["flex"]["tiers"][0]["above_input_tokens"] == 272000
+    audio = c["gpt-audio"]
+    assert (audio["input_audio"], audio["output_audio"]) == (D(32), D(64))
+    # DashScope's tiered_pricing: bands by input size
+    qwen = c["dashscope/qwen3-coder-plus"]
+    assert (qwen["input"], qwen["output"]) == (D(1), D(5))
+    assert [t["above_input_tokens"] for t in qwen["tiers"]] == [32000, 128000, 256000]
+    assert qwen["tiers"][2]["output"] == D(60)
     sonnet = c["claude-sonnet-4-6"]
     assert (sonnet["cache_write"], sonnet["cache_write_1h"]) == (D("3.75"), D(6))
     assert c["gemini/gemini-2.5-pro"]["tiers"] == [

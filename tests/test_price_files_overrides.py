@@ -123,8 +123,11 @@ def test_qwen_code_models_are_priced_on_any_route(
     for provider in (None, "openai", "dashscope", "qwen"):
         price = table.priced(model, provider)
         assert price is not None, (model, provider)
-        assert price.price_source == f"{OVERRIDES} {shipped_overrides().date}"
         assert price.cost(counts) == D(usd)
+    # on a route of its own provider the bundled dashscope/… listing, where it has one,
+    # comes first (§4 step 1); elsewhere the overrides' entry
+    price = table.priced(model, "openai")
+    assert price is not None and price.price_source == f"{OVERRIDES} {shipped_overrides().date}"
 
 
 def test_qwen_implicit_cache_hits_cost_a_fifth_of_input(table: PriceTable) -> None:
@@ -133,12 +136,14 @@ def test_qwen_implicit_cache_hits_cost_a_fifth_of_input(table: PriceTable) -> No
 
 
 def test_tool_fees_by_provider(table: PriceTable) -> None:
-    gpt = table.priced("gpt-4.1", "openai")
-    claude = table.priced("claude-sonnet-4-5", "anthropic")
-    assert gpt is not None and claude is not None
+    gpt = table.priced("gpt-5", "openai")
+    mini = table.priced("gpt-4o-mini", "openai")
+    claude = table.priced("claude-3-5-haiku-20241022", "anthropic")
+    assert gpt is not None and mini is not None and claude is not None
     assert gpt.tool_fees["web_search"] == D("0.01")
     assert gpt.tool_fees["file_search"] == D("0.0025")
     assert gpt.tool_fees["code_interpreter"] == D("0.03")
+    assert mini.tool_fees["web_search"] == D("0.025")  # the table's own price wins
     assert claude.tool_fees == {"web_search": D("0.01")}  # $10 per 1,000 searches
 
 

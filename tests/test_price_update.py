@@ -100,24 +100,25 @@ async def test_update_fetches_checks_reports_and_stores(
     tables: Tables, stored: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = tables.put("model_prices_and_context_window.json", PRICE_DATA.read_bytes())
-    assert await run("pricing", "gemini-3-pro-preview", "--route", "gemini") == 1
+    assert await run("pricing", "llama-3.3-70b", "--route", "openai") == 1
     capsys.readouterr()
     assert await run("pricing", "update", "--from", url) == 0
     out = capsys.readouterr().out
-    assert f"{url}: litellm table, 3687 token-priced models" in out
-    assert "added 3344: " in out and "removed 0" in out and "changed prices 0" in out
+    assert f"{url}: litellm table, 3736 token-priced models" in out
+    assert "added 3141: " in out and "removed 0" in out and "changed prices 0" in out
     assert f"stored in {stored}" in out and "bundled table (2026-11-22)" in out
     assert read_update(stored).origin == url
-    # the issue's model, listed only as vertex_ai/…, now priced by the proxy's resolution
-    assert await run("pricing", "gemini-3-pro-preview", "--route", "gemini") == 0
+    # a model the bundled table lacks, listed only as cerebras/…, now priced by the
+    # proxy's resolution
+    assert await run("pricing", "llama-3.3-70b", "--route", "openai") == 0
     price = shown(capsys.readouterr().out)
-    assert price["pricedAs"] == "vertex_ai/gemini-3-pro-preview"
+    assert price["pricedAs"] == "cerebras/llama-3.3-70b"
     assert price["priceSource"] == f"update {today()}" and price["source"] == "update"
-    assert (price["input"], price["output"]) == (2, 12)
+    assert (price["input"], price["output"]) == (0.85, 1.2)
     assert await run("pricing") == 0
     sources = shown(capsys.readouterr().out)["sources"]
     assert [s["source"] for s in sources] == ["overrides", "bundled", "update"]
-    assert sources[2]["from"] == url and sources[2]["models"] == 3687
+    assert sources[2]["from"] == url and sources[2]["models"] == 3736
 
 
 async def test_update_from_a_models_dev_file_reports_changed_prices(
@@ -154,18 +155,22 @@ async def test_a_priced_entry_dropping_to_zero_or_vanishing_is_refused_without_f
     newer["gpt-4o"]["input_cost_per_token"] = 0
     newer["gpt-4o"]["output_cost_per_token"] = 0
     del newer["azure/gpt-35-turbo"]
+    del newer["cerebras/llama-3.3-70b"]
     url = tables.put("v2.json", newer)
     capsys.readouterr()
     assert await run("pricing", "update", "--from", url) == 1
     captured = capsys.readouterr()
     assert "REFUSED: gpt-4o was priced and would be $0" in captured.out
-    assert "REFUSED: azure/gpt-35-turbo was priced and would be gone" in captured.out
-    assert "removed 1: azure/gpt-35-turbo" in captured.out
+    assert "REFUSED: cerebras/llama-3.3-70b was priced and would be gone" in captured.out
+    assert "removed 1: cerebras/llama-3.3-70b" in captured.out
+    # the bundled table keeps listing azure/gpt-35-turbo: not gone, not refused
+    assert "azure/gpt-35-turbo" not in captured.out
     assert "not stored" in captured.err and "--force" in captured.err
     assert stored.read_bytes() == before
     assert await run("pricing", "update", "--from", url, "--force") == 0
-    assert await run("pricing", "gpt-35-turbo", "--provider", "azure") == 1  # gone now
-    assert "N/A" in capsys.readouterr().err
+    capsys.readouterr()
+    await run("pricing", "llama-3.3-70b", "--provider", "cerebras")
+    assert "cerebras/llama-3.3-70b" not in capsys.readouterr().out  # gone now
 
 
 async def test_absurd_prices_are_refused_and_negative_ones_never_stored(
@@ -221,7 +226,7 @@ async def test_dry_run_and_verbose(
     assert await run("pricing", "update", "--from", url, "--dry-run", "--verbose") == 0
     out = capsys.readouterr().out
     assert "dry run: nothing stored" in out and "more (--verbose)" not in out
-    assert "vertex_ai/gemini-3-pro-preview" in out and not stored.exists()
+    assert "cerebras/llama-3.3-70b" in out and not stored.exists()
 
 
 def test_the_default_source_is_litellms_public_table() -> None:
@@ -263,7 +268,7 @@ def azure_completion() -> Any:
         {
             "id": "chatcmpl-1",
             "object": "chat.completion",
-            "model": "gpt-35-turbo",
+            "model": "llama-3.3-70b",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
             "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500},
         }
@@ -271,7 +276,7 @@ def azure_completion() -> Any:
 
 
 async def chat(
-    proxy: Proxy, session: str, prefix: str = "openai", model: str = "gpt-35-turbo"
+    proxy: Proxy, session: str, prefix: str = "openai", model: str = "llama-3.3-70b"
 ) -> Any:
     """One chat completion through the proxy, and its row (read with the admin token)."""
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -295,7 +300,7 @@ async def test_reload_through_the_api(
     proxy = await start_proxy(admin_token="tok")
     upstream.default = azure_completion()
     assert (await chat(proxy, "before"))["costUsd"] is None  # the bundled table lacks it
-    async with proxy.http.get(proxy.url("/api/pricing/gpt-35-turbo"), headers=TOKEN) as r:
+    async with proxy.http.get(proxy.url("/api/pricing/llama-3.3-70b"), headers=TOKEN) as r:
         assert r.status == 404
     store_public_table(litellm, tmp_path)
     async with proxy.http.post(proxy.url("/api/pricing/reload")) as r:
@@ -305,15 +310,18 @@ async def test_reload_through_the_api(
         done = await r.json()
     assert done["reloaded"] is True and done["models"] > 3000
     assert [s["source"] for s in done["sources"]] == ["overrides", "bundled", "update"]
-    # azure/gpt-35-turbo: input 0.5, output 1.5 → (1000 x 0.5 + 500 x 1.5) / 1e6
-    assert (await chat(proxy, "after"))["costUsd"] == pytest.approx(0.00125)
-    url = proxy.url("/api/pricing/gpt-35-turbo?route=openai")
+    # cerebras/llama-3.3-70b: input 0.85, output 1.2 → (1000 x 0.85 + 500 x 1.2) / 1e6
+    assert (await chat(proxy, "after"))["costUsd"] == pytest.approx(0.00145)
+    url = proxy.url("/api/pricing/llama-3.3-70b?route=openai")
     async with proxy.http.get(url, headers=TOKEN) as r:
         assert r.status == 200
         price = await r.json()
-    assert (price["pricedAs"], price["priceSource"]) == ("azure/gpt-35-turbo", f"update {today()}")
+    assert (price["pricedAs"], price["priceSource"]) == (
+        "cerebras/llama-3.3-70b",
+        f"update {today()}",
+    )
     assert price["query"] == {
-        "model": "gpt-35-turbo", "route": "openai", "provider": "openai", "local": False,
+        "model": "llama-3.3-70b", "route": "openai", "provider": "openai", "local": False,
     }  # fmt: skip
 
 
@@ -335,18 +343,18 @@ async def test_sighup_reloads_the_prices(
     start_proxy: StartProxy, tmp_path: Path, litellm: dict[str, Any]
 ) -> None:
     proxy = await start_proxy()
-    assert proxy.prices.priced("gemini-3-pro-preview", "gemini") is None
+    assert proxy.prices.priced("llama-3.3-70b", "openai") is None
     store_public_table(litellm, tmp_path)
     # the proxy handles SIGHUP (else it would end the test run)
     assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, signal.SIG_IGN, None)
     os.kill(os.getpid(), signal.SIGHUP)
 
     async def reloaded() -> bool:
-        return proxy.prices.priced("gemini-3-pro-preview", "gemini") is not None
+        return proxy.prices.priced("llama-3.3-70b", "openai") is not None
 
     await eventually(reloaded)
-    price = proxy.prices.priced("gemini-3-pro-preview", "gemini")
-    assert price is not None and price.priced_as == "vertex_ai/gemini-3-pro-preview"
+    price = proxy.prices.priced("llama-3.3-70b", "openai")
+    assert price is not None and price.priced_as == "cerebras/llama-3.3-70b"
 
 
 async def test_pricing_reload_and_update_reload_commands(

@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 
 from spendgate.price_files import bundled_date, load_price_table
-from spendgate.pricing import ModelPrice, PriceTable, PriceTier, per_million
+from spendgate.pricing import (
+    ModelPrice,
+    PriceTable,
+    PriceTier,
+    PricingError,
+    model_price,
+    per_million,
+)
 from spendgate.routing import build_routes
 from spendgate.settings import RouteConfig, Settings
-from spendgate.usage import TokenCounts, Usage
+from spendgate.usage import Extras, TokenCounts, Usage
 from tests.helpers.prices import found
 from tests.paths import PRICE_DATA
 
@@ -460,3 +467,150 @@ def test_cached_per_model_provider_and_local() -> None:
     assert t.priced("x", "ollama") is None
     assert t._priced[("x", "ollama", True)] is not None
     assert t._priced[("x", "ollama", False)] is None
+
+
+# --- service tiers, per-call fees, audio and image tokens (the figures) ------------
+
+
+def with_extras(counts: TokenCounts, **extras: object) -> TokenCounts:
+    return counts._replace(extras=Extras(**extras))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("model", "tier", "counts", "usd"),
+    [
+        # flex prices are half the standard ones ($0.625 / $0.0625 / $5)
+        ("gpt-5", "flex", TokenCounts(input_tokens=3805, output_tokens=0), None),
+        ("gpt-5", "priority", TokenCounts(input_tokens=1220, output_tokens=450), "0.01205"),
+        ("gpt-5", "default", TokenCounts(input_tokens=1220, output_tokens=450), "0.006025"),
+        ("gpt-4o-mini", "priority", TokenCounts(input_tokens=1000, output_tokens=1000), "0.00125"),
+        ("gpt-4o-mini", "auto", TokenCounts(input_tokens=1000, output_tokens=1000), "0.00075"),
+        ("gpt-5", "priority", TokenCounts(input_tokens=1600, output_tokens=250), "0.009"),
+        # a tier the table has no price for is billed at the standard price
+        ("gpt-4o-mini", "flex", TokenCounts(input_tokens=1000, output_tokens=1000), "0.00075"),
+        ("gpt-4o-mini", "scale", TokenCounts(input_tokens=1000, output_tokens=1000), "0.00075"),
+    ],
+)
+def test_service_tiers(
+    table: PriceTable, model: str, tier: str, counts: TokenCounts, usd: str | None
+) -> None:
+    cost = table.cost(model, with_extras(counts, service_tier=tier), "openai")
+    if usd is None:  # 3805 uncached input at flex $0.625
+        usd = str(D(3805) * D("0.625") / 10**6)
+    assert cost == D(usd)
+
+
+def test_the_recorded_flex_response_costs_half(table: PriceTable) -> None:
+    # responses_stream_reasoning_gpt-5.sse answered with service_tier "flex"
+    counts = TokenCounts(input_tokens=53, output_tokens=469, reasoning_tokens=448)
+    assert table.cost("gpt-5", counts, "openai") == D("0.00475625")  # what it was charged
+    assert table.cost("gpt-5", with_extras(counts, service_tier="flex"), "openai") == D(
+        "0.002378125"
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "counts", "calls", "usd"),
+    [
+        # the recorded gpt-5 web search: $0.00828875 in tokens + one $0.01 call
+        (
+            "gpt-5",
+            "openai",
+            TokenCounts(input_tokens=9463, cached_input_tokens=8320, output_tokens=582),
+            (("web_search", 1),),
+            "0.01828875",
+        ),
+        # Anthropic: 3 web_search_requests at $10 per 1,000 on $0.0045 of tokens
+        (
+            "claude-sonnet-4-5",
+            "anthropic",
+            TokenCounts(input_tokens=1000, output_tokens=100),
+            (("web_search", 3),),
+            "0.0345",
+        ),
+        # file search $2.50 per 1,000 calls; one code interpreter container $0.03
+        (
+            "gpt-5",
+            "openai",
+            TokenCounts(input_tokens=1000, output_tokens=0),
+            (("code_interpreter", 1), ("file_search", 2)),
+            "0.03625",
+        ),
+        # a tool with no fee anywhere costs its tokens only
+        (
+            "claude-sonnet-4-5",
+            "anthropic",
+            TokenCounts(input_tokens=1000, output_tokens=100),
+            (("code_execution", 2),),
+            "0.0045",
+        ),
+    ],
+)
+def test_per_call_tool_fees(
+    table: PriceTable,
+    model: str,
+    provider: str,
+    counts: TokenCounts,
+    calls: tuple[tuple[str, int], ...],
+    usd: str,
+) -> None:
+    counts = with_extras(counts, tool_calls=calls)
+    assert table.cost(model, counts, provider) == D(usd)
+    price = table.priced(model, provider)
+    assert price is not None
+    tokens = price.token_cost(counts)
+    assert tokens is not None and price.tool_cost(counts) == D(usd) - tokens
+
+
+@pytest.mark.parametrize(
+    ("model", "counts", "extras", "text_usd", "usd"),
+    [
+        # gpt-audio: 800 audio tokens in ($32), 400 of 550 out audio ($64)
+        (
+            "gpt-audio",
+            TokenCounts(input_tokens=800, output_tokens=550),
+            {"input_audio_tokens": 800, "output_audio_tokens": 400},
+            "0.0075",
+            "0.0527",
+        ),
+        # gemini-2.5-flash: 800 of 1,000 input tokens audio ($1 against $0.30)
+        (
+            "gemini-2.5-flash",
+            TokenCounts(input_tokens=1000, output_tokens=100),
+            {"input_audio_tokens": 800},
+            "0.00055",
+            "0.00111",
+        ),
+        # an image price the table lacks: image tokens at the text price
+        (
+            "gpt-4o",
+            TokenCounts(input_tokens=1000, output_tokens=0),
+            {"input_image_tokens": 500},
+            "0.0025",
+            "0.0025",
+        ),
+    ],
+)
+def test_audio_and_image_tokens_at_their_own_prices(
+    table: PriceTable,
+    model: str,
+    counts: TokenCounts,
+    extras: dict[str, int],
+    text_usd: str,
+    usd: str,
+) -> None:
+    assert table.cost(model, counts) == D(text_usd)
+    assert table.cost(model, with_extras(counts, **extras)) == D(usd)
+
+
+def test_service_tier_entries_are_checked() -> None:
+    with pytest.raises(PricingError, match=r"service_tiers\.flex.*ouput"):
+        model_price("m", {"input": 1, "output": 2, "service_tiers": {"flex": {"ouput": 1}}})
+    with pytest.raises(PricingError, match="the standard price itself"):
+        model_price("m", {"input": 1, "output": 2, "service_tiers": {"default": {"input": 1}}})
+    price = model_price(
+        "m", {"input": 2, "output": 8, "cached_input": 1, "service_tiers": {"flex": {"input": 1}}}
+    )
+    flex = price.for_tier("FLEX")
+    assert (flex.input, flex.output, flex.cached_input) == (D(1), D(8), D(1))  # the rest: base
+    assert price.for_tier("priority") is price and price.for_tier(None) is price

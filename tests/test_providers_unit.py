@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 from typing import Any
 from unittest import mock
 
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spendgate.billing import estimated_counts
-from spendgate.providers import ADAPTERS, _sse_decoder, get_adapter
+from spendgate.providers import ADAPTERS, _sse_decoder, get_adapter, openai
 from spendgate.providers._api import MAX_NOTES, Adapter, NullParser, RequestInfo, ResponseParser
 from spendgate.providers._common import (
     INVALID,
@@ -37,7 +38,7 @@ from spendgate.providers.gemini import GeminiAdapter
 from spendgate.providers.ollama import OllamaAdapter
 from spendgate.providers.openai import OpenAIAdapter, UsageChunkFilter
 from spendgate.providers.openai_filter import MAX_PENDING
-from spendgate.usage import MAX_TOKENS, Usage
+from spendgate.usage import MAX_TOKENS, Extras, Usage
 from tests.paths import FIXTURES
 
 OPENAI = OpenAIAdapter()
@@ -1282,3 +1283,160 @@ def test_a_responses_request_that_generates_nothing_is_free() -> None:
         adapter.inspect("POST", "/v1/responses", {}, body, inject_stream_usage=True).operation
         == "responses"
     )
+
+
+# --- what a response reports besides its token totals (usage.Extras) ---------------------
+
+
+def test_openai_service_tier_audio_image_and_openrouter_cost() -> None:
+    chunk = {
+        "model": "gpt-audio",
+        "service_tier": "priority",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 800,
+            "completion_tokens": 550,
+            "prompt_tokens_details": {"audio_tokens": 700, "image_tokens": 50},
+            "completion_tokens_details": {"audio_tokens": 400},
+            "cost": 0.00333825,
+        },
+    }
+    parser = run(OPENAI.parser(chat({"stream": True}), 200, ""), sse(chunk))
+    assert parser.usage == Usage(
+        input_tokens=800,
+        output_tokens=550,
+        extras=Extras(
+            service_tier="priority",
+            input_audio_tokens=700,
+            input_image_tokens=50,
+            output_audio_tokens=400,
+            provider_cost=Decimal("0.00333825"),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tier", "cost", "noted"),
+    [
+        ("x" * 40, 0.5, "service tier not understood"),
+        ({"tier": "flex"}, 0.5, "service tier not understood"),
+        ("../etc", 0.5, "service tier not understood"),
+        ("flex", -1, "reported cost not taken: cost=-1"),
+        ("flex", 1e300, "reported cost not taken"),
+        ("flex", "0.5", "reported cost not taken"),
+        ("flex", True, "reported cost not taken"),
+    ],
+)
+def test_hostile_tiers_and_costs_are_not_taken_and_noted(
+    tier: object, cost: object, noted: str
+) -> None:
+    notes: list[str] = []
+    block = {"prompt_tokens": 5, "completion_tokens": 1, "cost": cost}
+    usage = openai.map_usage(block, note=notes.append)
+    assert usage is not None and (usage.input_tokens, usage.output_tokens) == (5, 1)
+    parser = run(
+        OPENAI.parser(chat({"stream": True}), 200, ""),
+        sse({"model": "m", "service_tier": tier, "choices": [], "usage": block}),
+    )
+    assert parser.usage is not None
+    extras = parser.usage.extras or Extras()
+    assert extras.service_tier in (None, "flex")
+    assert extras.provider_cost in (None, Decimal("0.5"))
+    assert any(noted in n for n in [*notes, *parser.notes]), (notes, parser.notes)
+
+
+def test_modality_counts_beyond_their_totals_are_clamped_and_noted() -> None:
+    notes: list[str] = []
+    block = {
+        "prompt_tokens": 10,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"audio_tokens": 50},
+        "completion_tokens_details": {"audio_tokens": 3, "image_tokens": 9},
+    }
+    usage = openai.map_usage(block, note=notes.append)
+    assert usage is not None and usage.extras is not None
+    assert usage.extras.input_audio_tokens == 10
+    assert (usage.extras.output_audio_tokens, usage.extras.output_image_tokens) == (3, 1)
+    assert any("audio/image tokens beyond" in n for n in notes)
+
+
+def test_responses_output_tool_calls() -> None:
+    output = [
+        {"type": "web_search_call", "status": "completed"},
+        {"type": "web_search_call", "status": "completed"},
+        {"type": "file_search_call"},
+        {"type": "code_interpreter_call", "container_id": "c1"},
+        {"type": "code_interpreter_call", "container_id": "c1"},  # the same container
+        {"type": "code_interpreter_call", "container_id": "c2"},
+        {"type": "message"},
+        "junk",
+        {"type": ["web_search_call"]},
+    ]
+    assert openai.output_tool_calls(output) == (
+        ("code_interpreter", 2),
+        ("file_search", 1),
+        ("web_search", 2),
+    )
+    assert openai.output_tool_calls("not a list") == ()
+    done = {
+        "type": "response.completed",
+        "response": {
+            "model": "gpt-5",
+            "service_tier": "flex",
+            "output": output[:2],
+            "usage": {"input_tokens": 9, "output_tokens": 3},
+        },
+    }
+    info = RequestInfo(operation="responses", stream=True)
+    parser = run(OPENAI.parser(info, 200, ""), sse(done))
+    assert parser.usage is not None
+    assert parser.usage.extras == Extras(service_tier="flex", tool_calls=(("web_search", 2),))
+
+
+def test_a_chat_search_model_is_one_web_search_per_response() -> None:
+    info = chat({"model": "gpt-4o-search-preview"})
+    body = {"model": "gpt-4o-search-preview", "choices": [], "usage": {"prompt_tokens": 3}}
+    parser = run(OPENAI.parser(info, 200, ""), orjson.dumps(body))
+    assert parser.usage is not None and parser.usage.extras is not None
+    assert parser.usage.extras.tool_calls == (("web_search", 1),)
+
+
+def test_anthropic_server_tools_and_tier_across_events() -> None:
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude-x",'
+        b'"usage":{"input_tokens":10,"output_tokens":1,"service_tier":"priority"}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":9,'
+        b'"server_tool_use":{"web_search_requests":3,"web_fetch_requests":2}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":12,'
+        b'"server_tool_use":{"web_search_requests":-4}}}\n\n'
+    )
+    parser = run(ANTHROPIC.parser(RequestInfo(operation="messages"), 200, ""), events)
+    assert parser.usage == Usage(
+        input_tokens=10,
+        output_tokens=12,
+        extras=Extras(service_tier="priority", tool_calls=(("web_search", 3),)),
+    )
+    assert any("web_search_requests=-4" in n for n in parser.notes)  # the last valid one kept
+
+
+def test_gemini_modalities_and_service_tier() -> None:
+    block = {
+        "promptTokenCount": 1000,
+        "candidatesTokenCount": 100,
+        "serviceTier": "FLEX",
+        "promptTokensDetails": [
+            {"modality": "TEXT", "tokenCount": 200},
+            {"modality": "AUDIO", "tokenCount": 800},
+        ],
+        "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 60}, "junk"],
+    }
+    parser = parse(GEMINI, "generate_content", _gemini_usage(block))
+    assert parser.usage == Usage(
+        input_tokens=1000,
+        output_tokens=100,
+        extras=Extras(service_tier="flex", input_audio_tokens=800, output_image_tokens=60),
+    )
+    many = {**block, "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 1}] * 10_000}
+    parser = parse(GEMINI, "generate_content", _gemini_usage(many))
+    assert parser.usage is not None and parser.usage.extras is not None
+    assert parser.usage.extras.input_audio_tokens == 16  # only MAX_MODALITIES entries read

@@ -32,6 +32,7 @@ def estimated_counts(info: RequestInfo, reported: Usage | None, output_chars: in
         cache_write_tokens=reported.cache_write_tokens or 0,
         cache_write_1h_tokens=reported.cache_write_1h_tokens or 0,
         reasoning_tokens=reported.reasoning_tokens or 0,
+        extras=reported.extras,
     ).within_input()
 
 

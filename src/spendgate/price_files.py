@@ -43,6 +43,7 @@ from spendgate.pricing import (
     model_price,
     normalize,
     per_million,
+    tier_key,
     to_decimal,
 )
 
@@ -57,12 +58,26 @@ _LITELLM_FIELDS = {
     "cache_read_input_token_cost": "cached_input",
     "cache_creation_input_token_cost": "cache_write",
     "cache_creation_input_token_cost_above_1hr": "cache_write_1h",
+    "input_cost_per_audio_token": "input_audio",
+    "output_cost_per_audio_token": "output_audio",
+    "input_cost_per_image_token": "input_image",
+    "output_cost_per_image_token": "output_image",
 }
-_LITELLM_TIER = re.compile(
-    r"^(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
-    r"|cache_creation_input_token_cost|cache_creation_input_token_cost_above_1hr)"
-    r"_above_(\d+)k_tokens$"
+_LITELLM_PRICE = re.compile(
+    r"^(cache_creation_input_token_cost_above_1hr|"
+    + "|".join(k for k in _LITELLM_FIELDS if k != "cache_creation_input_token_cost_above_1hr")
+    + r")(?:_above_(\d+)k_tokens)?(?:_(flex|priority|batches))?$"
 )
+"""A per-token price, optionally above an input size and for a service tier:
+``input_cost_per_token_above_272k_tokens_priority``."""
+_TIERED_FIELDS = ("input", "output", "cached_input", "cache_write")
+_LITELLM_TOOLS = {
+    # field → (tool, divisor): search_context_cost_per_query is per call (its
+    # ``search_context_size_medium``, the default size); file search per 1,000 calls
+    "search_context_cost_per_query": ("web_search", 1),
+    "file_search_cost_per_1k_calls": ("file_search", 1000),
+    "code_interpreter_cost_per_session": ("code_interpreter", 1),
+}
 
 
 def _positive_int(value: object) -> int | None:
@@ -72,25 +87,74 @@ def _positive_int(value: object) -> int | None:
     return int(d)
 
 
+def _litellm_prices(spec: Mapping[str, Any]) -> dict[str | None, dict[int, dict[str, Any]]]:
+    """Per-million prices by service tier (None: standard) and input size (0: base)."""
+    found: dict[str | None, dict[int, dict[str, Any]]] = {}
+    for key, value in spec.items():
+        m = _LITELLM_PRICE.match(key)
+        price = per_million(value) if m else None
+        if m is None or price is None:
+            continue
+        field, above, tier = _LITELLM_FIELDS[m[1]], int(m[2] or 0) * 1000, m[3]
+        found.setdefault(tier_key(tier) if tier else None, {}).setdefault(above, {})[field] = price
+    return found
+
+
+def _with_tiers(by_size: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    entry = dict(by_size.get(0, {}))
+    above = sorted(k for k in by_size if k)
+    if above:
+        entry["tiers"] = [{"above_input_tokens": k, **by_size[k]} for k in above]
+    return entry
+
+
+def _tiered_pricing(spec: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """LiteLLM's ``tiered_pricing`` list (``range: [from, to]`` of input tokens, DashScope)
+    as prices by input size."""
+    out: dict[int, dict[str, Any]] = {}
+    for band in spec.get("tiered_pricing") or []:
+        if not isinstance(band, Mapping):
+            continue
+        bounds = band.get("range")
+        low = to_decimal(bounds[0]) if isinstance(bounds, list) and bounds else None
+        if low is None or low < 0 or low != low.to_integral_value():
+            continue
+        prices = {}
+        for src, dst in _LITELLM_FIELDS.items():
+            if dst in _TIERED_FIELDS and (price := per_million(band.get(src))) is not None:
+                prices[dst] = price
+        if prices:
+            out[int(low)] = prices
+    return out
+
+
+def _litellm_tool_fees(spec: Mapping[str, Any]) -> dict[str, Decimal]:
+    fees = {}
+    for key, (tool, per) in _LITELLM_TOOLS.items():
+        value = spec.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("search_context_size_medium")
+        fee = to_decimal(value)
+        if fee is not None and fee > 0:
+            fees[tool] = normalize(fee / per)
+    return fees
+
+
 def _litellm_entry(spec: Mapping[str, Any]) -> dict[str, Any] | None:
-    entry: dict[str, Any] = {}
-    for src, dst in _LITELLM_FIELDS.items():
-        value = per_million(spec.get(src))
-        if value is not None:
-            entry[dst] = value
+    prices = _litellm_prices(spec)
+    standard = prices.pop(None, {})
+    if not standard.get(0) and spec.get("tiered_pricing"):
+        standard = _tiered_pricing(spec)
+    entry: dict[str, Any] = _with_tiers(standard)
     if "input" not in entry and "output" not in entry:
         return None  # priced per image/second/query: nothing spendgate can meter
     if spec.get("mode") == "embedding" and "output" not in entry:
         entry["output"] = Decimal(0)  # embeddings generate no tokens
-    tiers: dict[int, dict[str, Any]] = {}
-    for key, value in spec.items():
-        m = _LITELLM_TIER.match(key)
-        price = per_million(value) if m else None
-        if m and price is not None:
-            above = int(m.group(2)) * 1000
-            tiers.setdefault(above, {"above_input_tokens": above})[_LITELLM_FIELDS[m[1]]] = price
-    if tiers:
-        entry["tiers"] = [tiers[k] for k in sorted(tiers)]
+    services = {t: _with_tiers(by_size) for t, by_size in sorted(prices.items()) if 0 in by_size}
+    if services:
+        entry["service_tiers"] = services
+    if fees := _litellm_tool_fees(spec):
+        entry["tool_fees"] = fees
     if isinstance(spec.get("litellm_provider"), str):
         entry["provider"] = spec["litellm_provider"]
     if (window := _positive_int(spec.get("max_input_tokens"))) is not None:

@@ -24,9 +24,34 @@ MILLION = Decimal(1_000_000)
 PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_1h")
 TOOLS = ("web_search", "file_search", "code_interpreter", "code_execution")
 """Server-side tools billed per call (``tool_fees``, docs/reference.md §4)."""
+MODALITY_FIELDS = ("input_audio", "output_audio", "input_image", "output_image")
+"""Prices of audio and image tokens (USD per million; missing: the text price)."""
+TIER_FIELDS = frozenset({*PRICE_FIELDS, *MODALITY_FIELDS, "tiers"})
+"""What a service tier (``service_tiers.flex``) may set: its own prices."""
 ENTRY_FIELDS = frozenset(
-    {*PRICE_FIELDS, "provider", "tiers", "context_window", "max_output_tokens", "tool_fees"}
+    {
+        *TIER_FIELDS,
+        "provider",
+        "context_window",
+        "max_output_tokens",
+        "tool_fees",
+        "service_tiers",
+    }
 )
+STANDARD_TIERS = frozenset({"default", "standard", "auto", "on_demand", "scale"})
+"""Service tiers billed at an entry's own prices: OpenAI ``default`` (``auto`` resolves
+to it; Scale Tier is prepaid capacity billed at the standard rate), Anthropic and Gemini
+``standard``."""
+_TIER_SPELLINGS = {"batches": "batch"}
+"""Reported or LiteLLM spellings of a tier → its key in ``service_tiers``."""
+
+
+def tier_key(tier: str) -> str:
+    """The ``service_tiers`` key of a reported tier (lower case; ``batches`` → ``batch``)."""
+    tier = tier.lower()
+    return _TIER_SPELLINGS.get(tier, tier)
+
+
 BUNDLED = "bundled"
 """``ModelPrice.source`` of the table shipped with spendgate (src/spendgate/data)."""
 UPDATE = "update"
@@ -82,6 +107,13 @@ class ModelPrice:
     max_output_tokens: int | None = None
     tool_fees: Mapping[str, Decimal] = field(default_factory=dict)
     """USD per call of each server-side tool (:data:`TOOLS`), not per million."""
+    input_audio: Decimal | None = None
+    output_audio: Decimal | None = None
+    input_image: Decimal | None = None
+    output_image: Decimal | None = None
+    service_tiers: Mapping[str, ModelPrice] = field(default_factory=dict)
+    """The prices of each non-standard service tier (``flex``, ``priority``, ``batch``),
+    each a whole entry (its missing fields are this entry's)."""
     source: str = BUNDLED
     """``bundled``, ``update``, ``overrides``, ``local`` or the path of the user's price
     file that set this entry."""
@@ -121,8 +153,35 @@ class ModelPrice:
             base if self.overrides_date is None else f"{base} + {OVERRIDES} {self.overrides_date}"
         )
 
+    def for_tier(self, tier: str | None) -> ModelPrice:
+        """The prices of service tier ``tier`` (a reported one): its own entry in
+        ``service_tiers``, else these (a standard tier, or one the table has no price
+        for)."""
+        if tier is None or not self.service_tiers:
+            return self
+        return self.service_tiers.get(tier_key(tier), self)
+
     def cost(self, counts: TokenCounts) -> Decimal | None:
-        """USD for ``counts``; reasoning is part of output and billed once."""
+        """USD for ``counts``: its tokens at its service tier's prices plus the per-call
+        fees of the tools it ran (docs/reference.md §4 "Cost"); reasoning is part of
+        output and billed once."""
+        extras = counts.extras
+        if extras is None:
+            return self.token_cost(counts)
+        tokens = self.for_tier(extras.service_tier).token_cost(counts)
+        return None if tokens is None else tokens + self.tool_cost(counts)
+
+    def tool_cost(self, counts: TokenCounts) -> Decimal:
+        """USD of the per-call fees in ``counts`` (``toolCostUsd``); a tool without a
+        fee in the table or the overrides costs nothing beyond its tokens."""
+        extras = counts.extras
+        if extras is None or not extras.tool_calls:
+            return _ZERO
+        fees = self.tool_fees
+        return sum((n * fees[t] for t, n in extras.tool_calls if t in fees), _ZERO)
+
+    def token_cost(self, counts: TokenCounts) -> Decimal | None:
+        """USD of the tokens in ``counts`` at these prices (no tier choice, no fees)."""
         base_in, base_out = self.input, self.output
         if base_in is None or base_out is None:
             return None
@@ -140,6 +199,16 @@ class ModelPrice:
         write = inp if write is None else write
         write_1h = write if write_1h is None else write_1h
         total = counts.uncached_input_tokens * inp + counts.output_tokens * out
+        extras = counts.extras
+        if extras is not None:  # audio and image tokens at their own prices
+            for n, price, text in (
+                (extras.input_audio_tokens, self.input_audio, inp),
+                (extras.input_image_tokens, self.input_image, inp),
+                (extras.output_audio_tokens, self.output_audio, out),
+                (extras.output_image_tokens, self.output_image, out),
+            ):
+                if n and price is not None:
+                    total += n * (price - text)
         if counts.cached_input_tokens:
             total += counts.cached_input_tokens * cached
         if counts.cache_write_tokens:
@@ -170,22 +239,36 @@ class ModelPrice:
             "contextWindow": self.context_window,
             "maxOutputTokens": self.max_output_tokens,
             "toolFees": {k: float(v) for k, v in sorted(self.tool_fees.items())},
+            **{_camel(f): _float(getattr(self, f)) for f in MODALITY_FIELDS},
+            "serviceTiers": {
+                name: {
+                    **_prices_json(p),
+                    **{_camel(f): _float(getattr(p, f)) for f in MODALITY_FIELDS},
+                }
+                for name, p in sorted(self.service_tiers.items())
+            },
             "source": self.source,
             "pricedAs": self.priced_as,
             "priceSource": self.price_source,
         }
 
 
-def _prices_json(p: PriceTier | ModelPrice) -> dict[str, float | None]:
-    def f(d: Decimal | None) -> float | None:
-        return None if d is None else float(d)
+def _float(d: Decimal | None) -> float | None:
+    return None if d is None else float(d)
 
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+def _prices_json(p: PriceTier | ModelPrice) -> dict[str, float | None]:
     return {
-        "input": f(p.input),
-        "output": f(p.output),
-        "cachedInput": f(p.cached_input),
-        "cacheWrite": f(p.cache_write),
-        "cacheWrite1h": f(p.cache_write_1h),
+        "input": _float(p.input),
+        "output": _float(p.output),
+        "cachedInput": _float(p.cached_input),
+        "cacheWrite": _float(p.cache_write),
+        "cacheWrite1h": _float(p.cache_write_1h),
     }
 
 
@@ -613,6 +696,39 @@ def _tool_fees(value: object, where: str) -> dict[str, Decimal]:
     return fees
 
 
+def _service_tiers(
+    model: str,
+    raw: Mapping[str, Any],
+    source: str,
+    source_date: str | None,
+    overrides_date: str | None,
+) -> dict[str, ModelPrice]:
+    """``service_tiers``: each tier a whole entry, its missing prices the entry's own (its
+    long-context ``tiers`` are its own too: the entry's are not inherited)."""
+    value = raw.get("service_tiers")
+    if value is None:
+        return {}
+    where = f"{source}: model {model!r}"
+    if not isinstance(value, Mapping):
+        raise PricingError(f"{where}: service_tiers must be a table of tier = prices")
+    base = {k: v for k, v in raw.items() if k != "service_tiers" and k != "tiers"}
+    out = {}
+    for name, prices in value.items():
+        if not isinstance(prices, Mapping):
+            raise PricingError(f"{where}: service_tiers.{name} must be a table of prices")
+        key = tier_key(str(name))
+        if key in STANDARD_TIERS:
+            raise PricingError(f"{where}: service_tiers.{name} is the standard price itself")
+        bad = sorted(str(k) for k in prices if k not in TIER_FIELDS and not str(k).startswith("_"))
+        if bad:
+            raise PricingError(
+                f"{where}: unknown field(s) in service_tiers.{name}: {', '.join(bad)}"
+            )
+        merged = {**base, **prices}
+        out[key] = model_price(model, merged, source, source_date, overrides_date)
+    return out
+
+
 def model_price(
     model: str,
     raw: Mapping[str, Any],
@@ -648,7 +764,8 @@ def model_price(
         prices = {f: _price(t.get(f), where, f"tier {f}") for f in PRICE_FIELDS}
         tiers.append(PriceTier(above, **prices))
     tiers.sort(key=lambda t: t.above_input_tokens)
-    p = {f: _price(raw.get(f), where, f) for f in PRICE_FIELDS}
+    p = {f: _price(raw.get(f), where, f) for f in (*PRICE_FIELDS, *MODALITY_FIELDS)}
+    services = _service_tiers(model, raw, source, source_date, overrides_date)
     return ModelPrice(
         model=model,
         provider=provider,
@@ -661,6 +778,11 @@ def model_price(
         context_window=_count(raw.get("context_window"), where, "context_window"),
         max_output_tokens=_count(raw.get("max_output_tokens"), where, "max_output_tokens"),
         tool_fees=_tool_fees(raw.get("tool_fees"), where),
+        input_audio=p["input_audio"],
+        output_audio=p["output_audio"],
+        input_image=p["input_image"],
+        output_image=p["output_image"],
+        service_tiers=services,
         source=source,
         source_date=source_date,
         overrides_date=overrides_date,

@@ -8,6 +8,7 @@ become zero (docs/reference.md §3).
 from __future__ import annotations
 
 from collections.abc import Callable
+from decimal import Decimal
 from typing import NamedTuple
 
 MAX_TOKENS = 10**10
@@ -18,6 +19,41 @@ so no row can hold a number that breaks the database or prices to an absurd sum.
 
 Note = Callable[[str], None]
 """Where a parser says what it refused or adjusted (the row's ``note``)."""
+
+
+class Extras(NamedTuple):
+    """What a response reports besides its token totals, each priced on its own
+    (docs/reference.md §3 "Usage fields", §4 "Cost"). Made only for the responses that
+    report any of it, so the common case costs nothing.
+
+    The audio and image counts are parts of ``input_tokens`` / ``output_tokens`` (OpenAI
+    ``prompt_tokens_details.audio_tokens``, Gemini's per-modality details), not extra
+    tokens. ``tool_calls`` is (tool, calls) for the server-side tools the response ran
+    (:data:`spendgate.pricing.TOOLS`). ``provider_cost`` is the USD the provider itself
+    reports (OpenRouter ``usage.cost``).
+    """
+
+    service_tier: str | None = None
+    input_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    output_audio_tokens: int = 0
+    output_image_tokens: int = 0
+    tool_calls: tuple[tuple[str, int], ...] = ()
+    provider_cost: Decimal | None = None
+
+    def within(self, input_tokens: int, output_tokens: int) -> Extras:
+        """These extras with the modality counts held within the totals they are part of."""
+        a_in = min(self.input_audio_tokens, input_tokens)
+        i_in = min(self.input_image_tokens, input_tokens - a_in)
+        a_out = min(self.output_audio_tokens, output_tokens)
+        i_out = min(self.output_image_tokens, output_tokens - a_out)
+        fixed = self._replace(
+            input_audio_tokens=a_in,
+            input_image_tokens=i_in,
+            output_audio_tokens=a_out,
+            output_image_tokens=i_out,
+        )
+        return self if fixed == self else fixed
 
 
 class Usage(NamedTuple):
@@ -36,6 +72,8 @@ class Usage(NamedTuple):
     cache_write_tokens: int | None = None
     cache_write_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
+    extras: Extras | None = None
+    """Service tier, audio and image tokens, tool calls, the provider's own cost."""
 
     @property
     def total_tokens(self) -> int:
@@ -43,13 +81,16 @@ class Usage(NamedTuple):
 
     def counts(self) -> TokenCounts:
         """The integer view stored and emitted, with "not reported" as 0."""
+        inp, out = self.input_tokens or 0, self.output_tokens or 0
+        extras = self.extras
         return TokenCounts(
-            input_tokens=self.input_tokens or 0,
-            output_tokens=self.output_tokens or 0,
+            input_tokens=inp,
+            output_tokens=out,
             cached_input_tokens=self.cached_input_tokens or 0,
             cache_write_tokens=self.cache_write_tokens or 0,
             cache_write_1h_tokens=self.cache_write_1h_tokens or 0,
             reasoning_tokens=self.reasoning_tokens or 0,
+            extras=None if extras is None else extras.within(inp, out),
         )
 
 
@@ -62,6 +103,7 @@ class TokenCounts(NamedTuple):
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
+    extras: Extras | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -74,10 +116,14 @@ class TokenCounts(NamedTuple):
     def within_input(self) -> TokenCounts:
         """These counts with the breakdowns clamped as :func:`consistent` clamps them
         (for estimates, whose input may be an estimate while the breakdowns are reported)."""
-        inp, out, cached, write, write_1h, reasoning = self
+        inp, out, cached, write, write_1h, reasoning, extras = self
         cached = min(cached, inp)
         write = min(write, inp - cached)
-        fixed = TokenCounts(inp, out, cached, write, min(write_1h, write), min(reasoning, out))
+        if extras is not None:
+            extras = extras.within(inp, out)
+        fixed = TokenCounts(
+            inp, out, cached, write, min(write_1h, write), min(reasoning, out), extras
+        )
         return self if fixed == self else fixed
 
 
@@ -93,8 +139,8 @@ def consistent(usage: Usage, note: Note) -> Usage:
     A breakdown whose total was not reported is left as it is (an estimate clamps it,
     :func:`spendgate.billing.estimated_counts`).
     """
-    inp, out, cached, write, write_1h, reasoning = usage
-    if cached is None and write is None and reasoning is None:
+    inp, out, cached, write, write_1h, reasoning, extras = usage
+    if cached is None and write is None and reasoning is None and extras is None:
         return usage  # nearly every report: nothing to compare
     if inp is not None:
         if cached is not None and cached > inp:
@@ -107,10 +153,15 @@ def consistent(usage: Usage, note: Note) -> Usage:
     if write is not None and write_1h is not None and write_1h > write:
         note(f"1-hour cache writes beyond the cache writes: {write_1h} > {write}, clamped")
         write_1h = write
+    if extras is not None and inp is not None and out is not None:
+        held = extras.within(inp, out)
+        if held != extras:
+            note(f"audio/image tokens beyond the totals they are part of, clamped: {held}")
+            extras = held
     if out is not None and reasoning is not None and reasoning > out:
         note(f"reasoning tokens beyond the output: {reasoning} > {out}, clamped to {out}")
         reasoning = out
-    fixed = Usage(inp, out, cached, write, write_1h, reasoning)
+    fixed = Usage(inp, out, cached, write, write_1h, reasoning, extras)
     return usage if fixed == usage else fixed
 
 

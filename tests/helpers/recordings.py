@@ -6,12 +6,13 @@ tests."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from spendgate.providers import get_adapter
 from spendgate.providers._api import Adapter, RequestInfo, ResponseParser
-from spendgate.usage import Usage
+from spendgate.usage import Extras, Usage
 from tests.paths import FIXTURES, manifest
 
 ENTRIES = [e for e in manifest() if not e["file"].startswith("bedrock/")]  # no adapter yet
@@ -61,7 +62,48 @@ def make_case(entry: dict[str, Any]) -> Case:
 CASES = [make_case(e) for e in ENTRIES]
 
 
+_STANDARD = ("standard", "default")
+_TIERS = {
+    # the service tier each recording states beside its final usage (OpenAI's chunk or
+    # response ``service_tier``, Anthropic's ``usage.service_tier``, Gemini's
+    # ``usageMetadata.serviceTier``), read from the files by hand
+    "openai/chat_stream_usage_reasoning_gpt-5-nano.sse": "default",
+    "openai/chat_json_gpt-3.5-turbo.json": "default",
+    "openai/chat_json_cached_gpt-4o-mini.json": "default",
+    "openai/chat_json_reasoning_gpt-5-nano.json": "default",
+    "openai/responses_stream_gpt-4.1-nano.sse": "default",  # asked "auto", answered "default"
+    "openai/responses_stream_reasoning_gpt-5.sse": "flex",
+    "openai/responses_stream_websearch_cached_gpt-5.sse": "default",
+    "anthropic/messages_stream_tools_claude-3-5-sonnet.sse": "standard",
+    "anthropic/messages_stream_thinking_claude-sonnet-4-0.sse": "standard",
+    "anthropic/messages_stream_server_tool_claude-sonnet-4-6.sse": "standard",
+    "gemini/stream_thinking_gemini-2.5-flash.sse": "standard",
+    "gemini/stream_code_execution_gemini-2.5-flash.sse": "standard",
+    "gemini/generate_content_code_execution_gemini-2.5-flash.json": "standard",
+    "gemini/generate_content_cached_gemini-2.5-flash.json": "standard",
+}
+EXTRAS = {name: Extras(service_tier=tier) for name, tier in _TIERS.items() if tier in _STANDARD} | {
+    "openai/responses_stream_reasoning_gpt-5.sse": Extras(service_tier="flex"),
+    # one completed web_search_call in the final response's output
+    "openai/responses_stream_websearch_cached_gpt-5.sse": Extras(
+        service_tier="default", tool_calls=(("web_search", 1),)
+    ),
+    # OpenRouter's usage.cost (USD), no tier
+    "openai_compatible/openrouter_chat_stream_cached_reasoning_grok-4.sse": Extras(
+        provider_cost=Decimal("0.00333825")
+    ),
+}
+"""What each recording reports beyond its token counts (docs/reference.md §3)."""
+
+
 def spendgate_usage(case: Case) -> Usage | None:
+    """The usage spendgate must report: :func:`_tokens` with the recording's
+    :data:`EXTRAS`."""
+    tokens = _tokens(case)
+    return None if tokens is None else tokens._replace(extras=EXTRAS.get(case.name))
+
+
+def _tokens(case: Case) -> Usage | None:
     """The manifest's raw provider numbers, mapped by hand onto spendgate's fields.
 
     Checked against the recordings:

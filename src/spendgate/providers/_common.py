@@ -12,13 +12,14 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any, Protocol
 
 import orjson
 
 from spendgate.providers._api import BaseParser, RequestInfo
 from spendgate.providers._sse_decoder import MAX_EVENT_BYTES, SSEDecoder
-from spendgate.usage import MAX_TOKENS, Note, Usage
+from spendgate.usage import MAX_TOKENS, Extras, Note, Usage
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Largest JSON body or JSON-array element buffered for parsing; beyond it, no usage.
@@ -155,6 +156,52 @@ def shown(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+_TIER = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_REPORTED_USD = Decimal(10_000)
+"""The largest cost one response may report (``usage.cost``): more than any real
+response costs; beyond it the figure is not taken (a unit slip or a hostile upstream)."""
+
+
+def service_tier(value: Any, note: Note) -> str | None:
+    """A reported service tier (``flex``, ``priority``, ``standard``...), lower case; a
+    value that is no short name is not taken, and ``note`` is told."""
+    if value is None:
+        return None
+    if type(value) is str:
+        tier = value.lower()
+        if _TIER.fullmatch(tier):
+            return tier
+    note(f"service tier not understood: {shown(value)}")
+    return None
+
+
+def reported_usd(value: Any, field: str, note: Note) -> Decimal | None:
+    """A cost the provider reports: a finite number from 0 to ``MAX_REPORTED_USD``, read
+    exactly (floats through their shortest form), else None and ``note`` is told."""
+    if value is None:
+        return None
+    if (type(value) is int or type(value) is float) and math.isfinite(value):
+        usd = Decimal(repr(value)) if type(value) is float else Decimal(value)
+        if 0 <= usd <= MAX_REPORTED_USD:
+            return usd
+    note(f"reported cost not taken: {field}={shown(value)}")
+    return None
+
+
+def with_extras(usage: Usage | None, **found: Any) -> Usage | None:
+    """``usage`` with the :class:`~spendgate.usage.Extras` fields found (those not None,
+    0 or empty) set; ``usage`` itself when nothing was found."""
+    changes = {k: v for k, v in found.items() if v}
+    if usage is None or not changes:
+        return usage
+    return usage._replace(extras=(usage.extras or Extras())._replace(**changes))
+
+
+def tool_calls(counts: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    """The ``Extras.tool_calls`` form of per-tool counts (tools with no calls left out)."""
+    return tuple(sorted((tool, n) for tool, n in counts.items() if n))
 
 
 def reported(usage: Usage) -> Usage | None:

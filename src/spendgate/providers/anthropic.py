@@ -24,11 +24,14 @@ from spendgate.providers._common import (
     part,
     read_object,
     reported,
+    service_tier,
     str_len,
     text_chars,
+    tool_calls,
     total,
     unread_request,
     valid,
+    with_extras,
 )
 from spendgate.usage import Usage, consistent
 
@@ -38,6 +41,12 @@ _FIELDS = (
     "cache_creation_input_tokens",
     "output_tokens",
 )
+_SERVER_TOOLS = {
+    "web_search_requests": "web_search",
+    "code_execution_requests": "code_execution",
+}
+"""``usage.server_tool_use`` counts of the tools billed per call (§4); ``web_fetch``
+costs nothing beyond its tokens."""
 _DELTA_TEXT = {
     "text_delta": "text",
     "input_json_delta": "partial_json",
@@ -61,6 +70,8 @@ class AnthropicParser(FramedParser):
     def __init__(self) -> None:
         super().__init__()
         self._raw: dict[str, int] = {}
+        self._tier: str | None = None
+        """``usage.service_tier`` (``standard``, ``priority``, ``batch``), last one stated."""
 
     def _wanted(self, payload: bytes) -> bool:
         # ping, content_block_stop and message_stop carry nothing we count.
@@ -111,7 +122,19 @@ class AnthropicParser(FramedParser):
                 cache_write_1h_tokens=valid(raw.get("ephemeral_1h")),
             )
         )
+        tier = block.get("service_tier")
+        if tier is not None:
+            self._tier = service_tier(tier, note) or self._tier
+        tools = as_dict(block.get("server_tool_use"))
+        if tools:
+            for key in _SERVER_TOOLS:
+                n = part(tools.get(key), key, note)
+                if n is not None and (n != INVALID or key not in raw):
+                    raw[key] = n
         if usage is not None:
+            used = {t: n for k, t in _SERVER_TOOLS.items() if (n := valid(raw.get(k)))}
+            usage = with_extras(usage, service_tier=self._tier, tool_calls=tool_calls(used))
+            assert usage is not None
             self._usage = consistent(usage, note)
 
 

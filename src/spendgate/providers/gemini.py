@@ -21,6 +21,7 @@ from spendgate.providers._common import (
     as_dict,
     as_list,
     choice_count,
+    count,
     ignore_note,
     json_len,
     largest_int,
@@ -28,11 +29,13 @@ from spendgate.providers._common import (
     part,
     read_object,
     reported,
+    service_tier,
     str_len,
     text_chars,
     total,
     unread_request,
     valid,
+    with_extras,
 )
 from spendgate.usage import Note, Usage, consistent
 
@@ -69,7 +72,36 @@ def map_usage(meta: JSONObject, note: Note = ignore_note) -> Usage | None:
             reasoning_tokens=valid(thoughts),
         )
     )
+    if usage is None:
+        return None
+    tier = get("serviceTier")
+    if tier is not None or "promptTokensDetails" in meta or "candidatesTokensDetails" in meta:
+        usage = with_extras(
+            usage,
+            service_tier=service_tier(tier, note),
+            input_audio_tokens=_modality(meta, "promptTokensDetails", "AUDIO", note),
+            input_image_tokens=_modality(meta, "promptTokensDetails", "IMAGE", note),
+            output_audio_tokens=_modality(meta, "candidatesTokensDetails", "AUDIO", note),
+            output_image_tokens=_modality(meta, "candidatesTokensDetails", "IMAGE", note),
+        )
     return None if usage is None else consistent(usage, note)
+
+
+MAX_MODALITIES = 16
+"""Entries of a ``*TokensDetails`` list read; there are five modalities, so more is
+hostile and the rest is not read."""
+
+
+def _modality(meta: JSONObject, key: str, modality: str, note: Note) -> int | None:
+    """The ``tokenCount`` of ``modality`` in ``meta[key]`` (a list of ``{modality,
+    tokenCount}``), summed if it appears twice; None if absent."""
+    found = None
+    for entry in as_list(meta.get(key))[:MAX_MODALITIES]:
+        if type(entry) is dict and entry.get("modality") == modality:
+            n = count(entry.get("tokenCount"), f"{key}.{modality}", note)
+            if n is not None:
+                found = (found or 0) + n
+    return found
 
 
 def _part_chars(part: Any) -> int:

@@ -27,7 +27,11 @@ from spendgate.providers._common import (
     count,
     ignore_note,
     nonempty_str,
+    reported_usd,
+    service_tier,
     str_len,
+    tool_calls,
+    with_extras,
 )
 from spendgate.providers.openai_filter import UsageChunkFilter, is_usage_only_event
 from spendgate.providers.openai_request import OPERATIONS, classify, inspect_request
@@ -42,6 +46,7 @@ __all__ = [
     "is_usage_only_event",
     "map_usage",
     "message_chars",
+    "output_tool_calls",
 ]
 
 
@@ -52,6 +57,8 @@ def map_usage(
 
     ``prompt_tokens``/``input_tokens`` already include cached tokens and
     ``completion_tokens``/``output_tokens`` already include reasoning (docs/reference.md §3).
+    The audio and image parts of either (``*_tokens_details.audio_tokens`` /
+    ``image_tokens``) and the cost OpenRouter reports (``cost``) go to ``extras``.
     A count that is not valid is not reported, and ``note`` is told (:func:`count`);
     cached tokens beyond the prompt are clamped to it (:func:`consistent`).
     """
@@ -67,22 +74,66 @@ def map_usage(
     details = get("prompt_tokens_details")
     if type(details) is not dict:
         details = get("input_tokens_details")
-    cached = None
+    cached = audio_in = image_in = None
     if type(details) is dict:
         cached = count(details.get("cached_tokens"), "cached_tokens", note)
+        audio_in = count(details.get("audio_tokens"), "audio_tokens", note)
+        image_in = count(details.get("image_tokens"), "image_tokens", note)
     if cached is None and "prompt_cache_hit_tokens" in block:  # DeepSeek
         cached = count(get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens", note)
     details = get("completion_tokens_details")
     if type(details) is not dict:
         details = get("output_tokens_details")
-    reasoning = None
+    reasoning = audio_out = image_out = None
     if type(details) is dict:
         reasoning = count(details.get("reasoning_tokens"), "reasoning_tokens", note)
-    if cached is None and reasoning is None:
-        if inp is None and out is None:
-            return None  # an empty block is no report
-        return Usage(inp, out)
-    return consistent(Usage(inp, out, cached, reasoning_tokens=reasoning), note)
+        audio_out = count(details.get("audio_tokens"), "audio_tokens", note)
+        image_out = count(details.get("image_tokens"), "image_tokens", note)
+    cost = reported_usd(get("cost"), "cost", note) if "cost" in block else None
+    if inp is None and out is None and cached is None and reasoning is None:
+        return None  # an empty block is no report
+    usage = with_extras(
+        Usage(inp, out, cached, reasoning_tokens=reasoning),
+        input_audio_tokens=audio_in,
+        input_image_tokens=image_in,
+        output_audio_tokens=audio_out,
+        output_image_tokens=image_out,
+        provider_cost=cost,
+    )
+    assert usage is not None
+    if cached is None and reasoning is None and usage.extras is None:
+        return usage
+    return consistent(usage, note)
+
+
+_OUTPUT_TOOLS = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+}
+"""Responses ``output`` items of the server-side tools billed per call (§4)."""
+
+
+def output_tool_calls(output: Any) -> tuple[tuple[str, int], ...]:
+    """Per-call tools a Responses ``output`` ran: each ``web_search_call`` and
+    ``file_search_call`` item is one call; code interpreter is billed per container, so
+    its calls count once per ``container_id`` (an item without one counts alone)."""
+    calls: dict[str, int] = {}
+    containers: set[str] = set()
+    for item in as_list(output):
+        if type(item) is not dict:
+            continue
+        kind = item.get("type")
+        tool = _OUTPUT_TOOLS.get(kind) if type(kind) is str else None
+        if tool is None:
+            continue
+        container = item.get("container_id")
+        if tool == "code_interpreter" and type(container) is str:
+            if container in containers:
+                continue
+            containers.add(container)
+        calls[tool] = calls.get(tool, 0) + 1
+    return tool_calls(calls)
 
 
 _TEXT_KEYS = frozenset({"content", "reasoning_content", "reasoning", "refusal"})
@@ -169,9 +220,12 @@ class OpenAIParser(FramedParser):
     only an estimate needs.
     """
 
-    def __init__(self, operation: str) -> None:
+    def __init__(self, operation: str, model: str | None = None) -> None:
         super().__init__()
         self._embeddings = operation == "embeddings"
+        self._search_model = operation == "chat" and model is not None and "-search-" in model
+        """A chat search model (``gpt-4o-search-preview``): OpenAI bills each response
+        one web search call (docs/reference.md §4)."""
         self._lazy: list[bytes] = []
         """Complete SSE events that cannot hold usage, framed only when settled."""
         self._lazy_size = 0
@@ -307,6 +361,12 @@ class OpenAIParser(FramedParser):
         block = obj.get("usage")  # may ride on a chunk with choices (OpenRouter)
         if type(block) is dict and not self._counting:  # set-aside events are older
             usage = map_usage(block, embeddings=self._embeddings, note=self._note)
+            if usage is not None:
+                tier = obj.get("service_tier")
+                if tier is not None:
+                    usage = with_extras(usage, service_tier=service_tier(tier, self._note))
+                if self._search_model:  # a chat search model: one search per response
+                    usage = with_extras(usage, tool_calls=(("web_search", 1),))
             self._usage = usage or self._usage
 
     def _response_event(self, kind: str, obj: JSONObject) -> None:
@@ -323,7 +383,12 @@ class OpenAIParser(FramedParser):
             self._model = nonempty_str(response.get("model"))
         block = as_dict(response.get("usage"))
         if block is not None and not self._counting:  # set-aside events are older
-            self._usage = map_usage(block, note=self._note) or self._usage
+            usage = with_extras(
+                map_usage(block, note=self._note),
+                service_tier=service_tier(response.get("service_tier"), self._note),
+                tool_calls=output_tool_calls(response.get("output")),
+            )
+            self._usage = usage or self._usage
         if body:
             self._output_chars += sum(
                 _output_item_chars(i) for i in as_list(response.get("output"))
@@ -341,7 +406,7 @@ class OpenAIAdapter:
     def parser(self, info: RequestInfo, status: int, content_type: str) -> ResponseParser:
         if info.operation not in OPERATIONS:
             return NullParser()
-        return OpenAIParser(info.operation)
+        return OpenAIParser(info.operation, info.model)
 
     def output_filter(self, info: RequestInfo) -> UsageChunkFilter | None:
         return UsageChunkFilter() if info.strip_usage_chunk else None
