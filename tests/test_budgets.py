@@ -370,7 +370,7 @@ async def test_an_agent_budget_stops_that_agent_only() -> None:
     paused = [e.data for e in change.events if e.type == "budget.paused"]
     assert paused == [
         {"scope": "agent", "sessionId": "s", "agentId": "planner", "budgetUsd": 0.01,
-         "spentUsd": 0.01, "reason": "budget"}
+         "spentUsd": 0.01, "reason": "budget", "sessionLabel": None}
     ]  # fmt: skip
     got, _ = await ledger.admit("s", "planner", D(0))
     assert isinstance(got, Refusal) and got.code == "agent_budget_exceeded"

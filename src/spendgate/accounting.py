@@ -139,6 +139,8 @@ class Accountant:
         if not info.metered:
             return None  # a free call: no budget applies, and it makes no session
         sid, agent = target.session_id, target.agent_id
+        if target.label is not None:  # X-Spendgate-Session-Label (docs/reference.md §2)
+            self.apply(await self.ledger.set_label(sid, target.label))
         reserve = _ZERO
         scope = self.ledger.budgeted(sid, agent)
         if scope is not None:

@@ -19,7 +19,7 @@ from spendgate.budgets import BudgetLedger, Change, ResumeRefused
 from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
 from spendgate.pricing import PricingError
 from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
-from spendgate.routing import valid_id
+from spendgate.routing import clean_label, valid_id
 from spendgate.store import REPORT_BY
 from spendgate.timespec import TimeSpecError
 
@@ -183,6 +183,26 @@ async def _budget_body(request: web.Request) -> Decimal | None:
 async def set_budget(request: web.Request) -> web.Response:
     sid = _session_id(request)
     change = await request.app[LEDGER].set_budget(sid, await _budget_body(request))
+    return await _session_change(request, change)
+
+
+@routes.put("/api/sessions/{id}/label")
+async def set_label(request: web.Request) -> web.Response:
+    """``{"label": "text"}`` sets the session's label, ``{"label": null}`` (or ``""``)
+    clears it (docs/reference.md §2, §8)."""
+    sid = _session_id(request)
+    usage = 'body must be {"label": <text, or null to clear>}'
+    try:
+        raw = orjson.loads(await request.read())["label"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise api_error(400, usage) from None
+    if raw is not None and not isinstance(raw, str):
+        raise api_error(400, usage)
+    try:
+        label = None if raw is None else clean_label(raw)
+    except ValueError as exc:
+        raise api_error(400, str(exc)) from None
+    change = await request.app[LEDGER].set_label(sid, label)
     return await _session_change(request, change)
 
 

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple, Protocol
 
-from spendgate.events import BUDGET_PAUSED, BUDGET_RESUMED, BUDGET_WARNING, Event, budget_event
+from spendgate.events import (
+    BUDGET_PAUSED,
+    BUDGET_RESUMED,
+    BUDGET_WARNING,
+    Event,
+    budget_event,
+    session_label_event,
+)
 from spendgate.periods import TOTAL, Period, period_at
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
 
@@ -176,6 +183,8 @@ class BudgetLedger(Protocol):
     def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None: ...
 
     async def set_global_budget(self, budget: Decimal | None) -> Change: ...
+
+    async def set_label(self, session_id: str, label: str | None) -> Change: ...
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change: ...
 
@@ -344,6 +353,10 @@ class MemoryLedger:
         period = None
         if sc.kind == GLOBAL:
             period = self._period.label if self._period is not None else TOTAL
+        else:
+            session = self._sessions.get(sc.session_id) if sc.session_id is not None else None
+            rec = session.record if session is not None else None
+            extra["sessionLabel"] = rec.label if isinstance(rec, SessionRecord) else None
         return budget_event(
             type_,
             sc.kind,
@@ -643,6 +656,17 @@ class MemoryLedger:
         change = Change()
         self._roll(change)
         self._set(self._global, budget, change)
+        return change
+
+    async def set_label(self, session_id: str, label: str | None) -> Change:
+        """Set (None: clear) the session's label; nothing changes when it has it already."""
+        change = Change()
+        rec = self._session(session_id, change).record
+        assert isinstance(rec, SessionRecord)
+        if rec.label != label:
+            rec.label = label
+            change.saved(rec)
+            change.events.append(session_label_event(session_id, label))
         return change
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:

@@ -329,6 +329,14 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return _admin(args, "PUT", path, {"budgetUsd": budget})
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    """``label SESSION TEXT`` or ``label SESSION --clear``, through the running proxy."""
+    if (args.text is None) == (not args.clear):
+        print("spendgate: use `label SESSION TEXT` or `label SESSION --clear`", file=sys.stderr)
+        return 2
+    return _admin(args, "PUT", f"/api/sessions/{args.session}/label", {"label": args.text})
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     return _admin(args, "POST", f"/api/sessions/{args.session}/resume")
 
@@ -533,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--global", dest="global_usd", metavar="USD", help="the budget across all sessions"
     )
+    sp = add("label", cmd_label, "set or clear a session's label")
+    sp.add_argument("session")
+    sp.add_argument("text", nargs="?", help="the label (at most 200 characters)")
+    sp.add_argument("--clear", action="store_true", help="remove the label")
     sp = add("resume", cmd_resume, "lift a session's pause")
     sp.add_argument("session")
     sp = add("pause", cmd_pause, "pause a session by hand")

@@ -20,6 +20,7 @@ BUDGET_WARNING = "budget.warning"
 BUDGET_PAUSED = "budget.paused"
 BUDGET_RESUMED = "budget.resumed"
 BUDGET_UNENFORCEABLE = "budget.unenforceable"
+SESSION_LABEL = "session.label"
 EVENT_TYPES = (
     TOKEN_USAGE,
     CONTEXT_USAGE,
@@ -27,6 +28,7 @@ EVENT_TYPES = (
     BUDGET_PAUSED,
     BUDGET_RESUMED,
     BUDGET_UNENFORCEABLE,
+    SESSION_LABEL,
 )
 GLOBAL_SESSION = ""
 """The ``session_id`` of an event about no one session (the global budget): every
@@ -135,6 +137,11 @@ def budget_event(
         data["period"] = period
     data.update(budgetUsd=budget, spentUsd=spent, **extra)
     return Event(type_, session_id or GLOBAL_SESSION, data)
+
+
+def session_label_event(session_id: str, label: str | None) -> Event:
+    """A session's label was set or cleared (docs/reference.md §7)."""
+    return Event(SESSION_LABEL, session_id, {"sessionId": session_id, "label": label})
 
 
 def context_data(

@@ -72,6 +72,9 @@ def print_sessions(
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("last active", no_wrap=True)
     table.add_column("state")
+    labels = any(r["label"] for r in rows)
+    if labels:
+        table.add_column("label")
     for r in rows:
         last = r["lastActivityAt"] or r["createdAt"]
         state = Text("")
@@ -83,6 +86,7 @@ def print_sessions(
             total_usd(r["totalCostUsd"], r["messageCount"], r["unpricedMessageCount"]),
             budget_usd(r["budgetUsd"]),
             time.strftime("%m-%d %H:%M", time.localtime(last)), state,
+            *([Text(r["label"] or "")] if labels else []),
         )  # fmt: skip
     console.print(table)
 
@@ -95,7 +99,11 @@ def print_summary(s: dict[str, Any]) -> None:
     total = total_usd(s["totalCostUsd"], s["messageCount"], unpriced)
     count = f"  {s['messageCount']:,} messages" + (f" ({unpriced:,} unpriced)" if unpriced else "")
     count += "  "
-    head = Text.assemble((s["sessionId"], "bold"), count, (total, "bold"))
+    head = Text.assemble((s["sessionId"], "bold"))
+    if s.get("label"):
+        head.append(f" ({s['label']})")
+    head.append(count)
+    head.append(total, style="bold")
     if s["paused"]:
         head.append(f"  PAUSED ({s['pauseReason'] or 'manual'})", style="bold red")
     console.print(head)

@@ -16,6 +16,16 @@ from spendgate.settings import AgentHeaders, RouteConfig, Settings
 
 ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_SESSION = "default"
+LABEL_HEADER = "X-Spendgate-Session-Label"
+MAX_LABEL = 200
+"""A session label's longest length in characters, after trimming (docs/reference.md §2)."""
+_LABEL_REFUSED = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+    "\ud800-\udfff\ufeff\ufff9-\ufffb]"
+)
+"""Control characters (C0, DEL, C1), line and paragraph separators, the bidirectional
+marks and overrides that make text read other than it is stored, byte-order marks and
+interlinear annotations, and the surrogates that stand for bytes not valid UTF-8."""
 
 OLLAMA_ENDPOINTS = frozenset(
     {
@@ -83,6 +93,8 @@ class Target(NamedTuple):
     """The upstream path in canonical form (:func:`canonical_path`), less spendgate's prefixes."""
     session_id: str
     agent_id: str | None
+    label: str | None = None
+    """The session label the request's ``X-Spendgate-Session-Label`` header gave."""
 
 
 class RoutingError(Exception):
@@ -96,6 +108,24 @@ class RoutingError(Exception):
 
 def valid_id(value: str) -> bool:
     return ID_RE.fullmatch(value) is not None
+
+
+def clean_label(raw: str) -> str | None:
+    """A session label as given (a header, the API, the command line), trimmed of
+    surrounding whitespace; None when nothing is left. ValueError, saying why, for one
+    longer than MAX_LABEL characters or holding a character :data:`_LABEL_REFUSED`
+    names: refused, not stripped, so a label is stored as its sender wrote it or not at
+    all."""
+    label = raw.strip()
+    if len(label) > MAX_LABEL:
+        raise ValueError(f"a session label is at most {MAX_LABEL} characters (got {len(label)})")
+    bad = _LABEL_REFUSED.search(label)
+    if bad is not None:
+        raise ValueError(
+            f"a session label may not hold control or bidirectional characters "
+            f"(U+{ord(bad.group()):04X} at {bad.start()})"
+        )
+    return label or None
 
 
 _SEPARATORS = frozenset({"2F", "2f", "5C", "5c"})
@@ -193,11 +223,19 @@ class Router:
                 agent, path = _take_segment(path[3:], "agent")
         route, upstream_path = self._match(path)
         hs, ha = self._from_headers(headers, route.adapter)
+        raw_label = headers.get(LABEL_HEADER)
+        label = None
+        if raw_label is not None:
+            try:
+                label = clean_label(raw_label)
+            except ValueError as exc:
+                raise RoutingError(f"invalid {LABEL_HEADER} header: {exc}", route.adapter) from None
         return Target(
             route=route,
             path=upstream_path or "/",
             session_id=session or hs or DEFAULT_SESSION,
             agent_id=agent or ha,
+            label=label,
         )
 
     def _canonical(self, raw_path: str, keep_separators: bool) -> str:
