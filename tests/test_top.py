@@ -29,7 +29,7 @@ from spendgate.context import (
 )
 from spendgate.events import context_data
 from spendgate.settings import Settings
-from spendgate.top import Follower, TopState, proxy_url, sse_events
+from spendgate.top import Action, Follower, TopState, proxy_url, split_keys, sse_events
 from tests.conftest import StartProxy, eventually
 from tests.upstream import FakeUpstream, json_reply
 
@@ -40,7 +40,7 @@ ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z]|[=>7
 def screen(state: TopState, now: float = NOW, width: int = 170, max_rows: int = 30) -> str:
     """What the view shows, as plain text."""
     console = Console(record=True, width=width, file=io.StringIO())
-    console.print(state.render(now, max_rows=max_rows))
+    console.print(state.render(now, max_rows=max_rows, width=width))
     return console.export_text()
 
 
@@ -91,7 +91,7 @@ def test_renders_sessions_from_the_list_and_events() -> None:
         messageCount=3,
         totalInputTokens=3000,
         totalOutputTokens=300,
-        lastActivityAt=NOW - 300,
+        lastActivityAt=NOW - 400,  # over five minutes ago: idle
     )
     state.load_sessions([old, row("budgeted", budgetUsd=1.0, createdAt=NOW - 200)], sent_at=0.0)
     # Received a minute ago, by a clock that agrees with the proxy's.
@@ -239,6 +239,136 @@ async def test_unpriced_counts_from_a_real_proxy(
     assert state.sessions["mixed"].totals() == (2_000, 200, 2, 1)
 
 
+def test_columns_fit_their_content_and_the_terminal() -> None:
+    state = TopState("http://x")
+    long_id = "a-very-long-session-id-" + "x" * 60 + "-tail"
+    state.load_sessions(
+        [
+            row(long_id, spentUsd=1234.5678, totalCostUsd=1234.5678, messageCount=1_521_100,
+                totalInputTokens=1_521_123_456, totalOutputTokens=98_765_432, budgetUsd=5000.0,
+                lastActivityAt=NOW - 30),
+            row("short", spentUsd=0.1234, totalCostUsd=0.1234, messageCount=3,
+                lastActivityAt=NOW - 20),
+        ],
+        sent_at=NOW - 40,
+    )  # fmt: skip
+    for width in (170, 120, 100, 80, 60):
+        text = screen(state, width=width)
+        lines = text.splitlines()
+        assert all(len(ln) <= width for ln in lines), (width, text)
+        (line,) = [ln for ln in lines if ln.startswith("a-ver")]
+        # Numbers are never cut; the id gives way, elided in the middle.
+        assert "1,521,123,456" in line and "$1,234.57" in line, (width, line)
+        assert "…" in line and line.split()[0].endswith("tail")
+        assert "short" in text and "$0.1234" in text
+    wide = screen(state, width=240)
+    assert long_id in wide  # room enough: the whole id
+    (head,) = [ln for ln in wide.splitlines() if ln.startswith("session")]
+    assert head.index("state") < 100  # the session column is as wide as its longest id only
+
+
+def test_keys_sort_filter_select_and_ask_for_actions() -> None:
+    state = TopState("http://x")
+    state.load_sessions(
+        [
+            row("alpha", spentUsd=0.5, lastActivityAt=NOW - 30),
+            row("beta", spentUsd=2.0, lastActivityAt=NOW - 60),
+            row("gamma", spentUsd=1.0, lastActivityAt=NOW - 10),
+        ],
+        sent_at=NOW - 100,
+    )
+
+    def order() -> list[str]:
+        screen(state)
+        return state.shown
+
+    assert order() == ["gamma", "alpha", "beta"] and "sort recent" in screen(state)
+    state.key("s")
+    assert order() == ["beta", "gamma", "alpha"] and "sort cost" in screen(state)
+    state.key("s")
+    assert state.sort == "burn"
+    state.key("s")
+    assert state.sort == "recent"
+    # Select with the arrows (an escape sequence is one key) and ask for actions.
+    assert split_keys("\x1b[Bj\x1bq") == ["\x1b[B", "j", "\x1b", "q"]
+    order()
+    assert state.current() == "gamma"
+    state.key("\x1b[B")
+    assert state.key("p") == Action("pause", "alpha")
+    assert state.key("r") == Action("resume", "alpha")
+    assert "reverse" in repr(state.render(NOW).renderables[1].rows[1].style)  # type: ignore[attr-defined]
+    assert state.key("b") is None and state.mode == "budget"
+    for k in "$2.5":
+        state.key(k)
+    assert "budget of alpha in USD: $2.5" in screen(state)
+    assert state.key("\r") == Action("budget", "alpha", 2.5)
+    state.key("b")
+    for k in "lots":
+        state.key(k)
+    assert state.key("\r") is None and "not an amount in USD: 'lots'" in screen(state)
+    state.key("b")
+    for k in "unlimited":
+        state.key(k)
+    assert state.key("\r") == Action("budget", "alpha", None)
+    state.key("b")
+    state.key("9")
+    assert state.key("\x1b") is None and state.mode is None  # Esc: nothing asked
+    # The filter follows what is typed; Esc clears it; matching is by id, agent or model.
+    state.key("/")
+    for k in "ET":
+        state.key(k)
+    assert order() == ["beta"] and state.current() == "beta"
+    state.key("\x1b")
+    assert order() == ["gamma", "alpha", "beta"]
+    state.apply("token.usage", usage("gamma", "m1", 1, 1, 0.0, 1.0, model="o3-mini"), NOW)
+    state.key("/")
+    for k in "o3-":
+        state.key(k)
+    state.key("\r")
+    assert order() == ["gamma"] and "filter o3-" in screen(state)
+    state.key("/")
+    for k in "\x7f\x7f\x7fzzz\r":
+        state.key(k)
+    assert order() == [] and "no session matches 'zzz'" in screen(state)
+    assert state.key("p") is None and state.message == "no session selected"
+    assert state.key("q") == Action("quit", "")
+
+
+def test_a_list_that_answers_before_the_events_counts_each_message_once() -> None:
+    state = TopState("http://x")
+    state.load_sessions([row("s")], sent_at=1.0)
+    # The list already counts m1 and m2, whose events have not arrived yet.
+    listed = row("s", messageCount=2, totalInputTokens=200, totalOutputTokens=20)
+    state.load_sessions([listed], sent_at=2.0)
+    state.apply("token.usage", usage("s", "m1", 100, 10, 0.001, 0.001), received_at=3.0)
+    state.apply("token.usage", usage("s", "m2", 100, 10, 0.001, 0.002), received_at=3.1)
+    assert state.sessions["s"].totals() == (200, 20, 2, 0)
+    state.apply("token.usage", usage("s", "m3", 100, 10, 0.001, 0.003), received_at=3.2)
+    assert state.sessions["s"].totals() == (300, 30, 3, 0)
+
+
+def test_burn_rate_and_time_to_budget_from_history_and_idle() -> None:
+    state = TopState("http://x")
+    state.load_sessions(
+        [row("h", budgetUsd=1.0, spentUsd=0.4, lastActivityAt=NOW - 60)], sent_at=NOW
+    )
+    rows = [
+        {"messageId": f"m{i}", "startedAt": NOW - 240 + 60 * i, "durationMs": 0.0,
+         "costUsd": 0.1}
+        for i in range(4)
+    ]  # fmt: skip
+    state.load_history("h", rows)
+    state.load_history("h", rows)  # read twice: counted once
+    # $0.40 over the four minutes since the first one: $0.10/min, $0.60 left: ~6 min.
+    (line,) = [ln for ln in screen(state).splitlines() if ln.startswith("h ")]
+    assert "$0.1000" in line and "~6 min" in line
+    # An event for a message the history had is not counted again.
+    state.apply("token.usage", usage("h", "m3", 1, 1, 0.1, 0.4, t=NOW), NOW)
+    assert "$0.1000" in next(ln for ln in screen(state).splitlines() if ln.startswith("h "))
+    (line,) = [ln for ln in screen(state, now=NOW + 301).splitlines() if ln.startswith("h ")]
+    assert "idle" in line and "$0.1000" not in line
+
+
 def test_many_sessions_are_cut_to_the_screen() -> None:
     state = TopState("http://x")
     state.load_sessions([row(f"s{i:02}", createdAt=NOW + i) for i in range(40)], sent_at=0.0)
@@ -357,9 +487,18 @@ class Terminal:
     def text(self) -> str:
         return ANSI.sub("", self.raw.decode("utf-8", errors="replace"))
 
-    async def wait_for(self, *needles: str, timeout: float = 15.0) -> None:
+    def send(self, keys: str) -> None:
+        """Type on the terminal."""
+        os.write(self.master, keys.encode())
+
+    def mark(self) -> int:
+        """Where the output is now: ``wait_for(..., since=mark)`` looks only after it."""
+        return len(self.raw)
+
+    async def wait_for(self, *needles: str, timeout: float = 15.0, since: int = 0) -> None:
         async def shown() -> bool:
-            return all(n in self.text for n in needles)
+            text = ANSI.sub("", self.raw[since:].decode("utf-8", errors="replace"))
+            return all(n in text for n in needles)
 
         try:
             await eventually(shown, timeout)
@@ -381,21 +520,26 @@ class Terminal:
         return code
 
 
+def top_env(proxy_port: int, tmp_path: Path, width: int = 170) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
+    env.update(
+        SPENDGATE_HOST="127.0.0.1",
+        SPENDGATE_PORT=str(proxy_port),
+        SPENDGATE_ADMIN_TOKEN="s3cret",
+        SPENDGATE_DB_PATH=str(tmp_path / "unused.db"),
+        TERM="xterm-256color",
+        COLUMNS=str(width),
+        LINES="40",
+    )
+    return env
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 async def test_top_follows_a_live_proxy_and_quits_cleanly_on_ctrl_c(
     start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     proxy = await start_proxy(admin_token="s3cret")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDGATE_")}
-    env.update(
-        SPENDGATE_HOST="127.0.0.1",
-        SPENDGATE_PORT=str(proxy.server.port),
-        SPENDGATE_ADMIN_TOKEN="s3cret",
-        SPENDGATE_DB_PATH=str(tmp_path / "unused.db"),
-        TERM="xterm-256color",
-        COLUMNS="170",
-        LINES="40",
-    )
+    env = top_env(proxy.server.port, tmp_path)
     term = Terminal([sys.executable, "-m", "spendgate", "top"], env, tmp_path)
     try:
         await term.wait_for("spendgate top", "live", "no sessions yet")
@@ -418,3 +562,66 @@ async def test_top_follows_a_live_proxy_and_quits_cleanly_on_ctrl_c(
     assert code == 0, term.text[-2000:]
     assert "Traceback" not in term.text
     assert term.raw.rstrip().endswith(b"\x1b[?1049l") or b"\x1b[?1049l" in term.raw[-200:]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+async def test_top_reads_history_at_start_and_its_keys_act_on_the_proxy(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    proxy = await start_proxy(admin_token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    # Spend from before top starts: gpt-4o, 1,000 × 2.5 + 100 × 10 µ$ = $0.0035 a message.
+    for session in ("hist-a", "hist-a", "hist-b"):
+        upstream.queue(json_reply(completion("gpt-4o", 1_000, 100)))
+        async with openai.AsyncOpenAI(
+            base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+            )
+    async with proxy.http.put(
+        proxy.url("/api/sessions/hist-a/budget"), json={"budgetUsd": 1.0}, headers=auth
+    ) as resp:
+        assert resp.status == 200
+    term = Terminal([sys.executable, "-m", "spendgate", "top"], top_env(proxy.server.port,
+                    tmp_path), tmp_path)  # fmt: skip
+
+    async def session(sid: str) -> dict[str, object]:
+        data: dict[str, object] = await proxy.get_json(f"/api/sessions/{sid}/cost", headers=auth)
+        return data
+
+    try:
+        # Right at once, from the rows read at start (all within the first minute): hist-a
+        # burns $0.0070/min, so its $0.993 left last ~2.4 h; both burn $0.0105/min.
+        await term.wait_for("hist-a", "hist-b", "~2.4 h", "burn $0.0105/min")
+        at = term.mark()
+        term.send("s")
+        await term.wait_for("sort cost", since=at)
+        at = term.mark()
+        term.send("/hist-b\r")
+        await term.wait_for("filter hist-b", since=at)
+        term.send("p")  # the selected session: the only one shown
+        await term.wait_for("hist-b: paused", "PAUSED", since=at)
+        assert (await session("hist-b"))["paused"] is True
+        at = term.mark()
+        term.send("r")
+        await term.wait_for("hist-b: resumed", since=at)
+        assert (await session("hist-b"))["paused"] is False
+        at = term.mark()
+        term.send("b0.5\r")
+        await term.wait_for("hist-b: budget $0.5000", since=at)
+        assert (await session("hist-b"))["budgetUsd"] == 0.5
+        # Lowered below the spend: paused, and resuming is refused (409) with what to do.
+        at = term.mark()
+        term.send("b0.001\r")
+        await term.wait_for("hist-b: budget $0.001000", since=at)
+        at = term.mark()
+        term.send("r")
+        await term.wait_for("resume hist-b: 409", "raise the budget with b", since=at)
+        assert (await session("hist-b"))["paused"] is True
+        term.send("q")
+        code = await asyncio.wait_for(asyncio.to_thread(term.proc.wait), 15)
+    finally:
+        code = await term.stop()
+    assert code == 0, term.text[-2000:]
+    assert "Traceback" not in term.text
