@@ -31,7 +31,7 @@ from spendgate.events import context_data
 from spendgate.settings import Settings
 from spendgate.top import Action, Follower, TopState, proxy_url, split_keys, sse_events
 from tests.conftest import StartProxy, eventually
-from tests.upstream import FakeUpstream, json_reply
+from tests.upstream import FakeUpstream, chat_completion, json_reply
 
 NOW = 1_700_000_000.0
 ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z]|[=>78])")
@@ -223,7 +223,7 @@ async def test_unpriced_counts_from_a_real_proxy(
         ("all-priced", "gpt-4o"), ("all-priced", "gpt-4o"), ("mixed", "gpt-4o"),
         ("mixed", "my-private-model"), ("all-unpriced", "my-private-model"),
     ):  # fmt: skip
-        upstream.queue(json_reply(completion(model, 1_000, 100)))
+        upstream.queue(json_reply(chat_completion(model, 1_000, 100)))
         async with openai.AsyncOpenAI(
             base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0
         ) as client:
@@ -445,16 +445,6 @@ async def test_says_so_when_no_proxy_is_running() -> None:
     assert "cannot reach the proxy" in screen(state)
 
 
-def completion(model: str, prompt: int, output: int) -> dict[str, object]:
-    return {
-        "id": "c", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": output,
-                  "total_tokens": prompt + output},
-    }  # fmt: skip
-
-
 # --- the real command in a pseudo-terminal ------------------------------------------------------
 
 
@@ -543,7 +533,7 @@ async def test_top_follows_a_live_proxy_and_quits_cleanly_on_ctrl_c(
     term = Terminal([sys.executable, "-m", "spendgate", "top"], env, tmp_path)
     try:
         await term.wait_for("spendgate top", "live", "no sessions yet")
-        upstream.queue(json_reply(completion("gpt-4o", 110_000, 5_000)))
+        upstream.queue(json_reply(chat_completion("gpt-4o", 110_000, 5_000)))
         async with openai.AsyncOpenAI(
             base_url=proxy.url("/s/run-top/openai/v1"), api_key="k", max_retries=0
         ) as client:

@@ -59,6 +59,17 @@ def fixture_reply(name: str, chunk_size: int = 64, delay: float = 0.0, status: i
     return Reply(status=status, chunks=chunks, content_type=ctype, delay=delay)
 
 
+def chat_completion(model: str, prompt: int = 1000, output: int = 100) -> dict[str, Any]:
+    """A minimal OpenAI chat completion with its usage, for a :func:`json_reply`."""
+    return {
+        "id": "c", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": output,
+                  "total_tokens": prompt + output},
+    }  # fmt: skip
+
+
 def json_reply(payload: Any, status: int = 200) -> Reply:
     return Reply(status=status, chunks=[orjson.dumps(payload)])
 

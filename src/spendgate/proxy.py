@@ -13,11 +13,13 @@ A WebSocket handshake (a ``GET`` with ``Upgrade: websocket``) goes to
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from spendgate import access_log, response_headers
 from spendgate.accounting import Accountant
 from spendgate.budgets import Refusal
 from spendgate.errors import error_response, stream_error_bytes
@@ -30,6 +32,7 @@ from spendgate.forwarding import (
 )
 from spendgate.meter import Meter
 from spendgate.providers import get_adapter
+from spendgate.records import MessageRecord
 from spendgate.routing import Router, RoutingError
 from spendgate.settings import Settings
 from spendgate.websocket import WebSocketRelay
@@ -111,6 +114,10 @@ class ProxyHandler:
             sock_read=settings.upstream_idle_timeout_s,
         )
         self._idle = settings.upstream_idle_timeout_s
+        self._headers = settings.response_headers
+        self._extras = settings.response_headers or settings.access_log
+        """Anything to do with the row after the meter closed (off by default: then
+        nothing at all, docs/reference.md §1 "Access log", "Response headers")."""
 
     def attach(self, router: Router, accountant: Accountant, client: aiohttp.ClientSession) -> None:
         self.router = router
@@ -147,13 +154,27 @@ class ProxyHandler:
         refusal = await meter.admit()
         if refusal is not None:
             return _refuse(meter.error_style, refusal)
+        resp: web.StreamResponse | None = None
         try:
-            return await self._forward(request, meter, info.body or body)
+            resp = await self._forward(request, meter, info.body or body)
+            return resp
         except asyncio.CancelledError:
             meter.client_left()  # aiohttp cancelled this handler
             raise
         finally:
-            await meter.close()
+            rec = await meter.close()
+            if self._extras:
+                self._with_row(request, resp, rec)
+
+    def _with_row(
+        self, request: web.Request, resp: web.StreamResponse | None, rec: MessageRecord
+    ) -> None:
+        """What the optional settings make of the closed meter's row: the headers of a
+        response not sent yet, and the access log line."""
+        if self._headers and resp is not None and not resp.prepared:
+            response_headers.add_row(resp, rec)
+        if self.settings.access_log:
+            access_log.write(request.method, rec)
 
     def _upstream_error(
         self, request: web.Request, meter: Meter, status: int, kind: str, msg: str
@@ -201,9 +222,17 @@ class ProxyHandler:
             length = up.content_length
             if not info.stream and length is not None and length <= WHOLE_BODY_BYTES:
                 return await self._whole(request, meter, up)
+            head = b""
+            if self._headers and length is None and not meter.streamed:
+                try:  # held to price it for X-Spendgate-Cost-Usd, bounded as above
+                    head, whole = await _read_upto(up.content, WHOLE_BODY_BYTES)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    return self._broken_whole(request, meter, exc)
+                if whole:
+                    return self._whole_response(meter, up, head)
             watch = IdleWatch(up, self._idle)
             try:
-                return await self._stream(request, meter, up, watch)
+                return await self._stream(request, meter, up, watch, head)
             finally:
                 watch.cancel()
 
@@ -218,12 +247,22 @@ class ProxyHandler:
         try:
             body = await up.read()  # aiohttp's sock_read bounds the silence
         except (aiohttp.ClientError, TimeoutError) as exc:
-            upstream = meter.target.route.upstream
-            if isinstance(exc, TimeoutError):
-                msg = f"upstream {upstream} went silent for {self._idle:g} s mid-response"
-                return self._upstream_error(request, meter, 504, "timeout", msg)
-            msg = f"upstream {upstream} broke off its response: {exc}"
-            return self._upstream_error(request, meter, 502, "reset", msg)
+            return self._broken_whole(request, meter, exc)
+        return self._whole_response(meter, up, body)
+
+    def _broken_whole(
+        self, request: web.Request, meter: Meter, exc: aiohttp.ClientError | TimeoutError
+    ) -> web.Response:
+        upstream = meter.target.route.upstream
+        if isinstance(exc, TimeoutError):
+            msg = f"upstream {upstream} went silent for {self._idle:g} s mid-response"
+            return self._upstream_error(request, meter, 504, "timeout", msg)
+        msg = f"upstream {upstream} broke off its response: {exc}"
+        return self._upstream_error(request, meter, 502, "reset", msg)
+
+    def _whole_response(
+        self, meter: Meter, up: aiohttp.ClientResponse, body: bytes
+    ) -> web.Response:
         meter.whole(body, up.headers.get("Content-Encoding", ""))
         return web.Response(
             status=up.status,
@@ -233,16 +272,25 @@ class ProxyHandler:
         )
 
     async def _stream(
-        self, request: web.Request, meter: Meter, up: aiohttp.ClientResponse, watch: IdleWatch
+        self,
+        request: web.Request,
+        meter: Meter,
+        up: aiohttp.ClientResponse,
+        watch: IdleWatch,
+        head: bytes = b"",
     ) -> web.StreamResponse:
-        """Each piece goes to the client as it arrives, then to the meter."""
+        """Each piece goes to the client as it arrives, then to the meter. ``head``: the
+        start of the body, already read while it was held (``_read_upto``)."""
         resp = web.StreamResponse(status=up.status, reason=up.reason)
         resp.headers.extend(client_headers(up.headers, keep_length=meter.keeps_length))
+        if self._headers:
+            response_headers.add_id(resp, meter.id)
         await resp.prepare(request)
         # Per chunk, only local names: this loop runs for every piece of every stream.
         write, outgoing, feed = resp.write, meter.outgoing, meter.feed
+        chunks = up.content.iter_any() if not head else _after(head, up.content)
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in chunks:
                 out = outgoing(chunk)
                 if out:
                     await write(out)
@@ -262,6 +310,25 @@ class ProxyHandler:
             meter.upstream_failed(kind, _redacted(request, meter, str(exc)))
             await _end_broken(request, meter, resp, up.headers.get("Content-Type", ""))
         return resp
+
+
+async def _read_upto(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """Up to just past ``limit`` bytes of a body, and whether that was all of it."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_any():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), False
+    return b"".join(parts), True
+
+
+async def _after(head: bytes, content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """``head``, then the rest of the body as it arrives."""
+    yield head
+    async for chunk in content.iter_any():
+        yield chunk
 
 
 async def _finish(resp: web.StreamResponse, meter: Meter, last: bytes) -> None:

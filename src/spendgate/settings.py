@@ -286,6 +286,15 @@ class Settings(BaseSettings):
         description="Known coding agents' session headers",
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for /api")
+    access_log: bool = Field(
+        default=False,
+        description="One log line per proxied request (spendgate.access, from its row)",
+    )
+    response_headers: bool = Field(
+        default=False,
+        description="X-Spendgate-Message-Id on proxied responses, and X-Spendgate-Cost-Usd "
+        "on non-streamed ones (their body is held until it is priced)",
+    )
 
     @field_validator("store_url")
     @classmethod
