@@ -562,7 +562,7 @@ async def test_top_reads_history_at_start_and_its_keys_act_on_the_proxy(
     auth = {"Authorization": "Bearer s3cret"}
     # Spend from before top starts: gpt-4o, 1,000 × 2.5 + 100 × 10 µ$ = $0.0035 a message.
     for session in ("hist-a", "hist-a", "hist-b"):
-        upstream.queue(json_reply(completion("gpt-4o", 1_000, 100)))
+        upstream.queue(json_reply(chat_completion("gpt-4o", 1_000, 100)))
         async with openai.AsyncOpenAI(
             base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0
         ) as client:
