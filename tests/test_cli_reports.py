@@ -426,3 +426,40 @@ async def test_sessions_since_and_iso_times(db: Path, capsys: pytest.CaptureFixt
     assert code == 0 and "no sessions active since 2099-01-01 recorded" in out
     code, _, err = await run(capsys, "sessions", "--db", str(db), "--since", "soon")
     assert code == 2 and "since 'soon' is not a date" in err
+
+
+async def test_sessions_and_report_read_through_the_store_url(
+    pg_url: str,
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """With SPENDGATE_STORE_URL on PostgreSQL the CLI reads the same database the
+    proxies write (NUMERIC money read back as Decimal), with no local file at all."""
+    proxy = await start_proxy(store_url=pg_url)
+    await send(proxy, upstream, "/s/run-1/a/planner/openai/v1", "gpt-4o", 10_000, 1_000)
+    await send(proxy, upstream, "/s/run-1/openai/v1", "my-private-model", 700, 20)
+    async with proxy.http.put(
+        proxy.url("/api/sessions/run-1/budget"), json={"budgetUsd": 5}
+    ) as resp:
+        assert resp.status == 200
+    await proxy.server.close()
+    monkeypatch.setenv("SPENDGATE_STORE_URL", pg_url)
+    nowhere = str(tmp_path / "never-created" / "x.db")
+    code, out, err = await run(capsys, "sessions", "--db", nowhere, "--format", "json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert row["sessionId"] == "run-1" and row["messageCount"] == 2
+    assert row["totalCostUsd"] == pytest.approx(0.035) and row["budgetUsd"] == 5.0
+    assert row["unpricedMessageCount"] == 1
+    code, out, err = await run(capsys, "report", "run-1", "--db", nowhere, "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["remainingUsd"] == pytest.approx(5 - 0.035)
+    assert summary["byModel"]["my-private-model"]["costUsd"] is None
+    code, out, _ = await run(capsys, "sessions", "--db", nowhere)
+    (line,) = [ln for ln in out.splitlines() if ln.strip().startswith("run-1")]
+    assert code == 0 and "10,700" in line and "$5.00" in line
+    assert not Path(nowhere).parent.exists()

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -32,8 +33,9 @@ class Served:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-@pytest.fixture
-async def serve(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Served]:
+@asynccontextmanager
+async def serving(upstream: FakeUpstream, tmp_path: Path, **extra: str) -> AsyncIterator[Served]:
+    """A real `spendgate serve` (``extra``: more SPENDGATE_* variables), killed at the end."""
     port = free_port()
     db = tmp_path / "proc.db"
     env = {
@@ -42,6 +44,7 @@ async def serve(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Served]
         "SPENDGATE_DB_PATH": str(db),
         "SPENDGATE_OPENAI_BASE_URL": upstream.base_url,  # type: ignore[attr-defined]
         "SPENDGATE_FLUSH_INTERVAL_MS": "60000",  # only the shutdown flush writes rows
+        **extra,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "spendgate", "serve"], env=env, stdout=subprocess.DEVNULL
@@ -58,10 +61,18 @@ async def serve(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Served]
         else:
             proc.kill()
             raise AssertionError("spendgate serve did not start")
-    yield served
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
+    try:
+        yield served
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture
+async def serve(upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Served]:
+    async with serving(upstream, tmp_path) as served:
+        yield served
 
 
 async def _burst(served: Served, n: int) -> None:
@@ -142,4 +153,37 @@ def test_a_misspelt_variable_stops_serve_before_it_listens(tmp_path: Path) -> No
     assert done.stderr == (
         "spendgate: unknown environment variable SPENDGATE_ADMIN_TOKN "
         "(did you mean SPENDGATE_ADMIN_TOKEN?)\n"
+    )
+
+
+async def test_on_postgres_a_sigkill_loses_no_finished_row(
+    pg_url: str, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The rows of a killed process are in its journal (its writer had not run); the
+    next start on the same store URL and data directory imports them into PostgreSQL."""
+    from spendgate.settings import Settings
+    from spendgate.store_factory import make_store
+
+    upstream.default = fixture_reply("openai/chat_json_gpt-3.5-turbo.json")
+    async with serving(upstream, tmp_path, SPENDGATE_STORE_URL=pg_url) as served:
+        await _burst(served, 40)
+        served.proc.kill()
+        await asyncio.to_thread(served.proc.wait, 10)
+    store = make_store(Settings(store_url=pg_url, db_path=served.db))
+    await store.open()
+    try:
+        (tot,) = await store.totals("proc")
+        assert tot["message_count"] == 40 and tot["input_tokens"] == 40 * 15
+    finally:
+        await store.close()
+
+
+def test_an_unreachable_postgres_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    url = f"postgresql://spendgate:secret@127.0.0.1:{free_port()}/spendgate"
+    done = serve_once(SPENDGATE_STORE_URL=url, SPENDGATE_DB_PATH=str(tmp_path / "x.db"))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "secret" not in done.stderr + done.stdout
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"spendgate: cannot use the database {url.replace(':secret@', ':***@')}: cannot connect"
     )
