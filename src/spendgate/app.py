@@ -28,6 +28,7 @@ from spendgate.keys import (
     REGISTRY,
     SETTINGS,
     STORE,
+    WEBHOOKS,
 )
 from spendgate.metrics import Metrics
 from spendgate.price_files import reload_into, settings_table
@@ -36,6 +37,7 @@ from spendgate.proxy import ProxyHandler
 from spendgate.routing import Router, build_routes
 from spendgate.settings import Settings
 from spendgate.store_factory import describe, make_store
+from spendgate.webhooks import Webhooks
 
 log = logging.getLogger("spendgate")
 
@@ -115,11 +117,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except BaseException:  # a failed or interrupted start-up (SIGTERM) closes the store too
         await store.close()
         raise
+    if settings.webhook_url:  # docs/reference.md §7 "Webhook"
+        app[WEBHOOKS] = webhooks = Webhooks(settings.webhook_url, settings.webhook_events)
+        webhooks.start(bus)
     _watch_sighup(app)
     try:
         yield
     finally:
         _unwatch_sighup(app)
+        if WEBHOOKS in app:
+            await app[WEBHOOKS].close()
         await client.close()
         await store.close()
 
@@ -170,6 +177,8 @@ async def _reload_prices(app: web.Application) -> None:
 
 
 async def _close_subscribers(app: web.Application) -> None:
+    if WEBHOOKS in app:  # first: it is a subscriber that would subscribe again
+        await app[WEBHOOKS].close()
     if BUS in app:
         app[BUS].close()
 

@@ -14,6 +14,7 @@ from spendgate.pricing import PriceTable
 from spendgate.proxy import ProxyHandler
 from spendgate.settings import Settings
 from spendgate.store import Store
+from spendgate.webhooks import Webhooks
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
@@ -24,3 +25,5 @@ PRICES = web.AppKey("prices", PriceTable)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", ProxyHandler)
 """The catch-all handler; it holds the accountant each request's meter reports to."""
+WEBHOOKS = web.AppKey("webhooks", Webhooks)
+"""The webhook subscriber, only when ``webhook_url`` is set."""

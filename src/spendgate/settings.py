@@ -44,6 +44,7 @@ from pydantic_settings import (
 )
 
 from spendgate.providers import ADAPTERS
+from spendgate.webhooks import ALERT_TYPES
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("spendgate_config_file", default=None)
 
@@ -286,6 +287,14 @@ class Settings(BaseSettings):
         description="Known coding agents' session headers",
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins for /api")
+    webhook_url: str | None = Field(
+        default=None,
+        description="Where alerts are POSTed as JSON with a Slack-compatible text field",
+    )
+    webhook_events: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(ALERT_TYPES),
+        description="The alerts sent to webhook_url (comma-separated)",
+    )
     access_log: bool = Field(
         default=False,
         description="One log line per proxied request (spendgate.access, from its row)",
@@ -304,9 +313,10 @@ class Settings(BaseSettings):
         shown = v.split("@")[-1]  # never the password
         raise ValueError(f"store_url ...{shown!r} must be sqlite:///PATH or postgresql://...")
 
-    @field_validator("budget_thresholds", mode="before")
+    @field_validator("budget_thresholds", "webhook_events", mode="before")
     @classmethod
-    def _thresholds(cls, v: Any) -> Any:
+    def _comma_separated(cls, v: Any) -> Any:
+        """Lists that the environment spells comma-separated, not as JSON."""
         if isinstance(v, str):
             v = [p for p in (s.strip() for s in v.split(",")) if p]
         return v
@@ -317,6 +327,26 @@ class Settings(BaseSettings):
         for t in v:
             if not 0 < t <= 1:
                 raise ValueError("thresholds are fractions between 0 and 1, e.g. 0.5,0.8,0.9")
+        return sorted(set(v))
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/]+", v):
+            raise ValueError("webhook_url must be an http(s) URL")  # never echoed: a secret
+        return v
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _webhook_events(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one of " + ", ".join(ALERT_TYPES))
+        for name in v:
+            if name not in ALERT_TYPES:
+                raise ValueError(
+                    f"unknown alert {name!r}{_closest(name, ALERT_TYPES)}; alerts are "
+                    + ", ".join(ALERT_TYPES)
+                )
         return sorted(set(v))
 
     @field_validator("budget_timezone")
