@@ -19,6 +19,35 @@ from tests.upstream import FakeUpstream, fixture_reply, json_reply
 MSG: Any = [{"role": "user", "content": "hi"}]
 
 
+GEMINI_FREE_CALLS = [
+    ("POST", "/gemini/v1beta/models/gemini-2.5-flash:countTokens"),
+    ("GET", "/gemini/v1beta/models?pageSize=1000"),
+    ("GET", "/gemini/v1beta/models/gemini-2.5-flash"),
+    ("POST", "/v1beta/models/gemini-2.5-flash:countTokens"),  # Gemini CLI's unprefixed form
+    ("GET", "/v1beta/models"),
+]
+
+
+async def test_gemini_count_tokens_and_model_listings_are_no_messages(
+    proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    """As the other free endpoints (issue #22): forwarded, no row, not in messageCount,
+    no ``unknown`` model entry; the generation beside them is the session's one message."""
+    upstream.default = json_reply({"totalTokens": 5, "models": [{"name": "models/x"}]})
+    for method, path in GEMINI_FREE_CALLS:
+        body = {"contents": [{"parts": [{"text": "hi"}]}]} if method == "POST" else None
+        async with proxy.http.request(method, proxy.url("/s/gfree" + path), json=body) as r:
+            assert r.status == 200 and "totalTokens" in await r.json()
+    assert len(upstream.seen) == len(GEMINI_FREE_CALLS)
+    upstream.queue(fixture_reply("gemini/generate_content_thinking_gemini-2.5-flash.json"))
+    generate = "/s/gfree/gemini/v1beta/models/gemini-2.5-flash:generateContent"
+    async with proxy.http.post(proxy.url(generate), json={"contents": []}) as r:
+        assert r.status == 200
+    s = await proxy.cost("gfree")
+    assert s["messageCount"] == 1 and set(s["byModel"]) == {"gemini-2.5-flash"}
+    assert len(await proxy.messages("gfree")) == 1
+
+
 async def test_summary_by_model_and_agent(proxy: Proxy, upstream: FakeUpstream) -> None:
     upstream.queue(
         fixture_reply("openai/chat_json_gpt-3.5-turbo.json"),
