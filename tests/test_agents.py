@@ -1,13 +1,14 @@
-"""The real coding agents through spendgate (issue #17): Claude Code, Codex CLI, OpenCode
-and aider, installed by ``scripts/install-agents``, each run non-interactively against a
-fake upstream that speaks its wire format (``tests/helpers/agents.py``).
+"""The real coding agents through spendgate (issues #17 and #22): Claude Code, Codex CLI,
+OpenCode, aider, Gemini CLI and Qwen Code, installed by ``scripts/install-agents``, each run
+non-interactively against a fake upstream that speaks its wire format
+(``tests/helpers/agents.py``).
 
 Each run checks the session and agent spendgate recorded, the tokens and cost of every
 row, that the agent printed what the upstream sent, what it does on a 402 (session budget
-spent) and on a 429 (headroom held by another request), and that no generation went
-around the proxy. These are the README's "Connect your agent" lines. A test whose CLI is
-missing skips, or fails when ``SPENDGATE_REQUIRE_AGENTS`` is set (``.ci/run`` sets it where
-the installs succeeded).
+spent), on a 429 (headroom held by another request), on the budget cut mid-stream (Gemini
+CLI and Qwen Code), and that no generation went around the proxy. These are the README's
+"Connect your agent" lines. A test whose CLI is missing skips, or fails when
+``SPENDGATE_REQUIRE_AGENTS`` is set (``.ci/run`` sets it where the installs succeeded).
 
 The replay tests at the end need no CLI: they send the exchanges recorded in
 ``tests/fixtures/agents/`` through the proxy, and always run.
@@ -34,11 +35,15 @@ from tests.helpers.agents import (
     CLIS,
     CODEX,
     CODEX_MODEL,
+    GEMINI,
+    GEMINI_MODEL,
     HOLD_HEADER,
     MARKER,
     OPENCODE,
     OPENCODE_MODEL,
     OPENCODE_SMALL_MODEL,
+    QWEN,
+    QWEN_MODEL,
     REQUIRE_AGENTS,
     SUB_MARKER,
     TOKENS,
@@ -58,9 +63,11 @@ from tests.helpers.agents import (
     codex_command,
     codex_provider_block,
     frames_of,
+    gemini_command,
     headers_of,
     opencode_command,
     opencode_sub_agent,
+    qwen_command,
     recordings,
     run,
     sandbox,
@@ -94,7 +101,10 @@ async def fake() -> AsyncIterator[AgentUpstream]:
 async def sg(start_proxy: StartProxy, fake: AgentUpstream) -> Proxy:
     """spendgate in front of the fake; a 429 comes at once (no admission wait)."""
     return await start_proxy(
-        openai_base_url=fake.base_url, anthropic_base_url=fake.base_url, admission_wait_s=0
+        openai_base_url=fake.base_url,
+        anthropic_base_url=fake.base_url,
+        gemini_base_url=fake.base_url,
+        admission_wait_s=0,
     )
 
 
@@ -141,6 +151,14 @@ def expected(ask: Ask, agent: str | None = None) -> tuple[Any, ...]:
     return (ask.model, t.input, t.output, t.cached, t.reasoning, agent, False, False)
 
 
+API_OF_ENDPOINT = {
+    "messages": "anthropic",
+    "generate_content": "gemini",
+    "stream_generate_content": "gemini",
+}
+"""A row's ``endpoint`` -> the fake's wire format (:data:`TOKENS`' keys)."""
+
+
 def check_rows(
     sg: Proxy, rows: list[dict[str, Any]], asks: list[Ask], agents: dict[int, str] | None = None
 ) -> None:
@@ -150,7 +168,7 @@ def check_rows(
     assert sorted((metered(r) for r in rows), key=repr) == want, rows
     for row in rows:
         assert row["status"] == 200, row
-        api = "anthropic" if row["endpoint"] == "messages" else row["endpoint"]
+        api = API_OF_ENDPOINT.get(row["endpoint"], row["endpoint"])
         cost = TOKENS[api].cost(sg.prices, row["modelId"])
         assert row["costUsd"] == pytest.approx(float(cost), rel=1e-9), row
 
@@ -231,6 +249,13 @@ HOLDS = {
     "openai": (
         "openai/v1/responses",
         {"model": CODEX_MODEL, "max_output_tokens": 128000, "input": "hold"},
+    ),
+    "gemini": (
+        "gemini/v1beta/models/gemini-2.5-pro:generateContent",
+        {
+            "contents": [{"role": "user", "parts": [{"text": "hold"}]}],
+            "generationConfig": {"maxOutputTokens": 128000},
+        },
     ),
 }
 """A request that reserves more than the $1 budget (it is admitted: alone in its session)
@@ -519,6 +544,163 @@ async def test_aider_402(sg: Proxy, fake: AgentUpstream, box: Sandbox) -> None:
     assert AIDER_RETRIES in result.output, result.describe()
 
 
+# --- Gemini CLI ------------------------------------------------------------------------------
+
+
+async def test_gemini_cli_print(sg: Proxy, fake: AgentUpstream, box: Sandbox) -> None:
+    """README: the settings file, GOOGLE_GEMINI_BASE_URL=…/s/{session}/gemini and
+    GEMINI_CLI_TRUST_WORKSPACE=true. Gemini CLI sends no session header of its own: the
+    path names it. One streamed request (alt=sse) per turn."""
+    require(GEMINI)
+    result = await run(
+        *gemini_command(box, sg.url("/s/gem-run/gemini")), box.work, timeout=RUN_TIMEOUT
+    )
+    ok(result)
+    assert result.stdout.strip() == MARKER
+    asks = fake.asks()
+    assert [(a.api, a.model) for a in asks] == [("gemini", GEMINI_MODEL)]
+    assert [e.query for e in fake.exchanges if e.asks] == ["alt=sse"]
+    check_rows(sg, await rows_of(sg, "gem-run", 1), asks)
+    assert await sessions(sg) == {"gem-run"}
+    no_leaks(box)
+
+
+async def test_gemini_cli_custom_header(sg: Proxy, fake: AgentUpstream, box: Sandbox) -> None:
+    """README: GEMINI_CLI_CUSTOM_HEADERS="X-Spendgate-Session: ID" names the session, with
+    the unprefixed base URL (its /v1beta/ paths go to the gemini route)."""
+    require(GEMINI)
+    command = gemini_command(
+        box, sg.url(""), GEMINI_CLI_CUSTOM_HEADERS="X-Spendgate-Session: gem-hdr"
+    )
+    ok(await run(*command, box.work, timeout=RUN_TIMEOUT))
+    asks = fake.asks()
+    assert asks and all("X-Spendgate-Session" not in a.headers for a in asks)  # spendgate's own
+    check_rows(sg, await rows_of(sg, "gem-hdr", len(asks)), asks)
+    assert await sessions(sg) == {"gem-hdr"}
+
+
+async def test_gemini_cli_without_the_settings_file(
+    sg: Proxy, fake: AgentUpstream, box: Sandbox
+) -> None:
+    """GOOGLE_GEMINI_BASE_URL alone: Gemini CLI picks its gateway auth type and refuses to
+    start ("Invalid auth method selected.", exit 41): why the README names the file."""
+    require(GEMINI)
+    command = gemini_command(box, sg.url("/s/gem-none/gemini"), settings=False)
+    result = await run(*command, box.work, timeout=RUN_TIMEOUT)
+    assert result.returncode == 41, result.describe()
+    assert "Invalid auth method selected" in result.output, result.describe()
+    assert fake.exchanges == []
+
+
+async def test_gemini_cli_402(sg: Proxy, fake: AgentUpstream, box: Sandbox) -> None:
+    """Gemini CLI prints the error body (`_ApiError: {"error": {"code": 402, …}}`) and exits
+    1; no retry."""
+    require(GEMINI)
+    command = gemini_command(box, sg.url("/s/gem-broke/gemini"))
+    result = await refused(sg, fake, box, "gem-broke", command)
+    assert result.returncode == 1, result.describe()
+    assert rejections(sg, "session_budget_exceeded") == 1
+
+
+# --- Qwen Code ---------------------------------------------------------------------------------
+
+
+async def test_qwen_code_print(sg: Proxy, fake: AgentUpstream, box: Sandbox) -> None:
+    """README: OPENAI_BASE_URL=…/s/{session}/openai/v1, OPENAI_API_KEY, OPENAI_MODEL (Qwen
+    Code sends no session header). It streams chat completions with include_usage; besides
+    the turn it may ask once more (its memory extraction), on the same model."""
+    require(QWEN)
+    result = await run(
+        *qwen_command(box, sg.url("/s/qwen-run/openai/v1")), box.work, timeout=RUN_TIMEOUT
+    )
+    ok(result)
+    asks = fake.asks()
+    assert asks and {(a.api, a.model) for a in asks} == {("chat", QWEN_MODEL)}
+    assert all(a.body["stream_options"] == {"include_usage": True} for a in asks)
+    check_rows(sg, await rows_of(sg, "qwen-run", len(asks)), asks)
+    assert await sessions(sg) == {"qwen-run"}
+    no_leaks(box)
+
+
+async def test_qwen_code_budget_is_enforced_then_402(
+    sg: Proxy, fake: AgentUpstream, box: Sandbox
+) -> None:
+    """qwen3-coder-plus is priced: a budget smaller than one run's cost pauses the session
+    after it, and the next run is refused (402, nothing upstream): Qwen Code shows
+    "[API Error: 402 <spendgate's message>]" and exits 1, with no retry."""
+    require(QWEN)
+    await set_budget(sg, "qwen-budget", 0.0001)
+    command = qwen_command(box, sg.url("/s/qwen-budget/openai/v1"))
+    ok(await run(*command, box.work, timeout=RUN_TIMEOUT))
+    sent = len(fake.asks())
+    rows = await rows_of(sg, "qwen-budget", sent)
+    assert all(r["costUsd"] and r["costUsd"] > 0 for r in rows), rows
+    cost = await sg.cost("qwen-budget")
+    assert cost["paused"] is True and cost["totalCostUsd"] >= 0.0001, cost
+    before = rejections(sg, "session_budget_exceeded")  # its memory request may be one
+    result = await run(*command, box.work, timeout=RUN_TIMEOUT)
+    assert len(fake.asks()) == sent, "a refused request went upstream"
+    assert result.returncode == 1, result.describe()
+    assert "[API Error: 402 spendgate paused session 'qwen-budget'" in flat(result.output), (
+        result.describe()
+    )
+    assert rejections(sg, "session_budget_exceeded") == before + 1
+
+
+# --- the budget cut mid-stream ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cli", "make", "shown"),
+    [
+        pytest.param(
+            GEMINI,
+            lambda box, url: gemini_command(box, url("gemini")),
+            "spendgate paused session 'cut'",
+            id="gemini-cli",
+        ),
+        pytest.param(
+            QWEN,
+            lambda box, url: qwen_command(box, url("openai/v1")),
+            "ran out of budget",
+            id="qwen-code",
+        ),
+    ],
+)
+async def test_the_cut_ends_the_stream_with_spendgates_error(
+    cli: Cli,
+    make: Callable[[Sandbox, Callable[[str], str]], Command],
+    shown: str,
+    start_proxy: StartProxy,
+    fake: AgentUpstream,
+    box: Sandbox,
+) -> None:
+    """on_budget_mid_stream=cut, a budget the first event's estimate uses up: the stream
+    ends after it with the provider-shaped error; the row is ``budget_cut``, the session
+    paused, and the reply's text (in the second event) never reaches the agent. Qwen Code
+    shows the cut's message; Gemini CLI takes the error event for a broken stream and
+    retries once, and shows the 402 that retry gets (it never goes upstream)."""
+    require(cli)
+    sg = await start_proxy(
+        openai_base_url=fake.base_url,
+        gemini_base_url=fake.base_url,
+        on_budget_mid_stream="cut",
+        admission_wait_s=0,
+    )
+    await set_budget(sg, "cut", 0.00000001)
+    fake.paced = 0.2
+    result = await run(
+        *make(box, lambda path: sg.url(f"/s/cut/{path}")), box.work, timeout=RUN_TIMEOUT
+    )
+    assert MARKER not in result.stdout, result.describe()
+    assert shown in flat(result.output), result.describe()
+    assert result.returncode == 1, result.describe()
+    assert len(fake.asks()) == 1
+    rows = await rows_of(sg, "cut", 1)
+    assert rows[0]["error"] == "budget_cut", rows
+    assert (await sg.cost("cut"))["paused"] is True
+
+
 # --- every agent on a 429 ---------------------------------------------------------------------
 
 HELD: list[Any] = [
@@ -535,6 +717,12 @@ HELD: list[Any] = [
         OPENCODE, "openai", lambda box, url: opencode_command(box, url("openai/v1")), id="opencode"
     ),
     pytest.param(AIDER, "openai", lambda box, url: aider_openai(box, url("openai/v1")), id="aider"),
+    pytest.param(
+        GEMINI, "gemini", lambda box, url: gemini_command(box, url("gemini")), id="gemini-cli"
+    ),
+    pytest.param(
+        QWEN, "openai", lambda box, url: qwen_command(box, url("openai/v1")), id="qwen-code"
+    ),
 ]
 
 
@@ -607,7 +795,8 @@ def test_every_agent_has_recordings() -> None:
 
 def identity(agent: str, path: str, headers: list[tuple[str, str]]) -> tuple[str, str | None]:
     """The session and agent each CLI's traffic must land in (README, Sessions and agents):
-    the path's session first, else the agent's own headers."""
+    the path's session first, else the agent's own headers (Gemini CLI and Qwen Code send
+    none: recorded with the path form)."""
     h = {k.lower(): v for k, v in headers}
     if path.startswith("/s/"):
         return path.split("/")[2], None
@@ -642,11 +831,13 @@ async def replay_http(sg: Proxy, rec: Recording, entry: dict[str, Any]) -> list[
     if not entry["turns"]:
         return []
     request = orjson.loads(body)
-    api = (
-        "anthropic"
-        if entry["path"].split("?")[0].endswith("/messages")
-        else ("responses" if "/responses" in entry["path"] else "chat")
-    )
+    path = entry["path"].split("?")[0]
+    if path.endswith("/messages"):
+        api = "anthropic"
+    elif path.endswith(("GenerateContent", ":generateContent")):
+        api = "gemini"
+    else:
+        api = "responses" if "/responses" in path else "chat"
     session, agent = identity(rec.agent, entry["path"], headers_of(entry))
     ask = Ask(api, entry["path"], {}, request)
     return [(session, expected(ask, agent))]
@@ -698,7 +889,11 @@ async def test_replay(rec: Recording, start_proxy: StartProxy) -> None:
     )
     fake = await AgentUpstream(lambda _: next(turns)).start()
     try:
-        sg = await start_proxy(openai_base_url=fake.base_url, anthropic_base_url=fake.base_url)
+        sg = await start_proxy(
+            openai_base_url=fake.base_url,
+            anthropic_base_url=fake.base_url,
+            gemini_base_url=fake.base_url,
+        )
         want: list[Want] = []
         for entry in rec.exchanges:
             replay = replay_socket if entry["transport"] == "websocket" else replay_http

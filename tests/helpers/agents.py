@@ -71,10 +71,17 @@ class Cli:
     package: str
     floor: str
     relpath: str
+    node: str | None = None
+    """Where in the agents cache its Node is, when the machine's may be too old (Qwen Code
+    0.24 needs Node 22: ``scripts/install-agents`` installs npm's ``node@22`` there)."""
 
     @property
     def path(self) -> Path:
         return agents_dir() / self.relpath
+
+    def node_dir(self) -> Path | None:
+        """The directory of the Node this CLI runs on, or None for the machine's."""
+        return (agents_dir() / self.node).parent if self.node else None
 
     def version(self) -> str | None:
         if self.package == "aider-chat":
@@ -89,7 +96,9 @@ class Cli:
 
     def missing(self) -> str | None:
         """Why this CLI cannot run here, or None."""
-        if self.package != "aider-chat" and shutil.which("node") is None:
+        if self.node is not None and not (agents_dir() / self.node).exists():
+            return f"{self.name}: its Node is not in {agents_dir()} (run scripts/install-agents)"
+        if self.package != "aider-chat" and self.node is None and shutil.which("node") is None:
             return f"{self.name}: node is not installed"
         version = self.version()
         if not self.path.exists() or version is None:
@@ -103,7 +112,15 @@ CLAUDE = Cli("claude-code", "@anthropic-ai/claude-code", "2.1.197", "npm/node_mo
 CODEX = Cli("codex", "@openai/codex", "0.171.0", "npm/node_modules/.bin/codex")
 OPENCODE = Cli("opencode", "opencode-ai", "1.18.33", "npm/node_modules/.bin/opencode")
 AIDER = Cli("aider", "aider-chat", "0.86.2", "aider/bin/aider")
-CLIS = (CLAUDE, CODEX, OPENCODE, AIDER)
+GEMINI = Cli("gemini-cli", "@google/gemini-cli", "0.61.0", "npm/node_modules/.bin/gemini")
+QWEN = Cli(
+    "qwen-code",
+    "@qwen-code/qwen-code",
+    "0.24.4",
+    "npm/node_modules/.bin/qwen",
+    node="node22/node_modules/.bin/node",
+)
+CLIS = (CLAUDE, CODEX, OPENCODE, AIDER, GEMINI, QWEN)
 
 
 # --- what the fake upstream answers -------------------------------------------------------------
@@ -134,6 +151,13 @@ CHAT_USAGE = {
     "total_tokens": 121,
     "prompt_tokens_details": {"cached_tokens": 0},
 }
+GEMINI_USAGE = {
+    "promptTokenCount": 100,
+    "candidatesTokenCount": 10,
+    "cachedContentTokenCount": 20,
+    "thoughtsTokenCount": 3,
+    "totalTokenCount": 113,
+}
 
 
 @dataclass(frozen=True)
@@ -162,6 +186,7 @@ TOKENS = {
     "anthropic": Tokens(120, 12, cached=30),
     "responses": Tokens(120, 12, cached=40, reasoning=4),
     "chat": Tokens(110, 11),
+    "gemini": Tokens(100, 13, cached=20, reasoning=3),
 }
 """What each wire format's fake usage must be stored as."""
 
@@ -187,7 +212,7 @@ class Ask:
     """A generation request the fake upstream received."""
 
     api: str
-    """``anthropic``, ``responses`` or ``chat``."""
+    """``anthropic``, ``responses``, ``chat`` or ``gemini``."""
     path: str
     headers: Mapping[str, str]
     body: dict[str, Any]
@@ -195,11 +220,13 @@ class Ask:
 
     @property
     def model(self) -> str:
+        if self.api == "gemini":  # .../models/{model}:streamGenerateContent
+            return self.path.split("?")[0].rsplit("/", 1)[-1].split(":")[0]
         return str(self.body.get("model") or "")
 
     def text(self) -> str:
-        """Everything in the request's messages and input (to recognise a turn)."""
-        parts = [self.body.get(k) for k in ("messages", "input")]
+        """Everything in the request's messages, input and contents (to recognise a turn)."""
+        parts = [self.body.get(k) for k in ("messages", "input", "contents")]
         return orjson.dumps(parts).decode()
 
     @property
@@ -425,6 +452,35 @@ def chat_completion(model: str, turn: Turn, n: int) -> dict[str, Any]:
     }
 
 
+def gemini_response(model: str, turn: Turn, n: int) -> dict[str, Any]:
+    """One ``GenerateContentResponse``: the whole reply, with the fake's usage."""
+    if turn.tool is None:
+        part: dict[str, Any] = {"text": turn.text}
+    else:
+        part = {"functionCall": {"name": turn.tool, "args": turn.arguments or {}}}
+    return {
+        "candidates": [
+            {"content": {"role": "model", "parts": [part]}, "finishReason": "STOP", "index": 0}
+        ],
+        "usageMetadata": GEMINI_USAGE,
+        "modelVersion": model,
+        "responseId": f"fake{n:04d}",
+    }
+
+
+def gemini_chunks(model: str, turn: Turn, n: int) -> list[dict[str, Any]]:
+    """A streamed reply as Gemini sends it: the text in two chunks, each repeating usage so
+    far (the prompt's count first), the last with the finish reason and final usage."""
+    whole = gemini_response(model, turn, n)
+    first = {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "index": 0}],
+        "usageMetadata": {"promptTokenCount": GEMINI_USAGE["promptTokenCount"]},
+        "modelVersion": model,
+        "responseId": whole["responseId"],
+    }
+    return [first, whole]
+
+
 def openai_error(message: str, kind: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
 
@@ -473,6 +529,9 @@ class AgentUpstream:
         self.compress = compress
         """Encode each generation's HTTP response as the best of :data:`ENCODINGS` the
         request's ``Accept-Encoding`` offers."""
+        self.paced = 0.0
+        """When set, a streamed reply goes out an event (or array element) per write, this
+        many seconds apart, as a real stream arrives (so a budget cut can fall inside it)."""
         self.exchanges: list[Exchange] = []
         self.held = 0
         self._hold = asyncio.Event()
@@ -537,8 +596,26 @@ class AgentUpstream:
                 payload = ENCODINGS[encoding](payload)
                 headers["Content-Encoding"] = encoding
         ex.status, ex.response = status, payload
+        if self.paced and ex.asks and status == 200 and not headers:
+            return await self._paced(request, ex, ctype, payload)
         resp = web.Response(status=status, body=payload, content_type=ctype, headers=headers)
         ex.response_headers = [(k, resp.headers[k]) for k in ("Content-Type", *headers)]
+        return resp
+
+    async def _paced(
+        self, request: web.Request, ex: Exchange, ctype: str, payload: bytes
+    ) -> web.StreamResponse:
+        """``payload`` an event (SSE) or element (JSON array) per write."""
+        resp = web.StreamResponse(status=200)
+        resp.content_type = ctype
+        ex.response_headers = [("Content-Type", resp.headers["Content-Type"])]
+        await resp.prepare(request)
+        unit = rb".*?(?:\r\n\r\n|\n\n)" if "event-stream" in ctype else rb".*?(?=\n,\r\n)"
+        for piece in re.findall(unit + rb"|.+", payload, re.DOTALL):
+            if piece:
+                await resp.write(piece)
+                await asyncio.sleep(self.paced)
+        await resp.write_eof()
         return resp
 
     def _answer(self, method: str, path: str, body: bytes, ex: Exchange) -> tuple[int, str, bytes]:
@@ -553,6 +630,8 @@ class AgentUpstream:
             return 405, "application/json", openai_error(msg, "invalid_request_error")
         if path.endswith("/count_tokens"):
             return 200, "application/json", b'{"input_tokens":42}'
+        if path.endswith(":countTokens"):
+            return 200, "application/json", b'{"totalTokens":42}'
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -562,6 +641,8 @@ class AgentUpstream:
                 openai_error("body is not JSON", "invalid_request_error"),
             )
         api = next((api for suffix, api in _APIS if path.endswith(suffix)), None)
+        if path.endswith((":generateContent", ":streamGenerateContent")):
+            api = "gemini"
         if api is None or not isinstance(data, dict):
             return 404, "application/json", openai_error(f"no fake for {path}", "not_found")
         ask = Ask(api, ex.path, CIMultiDict(ex.headers), data)
@@ -569,6 +650,17 @@ class AgentUpstream:
         ex.asks.append(ask)
         ex.turns.append(turn)
         model, stream = ask.model, data.get("stream") is True
+        if api == "gemini":
+            if path.endswith(":generateContent"):
+                return 200, "application/json", orjson.dumps(gemini_response(model, turn, n))
+            chunks = [orjson.dumps(c) for c in gemini_chunks(model, turn, n)]
+            if "alt=sse" in ex.query:
+                return (
+                    200,
+                    "text/event-stream",
+                    b"".join(b"data: " + c + b"\r\n\r\n" for c in chunks),
+                )
+            return 200, "application/json", b"[" + b"\n,\r\n".join(chunks) + b"\n]"
         if api == "anthropic":
             if stream:
                 return 200, "text/event-stream", _named_sse(anthropic_events(model, turn, n))
@@ -911,6 +1003,74 @@ def aider_anthropic(box: Sandbox, base_url: str) -> tuple[list[str], dict[str, s
     )
 
 
+GEMINI_MODEL = "gemini-2.5-flash"
+"""Gemini CLI 0.61's default (auto routing between gemini-3 models) is given ``-m`` a
+priced model, as a user with a budget would."""
+FAKE_GEMINI_KEY = "AIzaSy-spendgate-test-gemini-0000"
+GEMINI_SETTINGS = {"security": {"auth": {"selectedType": "gemini-api-key"}}}
+"""The README's ``~/.gemini/settings.json``: without it ``GOOGLE_GEMINI_BASE_URL`` selects
+the ``gateway`` auth type, which Gemini CLI's own start-up check refuses (exit 41)."""
+GEMINI_QUIET = {
+    "telemetry": {"enabled": False},
+    "privacy": {"usageStatisticsEnabled": False},
+    "general": {"disableAutoUpdate": True, "disableUpdateNag": True},
+}
+
+
+def gemini_command(
+    box: Sandbox,
+    base_url: str,
+    prompt: str = PROMPT,
+    *,
+    settings: bool = True,
+    **env: str,
+) -> tuple[list[str], dict[str, str]]:
+    """``gemini -p``: the settings file (unless ``settings`` is False) and the variables the
+    README names (``GOOGLE_GEMINI_BASE_URL``, ``GEMINI_CLI_TRUST_WORKSPACE`` for a run with
+    no one to answer the trust prompt)."""
+    home = box.home / ".gemini"
+    home.mkdir(exist_ok=True)
+    config = {**GEMINI_QUIET, **(GEMINI_SETTINGS if settings else {})}
+    (home / "settings.json").write_text(json.dumps(config))
+    argv = [str(GEMINI.path), "-m", GEMINI_MODEL, "-p", prompt]
+    return argv, box.env(
+        GEMINI_API_KEY=FAKE_GEMINI_KEY,
+        GOOGLE_GEMINI_BASE_URL=base_url,
+        GEMINI_CLI_TRUST_WORKSPACE="true",
+        **env,
+    )
+
+
+QWEN_MODEL = "qwen3-coder-plus"
+"""What Qwen Code users run through an OpenAI-compatible endpoint (Alibaba's Model
+Studio); priced by the shipped overrides file."""
+
+
+def qwen_command(
+    box: Sandbox, base_url: str, prompt: str = PROMPT
+) -> tuple[list[str], dict[str, str]]:
+    """``qwen -p`` with ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` / ``OPENAI_MODEL``, on the
+    Node in the agents cache; telemetry off in ``~/.qwen/settings.json`` (else it reports
+    to an Alibaba RUM host). The proxy variables point at the trap, as for every agent:
+    Qwen Code 0.24 honours ``NO_PROXY`` for loopback (0.15 did not: clear them there)."""
+    home = box.home / ".qwen"
+    home.mkdir(exist_ok=True)
+    (home / "settings.json").write_text(
+        json.dumps(
+            {
+                "privacy": {"usageStatisticsEnabled": False},
+                "telemetry": {"enabled": False},
+                "general": {"disableAutoUpdate": True},
+            }
+        )
+    )
+    env = box.env(OPENAI_BASE_URL=base_url, OPENAI_API_KEY=FAKE_OPENAI_KEY, OPENAI_MODEL=QWEN_MODEL)
+    node = QWEN.node_dir()
+    if node is not None:
+        env["PATH"] = os.pathsep.join([str(node), env["PATH"]])
+    return [str(QWEN.path), "-p", prompt], env
+
+
 # --- scripts: what a multi-turn run answers ------------------------------------------------------
 
 
@@ -1070,6 +1230,15 @@ SCENARIOS: dict[str, tuple[Cli, str]] = {
     "opencode-sub-agent": (OPENCODE, "opencode run; the main loop calls the task tool once"),
     "aider-openai": (AIDER, "aider --openai-api-base …/s/aider-openai/openai/v1"),
     "aider-anthropic": (AIDER, "aider, ANTHROPIC_API_BASE=…/s/aider-anthropic/anthropic"),
+    "gemini-cli-print": (
+        GEMINI,
+        "gemini -p, ~/.gemini/settings.json (gemini-api-key), "
+        "GOOGLE_GEMINI_BASE_URL=…/s/gemini-cli-print/gemini",
+    ),
+    "qwen-code-print": (
+        QWEN,
+        "qwen -p, OPENAI_BASE_URL=…/s/qwen-code-print/openai/v1, OPENAI_MODEL=qwen3-coder-plus",
+    ),
 }
 
 
@@ -1101,6 +1270,10 @@ async def record(name: str) -> Path:
                 argv, env = opencode_command(box, f"{base}/openai/v1")
             elif name == "aider-openai":
                 argv, env = aider_openai(box, f"{base}/s/aider-openai/openai/v1")
+            elif cli is GEMINI:
+                argv, env = gemini_command(box, f"{base}/s/{name}/gemini")
+            elif cli is QWEN:
+                argv, env = qwen_command(box, f"{base}/s/{name}/openai/v1")
             else:
                 argv, env = aider_anthropic(box, f"{base}/s/aider-anthropic/anthropic")
             result = await run(argv, env, box.work)
