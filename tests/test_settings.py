@@ -5,6 +5,7 @@ from (the file and key, the variable, or the flag)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from spendgate.settings import (
     load_settings,
     unknown_variables,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +102,23 @@ def test_the_test_suites_own_environment_starts() -> None:
     """Whatever the outer environment of this run holds besides settings must start."""
     outer = {k: v for k, v in os.environ.items() if k.upper().startswith("SPENDGATE_REQUIRE_")}
     assert unknown_variables(outer, "environment variable") == []
+
+
+def test_every_variable_the_suite_and_its_scripts_use_is_known() -> None:
+    """A switch added to the tests, CI or the scripts must be named in NOT_SETTINGS (or
+    be a SPENDGATE_REQUIRE_* one), else a developer's environment set up for it would
+    stop `spendgate serve`: the variables tests read, and every one CI, the scripts and
+    docs/*.py name."""
+    used: set[str] = set()
+    read = re.compile(r"environ(?:\.get)?[(\[]\s*[\"'](SPENDGATE_[A-Z0-9_]+)")
+    for path in (ROOT / "tests").rglob("*.py"):
+        used.update(read.findall(path.read_text()))
+    for path in [*(ROOT / ".ci").rglob("*"), *(ROOT / "scripts").rglob("*"),
+                 *(ROOT / "docs").glob("*.py")]:  # fmt: skip
+        if path.is_file():
+            used.update(re.findall(r"SPENDGATE_[A-Z0-9_]+", path.read_text(errors="replace")))
+    assert "SPENDGATE_REQUIRE_BROWSER" in used and "SPENDGATE_AGENTS_DIR" in used
+    assert unknown_variables(dict.fromkeys(used, ""), "variable") == []
 
 
 def test_a_bad_toml_value_is_named_by_file_and_key_not_by_a_variable(tmp_path: Path) -> None:
@@ -217,3 +237,21 @@ def test_a_missing_or_unparsable_config_file_is_one_line(tmp_path: Path) -> None
 def test_an_unknown_keyword_is_refused_too() -> None:
     """Keyword overrides (the CLI's flags, the compose file's check) are names too."""
     assert error(prot=1) == "unknown setting prot (did you mean port?)"
+
+
+def test_a_route_prefix_used_twice_is_refused(tmp_path: Path) -> None:
+    route = '[[routes]]\nprefix = "/groq"\nupstream = "https://api.groq.com/openai"\n'
+    cfg = toml(tmp_path, route + '[[routes]]\nprefix = "/x"\nupstream = "http://x"\n' + route)
+    assert error(config=cfg) == (
+        f"bad setting in {cfg}, key routes: [[routes]] #1 and #3 both have prefix /groq "
+        "(the first would hide the second)"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["/api", "/s", "/metrics", "/healthz/x", "api/ollama"])
+def test_a_route_prefix_may_not_take_spendgates_own_paths(tmp_path: Path, prefix: str) -> None:
+    cfg = toml(tmp_path, f'[[routes]]\nprefix = "{prefix}"\nupstream = "http://x"\n')
+    text = error(config=cfg)
+    assert text.startswith(f"bad setting in {cfg}, [[routes]] #1 (prefix {prefix}), key prefix: ")
+    assert text.endswith("its requests would never reach the route")
+    assert RouteConfig(prefix="/apis", upstream="http://x").prefix == "/apis"  # a name only

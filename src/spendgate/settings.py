@@ -82,6 +82,11 @@ def _doubled_error(upstream: str, adapter: str) -> None:
         )
 
 
+RESERVED_SEGMENTS = frozenset({"s", "api", "metrics", "healthz"})
+"""First path segments that are spendgate's (``/s/{session}/``, its API, /metrics,
+/healthz): no route prefix may start with one (docs/reference.md §10 "Strict checks")."""
+
+
 class RouteConfig(BaseModel):
     """A configured route: path prefix → upstream base URL, read with one wire format."""
 
@@ -108,6 +113,12 @@ class RouteConfig(BaseModel):
         v = "/" + v.strip("/")
         if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", v):
             raise ValueError(f"route prefix {v!r} must be /name[/name...]")
+        if v.partition("/")[2].partition("/")[0] in RESERVED_SEGMENTS:
+            raise ValueError(
+                f"route prefix {v!r} starts with a path of spendgate's own ("
+                + ", ".join(f"/{r}" for r in sorted(RESERVED_SEGMENTS))
+                + "): its requests would never reach the route"
+            )
         return v
 
     @field_validator("upstream")
@@ -313,6 +324,19 @@ class Settings(BaseSettings):
         shown = v.split("@")[-1]  # never the password
         raise ValueError(f"store_url ...{shown!r} must be sqlite:///PATH or postgresql://...")
 
+    @field_validator("routes")
+    @classmethod
+    def _distinct_prefixes(cls, v: list[RouteConfig]) -> list[RouteConfig]:
+        first: dict[str, int] = {}
+        for i, route in enumerate(v, 1):
+            if route.prefix in first:
+                raise ValueError(
+                    f"[[routes]] #{first[route.prefix]} and #{i} both have prefix "
+                    f"{route.prefix} (the first would hide the second)"
+                )
+            first[route.prefix] = i
+        return v
+
     @field_validator("budget_thresholds", "webhook_events", mode="before")
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
@@ -412,6 +436,7 @@ NOT_SETTINGS: dict[str, str] = {
     # environment may hold them while `spendgate serve` starts (tests/README.md).
     "SPENDGATE_CHROMIUM": "the browser tests' Chromium (tests/test_dashboard.py)",
     "SPENDGATE_DASHBOARD_SCREENSHOT": "where the browser tests save the README's screenshot",
+    "SPENDGATE_DASHBOARD_SCREENSHOT_NARROW": "the same for the narrow (phone-width) one",
     "SPENDGATE_AGENTS_DIR": "where scripts/install-agents puts the agent CLIs the tests run",
     "SPENDGATE_AGENTS_MAX_AGE_H": "how often scripts/install-agents refreshes them",
 }
