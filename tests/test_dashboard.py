@@ -467,8 +467,14 @@ async def test_screenshot_of_a_few_sessions(
     await expect(b.locator(".total-in")).to_have_text("424,000")
     r = card(page, "refactor-auth")
     await expect(r.locator(".total-msgs")).to_have_text("4")
+    # The agent's meter follows its latest chat row: 81,000 + 2,600 of a 200,000 window.
+    await expect(r.locator('.agent[data-agent="planner"] .ctx-text')).to_have_text(
+        "83,600 / 200,000 tokens (41.8%) · claude-sonnet-4-5"
+    )
     await r.locator("details.compare > summary").click()
     await expect(r.locator("tr.cmp-row.used")).to_have_count(1)
+    await expect(page.locator("svg#chart rect.spend-bar")).to_have_count(1)  # all in this hour
+    await expect(page.locator("#today")).to_have_text("$1.48 + N/A")
     await page.evaluate("window.scrollTo(0, 0)")
     shot = await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     await assert_not_blank(browser, shot)
@@ -725,6 +731,40 @@ async def test_usable_at_400_px(
     if target:
         Path(target).write_bytes(shot)
     await page.close()
+
+
+@needs_browser
+async def test_spend_over_time_and_the_totals_of_today_and_this_month(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    page = await open_dashboard(browser, proxy)
+    await expect(page.locator("#today")).to_have_text("$0.00")
+    await expect(page.locator("#chart-peak")).to_have_text("no spend in this range")
+    # Across sessions: 2 × $0.0035 + $0.035 (gpt-4o), and an unpriced message.
+    await chat(proxy, upstream, "run-1", "gpt-4o", 1_000, 100)
+    await chat(proxy, upstream, "run-1", "gpt-4o", 1_000, 100)
+    await chat(proxy, upstream, "run-2", "gpt-4o", 10_000, 1_000)
+    await expect(page.locator("#today")).to_have_text("$0.0420")  # read again after finals
+    await expect(page.locator("#month")).to_have_text("$0.0420")
+    report = await proxy.get_json("/api/report?by=hour&since=48h")
+    (hour,) = report["rows"]
+    bar = page.locator(f'svg#chart rect.spend-bar[data-key="{hour["key"]}"]')
+    await expect(bar).to_have_count(1)
+    label = f"{hour['key']} UTC: $0.0420, 3 messages"
+    await expect(bar).to_have_attribute("aria-label", label)
+    await expect(page.locator("#chart-peak")).to_have_text("peak $0.0420/hour")
+    box = await bar.bounding_box()
+    assert box is not None and box["height"] > 60  # the peak fills the chart's 90 px
+    await chat(proxy, upstream, "run-3", "my-private-model", 500, 50)
+    await expect(page.locator("#today")).to_have_text("$0.0420 + N/A")
+    await page.locator("#chart-by").select_option("day")
+    (day,) = (await proxy.get_json("/api/report?by=day&since=30d"))["rows"]
+    bar = page.locator(f'svg#chart rect.spend-bar[data-key="{day["key"]}"]')
+    label = f"{day['key']} UTC: $0.0420 + N/A, 4 messages"
+    await expect(bar).to_have_attribute("aria-label", label)
+    assert await page.locator("svg#chart rect.spend-bar").count() == 1
+    await expect(page.locator("#chart-last")).to_have_text(day["key"])
+    await assert_no_reload_and_no_errors(page)
 
 
 # --- "not blank" ---------------------------------------------------------------------------
