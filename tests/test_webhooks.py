@@ -89,6 +89,11 @@ async def chat(proxy: Proxy, upstream: FakeUpstream, session: str = "hooked") ->
     return time.monotonic() - started
 
 
+async def scrape(proxy: Proxy) -> str:
+    async with proxy.http.get(proxy.url("/metrics")) as r:
+        return await r.text()
+
+
 def publish(proxy: Proxy, n: int, session: str = "s") -> None:
     for i in range(n):
         proxy.app[BUS].publish(
@@ -167,6 +172,7 @@ async def test_a_receiver_that_is_down_never_slows_the_proxy(
     assert await chat(proxy, upstream) < 2
     await eventually(lambda: _settled(hooks, 4))
     assert hooks.failed == 4 and hooks.sent == 0
+    assert 'spendgate_webhook_alerts_total{outcome="failed"} 4.0' in await scrape(proxy)
     lines = [r.getMessage() for r in caplog.records if r.name == "spendgate.webhooks"]
     assert any("not delivered" in t and "after 4 attempts" in t for t in lines)
     assert not any(SECRET_PATH in r.getMessage() for r in caplog.records)  # never the URL
@@ -223,6 +229,7 @@ async def test_the_queue_is_bounded_and_drops_are_counted_and_logged(
     await eventually(lambda: _dropped(hooks, 7))
     await asyncio.sleep(0.05)
     assert hooks.dropped == 7 and hooks.queue.qsize() == 3
+    assert 'spendgate_webhook_alerts_total{outcome="dropped"} 7.0' in await scrape(proxy)
     assert any(
         "webhook queue full" in r.getMessage() and "1 alerts dropped" in r.getMessage()
         for r in caplog.records

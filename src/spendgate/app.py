@@ -118,7 +118,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         raise
     if settings.webhook_url:  # docs/reference.md §7 "Webhook"
-        app[WEBHOOKS] = webhooks = Webhooks(settings.webhook_url, settings.webhook_events)
+        counted = metrics.webhook_alerts.labels
+        app[WEBHOOKS] = webhooks = Webhooks(
+            settings.webhook_url, settings.webhook_events, lambda o: counted(o).inc()
+        )
         webhooks.start(bus)
     _watch_sighup(app)
     try:

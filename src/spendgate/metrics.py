@@ -449,6 +449,13 @@ class Metrics:
             "Batches the database failed to write (full disk, I/O error, locked); kept queued",
             registry=r,
         )
+        self.webhook_alerts = Counter(
+            "spendgate_webhook_alerts",
+            "Webhook alerts by outcome: sent, failed (not taken after every retry), "
+            "dropped (the queue was full)",
+            ("outcome",),
+            registry=r,
+        )
         self.session_budgets = SessionBudgets(budget_series_limit)
         r.register(self.session_budgets)
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -108,8 +108,13 @@ def _where(url: str) -> str:
 class Webhooks:
     """The webhook subscriber: :meth:`start` on a bus, :meth:`close` at shutdown."""
 
-    def __init__(self, url: str, events: Collection[str]) -> None:
+    def __init__(
+        self, url: str, events: Collection[str], counted: Callable[[str], None] | None = None
+    ) -> None:
+        """``counted``: told each alert's outcome, ``sent``, ``failed`` or ``dropped``
+        (the metric ``spendgate_webhook_alerts_total``)."""
         self.url = url
+        self._counted = counted
         self.events = frozenset(events)
         self.where = _where(url)
         self.queue: asyncio.Queue[tuple[str, Event]] = asyncio.Queue(QUEUE_SIZE)
@@ -191,6 +196,7 @@ class Webhooks:
             self.queue.put_nowait((kind, event))
         except asyncio.QueueFull:
             self.dropped += 1
+            self._count("dropped")
             now = time.monotonic()
             if now - self._last_drop_log >= 10:  # one line per 10 s at most, with the count
                 self._last_drop_log = now
@@ -212,8 +218,17 @@ class Webhooks:
             }
             if await self._post(body):
                 self.sent += 1
+                self._count("sent")
             else:
                 self.failed += 1
+                self._count("failed")
+
+    def _count(self, outcome: str) -> None:
+        if self._counted is not None:
+            try:
+                self._counted(outcome)
+            except Exception:  # a metric never stops alerts
+                log.exception("webhook metric failed")
 
     async def _post(self, body: dict[str, Any]) -> bool:
         """One alert, retried with backoff; True once the receiver took it (2xx)."""
