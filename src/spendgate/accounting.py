@@ -27,11 +27,11 @@ from spendgate.events import (
     token_usage_data,
 )
 from spendgate.metrics import Metrics
-from spendgate.pricing import ModelPrice, PriceTable
+from spendgate.pricing import Charge, ModelPrice, PriceTable, charge
 from spendgate.records import AgentBudgetRecord, MessageRecord, SessionRecord
 from spendgate.settings import SettingsError
 from spendgate.store import Store
-from spendgate.usage import TokenCounts, estimate_tokens
+from spendgate.usage import NO_EXTRAS, TokenCounts, estimate_tokens
 
 if TYPE_CHECKING:
     from spendgate.meter import Meter
@@ -234,10 +234,15 @@ class Accountant:
 
     async def finish(self, ex: Meter) -> MessageRecord:
         counts, estimated = ex.final_counts()
-        model, provider = ex.model, ex.target.route.provider
-        cost = self._cost(ex, model, counts)
+        route = ex.target.route
+        model, provider = ex.model, route.provider
+        price = self._price(ex, model) if model else None
+        billed = charge(price, counts, reported_cost=route.reported_cost)
+        cost = billed.cost
         if cost is None and counts.total_tokens == 0 and ex.status >= 400:
             cost = Decimal(0)  # an error that billed nothing costs nothing, known or not
+            billed = billed._replace(cost=cost)
+        extras = counts.extras or NO_EXTRAS
         if ex.reservation is not None:
             try:
                 self.apply(await self.ledger.settle(ex.reservation, cost))
@@ -268,9 +273,18 @@ class Accountant:
             error=ex.error,
             note=ex.note(),
             transport=ex.transport,
+            service_tier=extras.service_tier,
+            input_audio_tokens=extras.input_audio_tokens,
+            input_image_tokens=extras.input_image_tokens,
+            output_audio_tokens=extras.output_audio_tokens,
+            output_image_tokens=extras.output_image_tokens,
+            tool_cost_usd=billed.tools,
+            table_cost_usd=billed.table,
+            priced_as=billed.priced_as,
+            price_source=billed.price_source,
         )
         if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message
-            self._record(ex, rec, counts, cost, estimated)
+            self._record(ex, rec, counts, billed, estimated)
         try:
             self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
         except Exception:
@@ -282,14 +296,18 @@ class Accountant:
         ex: Meter,
         rec: MessageRecord,
         counts: TokenCounts,
-        cost: Decimal | None,
+        billed: Charge,
         estimated: bool,
     ) -> None:
         """The message row, its final ``token.usage`` and the context meter."""
         model, provider = rec.model, rec.provider
         self.store.add_message(rec)
         spent = self.ledger.spent(ex.target.session_id)
-        self._publish(self._usage_event(ex, counts, cost, spent, final=True, estimated=estimated))
+        self._publish(
+            self._usage_event(
+                ex, counts, billed.cost, spent, final=True, estimated=estimated, billed=billed
+            )
+        )
         if ex.status < 400 and counts.total_tokens:
             price = self.prices.resolve(model, provider) if model else None  # priced or not
             window = price.context_window if price else None
@@ -307,6 +325,7 @@ class Accountant:
         *,
         final: bool,
         estimated: bool,
+        billed: Charge | None = None,
     ) -> Event:
         target = ex.target
         make = functools.partial(
@@ -323,5 +342,6 @@ class Accountant:
             estimated=estimated,
             timestamp=time.time(),
             transport=ex.transport,
+            billed=billed,
         )
         return Event(TOKEN_USAGE, target.session_id, make=make)

@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 
 from spendgate.context import context_level
-from spendgate.usage import TokenCounts
+from spendgate.pricing import UNPRICED, Charge
+from spendgate.usage import NO_EXTRAS, TokenCounts
 
 TOKEN_USAGE = "token.usage"
 CONTEXT_USAGE = "context.usage"
@@ -93,9 +94,13 @@ def token_usage_data(
     estimated: bool,
     timestamp: float,
     transport: str = "http",
+    billed: Charge | None = None,
 ) -> dict[str, Any]:
     """A ``token.usage`` payload (docs/reference.md §7), from the values at the time of
-    the event: ``final`` False for the throttled live updates of a running stream."""
+    the event: ``final`` False for the throttled live updates of a running stream (no
+    ``billed``: how it was priced is known at the end)."""
+    extras = counts.extras or NO_EXTRAS
+    billed = billed or UNPRICED
     return {
         "messageId": message_id,
         "sessionId": session_id,
@@ -114,6 +119,15 @@ def token_usage_data(
         "estimated": estimated,
         "timestamp": timestamp,
         "transport": transport,
+        "serviceTier": extras.service_tier,
+        "inputAudioTokens": extras.input_audio_tokens,
+        "inputImageTokens": extras.input_image_tokens,
+        "outputAudioTokens": extras.output_audio_tokens,
+        "outputImageTokens": extras.output_image_tokens,
+        "toolCostUsd": None if billed.tools is None else float(billed.tools),
+        "tableCostUsd": None if billed.table is None else float(billed.table),
+        "pricedAs": billed.priced_as,
+        "priceSource": billed.price_source,
     }
 
 

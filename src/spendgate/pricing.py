@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, NamedTuple
 
 from spendgate.usage import TokenCounts
 
@@ -65,6 +65,42 @@ _ZERO = Decimal(0)
 
 # Resolution caches are keyed by client-supplied model names; bound them.
 _CACHE_LIMIT = 10_000
+
+
+PROVIDER = "provider"
+"""``priceSource`` of a row whose cost is the one the provider reported (§4)."""
+
+
+class Charge(NamedTuple):
+    """What one response costs and how it was priced: the row's cost columns
+    (docs/reference.md §4 "How it was priced", §5)."""
+
+    cost: Decimal | None
+    """``costUsd``: the provider's reported cost where the route takes it, else ``table``."""
+    table: Decimal | None
+    """``tableCostUsd``: the table's figure, tool fees included (None: unpriced)."""
+    tools: Decimal | None
+    """``toolCostUsd``: the per-call fees in ``table``."""
+    priced_as: str | None
+    price_source: str | None
+
+
+UNPRICED = Charge(None, None, None, None, None)
+
+
+def charge(price: ModelPrice | None, counts: TokenCounts, *, reported_cost: bool) -> Charge:
+    """The charge for ``counts`` at ``price``; on a route that takes the provider's own
+    figure (``reported_cost``, OpenRouter's by default) a reported ``usage.cost`` is the
+    cost, with the table's beside it and ``priceSource`` ``provider``."""
+    extras = counts.extras
+    reported = None if extras is None or not reported_cost else extras.provider_cost
+    if price is None:
+        return UNPRICED if reported is None else Charge(reported, None, None, None, PROVIDER)
+    table = price.cost(counts)
+    tools = None if table is None else price.tool_cost(counts)
+    if reported is not None:
+        return Charge(reported, table, tools, price.priced_as, PROVIDER)
+    return Charge(table, table, tools, price.priced_as, price.price_source)
 
 
 class PricingError(ValueError):

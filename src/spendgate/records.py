@@ -80,6 +80,23 @@ class MessageRecord:
     transport: str = "http"
     """How the request came: ``http``, or ``websocket`` (one ``response.create`` on a
     Responses API WebSocket, docs/reference.md §1 "WebSocket")."""
+    service_tier: str | None = None
+    """The service tier the response states (``flex``, ``priority``, ``standard``...)."""
+    input_audio_tokens: int = 0
+    input_image_tokens: int = 0
+    output_audio_tokens: int = 0
+    output_image_tokens: int = 0
+    """Audio and image parts of the input and output tokens, priced at their own rates."""
+    tool_cost_usd: Decimal | None = None
+    """The per-call tool fees in the table's figure (web search, file search...)."""
+    table_cost_usd: Decimal | None = None
+    """The price table's figure, tool fees included: ``cost_usd`` too unless the
+    provider reported its own cost."""
+    priced_as: str | None = None
+    """The price entry that priced the row (docs/reference.md §4 "How it was priced")."""
+    price_source: str | None = None
+    """``bundled 2026-11-22``, ``update …``, ``overrides …``, ``file …``, ``local`` or
+    ``provider`` (the provider's reported cost is ``cost_usd``)."""
 
     @property
     def total_tokens(self) -> int:
@@ -133,6 +150,15 @@ COLUMNS: tuple[Column, ...] = (
     _col("error", "error"),
     _col("note", "note"),
     _col("transport", "transport"),
+    _col("service_tier", "serviceTier"),
+    _col("input_audio_tokens", "inputAudioTokens"),
+    _col("input_image_tokens", "inputImageTokens"),
+    _col("output_audio_tokens", "outputAudioTokens"),
+    _col("output_image_tokens", "outputImageTokens"),
+    _col("tool_cost_usd", "toolCostUsd", MONEY),
+    _col("table_cost_usd", "tableCostUsd", MONEY),
+    _col("priced_as", "pricedAs"),
+    _col("price_source", "priceSource"),
 )
 """Every column of a message row, in JSON / CSV order."""
 

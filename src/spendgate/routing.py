@@ -83,6 +83,8 @@ class Route:
     headers: tuple[tuple[str, str], ...] = ()
     local: bool = False
     """Its models run on the user's machine: $0 unless priced (docs/reference.md §4)."""
+    reported_cost: bool = False
+    """The cost the upstream reports (``usage.cost``) is the row's cost (§4)."""
 
 
 class Target(NamedTuple):
@@ -180,15 +182,19 @@ def build_routes(settings: Settings) -> list[Route]:
             continue
         seen.add(rc.prefix)
         name = rc.prefix.strip("/").replace("/", "_")
+        provider = rc.provider or (name if rc.adapter == "openai" else rc.adapter)
         routes.append(
             Route(
                 name=name,
                 prefix=rc.prefix,
                 upstream=rc.upstream,
                 adapter=rc.adapter,
-                provider=rc.provider or (name if rc.adapter == "openai" else rc.adapter),
+                provider=provider,
                 headers=tuple(rc.headers.items()),
                 local=rc.adapter == "ollama" if rc.local is None else rc.local,
+                reported_cost=(
+                    provider == "openrouter" if rc.reported_cost is None else rc.reported_cost
+                ),
             )
         )
     routes.sort(key=lambda r: len(r.prefix), reverse=True)

@@ -103,6 +103,11 @@ class RouteConfig(BaseModel):
         description="A model on your own machine: its requests cost $0 unless a price entry "
         "for provider/model says otherwise (default: true for the ollama adapter)",
     )
+    reported_cost: bool | None = Field(
+        default=None,
+        description="The cost the upstream reports in usage.cost is the row's cost, the "
+        "table's kept beside it (default: true for provider openrouter)",
+    )
     headers: dict[str, str] = Field(
         default_factory=dict, description="Headers added upstream (e.g. a key held by the proxy)"
     )

@@ -121,6 +121,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE token_usage ADD COLUMN transport TEXT NOT NULL DEFAULT 'http';
     """,
+    # how a row was priced (#18, docs/reference.md §4, §5)
+    """
+    ALTER TABLE token_usage ADD COLUMN service_tier TEXT;
+    ALTER TABLE token_usage ADD COLUMN input_audio_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE token_usage ADD COLUMN input_image_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE token_usage ADD COLUMN output_audio_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE token_usage ADD COLUMN output_image_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE token_usage ADD COLUMN tool_cost_usd REAL;
+    ALTER TABLE token_usage ADD COLUMN table_cost_usd REAL;
+    ALTER TABLE token_usage ADD COLUMN priced_as TEXT;
+    ALTER TABLE token_usage ADD COLUMN price_source TEXT;
+    """,
 )
 
 COST_DIGITS = 10

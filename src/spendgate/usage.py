@@ -56,6 +56,10 @@ class Extras(NamedTuple):
         return self if fixed == self else fixed
 
 
+NO_EXTRAS = Extras()
+"""A response that reported nothing besides its tokens."""
+
+
 class Usage(NamedTuple):
     """One response's tokens (a tuple: made for every response, so it must be cheap).
 

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from spendgate.providers import get_adapter
 from spendgate.providers._api import Adapter, RequestInfo, ResponseParser
+from spendgate.settings import RouteConfig
 from spendgate.usage import Extras, Usage
 from tests.paths import FIXTURES, manifest
+from tests.upstream import FakeUpstream, Reply
+
+if TYPE_CHECKING:
+    from tests.conftest import StartProxy
 
 ENTRIES = [e for e in manifest() if not e["file"].startswith("bedrock/")]  # no adapter yet
 
@@ -146,3 +151,55 @@ def _tokens(case: Case) -> Usage | None:
     return Usage(
         input_tokens=inp, output_tokens=out, cached_input_tokens=cached, reasoning_tokens=reasoning
     )
+
+
+PREFIX = {
+    "openai": "/openai",
+    "azure": "/azure",
+    "anthropic": "/anthropic",
+    "gemini": "/gemini",
+    "vertexai": "/vertex",
+    "ollama": "/ollama",
+}
+
+
+def route_prefix(case: Case) -> str:
+    if case.name.startswith("openai_compatible/"):
+        return "/openrouter"
+    return PREFIX[case.entry["api"].split(".", 1)[0]]
+
+
+async def through_proxy(
+    case: Case, start_proxy: StartProxy, upstream: FakeUpstream
+) -> tuple[dict[str, Any], bytes]:
+    """``case`` replayed through a running proxy (its upstream sending the recorded bytes
+    in 97-byte pieces) to a real HTTP client: the stored row and the bytes received."""
+    base = upstream.base_url  # type: ignore[attr-defined]
+    proxy = await start_proxy(
+        routes=[
+            RouteConfig(prefix="/azure", upstream=base, adapter="azure", provider="azure"),
+            RouteConfig(prefix="/vertex", upstream=base, adapter="gemini", provider="vertex_ai"),
+            RouteConfig(
+                prefix="/openrouter", upstream=base, adapter="openai", provider="openrouter"
+            ),
+        ]
+    )
+    entry, data = case.entry, case.data
+    upstream.queue(
+        Reply(
+            chunks=[data[i : i + 97] for i in range(0, len(data), 97)],
+            content_type=entry["content_type"] or "application/octet-stream",
+        )
+    )
+    url = urlsplit(entry["request_url"])
+    path = f"/s/replay{route_prefix(case)}{url.path}" + (f"?{url.query}" if url.query else "")
+    body = (FIXTURES / entry["request_file"]).read_bytes()
+    async with proxy.http.request(
+        entry["request_method"], proxy.url(path), data=body,
+        headers={"Content-Type": "application/json"},
+    ) as resp:  # fmt: skip
+        assert resp.status == 200
+        received = await resp.read()
+    assert upstream.seen[0].path == url.path
+    (row,) = await proxy.messages("replay")
+    return row, received
