@@ -16,7 +16,7 @@ import pytest
 from spendgate.settings import RouteConfig
 from tests.conftest import Proxy, StartProxy
 from tests.events_client import EventsClient
-from tests.upstream import FakeUpstream, json_reply, sse_reply
+from tests.upstream import FakeUpstream, chat_completion, json_reply, sse_reply
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]
 
@@ -28,16 +28,8 @@ def oai(proxy: Proxy, session: str) -> openai.AsyncOpenAI:
 
 
 def completion(model: str, usage: dict[str, Any], tier: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": usage,
-    }
+    """A chat completion (the shared one) with this usage and service tier."""
+    body = {**chat_completion(model), "usage": usage}
     if tier is not None:
         body["service_tier"] = tier
     return body
