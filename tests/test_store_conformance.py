@@ -235,3 +235,34 @@ async def test_reports_over_time_group_alike(open_store: OpenStore) -> None:
     assert by_session["b"]["label"] == "second" and by_session["a"]["label"] is None
     with pytest.raises(ValueError):
         await store.report("year")
+
+
+async def test_pruning_removes_whole_sessions_alike(open_store: OpenStore) -> None:
+    """Sessions last active (or, empty, created) before the bound go with their rows and
+    agent budgets; the kept and the recent stay; a dry run removes nothing."""
+    store = await open_store()
+    now = time.time()
+    store.save_session(SessionRecord("old", now - 50 * 86400))
+    store.save_session(SessionRecord("old-empty", now - 40 * 86400))
+    store.save_session(SessionRecord("busy", now - 40 * 86400))
+    store.save_session(SessionRecord("recent", now - 40 * 86400))  # created long ago, used now
+    store.save_agent_budget(AgentBudgetRecord("old", "planner", Decimal("1")))
+    for i, (sid, days) in enumerate([("old", 45), ("old", 31), ("busy", 35), ("recent", 35),
+                                     ("recent", 1), ("orphan", 60)]):  # fmt: skip
+        store.add_message(message(id=f"m{i}", session_id=sid, started_at=now - days * 86400,
+                                  cost_usd=Decimal("0.25")))  # fmt: skip
+    before = now - 30 * 86400
+    plan = await store.prune(before, keep={"busy"}, period_start=now - 40 * 86400, dry_run=True)
+    assert plan.sessions == ["old", "old-empty", "orphan"] and plan.kept == ["busy"]
+    assert plan.messages == 3 and plan.period_spend == Decimal("0.25")  # old's 31-day row
+    assert len(await store.session_totals()) == 4  # nothing removed yet (orphan has no row)
+    assert (await store.report("day", since=before - 86400 * 40))[0]["message_count"] >= 1
+    done = await store.prune(before, keep={"busy"}, period_start=now - 40 * 86400)
+    assert done == plan
+    assert sorted(r["id"] for r in await store.session_totals()) == ["busy", "recent"]
+    assert await store.load_agent_budgets() == []
+    spend = await store.spend_by_session()
+    assert set(spend) <= {"busy", "recent"} and spend["recent"] == Decimal("0.5")
+    assert [r["key"] for r in await store.report("session")] == ["busy", "recent"]
+    again = await store.prune(before, keep={"busy"})
+    assert again.sessions == [] and again.messages == 0

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from spendgate import price_files, reports
+from spendgate import price_files, pruning, reports
 from spendgate.accounting import apply_change
 from spendgate.budgets import BudgetLedger, Change, ResumeRefused
 from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
@@ -21,7 +21,7 @@ from spendgate.pricing import PricingError
 from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
 from spendgate.routing import clean_label, valid_id
 from spendgate.store import REPORT_BY
-from spendgate.timespec import TimeSpecError
+from spendgate.timespec import TimeSpecError, parse
 
 routes = web.RouteTableDef()
 
@@ -83,6 +83,28 @@ async def report(request: web.Request) -> web.Response:
         raise api_error(400, str(exc)) from None
     found = await reports.over_time(request.app[STORE], by, since, until, session)
     return json_response(found.to_json())
+
+
+@routes.delete("/api/sessions")
+async def prune_sessions(request: web.Request) -> web.Response:
+    """Remove the sessions last active before ``before`` (docs/reference.md §5, §8);
+    ``dryRun=true``: only say which."""
+    query = request.query
+    raw = query.get("before")
+    if not raw:
+        raise api_error(400, "before is required: a date (2026-12-01) or a duration (30d)")
+    dry = (query.get("dryRun") or "false").lower()
+    if dry not in ("true", "false", "1", "0"):
+        raise api_error(400, "dryRun must be true or false")
+    try:
+        before = parse(raw, time.time(), "before")
+    except TimeSpecError as exc:
+        raise api_error(400, str(exc)) from None
+    dry_run = dry in ("true", "1")
+    app = request.app
+    pruned, change = await pruning.prune_live(app[STORE], app[LEDGER], before, dry_run)
+    apply_change(change, app[STORE], app[BUS])
+    return json_response(pruning.pruned_json(pruned, before, dry_run))
 
 
 @routes.get("/api/sessions/{id}/cost")

@@ -186,6 +186,12 @@ class BudgetLedger(Protocol):
 
     async def set_label(self, session_id: str, label: str | None) -> Change: ...
 
+    def busy_sessions(self) -> set[str]:
+        """Sessions with requests in flight or waiting (not to be removed now)."""
+        ...
+
+    async def forget(self, session_ids: Collection[str], global_spend: Decimal) -> Change: ...
+
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change: ...
 
     async def resume(self, session_id: str) -> Change: ...
@@ -667,6 +673,35 @@ class MemoryLedger:
             rec.label = label
             change.saved(rec)
             change.events.append(session_label_event(session_id, label))
+        return change
+
+    def busy_sessions(self) -> set[str]:
+        busy = {sid for sid, sc in self._sessions.items() if sc.in_flight}
+        busy.update(w.session_id for w in self._waiters)
+        return busy
+
+    async def forget(self, session_ids: Collection[str], global_spend: Decimal) -> Change:
+        """Sessions removed from the store (docs/reference.md §5 "Removing old
+        sessions"): their scopes and agents go, and the global spend loses
+        ``global_spend``, what their rows cost in its current period, so it is what a
+        restart would load from the rows left; a budget pause it no longer earns lifts."""
+        change = Change()
+        gone = set(session_ids)
+        for sid in gone:
+            self._sessions.pop(sid, None)
+        for key in [k for k in self._agents if k[0] in gone]:
+            del self._agents[key]
+        sc = self._global
+        if global_spend:
+            sc.spent = max(_ZERO, sc.spent - global_spend)
+            sc.warned &= set(self._crossed(sc))
+            self._arm(sc)
+            budget = sc.record.budget_usd
+            over = budget is not None and sc.spent >= budget
+            if sc.record.paused and sc.record.pause_reason == BUDGET and not over:
+                self._unpause(sc, "sessions removed", change)
+            if self._waiters:
+                self._drain()
         return change
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:

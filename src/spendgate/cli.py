@@ -256,12 +256,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _run(go)
 
 
-def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
-    """Change a session through the running proxy, so its in-memory ledger sees it."""
+class _NoProxy(Exception):
+    """Nothing answered at the proxy's address (the message says where and why)."""
+
+
+class _Refused(Exception):
+    """The proxy answered with an error (the message: its status and reason)."""
+
+
+def _call(settings: Settings, method: str, path: str, body: Any = None) -> Any:
+    """One request to the running proxy's API: its JSON answer; _NoProxy, _Refused."""
     import urllib.error
     import urllib.request
 
-    settings = _settings(args)
     url = local_url(settings.host, settings.port) + path
     req = urllib.request.Request(
         url, method=method, data=None if body is None else orjson.dumps(body)
@@ -271,20 +278,120 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -
         req.add_header("Authorization", f"Bearer {settings.admin_token}")
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            data = orjson.loads(resp.read())
+            return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         text = exc.read().decode(errors="replace")
         with suppress(orjson.JSONDecodeError, KeyError, TypeError):
             text = orjson.loads(text)["error"]["message"]
-        print(f"spendgate: {exc.code}: {text}", file=sys.stderr)
-        return 1
+        raise _Refused(f"{exc.code}: {text}") from None
     except urllib.error.URLError as exc:
-        print(
-            f"spendgate: no proxy running at {url} ({exc.reason}); start `spendgate serve` first",
-            file=sys.stderr,
-        )
+        raise _NoProxy(f"no proxy running at {url} ({exc.reason})") from None
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, body: Any = None) -> int:
+    """Change a session through the running proxy, so its in-memory ledger sees it."""
+    try:
+        data = _call(_settings(args), method, path, body)
+    except _Refused as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 1
+    except _NoProxy as exc:
+        print(f"spendgate: {exc}; start `spendgate serve` first", file=sys.stderr)
         return 1
     print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """``prune --before WHEN [--yes] [--dry-run]``: remove old sessions, through the
+    running proxy (its ledger forgets them), else on the database file itself; asks
+    first on a terminal (docs/reference.md §11)."""
+    import time
+    import urllib.parse
+    from datetime import UTC, datetime
+
+    from spendgate import journal, pruning
+    from spendgate.store import StoreOpenError
+    from spendgate.store_factory import describe, is_postgres, sqlite_path
+    from spendgate.timespec import TimeSpecError, parse
+
+    try:
+        before = parse(args.before, time.time(), "--before")
+    except TimeSpecError as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    exact = datetime.fromtimestamp(before, UTC).isoformat()  # the proxy reads it as is
+    query = urllib.parse.urlencode({"before": exact})
+
+    def through_proxy(dry_run: bool) -> Any:
+        tail = "&dryRun=true" if dry_run else ""
+        return _call(settings, "DELETE", f"/api/sessions?{query}{tail}")
+
+    def on_file(dry_run: bool) -> Any:
+        async def go() -> Any:
+            async with _open_store(settings) as store:
+                pruned = await store.prune(before, dry_run=dry_run)
+            return pruning.pruned_json(pruned, before, dry_run)
+
+        return asyncio.run(go())
+
+    run: Callable[[bool], Any] = through_proxy
+    try:
+        plan = through_proxy(True)
+        where = f"through the proxy at {local_url(settings.host, settings.port)}"
+    except _Refused as exc:
+        print(f"spendgate: {exc}", file=sys.stderr)
+        return 1
+    except _NoProxy as exc:
+        if _no_database(settings):
+            return 1
+        if not is_postgres(settings.store_url) and journal.in_use(sqlite_path(settings)):
+            print(  # a proxy elsewhere writes this file: its ledger must forget them too
+                f"spendgate: {exc}, but a running spendgate holds {sqlite_path(settings)}: "
+                "prune through it (its --port or SPENDGATE_PORT)",
+                file=sys.stderr,
+            )
+            return 1
+        run, where = on_file, f"in {describe(settings)} (no proxy running)"
+        try:
+            plan = on_file(True)
+        except StoreOpenError as exc1:
+            print(f"spendgate: cannot use the database {exc1}", file=sys.stderr)
+            return 1
+    count, rows = plan["sessionCount"], plan["messageCount"]
+    when = plan["before"]
+    kept = plan["keptInFlight"]
+    if kept:
+        print(f"{len(kept)} sessions with requests in flight are kept: {', '.join(kept[:5])}")
+    if not count:
+        print(f"no sessions last active before {when}: nothing to remove")
+        return 0
+    what = f"{count:,} sessions ({rows:,} messages) last active before {when}"
+    if args.dry_run:
+        print(f"would remove {what} {where}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                f"spendgate: would remove {what}; stdin is not a terminal, so nothing is "
+                "asked and nothing removed: add --yes",
+                file=sys.stderr,
+            )
+            return 2
+        answer = input(f"remove {what} {where}? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing removed")
+            return 1
+    try:
+        done = run(False)
+    except (_Refused, _NoProxy) as exc:
+        print(f"spendgate: {exc}; nothing removed", file=sys.stderr)
+        return 1
+    print(
+        f"removed {done['sessionCount']:,} sessions ({done['messageCount']:,} messages) "
+        f"last active before {done['before']}"
+    )
     return 0
 
 
@@ -545,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("session")
     sp.add_argument("text", nargs="?", help="the label (at most 200 characters)")
     sp.add_argument("--clear", action="store_true", help="remove the label")
+    sp = add("prune", cmd_prune, "remove sessions last active before a date")
+    sp.add_argument("--before", required=True, help="2026-11-01, 2026-11-01T12:00Z or 90d")
+    sp.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
+    sp.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     sp = add("resume", cmd_resume, "lift a session's pause")
     sp.add_argument("session")
     sp = add("pause", cmd_pause, "pause a session by hand")

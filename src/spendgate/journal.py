@@ -193,6 +193,22 @@ def orphans(db_path: Path) -> list[Found]:
     return out
 
 
+def in_use(db_path: Path) -> bool:
+    """Does a live process (a running ``spendgate serve``) hold a journal of ``db_path``?
+    Commands that change the file behind a proxy's back ask this first."""
+    for path in _candidates(db_path):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _lock(fd):
+                return True
+        finally:
+            os.close(fd)  # closing lets go of a lock this process took
+    return False
+
+
 def discard(path: Path, fd: int) -> None:
     """Delete a file this process holds (its writes are all done) and let go of it."""
     if _same_file(path, fd):

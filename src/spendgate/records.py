@@ -208,3 +208,18 @@ class GlobalBudgetRecord:
     paused: bool = False
     pause_reason: str | None = None
     configured: Decimal | None = None
+
+
+class Pruned(NamedTuple):
+    """What removing old sessions removed (or, in a dry run, would remove)
+    (docs/reference.md §5 "Removing old sessions")."""
+
+    sessions: list[str]
+    """Their ids, sorted."""
+    messages: int
+    """Their message rows."""
+    period_spend: Decimal
+    """What their rows started at or after the given period start cost (all of it
+    without one): the global budget's spend that goes with them."""
+    kept: list[str]
+    """Sessions old enough but asked to be kept (requests in flight), sorted."""

@@ -27,7 +27,15 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from decimal import Decimal
 from operator import attrgetter
 from pathlib import Path
@@ -46,8 +54,10 @@ from spendgate.records import (
     AgentBudgetRecord,
     GlobalBudgetRecord,
     MessageRecord,
+    Pruned,
     SessionRecord,
 )
+from spendgate.timespec import iso_bound as _iso_bound
 
 log = logging.getLogger("spendgate.store")
 
@@ -624,6 +634,14 @@ class Store(Protocol):
         until: float | None = None,
         session: str | None = None,
     ) -> list[dict[str, Any]]: ...
+
+    async def prune(
+        self,
+        before: float,
+        keep: Collection[str] = (),
+        period_start: float | None = None,
+        dry_run: bool = False,
+    ) -> Pruned: ...
 
 
 OP_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -1495,6 +1513,78 @@ class SQLiteStore(QueuedStore):
             row["cost_usd"] = _money(row["cost_usd"])
             out.append(row)
         return out
+
+    async def prune(
+        self,
+        before: float,
+        keep: Collection[str] = (),
+        period_start: float | None = None,
+        dry_run: bool = False,
+    ) -> Pruned:
+        """Remove the sessions whose last message (or, without messages, creation) is
+        before ``before``, except ``keep``: their rows, agent budgets and session rows,
+        in one transaction (``dry_run``: only say what that would remove). Sessions are
+        chosen from the running totals, so no scan of the rows is needed."""
+        await self.flush()
+        async with self._tx:
+            await self._add_new_rows()
+            created = {
+                r["id"]: r["created_at"]
+                for r in await self._fetchall("SELECT id, created_at FROM sessions")
+            }
+            chosen: list[str] = []
+            kept: list[str] = []
+            for sid in set(created) | set(self._totals):
+                last = self._totals.get(sid, _NO_TOTALS)["last_at"]
+                last = created.get(sid) if last is None else last
+                if last is not None and last < before:
+                    (kept if sid in keep else chosen).append(sid)
+            chosen.sort()
+            kept.sort()
+            messages = sum(self._totals.get(s, _NO_TOTALS)["message_count"] for s in chosen)
+            spend = Decimal(0)
+            start = float("-inf") if period_start is None else period_start
+            for part in _parts(chosen):
+                marks = ", ".join("?" * len(part))
+                rows = await self._fetchall(
+                    f"SELECT ROUND(SUM(cost_usd), {COST_DIGITS}) FROM token_usage "
+                    f"WHERE session_id IN ({marks}) AND started_at >= ?",
+                    (*part, start),
+                )
+                spend += _money(rows[0][0]) or Decimal(0)
+            if dry_run or not chosen:
+                return Pruned(chosen, messages, spend, kept)
+            db = self.db
+            try:
+                await db.execute("BEGIN")
+                for part in _parts(chosen):
+                    marks = ", ".join("?" * len(part))
+                    for table, column in _PRUNED:
+                        await db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", part)
+                await db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(Exception):
+                        await db.execute("ROLLBACK")
+                raise
+            for sid in chosen:
+                self._totals.pop(sid, None)
+        log.warning(
+            "database %s: removed %d sessions (%d message rows) last active before %s",
+            self.path, len(chosen), messages, _iso_bound(before),
+        )  # fmt: skip
+        return Pruned(chosen, messages, spend, kept)
+
+
+_PRUNED = (("token_usage", "session_id"), ("agent_budgets", "session_id"), ("sessions", "id"))
+"""What removing a session deletes, in this order."""
+PRUNE_PART = 500
+"""Session ids per statement when removing sessions (SQLite binds at most 32,766)."""
+
+
+def _parts(ids: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(ids), PRUNE_PART):
+        yield ids[i : i + PRUNE_PART]
 
 
 def _normalized(e: journal.Entry, defaults: dict[tuple[str, str], Any]) -> Sequence[Any] | None:

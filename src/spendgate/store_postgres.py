@@ -36,7 +36,7 @@ import socket
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from spendgate.records import (
     AgentBudgetRecord,
     GlobalBudgetRecord,
     MessageRecord,
+    Pruned,
     SessionRecord,
 )
 from spendgate.store import (
@@ -65,6 +66,15 @@ from spendgate.store import (
     message_encoder,
 )
 from spendgate.store_factory import safe_url
+from spendgate.timespec import iso_bound
+
+_PRUNED = (
+    ("token_usage", "session_id"),
+    ("agent_budgets", "session_id"),
+    ("session_totals", "session_id"),
+    ("sessions", "id"),
+)
+"""What removing a session deletes (the SQLite store's list, and the kept totals)."""
 
 log = logging.getLogger("spendgate.store")
 
@@ -926,6 +936,47 @@ class PostgresStore(QueuedStore):
             row["cost_usd"] = _round(row["cost_usd"])
             out.append(row)
         return out
+
+    async def prune(
+        self,
+        before: float,
+        keep: Collection[str] = (),
+        period_start: float | None = None,
+        dry_run: bool = False,
+    ) -> Pruned:
+        """As :meth:`spendgate.store.SQLiteStore.prune`: the sessions chosen from
+        ``session_totals`` (kept by the writes), removed in one transaction holding the
+        writers' lock, so no batch lands half way through."""
+        await self.flush()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+            rows = await conn.fetch(
+                "SELECT COALESCE(s.id, t.session_id) AS id, "
+                "COALESCE(t.message_count, 0) AS n FROM sessions s "
+                "FULL JOIN session_totals t ON t.session_id = s.id "
+                "WHERE COALESCE(t.last_at, s.created_at) < $1",
+                before,
+            )
+            chosen = sorted(r["id"] for r in rows if r["id"] not in keep)
+            kept = sorted(r["id"] for r in rows if r["id"] in keep)
+            messages = sum(int(r["n"]) for r in rows if r["id"] not in keep)
+            spend = await conn.fetchval(
+                "SELECT SUM(cost_usd) FROM token_usage "
+                "WHERE session_id = ANY($1::text[]) AND started_at >= $2",
+                chosen,
+                float("-inf") if period_start is None else period_start,
+            )
+            if not dry_run and chosen:
+                for table, column in _PRUNED:
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE {column} = ANY($1::text[])", chosen
+                    )
+        if not dry_run and chosen:
+            log.warning(
+                "database %s: removed %d sessions (%d message rows) last active before %s",
+                safe_url(self.url), len(chosen), messages, iso_bound(before),
+            )  # fmt: skip
+        return Pruned(chosen, messages, _round(spend) or Decimal(0), kept)
 
     async def latest_message(self, session_id: str) -> MessageRecord | None:
         await self.flush()
