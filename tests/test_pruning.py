@@ -14,30 +14,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 from spendgate.cli import main
 from spendgate.records import SessionRecord
 from tests.conftest import Proxy, StartProxy
-from tests.upstream import FakeUpstream, json_reply
+from tests.helpers.traffic import chat
+from tests.upstream import FakeUpstream
 
 DAY = 86400.0
-MSG: Any = [{"role": "user", "content": "hi"}]
-REPLY = {
-    "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
-}  # fmt: skip
-
-
-async def chat(proxy: Proxy, upstream: FakeUpstream, session: str) -> None:
-    upstream.queue(json_reply(REPLY))
-    async with openai.AsyncOpenAI(
-        base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0
-    ) as c:
-        await c.chat.completions.create(model="gpt-4o", messages=MSG)
 
 
 def old_rows(proxy: Proxy, session: str, days_ago: float, n: int, cost: str = "0.01") -> None:

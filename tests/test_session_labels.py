@@ -10,32 +10,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 
 from spendgate.cli import main
 from spendgate.routing import MAX_LABEL, clean_label
 from tests.conftest import Proxy, StartProxy
 from tests.events_client import EventsClient
+from tests.helpers.traffic import GPT4O_REPLY
+from tests.helpers.traffic import chat as traffic_chat
 from tests.upstream import FakeUpstream, json_reply
 
 MSG: Any = [{"role": "user", "content": "hi"}]
-REPLY = {
-    "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
-}  # fmt: skip
+REPLY = GPT4O_REPLY
 
 
 async def chat(proxy: Proxy, upstream: FakeUpstream, session: str, label: str | None) -> None:
-    upstream.queue(json_reply(REPLY))
-    headers = {} if label is None else {"X-Spendgate-Session-Label": label}
-    async with openai.AsyncOpenAI(
-        base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0,
-        default_headers=headers,
-    ) as c:  # fmt: skip
-        await c.chat.completions.create(model="gpt-4o", messages=MSG)
+    await traffic_chat(
+        proxy, upstream, session, None if label is None else {"X-Spendgate-Session-Label": label}
+    )
 
 
 async def raw_request(proxy: Proxy, label: bytes) -> tuple[int, bytes]:

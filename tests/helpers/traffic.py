@@ -91,3 +91,24 @@ def row_cost_totals(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal
             key = (row["providerId"], row["modelId"])
             costs[key] = costs.get(key, Decimal(0)) + Decimal(repr(row["costUsd"]))
     return costs
+
+
+GPT4O_REPLY = {
+    "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100},
+}  # fmt: skip
+"""A gpt-4o chat completion of 1,000 input and 100 output tokens: $0.0035."""
+
+
+async def chat(
+    proxy: Proxy, upstream: FakeUpstream, session: str, headers: dict[str, str] | None = None
+) -> None:
+    """One gpt-4o chat completion (:data:`GPT4O_REPLY`) through the OpenAI SDK."""
+    upstream.queue(json_reply(GPT4O_REPLY))
+    async with openai.AsyncOpenAI(
+        base_url=proxy.url(f"/s/{session}/openai/v1"), api_key="k", max_retries=0,
+        default_headers=headers or {},
+    ) as c:  # fmt: skip
+        await c.chat.completions.create(model="gpt-4o", messages=HI)  # type: ignore[arg-type]
