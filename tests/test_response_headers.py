@@ -4,6 +4,7 @@ non-streamed ones, the held body bounded, and nothing at all by default."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from spendgate import proxy as proxy_module
+from spendgate import response_headers
 from spendgate.response_headers import COST_USD, MESSAGE_ID
 from tests.conftest import Proxy, StartProxy
 from tests.upstream import FakeUpstream, Reply, chat_completion, json_reply, sse_reply
@@ -109,3 +111,22 @@ async def test_an_upstream_that_breaks_off_a_held_body_is_a_clean_502(
         message_id = r.headers[MESSAGE_ID]
     rows = await proxy.messages("hdr")
     assert rows[0]["messageId"] == message_id and rows[0]["status"] == 502
+
+
+async def test_a_body_of_another_type_is_not_held(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    """An unannounced stream (Bedrock's binary event stream) must keep streaming: only
+    JSON is held to be priced. The first piece reaches the client before the second is
+    even sent."""
+    proxy = await start_proxy(response_headers=True)
+    upstream.queue(
+        Reply(chunks=[b"\x00first", b"\x00second"], content_type="application/octet-stream",
+              delay=0.5)
+    )  # fmt: skip
+    async with proxy.http.post(proxy.url(CHAT), json={"model": "gpt-4o-mini"}) as r:
+        first = await asyncio.wait_for(r.content.readany(), timeout=5)
+        assert first == b"\x00first" and MESSAGE_ID in r.headers
+        assert await r.read() == b"\x00second"
+    assert not response_headers.holdable("application/x-ndjson")
+    assert response_headers.holdable("application/problem+json; charset=utf-8")

@@ -223,7 +223,8 @@ class ProxyHandler:
             if not info.stream and length is not None and length <= WHOLE_BODY_BYTES:
                 return await self._whole(request, meter, up)
             head = b""
-            if self._headers and length is None and not meter.streamed:
+            held = self._headers and length is None and not meter.streamed
+            if held and response_headers.holdable(up.headers.get("Content-Type", "")):
                 try:  # held to price it for X-Spendgate-Cost-Usd, bounded as above
                     head, whole = await _read_upto(up.content, WHOLE_BODY_BYTES)
                 except (aiohttp.ClientError, TimeoutError) as exc:

@@ -17,6 +17,14 @@ MESSAGE_ID = "X-Spendgate-Message-Id"
 COST_USD = "X-Spendgate-Cost-Usd"
 
 
+def holdable(content_type: str) -> bool:
+    """A body worth holding to price it: JSON (``application/json``, ``...+json``). Not
+    any other type of unknown length, which may be a stream the request did not announce
+    (Bedrock's binary event stream): holding it would stop it streaming."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def add_id(resp: web.StreamResponse, message_id: str) -> None:
     """Before a stream's headers go out."""
     resp.headers[MESSAGE_ID] = message_id
