@@ -5,6 +5,7 @@ together, columns added by a newer version, start-up errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -303,3 +304,28 @@ async def test_the_proxy_on_postgres_forwards_through_an_outage_and_keeps_every_
     await eventually(lambda: _true(a.store.queue_depth == 0), timeout=15)
     assert await listed_on_b() == 7 and (await a.cost("pg"))["messageCount"] == 7
     assert postgres.psql(_db(pg_url), "SELECT COUNT(DISTINCT id) FROM token_usage") == "7"
+
+
+async def test_values_postgresql_cannot_hold_are_set_aside_and_nothing_wedges(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    """A NUL in text (PostgreSQL refuses it), a lone surrogate (asyncpg cannot encode
+    it), an integer past 64 bits: each row goes to rejected_rows with its reason, the
+    rest of the batch is written, and the writer is not failing."""
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    store.add_message(message(id="ok1"))
+    store.add_message(message(id="nul", session_id="a\x00b"))
+    store.add_message(message(id="surrogate", model="\ud800x"))
+    store.add_message(message(id="big", status=2**70))
+    store.save_session(SessionRecord("s\x00", 1.0))
+    store.add_message(message(id="ok2"))
+    page, _ = await store.messages("run-1", 0, 10)
+    assert [m.id for m in page] == ["ok1", "ok2"]
+    assert store.failing is None and store.queue_depth == 0 and store.rejected == 4
+    kinds = postgres.psql(_db(pg_url), "SELECT kind, data FROM rejected_rows")
+    ids = sorted((line.split("|")[0], json.loads(line.split("|", 1)[1])["id"])
+                 for line in kinds.splitlines())  # fmt: skip
+    assert ids == [("message", "big"), ("message", "nul"), ("message", "surrogate"),
+                   ("session", "s\x00")]  # fmt: skip
+    await store.close()
