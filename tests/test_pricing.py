@@ -614,3 +614,12 @@ def test_service_tier_entries_are_checked() -> None:
     flex = price.for_tier("FLEX")
     assert (flex.input, flex.output, flex.cached_input) == (D(1), D(8), D(1))  # the rest: base
     assert price.for_tier("priority") is price and price.for_tier(None) is price
+
+
+def test_a_priority_request_reserves_at_the_priority_price(table: PriceTable) -> None:
+    # what Accountant.reserve_cost holds for a request asking service_tier "priority"
+    price = table.priced("gpt-5", "openai")
+    assert price is not None
+    standard = price.reserve_cost(1000, 1000)
+    assert standard == D("0.01125")
+    assert price.for_tier("priority").reserve_cost(1000, 1000) == 2 * standard

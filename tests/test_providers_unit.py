@@ -1440,3 +1440,13 @@ def test_gemini_modalities_and_service_tier() -> None:
     parser = parse(GEMINI, "generate_content", _gemini_usage(many))
     assert parser.usage is not None and parser.usage.extras is not None
     assert parser.usage.extras.input_audio_tokens == 16  # only MAX_MODALITIES entries read
+
+
+@pytest.mark.parametrize(
+    ("tier", "read"), [("priority", "priority"), ("FLEX", "flex"), (7, None), ("a b", None)]
+)
+def test_the_requested_service_tier_is_read_for_the_reservation(
+    tier: object, read: str | None
+) -> None:
+    assert chat({"model": "gpt-5", "service_tier": tier}).service_tier == read
+    assert chat({"model": "gpt-5"}).service_tier is None

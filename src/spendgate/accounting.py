@@ -130,6 +130,7 @@ class Accountant:
             out = price.max_output_tokens or out
         if out is None:
             out = min(4096, price.max_output_tokens or 4096)
+        price = price.for_tier(info.service_tier)  # priority costs more than it would
         return price.reserve_cost(estimate_tokens(info.input_chars), out * info.choices) or _ZERO
 
     async def admit(self, ex: Meter) -> Refusal | None:

@@ -42,6 +42,9 @@ class RequestInfo(NamedTuple):
     """The body to send upstream: the original bytes unless the adapter rewrote them."""
     strip_usage_chunk: bool = False
     """The proxy injected ``include_usage``; hide the usage-only chunk from the client."""
+    service_tier: str | None = None
+    """The service tier the request asks for (OpenAI ``service_tier``): its prices hold
+    the reservation (docs/reference.md §6), the response's tier prices the row."""
 
     @property
     def metered(self) -> bool:

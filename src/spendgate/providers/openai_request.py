@@ -20,10 +20,12 @@ from spendgate.providers._common import (
     JSONObject,
     as_dict,
     choice_count,
+    ignore_note,
     largest_int,
     loads_lenient,
     loads_object,
     nonempty_str,
+    service_tier,
     text_chars,
     unread_request,
 )
@@ -88,6 +90,9 @@ def inspect_request(
         choices=choice_count(obj, _CHOICE_KEYS) if "n" in obj or "best_of" in obj else 1,
         input_chars=text_chars(obj, _PROMPT_KEYS),
         body=body,
+        service_tier=service_tier(obj["service_tier"], ignore_note)
+        if "service_tier" in obj
+        else None,
     )
     if op != "chat" or not stream or not inject_stream_usage:
         return info
