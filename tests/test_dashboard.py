@@ -649,6 +649,28 @@ async def test_search_sort_and_a_stable_order(
 
 
 @needs_browser
+async def test_session_labels_are_shown_and_searched(
+    browser: Browser, proxy: Proxy, upstream: FakeUpstream
+) -> None:
+    await chat(proxy, upstream, "run-l", "gpt-4o", 1_000, 100)
+    await chat(proxy, upstream, "run-m", "gpt-4o", 1_000, 100)
+    label = "<b>fix the login bug</b>"
+    async with proxy.http.put(
+        proxy.url("/api/sessions/run-l/label"), json={"label": label}
+    ) as resp:
+        assert resp.status == 200
+    page = await open_dashboard(browser, proxy)
+    c = card(page, "run-l")
+    await expect(c.locator(".label-text")).to_have_text(label)  # as text, never markup
+    assert await c.locator(".label-text b").count() == 0
+    await expect(card(page, "run-m").locator(".label-text")).to_have_text("")
+    await page.locator("#search").fill("LOGIN")
+    await expect(page.locator("section.session:not([hidden])")).to_have_count(1)
+    assert await order(page) == ["run-l"]
+    await assert_no_reload_and_no_errors(page)
+
+
+@needs_browser
 async def test_error_rows_idle_sessions_and_a_context_meter_per_agent(
     browser: Browser, proxy: Proxy, upstream: FakeUpstream
 ) -> None:

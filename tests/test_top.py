@@ -334,6 +334,19 @@ def test_keys_sort_filter_select_and_ask_for_actions() -> None:
     assert state.key("q") == Action("quit", "")
 
 
+def test_labels_are_shown_and_filtered() -> None:
+    state = TopState("http://x")
+    state.load_sessions(
+        [row("run-l", label="fix the login bug", lastActivityAt=NOW), row("run-m")], sent_at=NOW
+    )
+    assert "run-l · fix the login bug" in screen(state)
+    state.key("/")
+    for k in "login\r":
+        state.key(k)
+    screen(state)
+    assert state.shown == ["run-l"]
+
+
 def test_a_list_that_answers_before_the_events_counts_each_message_once() -> None:
     state = TopState("http://x")
     state.load_sessions([row("s")], sent_at=1.0)
