@@ -348,3 +348,10 @@ def test_the_bundled_table_has_a_date(table: PriceTable) -> None:
     assert [s["source"] for s in table.sources] == ["overrides", "bundled"]
     assert table.sources[1]["date"] == "2026-11-22"
     assert found(table, "gpt-4o").source_date == "2026-11-22"
+
+
+def test_the_example_pricing_file_loads_with_every_kind_of_price() -> None:
+    example = Path(__file__).resolve().parents[1] / "config" / "pricing.example.toml"
+    price = load_price_table(example).get("my-gateway-model")
+    assert price is not None and price.tool_fees == {"web_search": D("0.01")}
+    assert (price.input_audio, price.service_tiers["flex"].output) == (D(8), D(2))
