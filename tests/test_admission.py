@@ -579,7 +579,7 @@ async def test_resume_over_budget_is_409_and_a_burst_after_it_is_refused(
 ) -> None:
     upstream.default = chat_reply(1000, 2000)
     spent = cost(proxy, 1000, 2000)
-    sub, _ = proxy.bus.subscribe(["over"], ["budget.paused", "budget.resumed"], None)
+    sub, _ = await proxy.bus.subscribe(["over"], ["budget.paused", "budget.resumed"], None)
     await put_budget(proxy, "/api/sessions/over/budget", 0.001)
     assert (await chat(proxy, "over")).status == 200
     await until_paused(proxy, "over")
@@ -613,7 +613,7 @@ async def test_raising_the_budget_lifts_the_budget_pause(
     proxy: Proxy, upstream: FakeUpstream
 ) -> None:
     upstream.default = chat_reply(1000, 2000)
-    sub, _ = proxy.bus.subscribe(["raise"], ["budget.paused", "budget.resumed"], None)
+    sub, _ = await proxy.bus.subscribe(["raise"], ["budget.paused", "budget.resumed"], None)
     await put_budget(proxy, "/api/sessions/raise/budget", 0.001)
     assert (await chat(proxy, "raise")).status == 200
     await until_paused(proxy, "raise")
@@ -666,7 +666,7 @@ async def test_unpriced_allow_forwards_and_tells_once_per_session_and_model(
     upstream.default = chat_reply(7, 2, model=UNPRICED)
     for sid in ("al-1", "al-2"):
         await put_budget(proxy, f"/api/sessions/{sid}/budget", 1.0)
-    sub, _ = proxy.bus.subscribe([], ["budget.unenforceable"], None)
+    sub, _ = await proxy.bus.subscribe([], ["budget.unenforceable"], None)
     for _ in range(3):
         assert (await chat(proxy, "al-1", model=UNPRICED)).status == 200
     assert (await chat(proxy, "al-2", model=UNPRICED)).status == 200
@@ -714,7 +714,7 @@ async def test_an_agent_budget_refuses_that_agent_only(
 ) -> None:
     upstream.default = chat_reply(1000, 1000)
     each = cost(proxy, 1000, 1000)
-    sub, _ = proxy.bus.subscribe(["team"], ["budget.warning", "budget.paused"], None)
+    sub, _ = await proxy.bus.subscribe(["team"], ["budget.warning", "budget.paused"], None)
     data = await put_budget(proxy, "/api/sessions/team/agents/a1/budget", 0.001)
     keys = ("sessionId", "agentId", "budgetUsd", "spentUsd", "remainingUsd", "paused")
     assert {k: data[k] for k in keys} == {
@@ -782,7 +782,8 @@ async def test_the_global_budget_refuses_every_session(
     proxy = await start_proxy(global_budget_usd=0.001)
     upstream.default = chat_reply(1000, 1000)
     each = cost(proxy, 1000, 1000)
-    sub, _ = proxy.bus.subscribe([], ["budget.warning", "budget.paused", "budget.resumed"], None)
+    types = ["budget.warning", "budget.paused", "budget.resumed"]
+    sub, _ = await proxy.bus.subscribe([], types, None)
     state = await proxy.get_json("/api/budget")
     keys = ("scope", "budgetUsd", "spentUsd", "remainingUsd", "paused", "period", "periodStart")
     assert {k: state[k] for k in keys} == {

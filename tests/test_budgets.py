@@ -198,7 +198,7 @@ async def test_default_budget_and_thresholds_emit_events(
     upstream.default = completion(1000, 300)  # 2500 + 3000 = $0.0055 each
     ledger = proxy.ledger
     assert isinstance(ledger, MemoryLedger)
-    sub, _ = proxy.bus.subscribe(["d1"], ["budget.warning", "budget.paused"], None)
+    sub, _ = await proxy.bus.subscribe(["d1"], ["budget.warning", "budget.paused"], None)
     async with oai(proxy, "d1") as c:
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
         await c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=10)
@@ -365,7 +365,8 @@ async def test_an_agent_budget_stops_that_agent_only() -> None:
     ledger = ledger_with()
     change = await ledger.set_agent_budget("s", "planner", D("0.01"))
     assert [type(r).__name__ for r in change.records] == ["SessionRecord", "AgentBudgetRecord"]
-    assert ledger.budgeted("s", "planner") == "agent" and ledger.budgeted("s", "coder") is None
+    assert await ledger.budgeted("s", "planner") == "agent"
+    assert await ledger.budgeted("s", "coder") is None
     change = await ledger.settle(await admitted(ledger, "s", "0", "planner"), D("0.01"))
     paused = [e.data for e in change.events if e.type == "budget.paused"]
     assert paused == [
@@ -377,7 +378,7 @@ async def test_an_agent_budget_stops_that_agent_only() -> None:
     assert got.scope == "agent" and "spendgate budget s USD --agent planner" in got.message()
     await admitted(ledger, "s", "0", "coder")
     await admitted(ledger, "s", "0")
-    ((rec, spent),) = ledger.agent_budgets("s")
+    ((rec, spent),) = await ledger.agent_budgets("s")
     assert rec.agent_id == "planner" and rec.paused and spent == D("0.01")
     await ledger.set_agent_budget("s", "planner", D("1"))
     await admitted(ledger, "s", "0", "planner")
@@ -385,7 +386,7 @@ async def test_an_agent_budget_stops_that_agent_only() -> None:
 
 async def test_the_global_budget_spans_sessions_and_its_events_name_no_session() -> None:
     ledger = ledger_with(global_budget=D("0.02"))
-    assert ledger.budgeted("any", None) == "global"
+    assert await ledger.budgeted("any", None) == "global"
     warnings = await ledger.settle(await admitted(ledger, "a", "0"), D("0.01"))
     assert [e.data for e in warnings.events] == [
         {"scope": "global", "sessionId": None, "period": "total", "budgetUsd": 0.02,
@@ -396,7 +397,7 @@ async def test_the_global_budget_spans_sessions_and_its_events_name_no_session()
     got, _ = await ledger.admit("c", None, D(0))
     assert isinstance(got, Refusal) and got.code == "global_budget_exceeded"
     assert "spendgate budget --global USD" in got.message()
-    rec, spent, period, _ = ledger.global_budget()
+    rec, spent, period, _ = await ledger.global_budget()
     assert rec.paused and spent == D("0.02") and period is None
 
 
@@ -413,7 +414,7 @@ async def test_a_new_period_starts_the_global_spend_again_and_lifts_its_pause() 
     assert [(e.type, e.data["reason"], e.data["period"]) for e in change.events] == [
         ("budget.resumed", "period ended", "2026-12-03")
     ]
-    assert ledger.global_budget()[1] == 0
+    assert (await ledger.global_budget())[1] == 0
 
 
 async def test_restart_keeps_agent_and_global_budgets() -> None:
@@ -426,12 +427,12 @@ async def test_restart_keeps_agent_and_global_budgets() -> None:
         global_record=GlobalBudgetRecord(D("2"), configured=D("5")),
         global_spend=D("1"),
     )
-    assert ledger.agent_budgets("s")[0][0].paused  # spent reached its budget before
-    rec, spent, _, _ = ledger.global_budget()
+    assert (await ledger.agent_budgets("s"))[0][0].paused  # spent reached its budget before
+    rec, spent, _, _ = await ledger.global_budget()
     assert rec.budget_usd == D("2") and spent == D("1")  # the PUT outlives a restart
     changed = ledger_with(global_budget=D("7"))
     changed.load([], {}, global_record=GlobalBudgetRecord(D("2"), configured=D("5")))
-    assert changed.global_budget()[0].budget_usd == D("7")  # ... until the setting changes
+    assert (await changed.global_budget())[0].budget_usd == D("7")  # ... until the setting changes
 
 
 async def test_what_holds_the_headroom_is_in_the_api_and_the_status_line(
@@ -454,7 +455,7 @@ async def test_what_holds_the_headroom_is_in_the_api_and_the_status_line(
             return r.status
 
     tasks = [asyncio.create_task(one()) for _ in range(2)]
-    while len(upstream.seen) < 1 or not proxy.ledger.pressure("held").waiting:
+    while len(upstream.seen) < 1 or not (await proxy.ledger.pressure("held")).waiting:
         await asyncio.sleep(0.01)
     cost = await proxy.cost("held")
     assert (cost["inFlight"], cost["waiting"]) == (1, 1)

@@ -392,7 +392,7 @@ async def test_reconnects_after_the_stream_is_dropped(
     await chat(proxy, upstream, "run-r", "gpt-4o", 1_000, 100)
     c = card(page, "run-r")
     await expect(c.locator(".total-msgs")).to_have_text("1")
-    proxy.bus.close()  # what the proxy does to a subscriber that fell behind
+    await proxy.bus.close()  # what the proxy does to a subscriber that fell behind
 
     async def resubscribed() -> bool:
         return proxy.bus.subscriber_count > 0

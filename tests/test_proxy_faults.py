@@ -110,7 +110,7 @@ async def test_client_hangs_up_mid_stream(proxy: Proxy, upstream: FakeUpstream) 
     assert row["aborted"] is True and row["estimated"] is True
     assert 0 < row["outputTokens"] < 40 * 3
     ledger = proxy.ledger
-    assert ledger.budgeted("gone", None) is None  # no budget; and no reservation left behind:
+    assert await ledger.budgeted("gone", None) is None  # no budget, no reservation left behind:
     assert ledger._sessions["gone"].in_flight == 0  # type: ignore[attr-defined]
 
 

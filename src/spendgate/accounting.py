@@ -30,7 +30,7 @@ from spendgate.metrics import Metrics
 from spendgate.pricing import Charge, ModelPrice, PriceTable, charge
 from spendgate.records import AgentBudgetRecord, MessageRecord, SessionRecord
 from spendgate.settings import SettingsError
-from spendgate.store import Store
+from spendgate.store import COST_DIGITS, Store
 from spendgate.usage import NO_EXTRAS, TokenCounts, estimate_tokens
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ MAX_UNENFORCEABLE = 10_000
 past this, clients choosing new model names cannot grow the set."""
 
 _ZERO = Decimal(0)
+COST_QUANTUM = Decimal(1).scaleb(-COST_DIGITS)
+"""A message's cost is rounded to this once (half even), so a shared ledger's integer
+spend equals the sum of the rows exactly (docs/reference.md §6 "Several replicas")."""
 
 
 def apply_change(change: Change, store: Store, bus: EventBus) -> None:
@@ -143,7 +146,7 @@ class Accountant:
         if target.label is not None:  # X-Spendgate-Session-Label (docs/reference.md §2)
             self.apply(await self.ledger.set_label(sid, target.label))
         reserve = _ZERO
-        scope = self.ledger.budgeted(sid, agent)
+        scope = await self.ledger.budgeted(sid, agent)
         if scope is not None:
             price = self._price(ex, info.model) if info.model else None
             if price is not None:
@@ -173,7 +176,8 @@ class Accountant:
             "(SPENDGATE_PRICING_FILE), or set SPENDGATE_UNPRICED_MODELS=price_as:MODEL to "
             "price it as a known model, or =allow to forward unpriced models unmetered."
         )
-        return Refusal(402, "model_unpriced", scope, sid, None, self.ledger.spent(sid), text)
+        spent = self.ledger.cached_spent(sid)
+        return Refusal(402, "model_unpriced", scope, sid, None, spent, text)
 
     def _unenforced(self, ex: Meter, scope: str) -> None:
         """``allow``: forward, and say once per session and model that no budget holds it."""
@@ -207,7 +211,7 @@ class Accountant:
 
     def live(self, ex: Meter) -> None:
         """A throttled ``final: false`` update, only built when somebody listens."""
-        if not self.bus.subscriber_count:
+        if not self.bus.listening:
             return
         now = time.perf_counter()
         if now - ex.last_live < self._live_interval:
@@ -215,7 +219,7 @@ class Accountant:
         ex.last_live = now
         counts = ex.estimated_counts()
         cost = self._cost(ex, ex.model, counts)
-        spent = self.ledger.spent(ex.target.session_id)
+        spent = self.ledger.cached_spent(ex.target.session_id)
         self._publish(
             self._usage_event(ex, counts, cost, spent + (cost or 0), final=False, estimated=True)
         )
@@ -243,10 +247,16 @@ class Accountant:
         if cost is None and counts.total_tokens == 0 and ex.status >= 400:
             cost = Decimal(0)  # an error that billed nothing costs nothing, known or not
             billed = billed._replace(cost=cost)
+        elif cost is not None:
+            cost = cost.quantize(COST_QUANTUM)  # once: the ledger and the row get this value
+            billed = billed._replace(cost=cost)
         extras = counts.extras or NO_EXTRAS
+        spent: Decimal | None = None
         if ex.reservation is not None:
             try:
-                self.apply(await self.ledger.settle(ex.reservation, cost))
+                change = await self.ledger.settle(ex.reservation, cost)
+                spent = change.spent
+                self.apply(change)
             except Exception:
                 log.exception("budget ledger failed to settle %s", ex.id)
         rec = MessageRecord(
@@ -285,7 +295,9 @@ class Accountant:
             price_source=billed.price_source,
         )
         if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message
-            self._record(ex, rec, counts, billed, estimated)
+            if spent is None:
+                spent = self.ledger.cached_spent(rec.session_id)
+            self._record(ex, rec, counts, billed, estimated, spent)
         try:
             self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
         except Exception:
@@ -299,11 +311,12 @@ class Accountant:
         counts: TokenCounts,
         billed: Charge,
         estimated: bool,
+        spent: Decimal,
     ) -> None:
-        """The message row, its final ``token.usage`` and the context meter."""
+        """The message row, its final ``token.usage`` (``spent``: the session's spend
+        that the settle returned) and the context meter."""
         model, provider = rec.model, rec.provider
         self.store.add_message(rec)
-        spent = self.ledger.spent(ex.target.session_id)
         self._publish(
             self._usage_event(
                 ex, counts, billed.cost, spent, final=True, estimated=estimated, billed=billed

@@ -15,10 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from spendgate import price_files, pruning, reports
 from spendgate.accounting import apply_change
-from spendgate.budgets import BudgetLedger, Change, ResumeRefused
+from spendgate.budgets import BudgetLedger, Change, ResumeRefused, SessionView
 from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
 from spendgate.pricing import PricingError
-from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord, SessionRecord
+from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord
 from spendgate.routing import clean_label, valid_id
 from spendgate.store import REPORT_BY
 from spendgate.timespec import TimeSpecError, parse
@@ -41,8 +41,8 @@ def api_error(status: int, message: str) -> web.HTTPException:
     return cls(text=text, content_type="application/json")
 
 
-def session_json(ledger: BudgetLedger, rec: SessionRecord) -> dict[str, Any]:
-    return reports.session_json(rec, ledger.spent(rec.id), ledger.pressure(rec.id))
+def session_json(view: SessionView) -> dict[str, Any]:
+    return reports.session_json(view.record, view.spent, view.pressure)
 
 
 def _session_id(request: web.Request) -> str:
@@ -52,17 +52,18 @@ def _session_id(request: web.Request) -> str:
     return sid
 
 
-def _known_session(request: web.Request) -> SessionRecord:
+async def _known_session(request: web.Request) -> SessionView:
+    """The session as the ledger holds it now (any replica's, with a shared ledger)."""
     sid = _session_id(request)
-    rec = request.app[LEDGER].session(sid)
-    if rec is None:
+    view = await request.app[LEDGER].snapshot(sid)
+    if view is None:
         raise api_error(404, f"unknown session {sid!r}")
-    return rec
+    return view
 
 
 @routes.get("/api/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
-    sessions = await reports.sessions_list(request.app[STORE], request.app[LEDGER].spent)
+    sessions = await reports.sessions_list(request.app[STORE], request.app[LEDGER].spent_of)
     return json_response({"sessions": sessions})
 
 
@@ -109,22 +110,20 @@ async def prune_sessions(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{id}/cost")
 async def session_cost(request: web.Request) -> web.Response:
-    rec = _known_session(request)
+    view = await _known_session(request)
     app = request.app
-    ledger = app[LEDGER]
-    summary = await reports.session_summary(
-        app[STORE], app[PRICES], rec, ledger.spent(rec.id), ledger.pressure(rec.id)
-    )
+    ledger, rec = app[LEDGER], view.record
+    summary = await reports.session_summary(app[STORE], app[PRICES], rec, view.spent, view.pressure)
     by_agent = summary["byAgent"]
-    for agent, spent in ledger.agent_budgets(rec.id):
+    for agent, spent in await ledger.agent_budgets(rec.id):
         group = by_agent.setdefault(agent.agent_id, {"messageCount": 0, "costUsd": None})
-        group.update(_agent_budget(ledger, agent, spent))
+        group.update(await _agent_budget(ledger, agent, spent))
     return json_response(summary)
 
 
 @routes.get("/api/sessions/{id}/messages")
 async def session_messages(request: web.Request) -> web.Response:
-    rec = _known_session(request)
+    rec = (await _known_session(request)).record
     try:
         after = int(request.query.get("cursor") or 0)
         limit = min(max(int(request.query.get("limit") or 100), 1), 1000)
@@ -141,7 +140,7 @@ async def session_messages(request: web.Request) -> web.Response:
 
 @routes.get("/api/sessions/{id}/export")
 async def session_export(request: web.Request) -> web.StreamResponse:
-    rec = _known_session(request)
+    rec = (await _known_session(request)).record
     store = request.app[STORE]
     fmt = request.query.get("format", "csv")
     if fmt not in ("csv", "json"):
@@ -177,10 +176,9 @@ async def session_export(request: web.Request) -> web.StreamResponse:
 async def _session_change(request: web.Request, change: Change) -> web.Response:
     app = request.app
     apply_change(change, app[STORE], app[BUS])
-    ledger = app[LEDGER]
-    rec = ledger.session(_session_id(request))
-    assert rec is not None
-    return json_response(session_json(ledger, rec))
+    view = await app[LEDGER].snapshot(_session_id(request))
+    assert view is not None
+    return json_response(session_json(view))
 
 
 async def _budget_body(request: web.Request) -> Decimal | None:
@@ -228,17 +226,21 @@ async def set_label(request: web.Request) -> web.Response:
     return await _session_change(request, change)
 
 
-def _agent_budget(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+async def _agent_budget(
+    ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal
+) -> dict[str, Any]:
     """An agent budget's fields, with what holds its headroom now."""
-    pressure = ledger.pressure(rec.session_id, rec.agent_id)
+    pressure = await ledger.pressure(rec.session_id, rec.agent_id)
     return reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure)
 
 
-def agent_json(ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal) -> dict[str, Any]:
+async def agent_json(
+    ledger: BudgetLedger, rec: AgentBudgetRecord, spent: Decimal
+) -> dict[str, Any]:
     return {
         "sessionId": rec.session_id,
         "agentId": rec.agent_id,
-        **_agent_budget(ledger, rec, spent),
+        **(await _agent_budget(ledger, rec, spent)),
     }
 
 
@@ -251,25 +253,25 @@ async def set_agent_budget(request: web.Request) -> web.Response:
     app = request.app
     ledger = app[LEDGER]
     budget = await _budget_body(request)
-    if ledger.unseeded_agent(sid, agent):  # its spend from before start-up, from the rows
+    if await ledger.unseeded_agent(sid, agent):  # its spend from before start-up, from the rows
         before = await app[STORE].agent_spend([(sid, agent)], ledger.loaded_at)
-        ledger.seed_agent(sid, agent, before[(sid, agent)])
+        await ledger.seed_agent(sid, agent, before[(sid, agent)])
     change = await ledger.set_agent_budget(sid, agent, budget)
     apply_change(change, app[STORE], app[BUS])
-    for rec, spent in ledger.agent_budgets(sid):
+    for rec, spent in await ledger.agent_budgets(sid):
         if rec.agent_id == agent:
-            return json_response(agent_json(ledger, rec, spent))
+            return json_response(await agent_json(ledger, rec, spent))
     unlimited = AgentBudgetRecord(sid, agent)
-    return json_response(agent_json(ledger, unlimited, Decimal(0)))
+    return json_response(await agent_json(ledger, unlimited, Decimal(0)))
 
 
-def _global_json(request: web.Request) -> dict[str, Any]:
+async def _global_json(request: web.Request) -> dict[str, Any]:
     app = request.app
     ledger = app[LEDGER]
-    rec, spent, period, change = ledger.global_budget()
+    rec, spent, period, change = await ledger.global_budget()
     apply_change(change, app[STORE], app[BUS])  # a period that just ended
     settings = app[SETTINGS]
-    pressure = ledger.pressure(None)
+    pressure = await ledger.pressure(None)
     return {
         "scope": "global",
         **reports.budget_json(rec.budget_usd, spent, rec.paused, rec.pause_reason, pressure),
@@ -283,7 +285,7 @@ def _global_json(request: web.Request) -> dict[str, Any]:
 
 @routes.get("/api/budget")
 async def global_budget(request: web.Request) -> web.Response:
-    return json_response(_global_json(request))
+    return json_response(await _global_json(request))
 
 
 @routes.put("/api/budget")
@@ -291,18 +293,18 @@ async def set_global_budget(request: web.Request) -> web.Response:
     app = request.app
     change = await app[LEDGER].set_global_budget(await _budget_body(request))
     apply_change(change, app[STORE], app[BUS])
-    return json_response(_global_json(request))
+    return json_response(await _global_json(request))
 
 
 @routes.post("/api/sessions/{id}/pause")
 async def pause(request: web.Request) -> web.Response:
-    rec = _known_session(request)
+    rec = (await _known_session(request)).record
     return await _session_change(request, await request.app[LEDGER].pause(rec.id))
 
 
 @routes.post("/api/sessions/{id}/resume")
 async def resume(request: web.Request) -> web.Response:
-    rec = _known_session(request)
+    rec = (await _known_session(request)).record
     try:
         change = await request.app[LEDGER].resume(rec.id)
     except ResumeRefused as exc:

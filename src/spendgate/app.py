@@ -68,16 +68,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             period=settings.global_budget_period,
             timezone=settings.budget_timezone,
         )
-        period = ledger.period
-        agent_budgets = await store.load_agent_budgets()
-        ledger.load(
-            await store.load_sessions(),
-            await store.spend_by_session(),
-            agents=agent_budgets,
-            agent_spend=await store.agent_spend((a.session_id, a.agent_id) for a in agent_budgets),
-            global_record=await store.load_global_budget(),
-            global_spend=await store.spend_since(period.start if period else None),
-        )
+        await ledger.start(store)
         bus = MemoryBus(settings.event_history, settings.subscriber_queue)
         metrics.bind_gauges(
             lambda: ledger.paused_count,
@@ -183,7 +174,7 @@ async def _close_subscribers(app: web.Application) -> None:
     if WEBHOOKS in app:  # first: it is a subscriber that would subscribe again
         await app[WEBHOOKS].close()
     if BUS in app:
-        app[BUS].close()
+        await app[BUS].close()
 
 
 def _guarded(

@@ -16,7 +16,12 @@ the global scope; it is admitted only if every one of them admits it:
 Admission and reservation happen in one step with no await in between, so a burst of
 concurrent requests cannot all see the same spare budget. Every change is returned as
 events plus the records to persist; the caller publishes and persists them.
-A Redis ledger (atomic counters) implements the same protocol for several replicas.
+:class:`spendgate.redis_ledger.RedisLedger` implements the same protocol for several
+replicas sharing one budget (docs/reference.md §6 "Several replicas"), so callers read
+nothing that assumes this process is the authority: spend comes back from ``settle``
+(:attr:`Change.spent`), the API reads through the async :meth:`BudgetLedger.snapshot`,
+and the hot path's sync reads (:meth:`BudgetLedger.cached_spent`,
+:meth:`BudgetLedger.live_remaining`) are documented as possibly a little behind.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from spendgate.events import (
     BUDGET_PAUSED,
@@ -40,6 +45,9 @@ from spendgate.events import (
 )
 from spendgate.periods import TOTAL, Period, period_at
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
+
+if TYPE_CHECKING:
+    from spendgate.store import Store
 
 MANUAL = "manual"
 BUDGET = "budget"
@@ -87,19 +95,21 @@ class Reservation:
 
     def __init__(
         self,
-        id: int,
+        id: str,
         session_id: str,
         agent_id: str | None,
         amount: Decimal,
-        scopes: tuple[_Scope, ...] = (),
+        scopes: tuple[Any, ...] = (),
     ) -> None:
         self.id = id
+        """Unique across replicas and restarts: a retried settle is recognised by it."""
         self.session_id = session_id
         self.agent_id = agent_id
         self.amount = amount
         self.open = True
         """False once settled or released: a second settle changes nothing."""
         self._scopes = scopes
+        """The ledger's own view of the scopes it holds (opaque to callers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +164,35 @@ class Change:
 
     records: list[BudgetRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    spent: Decimal | None = None
+    """After a settle: the session's spend including this message (its ``token.usage``
+    ``sessionCostUsd``), from the same step that added it; None if nothing was settled."""
 
     def saved(self, rec: BudgetRecord) -> None:
         if not any(r is rec for r in self.records):
             self.records.append(rec)
 
 
+class SessionView(NamedTuple):
+    """A session as the ledger that holds it sees it now (for the API)."""
+
+    record: SessionRecord
+    spent: Decimal
+    pressure: Pressure
+
+
 class BudgetLedger(Protocol):
-    def budgeted(self, session_id: str, agent_id: str | None) -> str | None: ...
+    """The seam between requests and budgets (docs/reference.md §6). Everything async may
+    ask a shared server; the few sync reads are for the hot path and may be a little
+    behind another replica's latest settle (each says how far)."""
+
+    async def start(self, store: Store) -> None:
+        """Take up the state: the memory ledger loads it from the store; a shared one
+        seeds only what its server has never held (never over live counters)."""
+
+    async def close(self) -> None: ...
+
+    async def budgeted(self, session_id: str, agent_id: str | None) -> str | None: ...
 
     async def admit(
         self, session_id: str, agent_id: str | None, reserve: Decimal, wait: float = 0.0
@@ -178,9 +209,9 @@ class BudgetLedger(Protocol):
     @property
     def loaded_at(self) -> float: ...
 
-    def unseeded_agent(self, session_id: str, agent_id: str) -> bool: ...
+    async def unseeded_agent(self, session_id: str, agent_id: str) -> bool: ...
 
-    def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None: ...
+    async def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None: ...
 
     async def set_global_budget(self, budget: Decimal | None) -> Change: ...
 
@@ -196,20 +227,31 @@ class BudgetLedger(Protocol):
 
     async def resume(self, session_id: str) -> Change: ...
 
-    def spent(self, session_id: str) -> Decimal: ...
+    async def snapshot(self, session_id: str) -> SessionView | None:
+        """The session, its spend and pressure; None for a session no replica has seen."""
 
-    def session(self, session_id: str) -> SessionRecord | None: ...
+    async def spent_of(self, session_ids: Collection[str]) -> dict[str, Decimal]: ...
 
-    def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]: ...
+    async def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]: ...
 
-    def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]: ...
+    async def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]: ...
 
-    def live_remaining(self, reservation: Reservation) -> Headroom | None: ...
+    async def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure: ...
 
-    def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure: ...
+    def cached_spent(self, session_id: str) -> Decimal:
+        """The session's spend as this process last saw it (live events, messages)."""
+
+    def live_remaining(self, reservation: Reservation) -> Headroom | None:
+        """What the request's tightest budget has left, as of its admission or a later
+        refresh (the mid-stream cut)."""
 
     @property
-    def paused_count(self) -> int: ...
+    def paused_count(self) -> int:
+        """This process's share of the paused-sessions gauge: summed over replicas it
+        counts each paused session once."""
+
+    def budgets(self) -> list[tuple[str, Decimal, Decimal]]:
+        """This process's share of the per-session budget series (as ``paused_count``)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -248,12 +290,30 @@ class MemoryLedger:
         self._period = period_at(period, timezone, clock())
         self._waiters: deque[_Waiter] = deque()
         self._ids = itertools.count(1)
+        self._id_prefix = f"{time.time_ns():x}-"
+        """Reservation ids unique across restarts, as the protocol asks."""
         self._loaded_at = clock()
 
     @property
     def period(self) -> Period | None:
         """The global budget's current period (None: ``total``, never reset)."""
         return self._period
+
+    async def start(self, store: Store) -> None:
+        """Load budgets, spend and pauses from the store (this process is the authority)."""
+        period = self._period
+        agents = await store.load_agent_budgets()
+        self.load(
+            await store.load_sessions(),
+            await store.spend_by_session(),
+            agents=agents,
+            agent_spend=await store.agent_spend((a.session_id, a.agent_id) for a in agents),
+            global_record=await store.load_global_budget(),
+            global_spend=await store.spend_since(period.start if period else None),
+        )
+
+    async def close(self) -> None:
+        """Nothing to let go: the state is this process's memory."""
 
     def load(
         self,
@@ -320,7 +380,7 @@ class MemoryLedger:
             return session, self._global
         return session, self._agent(session_id, agent_id), self._global
 
-    def budgeted(self, session_id: str, agent_id: str | None) -> str | None:
+    async def budgeted(self, session_id: str, agent_id: str | None) -> str | None:
         """The first scope of such a request that has a budget (None: none has, and it
         reserves nothing)."""
         sc = self._sessions.get(session_id)
@@ -450,7 +510,9 @@ class MemoryLedger:
         for sc in scopes:
             sc.reserved_total += amount
             sc.in_flight += 1
-        return Reservation(next(self._ids), session_id, agent_id, amount, scopes)
+        return Reservation(
+            f"{self._id_prefix}{next(self._ids)}", session_id, agent_id, amount, scopes
+        )
 
     async def admit(
         self, session_id: str, agent_id: str | None, reserve: Decimal, wait: float = 0.0
@@ -607,6 +669,7 @@ class MemoryLedger:
             if cost:
                 sc.spent += cost
                 self._spent_changed(sc, change)
+        change.spent = reservation._scopes[0].spent  # the session's scope comes first
         if self._waiters:
             self._drain()
         return change
@@ -637,13 +700,13 @@ class MemoryLedger:
         the spend of an agent first seen since (:meth:`seed_agent`)."""
         return self._loaded_at
 
-    def unseeded_agent(self, session_id: str, agent_id: str) -> bool:
+    async def unseeded_agent(self, session_id: str, agent_id: str) -> bool:
         """Is this agent's spend before :attr:`loaded_at` missing? (Only agents with a
         budget are loaded at start-up; the caller seeds one before budgeting it.)"""
         sc = self._agents.get((session_id, agent_id))
         return sc is None or not sc.seeded
 
-    def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None:
+    async def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None:
         """Add what the agent spent before :attr:`loaded_at`, once."""
         sc = self._agent(session_id, agent_id)
         if not sc.seeded:
@@ -735,11 +798,24 @@ class MemoryLedger:
         sc = self._sessions.get(session_id)
         return sc.spent if sc else _ZERO
 
+    cached_spent = spent
+    """Always current here: this process holds the only copy."""
+
+    async def spent_of(self, session_ids: Collection[str]) -> dict[str, Decimal]:
+        return {sid: self.spent(sid) for sid in session_ids}
+
+    async def snapshot(self, session_id: str) -> SessionView | None:
+        sc = self._sessions.get(session_id)
+        if sc is None:
+            return None
+        assert isinstance(sc.record, SessionRecord)
+        return SessionView(sc.record, sc.spent, self._pressure(sc))
+
     def session(self, session_id: str) -> SessionRecord | None:
         sc = self._sessions.get(session_id)
         return sc.record if sc else None  # type: ignore[return-value]
 
-    def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]:
+    async def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]:
         """``(record, spent)`` of the session's agents that have a budget."""
         out = []
         for (sid, _), sc in self._agents.items():
@@ -748,7 +824,7 @@ class MemoryLedger:
                 out.append((sc.record, sc.spent))
         return out
 
-    def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]:
+    async def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]:
         """The global budget, its spend in the current period and the period (rolled
         over first if it ended: the change says so)."""
         change = Change()
@@ -768,7 +844,7 @@ class MemoryLedger:
                 least = Headroom(budget - sc.spent, sc.kind, self._name(sc))
         return least
 
-    def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure:
+    async def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure:
         """In flight, reserved and waiting in a session's scope, an agent's (with
         ``agent_id``) or the global one (``session_id`` None)."""
         if session_id is None:
@@ -777,8 +853,9 @@ class MemoryLedger:
             sc = self._sessions.get(session_id)
         else:
             sc = self._agents.get((session_id, agent_id))
-        if sc is None:
-            return Pressure(0, _ZERO, 0)
+        return Pressure(0, _ZERO, 0) if sc is None else self._pressure(sc)
+
+    def _pressure(self, sc: _Scope) -> Pressure:
         waiting = sum(1 for w in self._waiters if w.held_on is sc)
         return Pressure(sc.in_flight, sc.reserved_total, waiting)
 

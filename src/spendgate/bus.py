@@ -2,8 +2,11 @@
 (docs/reference.md §7).
 
 ``publish`` never blocks and never raises: each subscriber has a bounded queue, and a
-subscriber whose queue is full is dropped (it may reconnect with Last-Event-ID). A
-Redis-backed bus implements the same protocol for several replicas.
+subscriber whose queue is full is dropped (it may reconnect with Last-Event-ID).
+:class:`spendgate.redis_bus.RedisEventBus` implements the same protocol for several
+replicas (one event log, replay and live events from any replica), which is why
+``subscribe`` and ``close`` are async and ``listening`` (anyone, on any replica) is apart
+from ``subscriber_count`` (this process's own).
 """
 
 from __future__ import annotations
@@ -40,17 +43,23 @@ class Subscription:
 
 class EventBus(Protocol):
     @property
-    def subscriber_count(self) -> int: ...
+    def subscriber_count(self) -> int:
+        """This process's subscribers (the ``spendgate_event_subscribers`` gauge)."""
+
+    @property
+    def listening(self) -> bool:
+        """Does anyone listen, on any replica? Live ``final: false`` events are only
+        built when so; read on every streamed chunk, so it is a plain attribute read."""
 
     def publish(self, event: Event) -> None: ...
 
-    def subscribe(
+    async def subscribe(
         self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
     ) -> tuple[Subscription, list[Event]]: ...
 
     def unsubscribe(self, sub: Subscription) -> None: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class MemoryBus:
@@ -61,6 +70,7 @@ class MemoryBus:
         self._last_id = 0
         self.subscriber_count = 0
         """Kept as a plain number: every streamed chunk asks whether anyone listens."""
+        self.listening = False
 
     def publish(self, event: Event) -> None:
         # Ids are microseconds since the epoch, kept strictly increasing: they grow across
@@ -86,7 +96,7 @@ class MemoryBus:
             sub.queue.get_nowait()
         sub.queue.put_nowait(None)
 
-    def subscribe(
+    async def subscribe(
         self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
     ) -> tuple[Subscription, list[Event]]:
         sub = Subscription(sessions, types, self._queue_size)
@@ -95,13 +105,15 @@ class MemoryBus:
             backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
         self._subs.add(sub)
         self.subscriber_count = len(self._subs)
+        self.listening = True
         return sub, backlog
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
         self.subscriber_count = len(self._subs)
+        self.listening = bool(self._subs)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """End every subscriber's stream (at shutdown, so open SSE handlers return)."""
         for sub in list(self._subs):
             self._drop(sub)

@@ -39,7 +39,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         }
     )
     await resp.prepare(request)
-    sub, backlog = bus.subscribe(sessions, types, last_id)
+    sub, backlog = await bus.subscribe(sessions, types, last_id)
     try:
         await resp.write(b"retry: 1000\n: connected\n\n" + b"".join(e.encoded() for e in backlog))
         quiet = 0.0

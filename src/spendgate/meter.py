@@ -340,10 +340,10 @@ class Meter:
         self.error = "budget_cut"
         by = self._cut_by
         name, scope = (by.name, by.scope) if by is not None else ("the budget", "session")
+        spent = self._acct.ledger.cached_spent(self.target.session_id)
         msg = (
             f"spendgate stopped this stream: {name} ran out of budget (spent "
-            f"{usd(self._acct.ledger.spent(self.target.session_id))} in the session before "
-            "this response)."
+            f"{usd(spent)} in the session before this response)."
         )
         code, bounds = f"{scope}_budget_exceeded", self._bounds
         if self.cut_short:

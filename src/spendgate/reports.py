@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from decimal import Decimal
 from typing import Any
 
@@ -138,18 +138,23 @@ def exported(session: dict[str, Any]) -> dict[str, Any]:
 
 async def sessions_list(
     store: Store,
-    spent_of: Callable[[str], Decimal] | None = None,
+    spent_of: Callable[[Collection[str]], Awaitable[dict[str, Decimal]]] | None = None,
     since: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every session with its totals, newest activity first; with ``since``, only those
     active (or created, when without messages) at or after it.
 
-    ``spent_of`` is the live ledger's view; without one (the CLI) the rows' sum is used.
+    ``spent_of`` is the live ledger's view (one call for them all, so a shared ledger
+    answers in one round trip); without one (the CLI) the rows' sum is used.
     """
     out = []
-    for row in await store.session_totals():
-        if since is not None and (row["last_at"] or row["created_at"]) < since:
-            continue
+    rows = [
+        row
+        for row in await store.session_totals()
+        if since is None or (row["last_at"] or row["created_at"]) >= since
+    ]
+    live = await spent_of([row["id"] for row in rows]) if spent_of else {}
+    for row in rows:
         rec = SessionRecord(
             row["id"],
             row["created_at"],
@@ -159,7 +164,7 @@ async def sessions_list(
             row["label"],
         )
         summed = _decimal(row["cost_usd"]) or Decimal(0)
-        item = session_json(rec, spent_of(rec.id) if spent_of else summed)
+        item = session_json(rec, live.get(rec.id, summed) if spent_of else summed)
         item.update(
             totalCostUsd=_total_cost(row),
             messageCount=row["message_count"] or 0,

@@ -200,7 +200,7 @@ class WebSocketRelay:
         held by in-flight requests (a 429) does not refuse a handshake."""
         ledger = self.acct.ledger
         sid, agent = target.session_id, target.agent_id
-        if ledger.session(sid) is None:
+        if await ledger.snapshot(sid) is None:
             return None
         outcome, change = await ledger.admit(sid, agent, Decimal(0), 0.0)
         self.acct.apply(change)
