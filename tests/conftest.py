@@ -22,6 +22,7 @@ from spendgate.pricing import PriceTable
 from spendgate.settings import Settings
 from spendgate.store import Store
 from tests.helpers import postgres as pg
+from tests.helpers import redis_server as rs
 from tests.upstream import FakeUpstream
 
 
@@ -133,6 +134,12 @@ def pg_url(postgres: pg.PostgresServer) -> str:
     if not postgres.running():  # a test that played an outage and failed before restarting
         postgres.start()
     return postgres.new_database()
+
+
+redis_server = rs.redis_server
+"""One real redis-server for the whole run (tests/helpers/redis_server.py)."""
+redis_url = rs.redis_url
+"""That server, emptied, for one test."""
 
 
 @pytest.fixture

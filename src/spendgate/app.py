@@ -17,8 +17,6 @@ from prometheus_client import CollectorRegistry
 
 from spendgate import api, dashboard, event_stream
 from spendgate.accounting import Accountant
-from spendgate.budgets import MemoryLedger
-from spendgate.bus import MemoryBus
 from spendgate.keys import (
     BUS,
     LEDGER,
@@ -30,6 +28,8 @@ from spendgate.keys import (
     STORE,
     WEBHOOKS,
 )
+from spendgate.ledger_factory import check as check_shared
+from spendgate.ledger_factory import open_backends
 from spendgate.metrics import Metrics
 from spendgate.price_files import reload_into, settings_table
 from spendgate.pricing import PricingError
@@ -53,6 +53,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         session_labels=settings.metrics_session_labels,
         max_models=settings.metrics_max_models,
     )
+    check_shared(settings)  # before the store: a refused setup creates no file
     store = make_store(
         settings,
         on_drop=metrics.store_dropped.inc,
@@ -60,16 +61,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         on_error=metrics.store_write_errors.inc,
     )
     await store.open()  # StoreOpenError: cli.cmd_serve says why in one line
+    backends = None
     try:
-        ledger = MemoryLedger(
-            settings.budget_thresholds,
-            _usd(settings.default_session_budget_usd),
-            global_budget=_usd(settings.global_budget_usd),
-            period=settings.global_budget_period,
-            timezone=settings.budget_timezone,
-        )
-        await ledger.start(store)
-        bus = MemoryBus(settings.event_history, settings.subscriber_queue)
+        backends = await open_backends(settings, store)  # SharedSetupError: one line
+        ledger, bus = backends.ledger, backends.bus
         metrics.bind_gauges(
             lambda: ledger.paused_count,
             lambda: bus.subscriber_count,
@@ -106,6 +101,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[PROXY].attach(router, acct, client)
         log.info("database %s, %d routes", describe(settings), len(router.routes))
     except BaseException:  # a failed or interrupted start-up (SIGTERM) closes the store too
+        if backends is not None:
+            await backends.bus.close()
+            await backends.close()
         await store.close()
         raise
     if settings.webhook_url:  # docs/reference.md §7 "Webhook"
@@ -113,7 +111,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         app[WEBHOOKS] = webhooks = Webhooks(
             settings.webhook_url, settings.webhook_events, lambda o: counted(o).inc()
         )
-        webhooks.start(bus)
+        await webhooks.start(bus)
     _watch_sighup(app)
     try:
         yield
@@ -122,6 +120,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if WEBHOOKS in app:
             await app[WEBHOOKS].close()
         await client.close()
+        await backends.close()
         await store.close()
 
 

@@ -68,6 +68,78 @@ def usd(amount: Decimal) -> str:
     return "$" + format(amount.quantize(Decimal("0.000001")).normalize(), "f")
 
 
+def scope_name(
+    kind: str, session_id: str | None, agent_id: str | None, period: Period | None
+) -> str:
+    """A scope for people: ``session 'run-1'``, ``agent 'a' of session 'run-1'``, ..."""
+    if kind == SESSION:
+        return f"session '{session_id}'"
+    if kind == AGENT:
+        return f"agent '{agent_id}' of session '{session_id}'"
+    return "the global budget" + (f" ({period.label})" if period is not None else "")
+
+
+def held_message(
+    in_flight: int, reserved: Decimal, budget: Decimal, spent: Decimal, name: str, amount: Decimal
+) -> str:
+    """The 429's text: what the in-flight requests hold of what is left."""
+    n = in_flight
+    verb = "hold" if n != 1 else "holds"
+    return (
+        f"{n} request{'s' if n != 1 else ''} in flight {verb} {usd(reserved)} of "
+        f"the {usd(max(budget - spent, _ZERO))} left in {name}, and this "
+        f"request may cost up to {usd(amount)}: retry when they finish, or raise the budget."
+    )
+
+
+def paused_message(
+    kind: str,
+    sid: str | None,
+    aid: str | None,
+    budget: Decimal | None,
+    spent_usd: Decimal,
+    why: str,
+    period: Period | None,
+) -> str:
+    """The 402's text: which scope is paused or spent, and how to continue."""
+    of = "no budget" if budget is None else f"a {usd(budget)} budget"
+    spent = f"spent {usd(spent_usd)} of {of}"
+    if kind == GLOBAL:
+        when = (
+            ""
+            if period is None
+            else f" for {period.label}; it starts again with the next {period.name}"
+        )
+        return (
+            f"spendgate paused every session: the global budget is used up ({spent}"
+            f"{when}). To continue, raise it (PUT /api/budget or "
+            f"`spendgate budget --global USD`)."
+        )
+    if kind == AGENT:
+        return (
+            f"spendgate paused agent '{aid}' of session '{sid}': it has used up its budget "
+            f"({spent}). To continue, raise its budget (PUT /api/sessions/{sid}/agents/"
+            f"{aid}/budget or `spendgate budget {sid} USD --agent {aid}`)."
+        )
+    how = "was paused by hand" if why == MANUAL else "has used up its budget"
+    resume = ""
+    if why == MANUAL:
+        resume = f" or resume it (POST /api/sessions/{sid}/resume or `spendgate resume {sid}`)"
+    return (
+        f"spendgate paused session '{sid}': it {how} ({spent}). To continue, raise the "
+        f"budget (PUT /api/sessions/{sid}/budget or `spendgate budget {sid} USD`){resume}."
+    )
+
+
+def resume_refused_message(session_id: str, spent: Decimal, budget: Decimal) -> str:
+    """The 409's text: resuming at or over the budget would only pause it again."""
+    return (
+        f"session '{session_id}' has spent {usd(spent)} of its {usd(budget)} "
+        f"budget, so resuming would only pause it again: raise the budget instead "
+        f"(`spendgate budget {session_id} USD` or PUT /api/sessions/{session_id}/budget)."
+    )
+
+
 @dataclass(slots=True, eq=False)
 class _Scope:
     """One budget's live state: its record (budget and pause), spend and reservations."""
@@ -117,10 +189,11 @@ class Refusal:
     """Why a request is not admitted, with everything its HTTP answer says."""
 
     status: int
-    """402 (paused, spent, unpriced) or 429 (headroom held by in-flight requests)."""
+    """402 (paused, spent, unpriced), 429 (headroom held by in-flight requests) or 503
+    (a shared ledger that cannot be reached, failure mode ``closed``)."""
     code: str
     """``session_budget_exceeded``, ``agent_budget_exceeded``, ``global_budget_exceeded``,
-    ``budget_reserved`` or ``model_unpriced``."""
+    ``budget_reserved``, ``model_unpriced`` or ``ledger_unavailable``."""
     scope: str
     session_id: str
     budget_usd: Decimal | None
@@ -129,8 +202,9 @@ class Refusal:
 
     @property
     def retry(self) -> bool:
-        """May the client retry? Only a wait for reservations ends; a pause does not."""
-        return self.status == 429
+        """May the client retry? A wait for reservations ends, and so does a ledger
+        outage; a pause does not."""
+        return self.status in (429, 503)
 
     def message(self) -> str:
         return self.text
@@ -588,55 +662,18 @@ class MemoryLedger:
         return Refusal(status, code, sc.kind, session_id, sc.record.budget_usd, sc.spent, text)
 
     def _name(self, sc: _Scope) -> str:
-        if sc.kind == SESSION:
-            return f"session '{sc.session_id}'"
-        if sc.kind == AGENT:
-            return f"agent '{sc.agent_id}' of session '{sc.session_id}'"
-        period = self._period
-        return "the global budget" + (f" ({period.label})" if period is not None else "")
+        return scope_name(sc.kind, sc.session_id, sc.agent_id, self._period)
 
     def _held_message(self, sc: _Scope, amount: Decimal) -> str:
         budget = sc.record.budget_usd
         assert budget is not None
-        n = sc.in_flight
-        verb = "hold" if n != 1 else "holds"
-        return (
-            f"{n} request{'s' if n != 1 else ''} in flight {verb} {usd(sc.reserved_total)} of "
-            f"the {usd(max(budget - sc.spent, _ZERO))} left in {self._name(sc)}, and this "
-            f"request may cost up to {usd(amount)}: retry when they finish, or raise the budget."
+        return held_message(
+            sc.in_flight, sc.reserved_total, budget, sc.spent, self._name(sc), amount
         )
 
     def _paused_message(self, sc: _Scope, why: str) -> str:
-        budget = sc.record.budget_usd
-        of = "no budget" if budget is None else f"a {usd(budget)} budget"
-        spent = f"spent {usd(sc.spent)} of {of}"
-        sid = sc.session_id
-        if sc.kind == GLOBAL:
-            period = self._period
-            when = (
-                ""
-                if period is None
-                else f" for {period.label}; it starts again with the next {period.name}"
-            )
-            return (
-                f"spendgate paused every session: the global budget is used up ({spent}"
-                f"{when}). To continue, raise it (PUT /api/budget or "
-                f"`spendgate budget --global USD`)."
-            )
-        if sc.kind == AGENT:
-            aid = sc.agent_id
-            return (
-                f"spendgate paused agent '{aid}' of session '{sid}': it has used up its budget "
-                f"({spent}). To continue, raise its budget (PUT /api/sessions/{sid}/agents/"
-                f"{aid}/budget or `spendgate budget {sid} USD --agent {aid}`)."
-            )
-        how = "was paused by hand" if why == MANUAL else "has used up its budget"
-        resume = ""
-        if why == MANUAL:
-            resume = f" or resume it (POST /api/sessions/{sid}/resume or `spendgate resume {sid}`)"
-        return (
-            f"spendgate paused session '{sid}': it {how} ({spent}). To continue, raise the "
-            f"budget (PUT /api/sessions/{sid}/budget or `spendgate budget {sid} USD`){resume}."
+        return paused_message(
+            sc.kind, sc.session_id, sc.agent_id, sc.record.budget_usd, sc.spent, why, self._period
         )
 
     # -- settling --------------------------------------------------------------------------
@@ -781,11 +818,7 @@ class MemoryLedger:
         sc = self._session(session_id, change)
         budget = sc.record.budget_usd
         if budget is not None and sc.spent >= budget:
-            raise ResumeRefused(
-                f"session '{session_id}' has spent {usd(sc.spent)} of its {usd(budget)} "
-                f"budget, so resuming would only pause it again: raise the budget instead "
-                f"(`spendgate budget {session_id} USD` or PUT /api/sessions/{session_id}/budget)."
-            )
+            raise ResumeRefused(resume_refused_message(session_id, sc.spent, budget))
         if sc.record.paused:
             self._unpause(sc, "resumed", change)
             if self._waiters:

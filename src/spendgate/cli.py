@@ -58,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from spendgate.app import make_app
+    from spendgate.ledger_factory import SharedSetupError
     from spendgate.store import StoreOpenError
     from spendgate.store_factory import describe
 
@@ -95,6 +96,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except StoreOpenError as exc:  # one line, no traceback (docs/reference.md §5)
         print(f"spendgate: cannot use the database {exc}", file=sys.stderr)
+        return 1
+    except SharedSetupError as exc:  # one line (docs/reference.md §6 "Several replicas")
+        print(f"spendgate: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the listening socket: one line, no traceback (§11)
         if exc.errno not in LISTEN_ERRORS:

@@ -378,7 +378,9 @@ def _refuse(style: str, refusal: Refusal) -> web.Response:
     }
     if refusal.retry:
         headers["Retry-After"] = RETRY_AFTER_S
-    kind = "budget_reserved" if refusal.retry else "budget_exceeded"
+    kind = {429: "budget_reserved", 503: "ledger_unavailable"}.get(
+        refusal.status, "budget_exceeded"
+    )
     return error_response(style, refusal.status, refusal.message(), kind, refusal.code, headers)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -182,6 +183,10 @@ DEFAULT_AGENT_HEADERS = [
 ]
 
 
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def default_db_path() -> Path:
     return Path(platformdirs.user_data_dir("spendgate", appauthor=False)) / "spendgate.db"
 
@@ -321,6 +326,27 @@ class Settings(BaseSettings):
         "on non-streamed ones (their body is held until it is priced)",
     )
 
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// URL of the shared budget ledger and event log of several "
+        "replicas (the shared extra); none: in this process's memory",
+    )
+    replica_id: str = Field(
+        default_factory=default_replica_id,
+        description="This replica's name in leases, listeners and logs (default: host-pid)",
+    )
+    reservation_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Lease of an in-flight reservation in the shared ledger, renewed while "
+        "the request runs: a dead replica's reservations are released within it",
+    )
+    ledger_failure_mode: Literal["closed", "open"] = Field(
+        default="closed",
+        description="While Redis is unreachable: closed answers 503 (retryable), open "
+        "admits unmetered and settles when Redis is back",
+    )
+
     @field_validator("store_url")
     @classmethod
     def _store_url(cls, v: str | None) -> str | None:
@@ -396,6 +422,13 @@ class Settings(BaseSettings):
         if v.startswith("price_as:") and v[len("price_as:") :].strip():
             return "price_as:" + v[len("price_as:") :].strip()
         raise ValueError("unpriced_models is refuse, allow or price_as:MODEL")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v or None
 
     @field_validator("openai_base_url", "anthropic_base_url", "gemini_base_url", "ollama_base_url")
     @classmethod

@@ -134,9 +134,9 @@ class Webhooks:
         types = [t for t in self.events if t != CONTEXT_CRITICAL]
         return [*types, CONTEXT_USAGE] if CONTEXT_CRITICAL in self.events else types
 
-    def start(self, bus: EventBus) -> None:
+    async def start(self, bus: EventBus) -> None:
         self._bus = bus
-        self._sub, _ = bus.subscribe((), self._bus_types(), None)
+        self._sub, _ = await bus.subscribe((), self._bus_types(), None)
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -175,7 +175,7 @@ class Webhooks:
                     "the event bus dropped the webhook subscriber (its queue was full): the "
                     "alerts in it are lost; subscribing again"
                 )
-                self._sub = sub = self._bus.subscribe((), self._bus_types(), None)[0]
+                self._sub = sub = (await self._bus.subscribe((), self._bus_types(), None))[0]
                 continue
             kind = self._alert(event)
             if kind is not None:

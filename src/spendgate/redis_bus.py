@@ -1,0 +1,288 @@
+"""The shared event log of several replicas: one Redis Stream (docs/reference.md §7
+"Several replicas").
+
+Every event, whichever replica publishes it, goes into one stream under an id that Redis
+assigns in one atomic step: ``max(now in µs, last + 1)``, today's microsecond form, so
+ids increase across replicas and restarts and a ``Last-Event-ID`` from a single-process
+deployment still compares right. Each replica runs one reader task (``XREAD BLOCK``)
+that feeds its local subscribers' bounded queues, so a subscriber on any replica sees
+every replica's events, live ``final: false`` ones included, and replay after
+``Last-Event-ID`` reads the stream (bounded like the memory history by
+``SPENDGATE_EVENT_HISTORY``). The budget events of :mod:`spendgate.redis_ledger` are
+added to the same stream by its scripts, in the step that changes the budget state, so
+they exist exactly once.
+
+``publish`` stays sync and never blocks: it appends to a bounded local queue that a
+task sends in batches. An event lost to a Redis outage is logged with a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Collection
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from spendgate.bus import Subscription
+from spendgate.events import Event, budget_event
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+log = logging.getLogger("spendgate.redis_bus")
+
+UNIT = Decimal(1).scaleb(-10)
+"""Money in Redis is integer units of 1e-10 USD (the rows' precision)."""
+
+LUA_EMIT = """
+local function emit(P, maxlen, typ, sid, payload, units)
+  local t = redis.call('TIME')
+  local id = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', P .. 'evseq') or '0')
+  if id <= last then id = last + 1 end
+  local sid_ = string.format('%.0f', id)
+  redis.call('SET', P .. 'evseq', sid_)
+  redis.call('XADD', P .. 'events', 'MAXLEN', '~', maxlen, sid_ .. '-0',
+             't', typ, 's', sid, 'd', payload, 'u', units)
+  return sid_
+end
+"""
+"""The one definition of an event id, shared by every script that adds an event."""
+
+_PUBLISH = (
+    LUA_EMIT
+    + """
+local P, maxlen = ARGV[1], ARGV[2]
+local last = ''
+for i = 3, #ARGV, 3 do
+  last = emit(P, maxlen, ARGV[i], ARGV[i + 1], ARGV[i + 2], '0')
+end
+return last
+"""
+)
+
+BATCH = 256
+"""Events per PUBLISH call."""
+OUTBOX = 10_000
+"""Events waiting to be sent at most; past this (Redis down) the oldest are dropped."""
+LISTENER_TTL_MS = 5_000
+
+
+def _usd(units: str | None) -> float | None:
+    return None if units in (None, "") else float(Decimal(int(units)) * UNIT)
+
+
+def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:
+    """A stream entry as the Event it was; a budget event written by a ledger script
+    carries its money in units and becomes the same payload :func:`budget_event` makes."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    type_ = fields[b"t"].decode()
+    data: dict[str, Any] = orjson.loads(fields[b"d"])
+    if fields.get(b"u") == b"1":
+        extra: dict[str, Any] = {}
+        if "threshold" in data:
+            extra["threshold"] = float(data["threshold"])
+        if "reason" in data:
+            extra["reason"] = data["reason"]
+        if "sessionLabel" in data:
+            extra["sessionLabel"] = data["sessionLabel"]
+        event = budget_event(
+            type_,
+            data["scope"],
+            data.get("sessionId") or None,
+            _usd(data.get("budgetU")),
+            _usd(data.get("spentU")) or 0.0,
+            agent_id=data.get("agentId") or None,
+            period=data.get("period"),
+            **extra,
+        )
+    else:
+        event = Event(type_, fields[b"s"].decode(), data)
+    event.id = int(raw.partition("-")[0])
+    return event
+
+
+class RedisEventBus:
+    """The :class:`~spendgate.bus.EventBus` of several replicas (see the module)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        replica_id: str,
+        history: int = 2048,
+        queue_size: int = 1024,
+        prefix: str = "spendgate:",
+    ) -> None:
+        self._r: Any = client  # redis-py's own types are loose; its replies are checked here
+        self._p = prefix
+        self._stream = prefix + "events"
+        self._replica = replica_id
+        self._history = history
+        self._queue_size = queue_size
+        self._subs: set[Subscription] = set()
+        self.subscriber_count = 0
+        self.listening = False
+        """Anyone subscribed on any replica (refreshed every second from Redis)."""
+        self._out: deque[tuple[str, str, bytes]] = deque()
+        self._dropped = 0
+        self._wake = asyncio.Event()
+        self._pos = "0-0"
+        """The last stream id delivered to the local subscribers."""
+        self._publish = client.register_script(_PUBLISH)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        last = await self._r.xrevrange(self._stream, count=1)
+        self._pos = last[0][0].decode() if last else "0-0"
+        await self._refresh_listening()
+        for job in (self._sender, self._reader, self._listeners):
+            self._tasks.append(asyncio.create_task(job()))
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def publish(self, event: Event) -> None:
+        if len(self._out) >= OUTBOX:
+            self._out.popleft()
+            self._dropped += 1
+            if self._dropped in (1, 100) or self._dropped % 10_000 == 0:
+                log.warning(
+                    "event log unreachable: %d events dropped so far (outbox of %d full)",
+                    self._dropped, OUTBOX,
+                )  # fmt: skip
+        self._out.append((event.type, event.session_id, orjson.dumps(event.data)))
+        self._wake.set()
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._out:
+                batch = [self._out[i] for i in range(min(BATCH, len(self._out)))]
+                args: list[Any] = [self._p, self._history]
+                for type_, sid, payload in batch:
+                    args += [type_, sid, payload]
+                try:
+                    await self._publish(args=args)
+                except Exception as exc:  # Redis away: keep them queued, try again
+                    log.warning("event log: %d events not sent yet: %s", len(self._out), exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for _ in batch:
+                    self._out.popleft()
+
+    async def flush(self) -> None:
+        """Wait until everything published so far is in the stream (tests, shutdown)."""
+        for _ in range(200):
+            if not self._out:
+                return
+            self._wake.set()
+            await asyncio.sleep(0.01)
+
+    # -- delivering --------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                got = await self._r.xread({self._stream: self._pos}, count=512, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("event log: cannot read (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _, entries in got or ():
+                for entry_id, fields in entries:
+                    self._pos = entry_id.decode()
+                    if self._subs:
+                        self._deliver(decode(entry_id, fields))
+
+    def _deliver(self, event: Event) -> None:
+        for sub in list(self._subs):
+            if not sub.wants(event):
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                log.warning("dropping a slow event subscriber (queue of %d full)", self._queue_size)
+                self._drop(sub)
+
+    def _drop(self, sub: Subscription) -> None:
+        self.unsubscribe(sub)
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
+
+    async def subscribe(
+        self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
+    ) -> tuple[Subscription, list[Event]]:
+        """Live events from now on, and those after ``last_event_id`` still in the
+        stream. Registered before the backlog is read, and the backlog ends where live
+        delivery began, so nothing is missed or sent twice."""
+        sub = Subscription(sessions, types, self._queue_size)
+        self._subs.add(sub)
+        self.subscriber_count = len(self._subs)
+        self.listening = True
+        until = self._pos
+        backlog: list[Event] = []
+        if last_event_id is not None and last_event_id >= 0:
+            entries = await self._r.xrange(
+                self._stream, f"({last_event_id}-0", until, count=self._history
+            )
+            backlog = [e for e in (decode(i, f) for i, f in entries) if sub.wants(e)]
+        with contextlib.suppress(Exception):
+            await self._announce()
+        return sub, backlog
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+        self.subscriber_count = len(self._subs)
+
+    # -- who listens -----------------------------------------------------------------------
+
+    async def _announce(self) -> None:
+        if self._subs:
+            expiry = int(time.time() * 1000) + LISTENER_TTL_MS
+            await self._r.zadd(self._p + "listeners", {self._replica: expiry})
+
+    async def _refresh_listening(self) -> None:
+        now = int(time.time() * 1000)
+        key = self._p + "listeners"
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.zcard(key)
+        _, n = await pipe.execute()
+        self.listening = bool(n) or bool(self._subs)
+
+    async def _listeners(self) -> None:
+        """Announce this replica's subscribers every second and learn whether any
+        replica has one (``listening``). Expiry uses this host's clock; replicas' clocks
+        only need to agree within a few seconds for this hint."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._announce()
+                await self._refresh_listening()
+            except Exception as exc:
+                log.debug("listeners: %s", exc)
+
+    async def close(self) -> None:
+        """Send what is queued (briefly), stop the tasks and end every local stream."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 2)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for sub in list(self._subs):
+            self._drop(sub)
+        with contextlib.suppress(Exception):
+            await self._r.zrem(self._p + "listeners", self._replica)
