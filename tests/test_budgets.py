@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +10,7 @@ import anthropic
 import openai
 import pytest
 
-from spendgate.budgets import MemoryLedger, Refusal, ResumeRefused
+from spendgate.budgets import MemoryLedger, Refusal
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord
 from tests.conftest import Proxy, StartProxy
 from tests.upstream import FakeUpstream, Reply, fixture_reply, json_reply, sse_reply
@@ -280,141 +279,8 @@ async def admitted(ledger: MemoryLedger, sid: str, reserve: str, agent: str | No
     return got
 
 
-async def test_waiters_go_in_arrival_order_as_reservations_settle() -> None:
-    ledger = ledger_with()
-    await ledger.set_budget("s", D("0.10"))
-    first = await admitted(ledger, "s", "0.10")  # holds all the headroom
-    waiting = [asyncio.create_task(ledger.admit("s", None, D("0.10"), wait=5)) for _ in range(2)]
-    await asyncio.sleep(0)
-    assert not any(t.done() for t in waiting)
-    await ledger.settle(first, D("0.01"))
-    await asyncio.sleep(0)
-    assert waiting[0].done() and not waiting[1].done()  # the second waits on the first
-    second, _ = waiting[0].result()
-    await ledger.settle(second, D("0.01"))
-    third, _ = await waiting[1]
-    assert not isinstance(third, Refusal)
-    assert ledger.spent("s") == D("0.02")
-
-
-async def test_a_wait_that_runs_out_says_what_holds_the_headroom() -> None:
-    ledger = ledger_with()
-    await ledger.set_budget("run-1", D("0.01"))
-    await admitted(ledger, "run-1", "0.0046")
-    await admitted(ledger, "run-1", "0.0046")
-    got, _ = await ledger.admit("run-1", None, D("0.0046"), wait=0.05)
-    assert isinstance(got, Refusal) and got.status == 429 and got.retry
-    assert got.code == "budget_reserved" and got.scope == "session"
-    assert got.message().startswith(
-        "2 requests in flight hold $0.0092 of the $0.01 left in session 'run-1', and this "
-        "request may cost up to $0.0046"
-    )
-    assert not ledger._waiters  # type: ignore[attr-defined]
-
-
-async def test_a_waiter_whose_scope_is_spent_meanwhile_gets_402_at_once() -> None:
-    ledger = ledger_with()
-    await ledger.set_budget("s", D("0.01"))
-    first = await admitted(ledger, "s", "0.01")
-    waiter = asyncio.create_task(ledger.admit("s", None, D("0.01"), wait=30))
-    await asyncio.sleep(0)
-    await ledger.settle(first, D("0.02"))  # spent past the budget: paused
-    got, _ = await asyncio.wait_for(waiter, 1)
-    assert isinstance(got, Refusal) and got.status == 402
-    assert got.code == "session_budget_exceeded"
-
-
-async def test_a_waiter_that_goes_away_leaves_nothing_behind() -> None:
-    ledger = ledger_with()
-    await ledger.set_budget("s", D("0.01"))
-    first = await admitted(ledger, "s", "0.01")
-    waiter = asyncio.create_task(ledger.admit("s", None, D("0.01"), wait=30))
-    await asyncio.sleep(0)
-    waiter.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
-    await ledger.settle(first, D("0"))
-    assert not ledger._waiters  # type: ignore[attr-defined]
-    assert ledger._sessions["s"].in_flight == 0  # type: ignore[attr-defined]
-    assert ledger._sessions["s"].reserved_total == 0  # type: ignore[attr-defined]
-
-
-async def test_settling_twice_changes_nothing() -> None:
-    ledger = ledger_with()
-    res = await admitted(ledger, "s", "0.5")
-    await ledger.settle(res, D("0.25"))
-    await ledger.settle(res, D("0.25"))
-    assert ledger.spent("s") == D("0.25")
-    assert ledger._sessions["s"].in_flight == 0  # type: ignore[attr-defined]
-
-
-async def test_resume_refuses_while_spend_is_at_the_budget_and_lifts_a_manual_pause() -> None:
-    ledger = ledger_with()
-    await ledger.set_budget("s", D("0.01"))
-    await ledger.settle(await admitted(ledger, "s", "0"), D("0.01"))
-    assert ledger.session("s").paused  # type: ignore[union-attr]
-    with pytest.raises(ResumeRefused, match=r"spent \$0.01 of its \$0.01 budget"):
-        await ledger.resume("s")
-    await ledger.pause("t")
-    change = await ledger.resume("t")
-    assert not ledger.session("t").paused  # type: ignore[union-attr]
-    assert [e.data["reason"] for e in change.events] == ["resumed"]
-
-
-async def test_an_agent_budget_stops_that_agent_only() -> None:
-    ledger = ledger_with()
-    change = await ledger.set_agent_budget("s", "planner", D("0.01"))
-    assert [type(r).__name__ for r in change.records] == ["SessionRecord", "AgentBudgetRecord"]
-    assert await ledger.budgeted("s", "planner") == "agent"
-    assert await ledger.budgeted("s", "coder") is None
-    change = await ledger.settle(await admitted(ledger, "s", "0", "planner"), D("0.01"))
-    paused = [e.data for e in change.events if e.type == "budget.paused"]
-    assert paused == [
-        {"scope": "agent", "sessionId": "s", "agentId": "planner", "budgetUsd": 0.01,
-         "spentUsd": 0.01, "reason": "budget", "sessionLabel": None}
-    ]  # fmt: skip
-    got, _ = await ledger.admit("s", "planner", D(0))
-    assert isinstance(got, Refusal) and got.code == "agent_budget_exceeded"
-    assert got.scope == "agent" and "spendgate budget s USD --agent planner" in got.message()
-    await admitted(ledger, "s", "0", "coder")
-    await admitted(ledger, "s", "0")
-    ((rec, spent),) = await ledger.agent_budgets("s")
-    assert rec.agent_id == "planner" and rec.paused and spent == D("0.01")
-    await ledger.set_agent_budget("s", "planner", D("1"))
-    await admitted(ledger, "s", "0", "planner")
-
-
-async def test_the_global_budget_spans_sessions_and_its_events_name_no_session() -> None:
-    ledger = ledger_with(global_budget=D("0.02"))
-    assert await ledger.budgeted("any", None) == "global"
-    warnings = await ledger.settle(await admitted(ledger, "a", "0"), D("0.01"))
-    assert [e.data for e in warnings.events] == [
-        {"scope": "global", "sessionId": None, "period": "total", "budgetUsd": 0.02,
-         "spentUsd": 0.01, "threshold": 0.5}
-    ]  # fmt: skip
-    assert warnings.events[0].session_id == ""  # every subscriber gets it
-    await ledger.settle(await admitted(ledger, "b", "0"), D("0.01"))
-    got, _ = await ledger.admit("c", None, D(0))
-    assert isinstance(got, Refusal) and got.code == "global_budget_exceeded"
-    assert "spendgate budget --global USD" in got.message()
-    rec, spent, period, _ = await ledger.global_budget()
-    assert rec.paused and spent == D("0.02") and period is None
-
-
-async def test_a_new_period_starts_the_global_spend_again_and_lifts_its_pause() -> None:
-    now = [datetime(2026, 12, 2, 23, 0, tzinfo=UTC).timestamp()]
-    ledger = ledger_with(global_budget=D("0.01"), period="day", clock=lambda: now[0])
-    assert ledger.period is not None and ledger.period.label == "2026-12-02"
-    await ledger.settle(await admitted(ledger, "a", "0"), D("0.01"))
-    got, _ = await ledger.admit("a", None, D(0))
-    assert isinstance(got, Refusal) and "starts again with the next day" in got.message()
-    now[0] += 3600  # midnight UTC
-    res, change = await ledger.admit("a", None, D(0))
-    assert not isinstance(res, Refusal)
-    assert [(e.type, e.data["reason"], e.data["period"]) for e in change.events] == [
-        ("budget.resumed", "period ended", "2026-12-03")
-    ]
-    assert (await ledger.global_budget())[1] == 0
+# The ledger's rules on their own (waiting, 429, 402, resume, agent and global scopes,
+# periods) are in tests/test_redis_ledger.py, against every ledger.
 
 
 async def test_restart_keeps_agent_and_global_budgets() -> None:

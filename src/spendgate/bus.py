@@ -62,24 +62,28 @@ class EventBus(Protocol):
     async def close(self) -> None: ...
 
 
-class MemoryBus:
-    def __init__(self, history: int = 2048, queue_size: int = 1024) -> None:
-        self._history: deque[Event] = deque(maxlen=history)
+class Fanout:
+    """A bus's local subscribers and the fan-out to them, the same for every bus: each
+    has a bounded queue, and one whose queue is full is dropped (it may reconnect with
+    Last-Event-ID)."""
+
+    def __init__(self, queue_size: int) -> None:
         self._subs: set[Subscription] = set()
         self._queue_size = queue_size
-        self._last_id = 0
         self.subscriber_count = 0
         """Kept as a plain number: every streamed chunk asks whether anyone listens."""
         self.listening = False
+        self._elsewhere = False
+        """Someone listens on another replica (a shared bus keeps this current)."""
 
-    def publish(self, event: Event) -> None:
-        # Ids are microseconds since the epoch, kept strictly increasing: they grow across
-        # restarts without being stored, so an old Last-Event-ID never hides new events.
-        now = time.time_ns() // 1000
-        event.id = self._last_id = now if now > self._last_id else self._last_id + 1
-        self._history.append(event)
-        if not self._subs:
-            return
+    def _add(self, sessions: Collection[str], types: Collection[str]) -> Subscription:
+        sub = Subscription(sessions, types, self._queue_size)
+        self._subs.add(sub)
+        self.subscriber_count = len(self._subs)
+        self.listening = True
+        return sub
+
+    def _deliver(self, event: Event) -> None:
         for sub in list(self._subs):
             if not sub.wants(event):
                 continue
@@ -96,24 +100,40 @@ class MemoryBus:
             sub.queue.get_nowait()
         sub.queue.put_nowait(None)
 
-    async def subscribe(
-        self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
-    ) -> tuple[Subscription, list[Event]]:
-        sub = Subscription(sessions, types, self._queue_size)
-        backlog: list[Event] = []
-        if last_event_id is not None:
-            backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
-        self._subs.add(sub)
-        self.subscriber_count = len(self._subs)
-        self.listening = True
-        return sub, backlog
-
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
         self.subscriber_count = len(self._subs)
-        self.listening = bool(self._subs)
+        self.listening = bool(self._subs) or self._elsewhere
 
-    async def close(self) -> None:
+    def _drop_all(self) -> None:
         """End every subscriber's stream (at shutdown, so open SSE handlers return)."""
         for sub in list(self._subs):
             self._drop(sub)
+
+
+class MemoryBus(Fanout):
+    def __init__(self, history: int = 2048, queue_size: int = 1024) -> None:
+        super().__init__(queue_size)
+        self._history: deque[Event] = deque(maxlen=history)
+        self._last_id = 0
+
+    def publish(self, event: Event) -> None:
+        # Ids are microseconds since the epoch, kept strictly increasing: they grow across
+        # restarts without being stored, so an old Last-Event-ID never hides new events.
+        now = time.time_ns() // 1000
+        event.id = self._last_id = now if now > self._last_id else self._last_id + 1
+        self._history.append(event)
+        if self._subs:
+            self._deliver(event)
+
+    async def subscribe(
+        self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
+    ) -> tuple[Subscription, list[Event]]:
+        sub = self._add(sessions, types)
+        backlog: list[Event] = []
+        if last_event_id is not None:
+            backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
+        return sub, backlog
+
+    async def close(self) -> None:
+        self._drop_all()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from spendgate.bus import Subscription
+from spendgate.bus import Fanout, Subscription
 from spendgate.events import Event, budget_event
 
 if TYPE_CHECKING:
@@ -108,7 +108,17 @@ def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:
     return event
 
 
-class RedisEventBus:
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel background tasks and wait until each has ended (whatever it raised)."""
+    for task in tasks:
+        task.cancel()
+    for task in list(tasks):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()
+
+
+class RedisEventBus(Fanout):
     """The :class:`~spendgate.bus.EventBus` of several replicas (see the module)."""
 
     def __init__(
@@ -120,16 +130,12 @@ class RedisEventBus:
         queue_size: int = 1024,
         prefix: str = "spendgate:",
     ) -> None:
+        super().__init__(queue_size)
         self._r: Any = client  # redis-py's own types are loose; its replies are checked here
         self._p = prefix
         self._stream = prefix + "events"
         self._replica = replica_id
         self._history = history
-        self._queue_size = queue_size
-        self._subs: set[Subscription] = set()
-        self.subscriber_count = 0
-        self.listening = False
-        """Anyone subscribed on any replica (refreshed every second from Redis)."""
         self._out: deque[tuple[str, str, bytes]] = deque()
         self._dropped = 0
         self._wake = asyncio.Event()
@@ -203,32 +209,13 @@ class RedisEventBus:
                     if self._subs:
                         self._deliver(decode(entry_id, fields))
 
-    def _deliver(self, event: Event) -> None:
-        for sub in list(self._subs):
-            if not sub.wants(event):
-                continue
-            try:
-                sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                log.warning("dropping a slow event subscriber (queue of %d full)", self._queue_size)
-                self._drop(sub)
-
-    def _drop(self, sub: Subscription) -> None:
-        self.unsubscribe(sub)
-        while not sub.queue.empty():
-            sub.queue.get_nowait()
-        sub.queue.put_nowait(None)
-
     async def subscribe(
         self, sessions: Collection[str], types: Collection[str], last_event_id: int | None
     ) -> tuple[Subscription, list[Event]]:
         """Live events from now on, and those after ``last_event_id`` still in the
         stream. Registered before the backlog is read, and the backlog ends where live
         delivery began, so nothing is missed or sent twice."""
-        sub = Subscription(sessions, types, self._queue_size)
-        self._subs.add(sub)
-        self.subscriber_count = len(self._subs)
-        self.listening = True
+        sub = self._add(sessions, types)
         until = self._pos
         backlog: list[Event] = []
         if last_event_id is not None and last_event_id >= 0:
@@ -239,10 +226,6 @@ class RedisEventBus:
         with contextlib.suppress(Exception):
             await self._announce()
         return sub, backlog
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
-        self.subscriber_count = len(self._subs)
 
     # -- who listens -----------------------------------------------------------------------
 
@@ -258,6 +241,7 @@ class RedisEventBus:
         pipe.zremrangebyscore(key, "-inf", now)
         pipe.zcard(key)
         _, n = await pipe.execute()
+        self._elsewhere = bool(n)
         self.listening = bool(n) or bool(self._subs)
 
     async def _listeners(self) -> None:
@@ -276,13 +260,7 @@ class RedisEventBus:
         """Send what is queued (briefly), stop the tasks and end every local stream."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 2)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        for sub in list(self._subs):
-            self._drop(sub)
+        await stop_tasks(self._tasks)
+        self._drop_all()
         with contextlib.suppress(Exception):
             await self._r.zrem(self._p + "listeners", self._replica)

@@ -58,7 +58,7 @@ from spendgate.budgets import (
 from spendgate.events import session_label_event
 from spendgate.periods import TOTAL, Period, period_at
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
-from spendgate.redis_bus import UNIT
+from spendgate.redis_bus import UNIT, stop_tasks
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -323,12 +323,7 @@ class RedisLedger:
         await self._call(self._set_budget, GLOBAL, "", "", b, wa, cfg)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await stop_tasks(self._tasks)
         if self._pending:
             with contextlib.suppress(Exception):
                 await self._send_pending()
