@@ -291,9 +291,8 @@ class BudgetLedger(Protocol):
 
     async def set_label(self, session_id: str, label: str | None) -> Change: ...
 
-    def busy_sessions(self) -> set[str]:
+    async def busy_sessions(self) -> set[str]:
         """Sessions with requests in flight or waiting (not to be removed now)."""
-        ...
 
     async def forget(self, session_ids: Collection[str], global_spend: Decimal) -> Change: ...
 
@@ -775,7 +774,7 @@ class MemoryLedger:
             change.events.append(session_label_event(session_id, label))
         return change
 
-    def busy_sessions(self) -> set[str]:
+    async def busy_sessions(self) -> set[str]:
         busy = {sid for sid, sc in self._sessions.items() if sc.in_flight}
         busy.update(w.session_id for w in self._waiters)
         return busy

@@ -22,10 +22,10 @@ async def prune_live(
     """In a running proxy: sessions with requests in flight or waiting are kept; the
     ledger forgets the rest, and the global budget the spend of theirs in its period
     (what a restart would load from the rows left). The caller applies the change."""
-    _, _, period, change = ledger.global_budget()
+    _, _, period, change = await ledger.global_budget()
     pruned = await store.prune(
         before,
-        keep=ledger.busy_sessions(),
+        keep=await ledger.busy_sessions(),
         period_start=None if period is None else period.start,
         dry_run=dry_run,
     )

@@ -194,6 +194,7 @@ class RedisLedger:
         self._seed_agent = reg(redis_lua.SEED_AGENT)
         self._forget = reg(redis_lua.FORGET_TICKET)
         self._label = reg(redis_lua.SET_LABEL)
+        self._forget_sessions = reg(redis_lua.FORGET)
 
     # -- money and thresholds ---------------------------------------------------------------
 
@@ -643,6 +644,37 @@ class RedisLedger:
         if _s(out[0]) == "1":
             change.events.append(session_label_event(session_id, label))
         return change
+
+    async def busy_sessions(self) -> set[str]:
+        """Sessions holding a reservation or a waiting ticket, on any replica."""
+        busy: set[str] = set()
+        session_key = self._p + "s:"
+        held = await self._r.hvals(self._p + "rs")
+        waiting = await self._r.hvals(self._p + "wx")
+        for raw in [*held, *waiting]:
+            for part in _s(raw).replace("|", " ").split():
+                if part.startswith(self._p + "w:"):
+                    part = part[len(self._p) + 2 :]
+                if part.startswith(session_key):
+                    busy.add(part[len(session_key) :])
+                elif part.startswith(self._p + "a:"):
+                    busy.add(part[len(self._p) + 2 :].partition("/")[0])
+        return busy
+
+    async def forget(self, session_ids: Collection[str], global_spend: Decimal) -> Change:
+        """Sessions removed from the store (docs/reference.md §5 "Removing old sessions"):
+        their keys go, and the global spend loses ``global_spend`` (one script)."""
+        ids = list(session_ids)
+        agents: list[str] = []
+        for sid in ids:
+            async for key in self._r.scan_iter(match=f"{self._p}a:{sid}/*", count=500):
+                agents.append(_s(key))
+        await self._forget_sessions(
+            args=[self._p, units(global_spend), self._maxlen, *ids, "--", *agents]
+        )
+        for sid in ids:
+            self._spent.pop(sid, None)
+        return Change()
 
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:
         return await self._pause_or_resume(session_id, "1", reason)

@@ -440,3 +440,40 @@ for _, v in ipairs(state(key)) do out[#out + 1] = v end
 return out
 """
 )
+
+FORGET = (
+    _COMMON
+    + r"""
+-- ARGV: P global_spend maxlen sid... ; KEYS-like agent keys follow after '--'
+local minus, maxlen = tonumber(ARGV[2]), ARGV[3]
+local i = 4
+while i <= #ARGV and ARGV[i] ~= '--' do
+  local sid = ARGV[i]
+  redis.call('DEL', P .. 's:' .. sid, P .. 'ab:' .. sid, P .. 'w:' .. P .. 's:' .. sid)
+  redis.call('ZREM', P .. 'sessions', sid)
+  redis.call('SREM', P .. 'paused', sid)
+  redis.call('SREM', P .. 'budgeted', sid)
+  i = i + 1
+end
+for j = i + 1, #ARGV do redis.call('DEL', ARGV[j], P .. 'w:' .. ARGV[j]) end
+local g = P .. 'g'
+if minus > 0 and redis.call('EXISTS', g) == 1 then
+  local sp = num(redis.call('HGET', g, 'sp')) - minus
+  if sp < 0 then sp = 0 end
+  redis.call('HSET', g, 'sp', fmt(sp))
+  local bits = crossed_bits(g)
+  local old = num(redis.call('HGET', g, 'w'))
+  local kept = 0
+  for k = 1, 53 do
+    if has_bit(old, k) and has_bit(bits, k) then kept = kept + 2 ^ (k - 1) end
+  end
+  redis.call('HSET', g, 'w', fmt(kept))
+  local h = redis.call('HMGET', g, 'b', 'p', 'r')
+  local over = h[1] and sp >= tonumber(h[1])
+  if h[2] == '1' and h[3] == 'budget' and not over then
+    set_paused(g, false, nil, maxlen, 'sessions removed')
+  end
+end
+return 1
+"""
+)
