@@ -329,3 +329,46 @@ async def test_values_postgresql_cannot_hold_are_set_aside_and_nothing_wedges(
     assert ids == [("message", "big"), ("message", "nul"), ("message", "surrogate"),
                    ("session", "s\x00")]  # fmt: skip
     await store.close()
+
+
+async def test_a_batch_that_commits_late_is_never_skipped_by_a_cursor(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Replica X is half way through its batch: its row has a seq, its transaction is
+    open. Replica A then writes a row of the same session. Were A's batch to commit
+    first, a reader would see A's row (the higher seq), and its cursor would pass X's
+    row for good. A's batch waits for X's lock instead: a reader sees both, X's first."""
+    from spendgate.store_postgres import (
+        TABLES,
+        WRITE_LOCK,
+        _columns_of,
+        _message_params,
+        _rows_from_arrays,
+        _typed,
+    )
+
+    a = _store(pg_url, tmp_path / "a")
+    reader = _store(pg_url, tmp_path / "r")
+    await a.open()
+    await reader.open(start_writer=False)
+    x = await a.pool.acquire()
+    tx = x.transaction()
+    await tx.start()
+    await x.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+    names = ", ".join(c.name for c in TABLES["message"])
+    row = _typed("message", _message_params(message(id="x")))
+    await x.execute(  # the first half of X's batch statement: the row, not yet its totals
+        f"INSERT INTO token_usage ({names}) {_rows_from_arrays('message')}",
+        *_columns_of([row], len(row)),
+    )
+    a.add_message(message(id="a"))
+    await asyncio.sleep(0.3)  # A's writer has started its batch, and waits for the lock
+    page, _ = await reader.messages("run-1", 0, 10)
+    assert page == []  # A's row did not overtake X's
+    await tx.commit()
+    await a.pool.release(x)
+    await eventually(lambda: _true(a.queue_depth == 0))
+    page, _ = await reader.messages("run-1", 0, 10)
+    assert [m.id for m in page] == ["x", "a"]
+    await a.close()
+    await reader.close()
