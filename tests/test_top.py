@@ -29,7 +29,15 @@ from spendgate.context import (
 )
 from spendgate.events import context_data
 from spendgate.settings import Settings
-from spendgate.top import Action, Follower, TopState, proxy_url, split_keys, sse_events
+from spendgate.top import (
+    Action,
+    Follower,
+    TopState,
+    printable,
+    proxy_url,
+    split_keys,
+    sse_events,
+)
 from tests.conftest import StartProxy, eventually
 from tests.upstream import FakeUpstream, chat_completion, json_reply
 
@@ -337,14 +345,30 @@ def test_keys_sort_filter_select_and_ask_for_actions() -> None:
 def test_labels_are_shown_and_filtered() -> None:
     state = TopState("http://x")
     state.load_sessions(
-        [row("run-l", label="fix the login bug", lastActivityAt=NOW), row("run-m")], sent_at=NOW
+        [row("run-l", label="fix the login bug [/]", lastActivityAt=NOW), row("run-m")],
+        sent_at=NOW,
     )
-    assert "run-l · fix the login bug" in screen(state)
+    assert "run-l · fix the login bug [/]" in screen(state)  # text, not rich markup
     state.key("/")
     for k in "login\r":
         state.key(k)
     screen(state)
     assert state.shown == ["run-l"]
+
+
+def test_typing_is_bounded_and_answers_reach_the_terminal_as_text() -> None:
+    state = TopState("http://x")
+    state.load_sessions([row("s")], sent_at=NOW)
+    screen(state)
+    state.key("/")
+    for _ in range(1000):
+        state.key("x")
+    assert len(state.typed) == 200 and state.filter == "x" * 200
+    state.key("\x1b")
+    for k in "/[/]\r":  # rich markup in a filter is text, not a crash
+        state.key(k)
+    assert "filter [/]" in screen(state)
+    assert printable("no\x1b[2Jpe\x07") == "no?[2Jpe?"
 
 
 def test_a_list_that_answers_before_the_events_counts_each_message_once() -> None:

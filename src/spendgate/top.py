@@ -45,6 +45,8 @@ IDLE_AFTER_S = 300.0
 HISTORY_PAGES = 20
 """At most this many pages of 1,000 messages read per session at start."""
 SORTS = ("recent", "cost", "burn")
+MAX_TYPED = 200
+"""Characters kept of a filter or budget being typed."""
 BUDGET_TEXT = re.compile(r"\$?(\d+(\.\d*)?|\.\d+)")
 LIST_EVERY_S = 2.0
 STALE_AFTER_S = 10.0
@@ -325,7 +327,7 @@ class TopState:
             mode, typed, self.mode = self.mode, self.typed.strip(), None
             if mode == "budget":
                 return self._budget(typed)
-        elif len(k) == 1 and k.isprintable():
+        elif len(k) == 1 and k.isprintable() and len(self.typed) < MAX_TYPED:
             self.typed += k
         if self.mode == "filter":
             self.filter = self.typed  # the view follows what is typed
@@ -381,13 +383,13 @@ class TopState:
             sum(t[2] for t in totals.values()),
             sum(t[3] for t in totals.values()),
         )
-        dot = {"live": "[green]●[/]"}.get(self.status, "[yellow]●[/]")
-        head = Text.from_markup(
-            f"[bold]spendgate top[/]  {self.url}  {dot} {self.status}  "
-            f"sessions [bold]{len(self.sessions)}[/]  total [bold]{total}[/]  "
-            f"burn [bold]{usd(sum(rates.values()))}/min[/]  sort [bold]{self.sort}[/]"
-            + (f"  filter [bold]{self.filter}[/]" if self.filter else "")
-        )
+        dot = ("●", "green" if self.status == "live" else "yellow")
+        head = Text.assemble(  # parts, not markup: a filter may hold "[" (docs §11)
+            ("spendgate top", "bold"), f"  {self.url}  ", dot, f" {self.status}  sessions ",
+            (str(len(self.sessions)), "bold"), "  total ", (total, "bold"), "  burn ",
+            (f"{usd(sum(rates.values()))}/min", "bold"), "  sort ", (self.sort, "bold"),
+            *(("  filter ", (self.filter, "bold")) if self.filter else ()),
+        )  # fmt: skip
         self.shown = [v.id for v in views]
         current = self.current()
         start = 0
@@ -431,7 +433,7 @@ class TopState:
                 header_style="bold",
             )
         for r, sel in zip(rows, selected, strict=True):
-            cells = [elide(str(r[0]), session_w), *(r[i] for i in keep[1:])]
+            cells = [Text(elide(str(r[0]), session_w)), *(r[i] for i in keep[1:])]  # not markup
             table.add_row(*cells, style="reverse" if sel else None)
         return table
 
@@ -495,6 +497,12 @@ RIGHT = frozenset({"cost", "in", "out", "msgs", "$/min"})
 DROP_ORDER = ("context", "budget in", "budget", "out", "$/min", "in", "state")
 """The columns left out, in this order, when the terminal is too narrow for every figure."""
 MIN_SESSION = 10
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (a terminal's escape sequences) shown as ``?``:
+    what the proxy answers is never written to the terminal raw."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def width_of(cell: str | Text) -> int:
@@ -586,7 +594,7 @@ class Follower:
                     hint = "; raise the budget with b" if resp.status == 409 else ""
                     self.state.message = (
                         f"{action.kind} {action.session}: {resp.status} "
-                        f"{body.decode(errors='replace')[:160]}{hint}"
+                        f"{printable(body.decode(errors='replace'))[:160]}{hint}"
                     )
                     return
                 rec = orjson.loads(body)
