@@ -22,7 +22,7 @@ import pytest
 
 from spendgate.address import is_loopback, local_url
 from spendgate.cli import main
-from spendgate.records import EXPORT_COLUMNS
+from spendgate.records import EXPORT_HEADER
 from spendgate.render import budget_usd, total_usd, usd
 from tests.conftest import Proxy, StartProxy
 from tests.upstream import FakeUpstream, Reply, json_reply
@@ -254,7 +254,8 @@ async def test_report_csv_is_one_row_per_message(
     code, out, _ = await run(capsys, "report", "run-1", "--db", str(db), "--format", "csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert list(rows[0]) == list(EXPORT_COLUMNS)
+    assert list(rows[0]) == list(EXPORT_HEADER)
+    assert {r["sessionLabel"] for r in rows} == {""}  # no label set
     assert [r["modelId"] for r in rows] == ["gpt-4o", "gpt-4o-mini", "gpt-4o", "my-private-model"]
     assert [r["agentId"] for r in rows] == ["planner", "coder", "coder", ""]
     assert float(rows[0]["costUsd"]) == pytest.approx(0.035)

@@ -64,6 +64,11 @@ async def test_the_header_labels_the_session_everywhere(
     assert listed["label"] == label and listed["messageCount"] == 3
     (row,) = (await proxy.get_json("/api/report?by=session"))["rows"]
     assert row["key"] == "run-7" and row["label"] == label
+    exported = await proxy.get_json("/api/sessions/run-7/export?format=json")
+    assert [r["sessionLabel"] for r in exported] == [label] * 3
+    async with proxy.http.get(proxy.url("/api/sessions/run-7/export")) as resp:
+        lines = (await resp.text()).splitlines()
+    assert lines[0].endswith(",sessionLabel") and all(ln.endswith("," + label) for ln in lines[1:])
     assert len(upstream.seen) == 3
     for request in upstream.seen:  # never forwarded
         assert "X-Spendgate-Session-Label" not in request.headers

@@ -18,7 +18,7 @@ from spendgate.accounting import apply_change
 from spendgate.budgets import BudgetLedger, Change, ResumeRefused, SessionView
 from spendgate.keys import BUS, LEDGER, PRICES, REGISTRY, SETTINGS, STORE
 from spendgate.pricing import PricingError
-from spendgate.records import EXPORT_COLUMNS, AgentBudgetRecord
+from spendgate.records import EXPORT_HEADER, AgentBudgetRecord
 from spendgate.routing import clean_label, valid_id
 from spendgate.store import REPORT_BY
 from spendgate.timespec import TimeSpecError, parse
@@ -155,9 +155,9 @@ async def session_export(request: web.Request) -> web.StreamResponse:
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(EXPORT_COLUMNS)
+        writer.writerow(EXPORT_HEADER)
         async for m in store.iter_messages(rec.id):
-            writer.writerow(m.csv_cells())
+            writer.writerow(m.csv_cells(rec.label))
             if buf.tell() > 1 << 16:
                 await resp.write(buf.getvalue().encode())
                 buf.seek(0)
@@ -166,7 +166,7 @@ async def session_export(request: web.Request) -> web.StreamResponse:
     else:
         sep = b"["
         async for m in store.iter_messages(rec.id):
-            await resp.write(sep + orjson.dumps(m.export_json()))
+            await resp.write(sep + orjson.dumps(m.export_json(rec.label)))
             sep = b","
         await resp.write(b"[]" if sep == b"[" else b"]")
     await resp.write_eof()

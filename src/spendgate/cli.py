@@ -222,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     ``--since``, ``--until`` or ``--by``, or no session, totals over time."""
     from spendgate import render, reports
     from spendgate.price_files import load_price_table
-    from spendgate.records import EXPORT_COLUMNS
+    from spendgate.records import EXPORT_HEADER
     from spendgate.store_factory import describe
 
     if args.session is None or args.by or args.since or args.until:
@@ -244,9 +244,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                 return 1
             if args.format == "csv":
                 writer = csv.writer(sys.stdout, lineterminator="\n")
-                writer.writerow(EXPORT_COLUMNS)
+                writer.writerow(EXPORT_HEADER)
                 async for m in store.iter_messages(rec.id):
-                    writer.writerow(m.csv_cells())
+                    writer.writerow(m.csv_cells(rec.label))
                 return 0
             spent = (await store.spend_by_session()).get(rec.id, Decimal(0))
             prices = load_price_table(settings.pricing_file, settings.model_aliases)

@@ -111,17 +111,19 @@ class MessageRecord:
                 out[key] = float(value)
         return out
 
-    def export_json(self) -> dict[str, Any]:
+    def export_json(self, session_label: str | None = None) -> dict[str, Any]:
         """One row of an export (docs/reference.md §5): ``to_json`` with its times as
-        ISO-8601 UTC (``2026-12-01T13:05:09.250Z``) rather than Unix seconds."""
+        ISO-8601 UTC (``2026-12-01T13:05:09.250Z``) rather than Unix seconds, then the
+        session's label (:data:`EXPORT_HEADER`)."""
         out = self.to_json()
         for key in _EXPORT_TIMES:
             out[key] = iso(out[key])
+        out[SESSION_LABEL_KEY] = session_label
         return out
 
-    def csv_cells(self) -> list[Any]:
+    def csv_cells(self, session_label: str | None = None) -> list[Any]:
         """One CSV export row: the ``export_json`` values, unknown (None) as an empty cell."""
-        return ["" if v is None else v for v in self.export_json().values()]
+        return ["" if v is None else v for v in self.export_json(session_label).values()]
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -170,6 +172,10 @@ if tuple(f.name for f in fields(MessageRecord)) != tuple(c.attr for c in STORED_
 _EXPORTED = tuple(c for c in COLUMNS if c.key is not None)
 EXPORT_COLUMNS: tuple[str, ...] = tuple(c.key for c in _EXPORTED if c.key is not None)
 """The keys of :meth:`MessageRecord.to_json`, in order: the CSV export's header."""
+SESSION_LABEL_KEY = "sessionLabel"
+EXPORT_HEADER: tuple[str, ...] = (*EXPORT_COLUMNS, SESSION_LABEL_KEY)
+"""An export row's keys: the message's (:data:`EXPORT_COLUMNS`), then its session's label
+(the row holds no label: a session's can change, so the export adds the current one)."""
 _export_values = attrgetter(*(c.attr for c in _EXPORTED))
 _EXPORT_TIMES = tuple(c.key for c in _EXPORTED if c.kind == TIME and c.key is not None)
 _EXPORT_MONEY = tuple(c.key for c in _EXPORTED if c.kind == MONEY and c.key is not None)
