@@ -91,5 +91,5 @@ def make_store(
         raise StoreOpenError(safe_url(url), MISSING_EXTRA) from None
     return PostgresStore(
         url, journal_path(url, settings.db_path.parent), flush_interval=interval,
-        on_drop=on_drop, on_reject=on_reject, on_error=on_error,
+        on_drop=on_drop, on_reject=on_reject, on_error=on_error, replica=settings.replica_id,
     )  # fmt: skip

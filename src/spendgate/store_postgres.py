@@ -508,7 +508,8 @@ class _ReadBarrier:
     def __init__(self, store: PostgresStore, answers: bool) -> None:
         self.store = store
         self.answers = answers
-        self.id = f"{socket.gethostname()[:24]}-{os.getpid()}-{os.urandom(3).hex()}"
+        replica = store.replica or f"{socket.gethostname()[:24]}-{os.getpid()}"
+        self.id = f"{replica[:36]}-{os.urandom(3).hex()}"  # one per store, within 63 bytes
         self.name = (WRITER_NAME if answers else "spendgate-reader ") + self.id
         self._conn: Any = None
         self._tokens = itertools.count(1)
@@ -618,14 +619,17 @@ class PostgresStore(QueuedStore):
         on_drop: Callable[[int], None] | None = None,
         on_reject: Callable[[int], None] | None = None,
         on_error: Callable[[int], None] | None = None,
+        replica: str | None = None,
     ) -> None:
         """``url``: ``postgresql://user:password@host:port/database``; ``journal_at``:
-        the local name the journal and recovery files take (:func:`journal_path`). See
-        :class:`QueuedStore` for the rest."""
+        the local name the journal and recovery files take (:func:`journal_path`);
+        ``replica``: ``SPENDGATE_REPLICA_ID``, in the name of the listening connection
+        (default: host and pid). See :class:`QueuedStore` for the rest."""
         super().__init__(
             journal_at, safe_url(url), flush_interval, max_queue, on_drop, on_reject, on_error
         )
         self.url = url
+        self.replica = replica
         self._pool: Any = None
         self._inserted = 0
         """Message rows this process inserted (duplicates not counted)."""
