@@ -241,6 +241,13 @@ async def test_a_read_on_one_replica_sees_what_another_has_only_queued(
     b.add_message(message(id="m2"))
     (tot,) = await reader.totals("run-1")
     assert tot["message_count"] == 2
+    for i in range(3):
+        a.add_message(message(id=f"c{i}"))
+    rounds = reader._barrier._tokens  # type: ignore[union-attr]
+    before = next(rounds)
+    seen = await asyncio.gather(*(reader.totals("run-1") for _ in range(20)))
+    assert all(t[0]["message_count"] == 5 for t in seen)  # every read after the writes
+    assert next(rounds) - before <= 3  # reads that came together shared the rounds
     await a.close()
     started = time.monotonic()
     await reader.totals("run-1")  # A is gone: nobody to wait for but B

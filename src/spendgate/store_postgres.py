@@ -515,6 +515,10 @@ class _ReadBarrier:
         self._tokens = itertools.count(1)
         self._waiting: dict[str, tuple[set[str], int, asyncio.Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._current: asyncio.Future[None] | None = None
+        """The round under way."""
+        self._next: asyncio.Future[None] | None = None
+        """The round that starts when it ends, shared by the reads that came meanwhile."""
         self._next_connect = 0.0
         self._next_log = 0.0
 
@@ -543,8 +547,9 @@ class _ReadBarrier:
         return True
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        for task in [*self._tasks, self._current, self._next]:
+            if task is not None:
+                task.cancel()
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._conn.close(), 5)
@@ -576,7 +581,23 @@ class _ReadBarrier:
 
     async def wait(self) -> None:
         """Every other writer has committed what it queued before this call (or
-        BARRIER_S passed: a WARNING says how many did not answer)."""
+        BARRIER_S passed: a WARNING says how many did not answer). Reads that come
+        while a round is under way share the next one (it starts after all of them)."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._after(self._current))
+        await asyncio.shield(self._next)
+
+    async def _after(self, running: asyncio.Future[None] | None) -> None:
+        if running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+        self._current, self._next = self._next, None
+        try:
+            await self._round()
+        finally:
+            self._current = None
+
+    async def _round(self) -> None:
         if not await self.ensure():
             return
         pool = self.store.pool
