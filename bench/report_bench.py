@@ -2,8 +2,9 @@
 
 Writes ``--rows`` message rows spread over ``--days`` days and 200 sessions into a
 fresh SQLite file through :class:`spendgate.store.SQLiteStore`, then times each
-grouping (all time, and the last 7 days) as ``GET /api/report`` runs it. Prints one
-JSON line of milliseconds (the best of three runs).
+grouping (all time, and the last 7 days) as ``GET /api/report`` runs it (the best of
+three runs), then removing the older half of the sessions (``Store.prune``, a dry run
+and the real one). Prints one JSON line of milliseconds.
 
     python -m bench.report_bench --rows 300000 --days 365
 """
@@ -36,7 +37,7 @@ async def run(rows: int, days: int) -> dict[str, object]:
             store.add_message(
                 replace(
                     record(i),
-                    session_id=f"s-{i % 200}",
+                    session_id=f"s-{i * 200 // rows}",  # 200 sessions one after another
                     agent_id=None if i % 3 else f"agent-{i % 7}",
                     model=MODELS[i % len(MODELS)],
                     started_at=now - i * step,
@@ -55,6 +56,13 @@ async def run(rows: int, days: int) -> dict[str, object]:
                     await store.report(by, since)
                     best = min(best, time.perf_counter() - t0)
                 out[f"{name}.{by}_ms"] = round(best * 1000, 1)
+        half = now - days * 86400 / 2
+        for dry_run in (True, False):
+            t0 = time.perf_counter()
+            pruned = await store.prune(half, dry_run=dry_run)
+            name = "prune_dry_run" if dry_run else "prune"
+            out[f"{name}_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        out["pruned_sessions"], out["pruned_rows"] = len(pruned.sessions), pruned.messages
         await store.close()
         return out
 
