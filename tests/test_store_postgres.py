@@ -16,12 +16,13 @@ from pathlib import Path
 
 import openai
 import pytest
+from pydantic import ValidationError
 
 import spendgate.store
 from spendgate.records import SessionRecord
 from spendgate.settings import Settings
 from spendgate.store import StoreOpenError
-from spendgate.store_factory import MISSING_EXTRA, make_store
+from spendgate.store_factory import MISSING_EXTRA, journal_path, make_store, safe_url
 from spendgate.store_postgres import PostgresStore
 from tests.conftest import StartProxy, eventually
 from tests.helpers.postgres import PostgresServer, free_port
@@ -218,6 +219,27 @@ def test_without_asyncpg_the_url_says_which_extra(
 def test_a_store_url_of_another_kind_stops_start_up() -> None:
     with pytest.raises(ValueError, match="sqlite:///PATH or postgresql://"):
         Settings(store_url="mysql://u:pw@h/db")
+    for bad in ("postgresql://u:SECRET@h:99999/db", "postgresql://u:SECRET@h:port/db",
+                "postgresql://u:SECRET@[::1/db"):  # fmt: skip
+        with pytest.raises(ValidationError) as exc:
+            Settings(store_url=bad)
+        assert "SECRET" not in exc.value.errors()[0]["msg"]  # what start-up prints
+
+
+def test_a_password_never_shows_and_any_url_has_a_journal_name(tmp_path: Path) -> None:
+    cases = {
+        "postgresql://u:pw@[::1]:5433/db": "postgresql://u:***@[::1]:5433/db",
+        "postgresql://u:p:w@h/db?sslmode=require": "postgresql://u:***@h/db?sslmode=require",
+        "postgresql://u@h/db": "postgresql://u@h/db",
+        "postgres://h:notaport/db": "postgres://h:notaport/db",
+    }
+    for url, shown in cases.items():
+        assert safe_url(url) == shown
+        name = journal_path(url, tmp_path).name
+        assert "pw" not in name and name.startswith("postgres-") and "/" not in name
+    assert journal_path("postgresql://a@h/x", tmp_path) != journal_path(
+        "postgresql://a@h/y", tmp_path
+    )
 
 
 async def test_a_read_on_one_replica_sees_what_another_has_only_queued(

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import dotenv
@@ -350,10 +351,16 @@ class Settings(BaseSettings):
     @field_validator("store_url")
     @classmethod
     def _store_url(cls, v: str | None) -> str | None:
-        if v is None or v.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        if v is None or v.startswith("sqlite:///"):
             return v
         shown = v.split("@")[-1]  # never the password
-        raise ValueError(f"store_url ...{shown!r} must be sqlite:///PATH or postgresql://...")
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"store_url ...{shown!r} must be sqlite:///PATH or postgresql://...")
+        try:
+            urlsplit(v).port  # noqa: B018 (a port that is no number raises here)
+        except ValueError as exc:
+            raise ValueError(f"store_url ...{shown!r}: {exc}") from None
+        return v
 
     @field_validator("routes")
     @classmethod

@@ -48,20 +48,22 @@ def describe(settings: Settings) -> str:
 
 
 def safe_url(url: str) -> str:
-    """The URL as log lines and errors show it: no password."""
+    """The URL as log lines and errors show it: no password (and no parsing that could
+    fail on a malformed URL, which is what an error line is about)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def journal_path(url: str, beside: Path) -> Path:
     """Where this process's journal for the database at ``url`` lives: a local file
     named after the server and database (not the password), in ``beside``."""
     parts = urlsplit(url)
-    name = f"{parts.hostname or 'local'}-{parts.port or 5432}{parts.path or '/'}"
+    hostport = parts.netloc.rpartition("@")[2] or "local"
+    name = f"{hostport}{parts.path or '/'}"
     digest = hashlib.sha256(safe_url(url).encode()).hexdigest()[:10]
     clean = "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name)
     return beside / f"postgres-{clean}-{digest}"
