@@ -401,3 +401,26 @@ async def test_a_batch_that_commits_late_is_never_skipped_by_a_cursor(
     assert [m.id for m in page] == ["x", "a"]
     await a.close()
     await reader.close()
+
+
+async def test_while_postgres_is_down_the_queue_is_bounded_and_drops_loudly(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dropped: list[int] = []
+    errors: list[int] = []
+    store = PostgresStore(pg_url, tmp_path / "pg", flush_interval=0.02, max_queue=10,
+                          on_drop=dropped.append, on_error=errors.append)  # fmt: skip
+    await store.open()
+    postgres.stop()
+    try:
+        for i in range(15):
+            store.add_message(message(id=f"m{i}"))
+        await eventually(lambda: _true(bool(errors)))
+    finally:
+        postgres.start()
+    assert store.queue_depth <= 10 and sum(dropped) == 5
+    assert "storage queue full (10): dropping the oldest" in caplog.text
+    await eventually(lambda: _true(store.queue_depth == 0), timeout=15)
+    page, _ = await store.messages("run-1", 0, 20)
+    assert [m.id for m in page] == [f"m{i}" for i in range(5, 15)]  # the newest ten
+    await store.close()
