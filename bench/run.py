@@ -155,7 +155,7 @@ async def start_server(
             env={**_clean_env(), **(env or {})},
         )
     server = Server(name, proc, health.rsplit("/", 1)[0] + base_path, log)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # under valgrind on a busy machine start-up is slow
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < deadline:
             if proc.returncode is not None:

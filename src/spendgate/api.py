@@ -37,6 +37,7 @@ def api_error(status: int, message: str) -> web.HTTPException:
         401: web.HTTPUnauthorized,
         404: web.HTTPNotFound,
         409: web.HTTPConflict,
+        503: web.HTTPServiceUnavailable,
     }[status]
     return cls(text=text, content_type="application/json")
 

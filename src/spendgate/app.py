@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from spendgate import api, dashboard, event_stream
 from spendgate.accounting import Accountant
+from spendgate.budgets import LedgerUnavailable
 from spendgate.keys import (
     BUS,
     LEDGER,
@@ -206,6 +207,19 @@ def _guarded(
     return guarded
 
 
+def _ledger_guard(handler: Handler) -> Handler:
+    """An /api handler whose shared ledger cannot be reached answers 503 in the API's
+    error shape (docs/reference.md §6 "Several replicas"), not a 500."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except LedgerUnavailable as exc:
+            raise api.api_error(503, str(exc)) from None
+
+    return guarded
+
+
 def _add_admin_routes(app: web.Application, settings: Settings) -> None:
     """The API, the event stream, the dashboard and /metrics, guarded where
     docs/reference.md §8 says."""
@@ -219,6 +233,8 @@ def _add_admin_routes(app: web.Application, settings: Settings) -> None:
         guard = r.path.startswith("/api/") or r.path == "/"
         guard = guard or (r.path == "/metrics" and settings.metrics_require_token)
         handler = r.handler
+        if r.path.startswith("/api/"):
+            handler = _ledger_guard(handler)
         if token and guard:
             page = r.path == "/"
             handler = _guarded(

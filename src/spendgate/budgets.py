@@ -228,6 +228,10 @@ class Pressure(NamedTuple):
     """Requests queued for this scope's headroom."""
 
 
+class LedgerUnavailable(Exception):
+    """A shared ledger that cannot be reached now (the API answers 503, retryable)."""
+
+
 class ResumeRefused(Exception):
     """Resuming would admit requests the budget has no room for (the API answers 409)."""
 

@@ -79,12 +79,21 @@ async def open_backends(settings: Settings, store: Store) -> Backends:
         return Backends(memory, MemoryBus(settings.event_history, settings.subscriber_queue))
     import redis.asyncio
     import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
 
     from spendgate.redis_bus import RedisEventBus
     from spendgate.redis_ledger import RedisLedger
 
+    # A pooled connection to a Redis that restarted fails once: try again on a fresh one
+    # (every script is idempotent by its ids, so a retried call counts once).
     client = redis.asyncio.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+        settings.redis_url,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
     try:
         ledger = RedisLedger(

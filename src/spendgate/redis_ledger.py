@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from spendgate import redis_lua
 from spendgate.budgets import (
@@ -45,6 +46,7 @@ from spendgate.budgets import (
     SESSION,
     Change,
     Headroom,
+    LedgerUnavailable,
     Pressure,
     Refusal,
     Reservation,
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
     from spendgate.store import Store
 
 log = logging.getLogger("spendgate.redis_ledger")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 _ZERO = Decimal(0)
 WAIT_POLL_S = (0.005, 0.05)
@@ -88,6 +92,21 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import TimeoutError as RTimeoutError
 
     return (*REDIS_ERRORS, RConnectionError, RTimeoutError)
+
+
+def _shared(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """An API-facing call: Redis unreachable becomes :class:`LedgerUnavailable` (503)."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except _redis_errors() as exc:
+            raise LedgerUnavailable(
+                f"the shared budget ledger (Redis) cannot be reached: {exc}; retry shortly"
+            ) from None
+
+    return call
 
 
 def units(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
@@ -591,6 +610,7 @@ class RedisLedger:
         change.saved(self._any_record(view))
         return view
 
+    @_shared
     async def set_budget(self, session_id: str, budget: Decimal | None) -> Change:
         change = Change()
         b, wa = self._budget_args(budget)
@@ -598,6 +618,7 @@ class RedisLedger:
         self._remember(session_id, self._changed(out, 1, change).spent)
         return change
 
+    @_shared
     async def set_agent_budget(
         self, session_id: str, agent_id: str, budget: Decimal | None
     ) -> Change:
@@ -611,6 +632,7 @@ class RedisLedger:
         self._changed(out, 1, change)
         return change
 
+    @_shared
     async def set_global_budget(self, budget: Decimal | None) -> Change:
         change = Change()
         b, wa = self._budget_args(budget)
@@ -624,13 +646,16 @@ class RedisLedger:
         in its Redis spend until :meth:`seed_agent`."""
         return self._loaded_at
 
+    @_shared
     async def unseeded_agent(self, session_id: str, agent_id: str) -> bool:
         got = await self._r.hget(f"{self._p}a:{session_id}/{agent_id}", "sd")
         return _s(got) != "1"
 
+    @_shared
     async def seed_agent(self, session_id: str, agent_id: str, before: Decimal) -> None:
         await self._seed_agent(args=[self._p, session_id, agent_id, units(before)])
 
+    @_shared
     async def set_label(self, session_id: str, label: str | None) -> Change:
         """Set (None: clear) the session's label; nothing changes when it has it already."""
         change = Change()
@@ -645,6 +670,7 @@ class RedisLedger:
             change.events.append(session_label_event(session_id, label))
         return change
 
+    @_shared
     async def busy_sessions(self) -> set[str]:
         """Sessions holding a reservation or a waiting ticket, on any replica."""
         busy: set[str] = set()
@@ -661,6 +687,7 @@ class RedisLedger:
                     busy.add(part[len(self._p) + 2 :].partition("/")[0])
         return busy
 
+    @_shared
     async def forget(self, session_ids: Collection[str], global_spend: Decimal) -> Change:
         """Sessions removed from the store (docs/reference.md §5 "Removing old sessions"):
         their keys go, and the global spend loses ``global_spend`` (one script)."""
@@ -676,9 +703,11 @@ class RedisLedger:
             self._spent.pop(sid, None)
         return Change()
 
+    @_shared
     async def pause(self, session_id: str, reason: str = MANUAL) -> Change:
         return await self._pause_or_resume(session_id, "1", reason)
 
+    @_shared
     async def resume(self, session_id: str) -> Change:
         return await self._pause_or_resume(session_id, "0", "")
 
@@ -706,6 +735,7 @@ class RedisLedger:
 
     # -- reads ------------------------------------------------------------------------------
 
+    @_shared
     async def snapshot(self, session_id: str) -> SessionView | None:
         key = f"{self._p}s:{session_id}"
         pipe = self._r.pipeline(transaction=False)
@@ -720,6 +750,7 @@ class RedisLedger:
         rec = self._record(view, created)
         return SessionView(rec, view.spent, Pressure(view.in_flight, view.reserved, waiting))
 
+    @_shared
     async def spent_of(self, session_ids: Collection[str]) -> dict[str, Decimal]:
         ids = list(session_ids)
         pipe = self._r.pipeline(transaction=False)
@@ -728,6 +759,7 @@ class RedisLedger:
         got = await pipe.execute() if ids else []
         return {sid: usd(v) for sid, v in zip(ids, got, strict=True)}
 
+    @_shared
     async def agent_budgets(self, session_id: str) -> list[tuple[AgentBudgetRecord, Decimal]]:
         agents = sorted(_s(a) for a in await self._r.smembers(f"{self._p}ab:{session_id}"))
         pipe = self._r.pipeline(transaction=False)
@@ -741,6 +773,7 @@ class RedisLedger:
                 out.append((rec, view.spent))
         return out
 
+    @_shared
     async def global_budget(self) -> tuple[GlobalBudgetRecord, Decimal, Period | None, Change]:
         change = Change()
         fields = await self._roll(args=[self._p, self._period_arg(), self._maxlen])
@@ -748,6 +781,7 @@ class RedisLedger:
         rec = GlobalBudgetRecord(view.budget, view.paused, view.reason, self._configured)
         return rec, view.spent, self._period, change
 
+    @_shared
     async def pressure(self, session_id: str | None, agent_id: str | None = None) -> Pressure:
         if session_id is None:
             key = self._p + "g"
