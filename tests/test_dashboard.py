@@ -589,7 +589,7 @@ async def test_waiting_requests_show_with_the_action_that_admits_them(
     second = asyncio.create_task(bounded())
 
     async def queued() -> bool:
-        return proxy.ledger.pressure("run-w").waiting == 1
+        return (await proxy.ledger.pressure("run-w")).waiting == 1
 
     await eventually(queued)
     page = await open_dashboard(browser, proxy)

@@ -136,7 +136,10 @@ def test_paused_streaming_and_unknown_cost() -> None:
     assert "150" in line and "27" in line  # live estimates count until the final arrives
     paused = {"sessionId": "s", "budgetUsd": 0.0001, "spentUsd": 0.0001, "reason": "budget"}
     state.apply("budget.paused", paused, 3.0)
-    assert "PAUSED" in screen(state)
+    assert "OVER BUDGET" in screen(state)  # spent reached the budget: raise it (§6)
+    manual = {"sessionId": "s", "budgetUsd": None, "spentUsd": 0.0001, "reason": "manual"}
+    state.apply("budget.paused", manual, 3.5)
+    assert "PAUSED" in screen(state) and "OVER BUDGET" not in screen(state)
     resumed = {"sessionId": "s", "budgetUsd": 1.0, "spentUsd": 0.0001, "reason": "resumed"}
     state.apply("budget.resumed", resumed, 4.0)
     assert "PAUSED" not in screen(state)

@@ -453,9 +453,10 @@ class TopState:
         self, v: SessionView, totals: tuple[int, int, int, int], rate: float, now: float
     ) -> list[str | Text]:
         inp, out, msgs, unpriced = totals
-        state = Text("PAUSED", style="bold white on red") if v.paused else (
-            Text("streaming", style="cyan") if v.live else Text("")
-        )  # fmt: skip
+        over = v.budget is not None and v.spent >= v.budget  # 402 until raised (§6)
+        state = Text("OVER BUDGET" if over else "PAUSED", style="bold white on red") if (
+            over or v.paused
+        ) else Text("streaming", style="cyan") if v.live else Text("")  # fmt: skip
         if v.budget is None:
             budget: str | Text = Text("unlimited", style="dim")
             eta = "—"
