@@ -141,6 +141,8 @@ class RedisEventBus(Fanout):
         self._wake = asyncio.Event()
         self._pos = "0-0"
         """The last stream id delivered to the local subscribers."""
+        self._idle = False
+        self._wanted = asyncio.Event()
         self._publish = client.register_script(_PUBLISH)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -194,7 +196,14 @@ class RedisEventBus(Fanout):
     # -- delivering --------------------------------------------------------------------------
 
     async def _reader(self) -> None:
+        """Read the log while this replica has subscribers; idle otherwise (reading
+        every event for nobody costs CPU on every request)."""
         while True:
+            if not self._subs:
+                self._idle = True
+                await self._wanted.wait()
+                self._wanted.clear()
+                continue
             try:
                 got = await self._r.xread({self._stream: self._pos}, count=512, block=1000)
             except asyncio.CancelledError:
@@ -215,6 +224,12 @@ class RedisEventBus(Fanout):
         """Live events from now on, and those after ``last_event_id`` still in the
         stream. Registered before the backlog is read, and the backlog ends where live
         delivery began, so nothing is missed or sent twice."""
+        if self._idle:  # the reader was idle: it goes on from the log's end as it is now
+            last = await self._r.xrevrange(self._stream, count=1)
+            if self._idle:
+                self._pos = last[0][0].decode() if last else "0-0"
+                self._idle = False
+                self._wanted.set()
         sub = self._add(sessions, types)
         until = self._pos
         backlog: list[Event] = []

@@ -81,6 +81,8 @@ PENDING = 10_000
 CACHE = 10_000
 """Sessions whose last seen spend is kept for the hot path's sync reads."""
 SEED_WAIT_S = 30.0
+BUDGETED_TTL_S = 2.0
+"""How long this replica trusts that a request's scope has a budget."""
 FIELDS = 7
 """A scope's state as the scripts return it: budget, spent, reserved, in flight,
 paused, reason, label (redis_lua ``state``)."""
@@ -194,6 +196,7 @@ class RedisLedger:
         self._maxlen = str(event_history)
         self._loaded_at = clock()
         self._spent: OrderedDict[str, Decimal] = OrderedDict()
+        self._budgeted: dict[tuple[str, str | None], tuple[str, float]] = {}
         self._in_flight: dict[str, Reservation] = {}
         self._pending: deque[tuple[str, str, str, int]] = deque()
         self._dropped = 0
@@ -408,6 +411,23 @@ class RedisLedger:
     # -- admission --------------------------------------------------------------------------
 
     async def budgeted(self, session_id: str, agent_id: str | None) -> str | None:
+        """The first budgeted scope of such a request. A scope seen budgeted in the last
+        few seconds is taken from this replica's memory (a stale yes only reserves
+        against a budget just lifted); a no is always asked of Redis, so a budget set on
+        another replica is reserved against at once."""
+        key = (session_id, agent_id)
+        hit = self._budgeted.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < BUDGETED_TTL_S:
+            return hit[0]
+        scope = await self._budgeted_now(session_id, agent_id)
+        if scope is not None:
+            if len(self._budgeted) >= CACHE:
+                self._budgeted.clear()
+            self._budgeted[key] = (scope, now)
+        return scope
+
+    async def _budgeted_now(self, session_id: str, agent_id: str | None) -> str | None:
         pipe = self._r.pipeline(transaction=False)
         pipe.hmget(f"{self._p}s:{session_id}", ["b", "c"])
         if agent_id is not None:
