@@ -136,3 +136,17 @@ async def test_event_ids_grow_across_restarts_and_replicas(make: Make) -> None:
     await settled(b)
     (_, second) = await replayed(b, 0, 2)
     assert second.id > first.id > 1_700_000_000_000_000  # microseconds since the epoch
+
+
+async def test_an_event_is_claimed_by_one_replica_only(make: Make) -> None:
+    """What lets the webhook post an alert once whichever replicas read it."""
+    a, b = await make("a"), await make("b")
+    a.publish(Event("budget.paused", "s", {}))
+    await settled(a)
+    (ev,) = await replayed(b, 0, 1)
+    first, second = await a.claim("webhook", ev), await b.claim("webhook", ev)
+    if a is b:  # one process: it is always the one
+        assert first and second
+    else:
+        assert (first, second) == (True, False)
+        assert await b.claim("other consumer", ev)

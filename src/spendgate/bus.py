@@ -59,6 +59,11 @@ class EventBus(Protocol):
 
     def unsubscribe(self, sub: Subscription) -> None: ...
 
+    async def claim(self, consumer: str, event: Event) -> bool:
+        """Is this process the one to act on ``event`` for ``consumer``? Every replica
+        reads every event; a consumer that must act once (the webhook posts each alert
+        once) acts only where this says yes. Always yes in a single process."""
+
     async def close(self) -> None: ...
 
 
@@ -134,6 +139,9 @@ class MemoryBus(Fanout):
         if last_event_id is not None:
             backlog = [e for e in self._history if e.id > last_event_id and sub.wants(e)]
         return sub, backlog
+
+    async def claim(self, consumer: str, event: Event) -> bool:
+        return True
 
     async def close(self) -> None:
         self._drop_all()

@@ -242,6 +242,18 @@ class RedisEventBus(Fanout):
             await self._announce()
         return sub, backlog
 
+    async def claim(self, consumer: str, event: Event) -> bool:
+        """The first replica to ask for this event id wins (kept an hour). Redis away:
+        yes, so an alert may come twice rather than not at all."""
+        try:
+            got = await self._r.set(
+                f"{self._p}claim:{consumer}:{event.id}", self._replica, nx=True, px=3_600_000
+            )
+        except Exception as exc:
+            log.warning("event log: cannot claim event %d for %s (%s)", event.id, consumer, exc)
+            return True
+        return bool(got)
+
     # -- who listens -----------------------------------------------------------------------
 
     async def _announce(self) -> None:

@@ -178,8 +178,9 @@ class Webhooks:
                 self._sub = sub = (await self._bus.subscribe((), self._bus_types(), None))[0]
                 continue
             kind = self._alert(event)
-            if kind is not None:
-                self._enqueue(kind, event)
+            bus = self._bus
+            if kind is not None and bus is not None and await bus.claim("webhook", event):
+                self._enqueue(kind, event)  # claimed: once across replicas
 
     def _alert(self, event: Event) -> str | None:
         """The alert an event is, if one is asked for."""
