@@ -277,3 +277,9 @@ async def test_a_compressed_stream_is_cut_by_closing_the_connection(
     (row,) = await proxy.messages("cutz")
     assert row["error"] == "budget_cut"
     assert "a compressed body has no boundary the client decodes" in caplog.text
+
+
+def test_a_stream_that_starts_with_a_blank_line_has_no_boundary_inside_it() -> None:
+    bounds = EventBoundaries()
+    assert bounds.clean  # nothing sent yet
+    assert bounds.scan(b"\ndata: {") == -1 and not bounds.clean

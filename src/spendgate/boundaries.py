@@ -101,7 +101,8 @@ class EventBoundaries:
     opaque = False
 
     def __init__(self) -> None:
-        self._tail = b"\n\n"  # the start of the stream is a boundary
+        self._tail = b""
+        """The last four bytes the client got."""
 
     def scan(self, data: bytes) -> int:
         prev = self._tail[-3:]
@@ -115,7 +116,8 @@ class EventBoundaries:
 
     @property
     def clean(self) -> bool:
-        return self._tail.endswith((b"\n\n", b"\r\n\r\n"))
+        """Nothing sent yet (the start of a stream is a boundary), or a blank line last."""
+        return not self._tail or self._tail.endswith((b"\n\n", b"\r\n\r\n"))
 
     def ending(self, style: str, message: str, kind: str, code: str, truncated: bool) -> bytes:
         return stream_error_bytes(style, 402, message, kind, code)
