@@ -150,3 +150,15 @@ async def test_an_event_is_claimed_by_one_replica_only(make: Make) -> None:
     else:
         assert (first, second) == (True, False)
         assert await b.claim("other consumer", ev)
+
+
+@pytest.mark.parametrize("last", [-5, 2**64, 10**30])
+async def test_a_hostile_last_event_id_replays_nothing_and_breaks_nothing(
+    make: Make, last: int
+) -> None:
+    bus = await make()
+    bus.publish(Event("token.usage", "s", {}))
+    await settled(bus)
+    sub, backlog = await bus.subscribe([], [], last)
+    assert backlog == [] or (last < 0 and len(backlog) == 1)  # the memory bus: all after -5
+    bus.unsubscribe(sub)

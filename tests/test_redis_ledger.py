@@ -448,3 +448,25 @@ async def test_closed_failure_mode_answers_503_while_redis_is_down(
             break
         await asyncio.sleep(0.1)
     assert await spent(ledger, "s") == D("0.01")
+
+
+async def test_open_failure_mode_admits_while_redis_is_down_and_settles_later(
+    replicas: Callable[..., Any],
+    redis_server: RedisServer,
+) -> None:
+    ledger = await replicas(failure_mode="open")
+    await ledger.set_budget("s", D("1"))
+    redis_server.stop()
+    try:
+        got, _ = await ledger.admit("s", None, D("0.01"))
+        assert not isinstance(got, Refusal)  # admitted unmetered: the budget may overshoot
+        change = await ledger.settle(got, D("0.25"))
+        assert change.spent == D("0.25")  # as far as this replica knows
+    finally:
+        redis_server.start()
+    for _ in range(50):
+        if not ledger._pending:
+            break
+        await asyncio.sleep(0.1)
+    assert await spent(ledger, "s") == D("0.25")  # reconciled, once
+    assert await ledger.pressure("s") == (0, 0, 0)

@@ -72,6 +72,8 @@ BATCH = 256
 OUTBOX = 10_000
 """Events waiting to be sent at most; past this (Redis down) the oldest are dropped."""
 LISTENER_TTL_MS = 5_000
+MAX_ID = 2**63
+"""Past this a Last-Event-ID is no stream id (nothing is replayed after it)."""
 
 
 def _usd(units: str | None) -> float | None:
@@ -143,6 +145,8 @@ class RedisEventBus(Fanout):
         """The last stream id delivered to the local subscribers."""
         self._idle = False
         self._wanted = asyncio.Event()
+        self._closing = False
+        self._read_task: asyncio.Task[None] | None = None
         self._publish = client.register_script(_PUBLISH)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -150,7 +154,8 @@ class RedisEventBus(Fanout):
         last = await self._r.xrevrange(self._stream, count=1)
         self._pos = last[0][0].decode() if last else "0-0"
         await self._refresh_listening()
-        for job in (self._sender, self._reader, self._listeners):
+        self._read_task = asyncio.create_task(self._reader())
+        for job in (self._sender, self._listeners):
             self._tasks.append(asyncio.create_task(job()))
 
     # -- publishing --------------------------------------------------------------------------
@@ -198,7 +203,7 @@ class RedisEventBus(Fanout):
     async def _reader(self) -> None:
         """Read the log while this replica has subscribers; idle otherwise (reading
         every event for nobody costs CPU on every request)."""
-        while True:
+        while not self._closing:
             if not self._subs:
                 self._idle = True
                 await self._wanted.wait()
@@ -233,10 +238,9 @@ class RedisEventBus(Fanout):
         sub = self._add(sessions, types)
         until = self._pos
         backlog: list[Event] = []
-        if last_event_id is not None and last_event_id >= 0:
-            entries = await self._r.xrange(
-                self._stream, f"({last_event_id}-0", until, count=self._history
-            )
+        if last_event_id is not None and last_event_id < MAX_ID:  # a client's number
+            after = max(last_event_id, 0)
+            entries = await self._r.xrange(self._stream, f"({after}-0", until, count=self._history)
             backlog = [e for e in (decode(i, f) for i, f in entries) if sub.wants(e)]
         with contextlib.suppress(Exception):
             await self._announce()
@@ -287,6 +291,15 @@ class RedisEventBus(Fanout):
         """Send what is queued (briefly), stop the tasks and end every local stream."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 2)
+        # The reader ends by itself within its 1 s block: cancelling redis-py in the
+        # middle of a blocking read can leave the close waiting on its connection.
+        self._closing = True
+        self._wanted.set()
+        if self._read_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._read_task), 3)
+            self._tasks.append(self._read_task)
+            self._read_task = None
         await stop_tasks(self._tasks)
         self._drop_all()
         with contextlib.suppress(Exception):
