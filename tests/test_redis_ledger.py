@@ -335,6 +335,14 @@ async def replicas(
     await asyncio.wait_for(store.close(), 10)
 
 
+async def sent_everything(ledger: Any) -> None:
+    """Until the settles kept while Redis was away have been sent (bounded)."""
+    for _ in range(50):
+        if not ledger._pending:
+            return
+        await asyncio.sleep(0.1)
+
+
 async def _events(client: Any, type_: str) -> list[Event]:
     from spendgate.redis_bus import decode
 
@@ -443,10 +451,7 @@ async def test_closed_failure_mode_answers_503_while_redis_is_down(
         assert change.spent == D("0.01")
     finally:
         redis_server.start()
-    for _ in range(50):
-        if not ledger._pending:
-            break
-        await asyncio.sleep(0.1)
+    await sent_everything(ledger)
     assert await spent(ledger, "s") == D("0.01")
 
 
@@ -464,9 +469,6 @@ async def test_open_failure_mode_admits_while_redis_is_down_and_settles_later(
         assert change.spent == D("0.25")  # as far as this replica knows
     finally:
         redis_server.start()
-    for _ in range(50):
-        if not ledger._pending:
-            break
-        await asyncio.sleep(0.1)
+    await sent_everything(ledger)
     assert await spent(ledger, "s") == D("0.25")  # reconciled, once
     assert await ledger.pressure("s") == (0, 0, 0)
