@@ -29,11 +29,10 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
                 buses["a"] = MemoryBus(history, queue_size)
             return buses["a"]
         if replica not in buses:
-            import redis.asyncio
-
+            from spendgate.ledger_factory import redis_client
             from spendgate.redis_bus import RedisEventBus
 
-            client = redis.asyncio.from_url(url)
+            client = redis_client(url)
             clients.append(client)
             bus = RedisEventBus(client, replica_id=replica, history=history, queue_size=queue_size)
             await bus.start()

@@ -68,11 +68,10 @@ async def make(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
         if url is None:
             h = Harness(MemoryLedger(ts, default, **kw))
         else:
-            import redis.asyncio
-
+            from spendgate.ledger_factory import redis_client
             from spendgate.redis_ledger import RedisLedger
 
-            client = redis.asyncio.from_url(url)
+            client = redis_client(url)
             clients.append(client)
             h = Harness(RedisLedger(client, ts, default, **kw), client)
         await h.ledger.start(store)
@@ -311,8 +310,7 @@ async def replicas(
     tmp_path: Path,
 ) -> AsyncIterator[Callable[..., Any]]:
     """Several RedisLedgers on one Redis: separate replicas as far as the ledger knows."""
-    import redis.asyncio
-
+    from spendgate.ledger_factory import redis_client
     from spendgate.redis_ledger import RedisLedger
 
     store = SQLiteStore(tmp_path / "spendgate.db", flush_interval=0.01)
@@ -320,7 +318,7 @@ async def replicas(
     made: list[tuple[Any, Any]] = []
 
     async def replica(**kw: Any) -> RedisLedger:
-        client = redis.asyncio.from_url(redis_url)
+        client = redis_client(redis_url)
         kw.setdefault("thresholds", [0.5, 0.8])
         ledger = RedisLedger(client, kw.pop("thresholds"), kw.pop("default", None), **kw)
         await ledger.start(store)
@@ -472,3 +470,16 @@ async def test_open_failure_mode_admits_while_redis_is_down_and_settles_later(
     await sent_everything(ledger)
     assert await spent(ledger, "s") == D("0.25")  # reconciled, once
     assert await ledger.pressure("s") == (0, 0, 0)
+
+
+async def test_a_burst_larger_than_the_connection_pool_waits_instead_of_failing(
+    replicas: Callable[..., Any],
+) -> None:
+    from spendgate.ledger_factory import REDIS_CONNECTIONS
+
+    ledger = await replicas()
+    n = REDIS_CONNECTIONS * 8
+    results = await asyncio.gather(*(ledger.admit(f"s{i}", None, D("0.01")) for i in range(n)))
+    assert not [r for r, _ in results if isinstance(r, Refusal)]  # no 503 "Too many connections"
+    await asyncio.gather(*(ledger.settle(r, D("0.001")) for r, _ in results))
+    assert await spent(ledger, "s7") == D("0.001")

@@ -27,6 +27,10 @@ NEEDS_SHARED_STORE = (
 )
 
 
+REDIS_CONNECTIONS = 64
+"""Connections to Redis per replica at most; more concurrent calls wait for one."""
+
+
 class SharedSetupError(Exception):
     """Settings that cannot run as a shared deployment, said in one line."""
 
@@ -62,6 +66,31 @@ class Backends:
             await self._client.aclose()
 
 
+def redis_client(url: str) -> Any:
+    """A Redis client for the ledger and the bus of one replica.
+
+    A pooled connection to a Redis that restarted fails once: it is tried again on a
+    fresh one (every script is idempotent by its ids, so a retried call counts once).
+    The pool is bounded and makes a burst wait for a connection, rather than fail as if
+    Redis were down (redis-py's default pool raises "Too many connections")."""
+    import redis.asyncio
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
 async def open_backends(settings: Settings, store: Store) -> Backends:
     """The ledger (started: loaded, or checked and seeded) and the bus the settings name."""
     check(settings)
@@ -77,24 +106,12 @@ async def open_backends(settings: Settings, store: Store) -> Backends:
         )
         await memory.start(store)
         return Backends(memory, MemoryBus(settings.event_history, settings.subscriber_queue))
-    import redis.asyncio
     import redis.exceptions
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
 
     from spendgate.redis_bus import RedisEventBus
     from spendgate.redis_ledger import RedisLedger
 
-    # A pooled connection to a Redis that restarted fails once: try again on a fresh one
-    # (every script is idempotent by its ids, so a retried call counts once).
-    client = redis.asyncio.from_url(
-        settings.redis_url,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-        health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-    )
+    client = redis_client(settings.redis_url)
     try:
         ledger = RedisLedger(
             client,
