@@ -40,7 +40,8 @@ def line(method: str, rec: MessageRecord) -> str:
     """``POST openai chat session=run-1 agent=- model=gpt-4o status=200 in=1200 out=300
     cost=0.000307 ms=152.3 stream=false`` (cost ``-`` when unpriced; ``estimated`` and
     ``aborted`` appear only when true)."""
-    cost = "-" if rec.cost_usd is None else f"{rec.cost_usd:f}"
+    # normalize: costs are quantized to 1e-10 (accounting.py), trailing zeros say nothing
+    cost = "-" if rec.cost_usd is None else f"{rec.cost_usd.normalize():f}"
     text = (
         f"{field(method)} {rec.route} {rec.endpoint} session={rec.session_id} "
         f"agent={field(rec.agent_id)} model={field(rec.model)} status={rec.status} "
