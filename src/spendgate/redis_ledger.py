@@ -537,9 +537,15 @@ class RedisLedger:
             return
         reservation.open = False
         self._in_flight.pop(reservation.id, None)
-        task = asyncio.ensure_future(self._release(args=[self._p, reservation.id]))
+        task = asyncio.ensure_future(self._release_now(reservation.id))
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _release_now(self, rid: str) -> None:
+        try:
+            await self._release(args=[self._p, rid])
+        except self._errors as exc:  # its lease runs out instead
+            log.warning("could not release reservation %s now (%s): its lease will", rid, exc)
 
     # -- settling ---------------------------------------------------------------------------
 
