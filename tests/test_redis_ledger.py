@@ -483,3 +483,18 @@ async def test_a_burst_larger_than_the_connection_pool_waits_instead_of_failing(
     assert not [r for r, _ in results if isinstance(r, Refusal)]  # no 503 "Too many connections"
     await asyncio.gather(*(ledger.settle(r, D("0.001")) for r, _ in results))
     assert await spent(ledger, "s7") == D("0.001")
+
+
+async def test_the_shared_gauges_are_reported_by_one_replica(
+    replicas: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spendgate import redis_ledger
+
+    monkeypatch.setattr(redis_ledger, "GAUGE_EVERY_S", 0.05)
+    ledgers = [await replicas() for _ in range(3)]
+    await ledgers[0].pause("p1")
+    await ledgers[1].pause("p2")
+    await ledgers[2].set_budget("b", D("1"))
+    await asyncio.sleep(0.3)
+    assert sorted(led.paused_count for led in ledgers) == [0, 0, 2]  # summed: 2, not 6
+    assert sorted(len(led.budgets()) for led in ledgers) == [0, 0, 1]

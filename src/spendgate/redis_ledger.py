@@ -81,6 +81,8 @@ PENDING = 10_000
 CACHE = 10_000
 """Sessions whose last seen spend is kept for the hot path's sync reads."""
 SEED_WAIT_S = 30.0
+GAUGE_EVERY_S = 5.0
+"""How often the shared gauges are read from Redis (by the replica reporting them)."""
 BUDGETED_TTL_S = 2.0
 """How long this replica trusts that a request's scope has a budget."""
 FIELDS = 7
@@ -865,7 +867,7 @@ class RedisLedger:
                     self._paused_share, self._budgets_share = 0, []
             except self._errors as exc:
                 log.debug("gauges: %s", exc)
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(GAUGE_EVERY_S)
 
     async def _budget_series(self, limit: int = 1000) -> list[tuple[str, Decimal, Decimal]]:
         sids = [_s(s) for s in await self._r.srandmember(self._p + "budgeted", limit) or []]
