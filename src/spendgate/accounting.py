@@ -243,13 +243,13 @@ class Accountant:
         model, provider = ex.model, route.provider
         price = self._price(ex, model) if model else None
         billed = charge(price, counts, reported_cost=route.reported_cost)
+        # ``cost`` (not ``billed.cost``) is what the ledger, the row and the event get, so
+        # ``billed`` is never rebuilt (a NamedTuple _replace per row).
         cost = billed.cost
         if cost is None and counts.total_tokens == 0 and ex.status >= 400:
             cost = Decimal(0)  # an error that billed nothing costs nothing, known or not
-            billed = billed._replace(cost=cost)
         elif cost is not None:
             cost = cost.quantize(COST_QUANTUM)  # once: the ledger and the row get this value
-            billed = billed._replace(cost=cost)
         extras = counts.extras or NO_EXTRAS
         spent: Decimal | None = None
         if ex.reservation is not None:
@@ -319,7 +319,7 @@ class Accountant:
         self.store.add_message(rec)
         self._publish(
             self._usage_event(
-                ex, counts, billed.cost, spent, final=True, estimated=estimated, billed=billed
+                ex, counts, rec.cost_usd, spent, final=True, estimated=estimated, billed=billed
             )
         )
         if ex.status < 400 and counts.total_tokens:

@@ -93,6 +93,10 @@ def charge(price: ModelPrice | None, counts: TokenCounts, *, reported_cost: bool
     figure (``reported_cost``, OpenRouter's by default) a reported ``usage.cost`` is the
     cost, with the table's beside it and ``priceSource`` ``provider``."""
     extras = counts.extras
+    if extras is None and price is not None:  # nearly every response: tokens at the table
+        table = price.token_cost(counts)
+        tools = None if table is None else _ZERO  # tool_cost without extras, uncalled
+        return Charge(table, table, tools, price.priced_as, price._price_source)
     reported = None if extras is None or not reported_cost else extras.provider_cost
     if price is None:
         return UNPRICED if reported is None else Charge(reported, None, None, None, PROVIDER)
@@ -158,6 +162,11 @@ class ModelPrice:
     set this entry."""
     overrides_date: str | None = None
     """The overrides file's date when it filled in fields the table's entry lacked."""
+    _price_source: str = field(init=False, repr=False, compare=False)
+    """:attr:`price_source`, made once: every priced row carries it (§4)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_price_source", self._source_text())
 
     @property
     def priced(self) -> bool:
@@ -182,6 +191,9 @@ class ModelPrice:
     def price_source(self) -> str:
         """``priceSource``: ``bundled 2026-11-22``, ``update 2026-12-01``,
         ``file /path/to/pricing.toml`` or ``local`` (a local route, §4)."""
+        return self._price_source
+
+    def _source_text(self) -> str:
         if self.from_user_file:
             return f"file {self.source}"
         base = self.source if self.source_date is None else f"{self.source} {self.source_date}"

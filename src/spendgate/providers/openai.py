@@ -92,15 +92,18 @@ def map_usage(
     cost = reported_usd(get("cost"), "cost", note) if "cost" in block else None
     if inp is None and out is None and cached is None and reasoning is None:
         return None  # an empty block is no report
-    usage = with_extras(
-        Usage(inp, out, cached, reasoning_tokens=reasoning),
-        input_audio_tokens=audio_in,
-        input_image_tokens=image_in,
-        output_audio_tokens=audio_out,
-        output_image_tokens=image_out,
-        provider_cost=cost,
-    )
-    assert usage is not None
+    usage = Usage(inp, out, cached, reasoning_tokens=reasoning)
+    if audio_in or image_in or audio_out or image_out or cost:  # rare: skip the kwargs dict
+        extra = with_extras(
+            usage,
+            input_audio_tokens=audio_in,
+            input_image_tokens=image_in,
+            output_audio_tokens=audio_out,
+            output_image_tokens=image_out,
+            provider_cost=cost,
+        )
+        assert extra is not None
+        usage = extra
     if cached is None and reasoning is None and usage.extras is None:
         return usage
     return consistent(usage, note)
