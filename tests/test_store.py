@@ -41,6 +41,28 @@ async def test_schema_version_and_wal(tmp_path: Path) -> None:
     await again.close()
 
 
+async def test_nulls_and_flags_bind_as_sqlite_would_without_the_adapters(tmp_path: Path) -> None:
+    """The store registers adapters for None and bool (a shortcut past sqlite3's failing
+    __adapt__/__conform__ look-ups): a row must still hold NULL and the INTEGERs 0/1."""
+    assert sqlite3.adapters[type(None), sqlite3.PrepareProtocol](None) is None
+    assert sqlite3.adapters[bool, sqlite3.PrepareProtocol](True) == 1
+    store = SQLiteStore(tmp_path / "n.db")
+    await store.open()
+    store.add_message(dataclasses.replace(row(1), stream=True, ttft_ms=None, service_tier=None))
+    await store.close()
+    with sqlite3.connect(tmp_path / "n.db") as db:
+        got = db.execute(
+            "SELECT typeof(agent_id), typeof(ttft_ms), typeof(service_tier), typeof(stream), "
+            "stream, typeof(estimated), estimated FROM token_usage"
+        ).fetchall()
+    assert got == [("null", "null", "null", "integer", 1, "integer", 0)]
+    reopened = SQLiteStore(tmp_path / "n.db")
+    await reopened.open()
+    (back,), _ = await reopened.messages("s", 0, 10)
+    await reopened.close()
+    assert back.stream is True and back.estimated is False and back.agent_id is None
+
+
 async def test_reads_see_queued_rows_and_totals_survive(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "b.db", flush_interval=60)
     await store.open()
