@@ -60,6 +60,7 @@ from spendgate.budgets import (
 from spendgate.events import session_label_event
 from spendgate.periods import TOTAL, Period, period_at
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
+from spendgate.redis_batch import ScriptBatch
 from spendgate.redis_bus import UNIT, stop_tasks
 
 if TYPE_CHECKING:
@@ -219,6 +220,7 @@ class RedisLedger:
         self._forget = reg(redis_lua.FORGET_TICKET)
         self._label = reg(redis_lua.SET_LABEL)
         self._forget_sessions = reg(redis_lua.FORGET)
+        self._batch = ScriptBatch(client)  # admits and settles of one loop round: one trip
 
     # -- money and thresholds ---------------------------------------------------------------
 
@@ -457,8 +459,9 @@ class RedisLedger:
         ticket, delay = "", WAIT_POLL_S[0]
         try:
             while True:
-                out = await self._admit(
-                    args=[
+                out = await self._batch.run(
+                    self._admit,
+                    [
                         self._p,
                         session_id,
                         agent_id or "",
@@ -473,7 +476,7 @@ class RedisLedger:
                         "1" if wait > 0 else "0",
                         WAIT_TICKET_MS,
                         self._maxlen,
-                    ]
+                    ],
                 )
                 status, created, why, ticket = (_s(x) for x in out[:4])
                 views = self._views(out, 4, self._p, FIELDS + 2)
@@ -575,8 +578,9 @@ class RedisLedger:
 
     async def _send_settle(self, item: tuple[str, str, str, int]) -> list[Any]:
         rid, sid, aid, cost_u = item
-        out: list[Any] = await self._settle(
-            args=[
+        out: list[Any] = await self._batch.run(
+            self._settle,
+            [
                 self._p,
                 rid,
                 sid,
@@ -585,7 +589,7 @@ class RedisLedger:
                 self._thresholds_arg,
                 self._period_arg(),
                 self._maxlen,
-            ]
+            ],
         )
         return out
 
