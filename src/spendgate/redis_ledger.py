@@ -221,6 +221,13 @@ class RedisLedger:
         self._label = reg(redis_lua.SET_LABEL)
         self._forget_sessions = reg(redis_lua.FORGET)
         self._batch = ScriptBatch(client)  # admits and settles of one loop round: one trip
+        # The hot scripts' constant arguments as bytes once: redis-py passes bytes through
+        # at its first type check instead of formatting and encoding each on every call.
+        self._hot = tuple(
+            str(v).encode()
+            for v in (prefix, self._lease_ms, self._default_b, self._default_wa,
+                      WAIT_TICKET_MS, self._maxlen, self._thresholds_arg)
+        )  # fmt: skip
 
     # -- money and thresholds ---------------------------------------------------------------
 
@@ -457,25 +464,26 @@ class RedisLedger:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         ticket, delay = "", WAIT_POLL_S[0]
+        hot = self._hot
         try:
             while True:
                 out = await self._batch.run(
                     self._admit,
                     [
-                        self._p,
+                        hot[0],
                         session_id,
                         agent_id or "",
                         rid,
                         amount,
-                        self._lease_ms,
-                        self._default_b,
-                        self._default_wa,
+                        hot[1],
+                        hot[2],
+                        hot[3],
                         repr(time.time()),
                         self._period_arg(),
                         ticket,
-                        "1" if wait > 0 else "0",
-                        WAIT_TICKET_MS,
-                        self._maxlen,
+                        b"1" if wait > 0 else b"0",
+                        hot[4],
+                        hot[5],
                     ],
                 )
                 status, created, why, ticket = (_s(x) for x in out[:4])
@@ -581,14 +589,14 @@ class RedisLedger:
         out: list[Any] = await self._batch.run(
             self._settle,
             [
-                self._p,
+                self._hot[0],
                 rid,
                 sid,
                 aid,
                 cost_u,
-                self._thresholds_arg,
+                self._hot[6],
                 self._period_arg(),
-                self._maxlen,
+                self._hot[5],
             ],
         )
         return out
