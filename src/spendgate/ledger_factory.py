@@ -137,6 +137,7 @@ async def open_backends(settings: Settings, store: Store) -> Backends:
             replica_id=settings.replica_id,
             history=settings.event_history,
             queue_size=settings.subscriber_queue,
+            batch=ledger.script_batch,
         )
         await bus.start()
     except BaseException:

@@ -31,6 +31,7 @@ import orjson
 
 from spendgate.bus import Fanout, Subscription
 from spendgate.events import Event, budget_event
+from spendgate.redis_batch import ScriptBatch
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -131,6 +132,7 @@ class RedisEventBus(Fanout):
         history: int = 2048,
         queue_size: int = 1024,
         prefix: str = "spendgate:",
+        batch: ScriptBatch | None = None,
     ) -> None:
         super().__init__(queue_size)
         self._r: Any = client  # redis-py's own types are loose; its replies are checked here
@@ -148,6 +150,9 @@ class RedisEventBus(Fanout):
         self._closing = False
         self._read_task: asyncio.Task[None] | None = None
         self._publish = client.register_script(_PUBLISH)
+        # The ledger's batch when it shares the client: a request's events ride in the
+        # pipeline of the next round's admits and settles instead of a trip of their own.
+        self._batch = batch if batch is not None else ScriptBatch(client)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -182,7 +187,7 @@ class RedisEventBus(Fanout):
                 for type_, sid, payload in batch:
                     args += [type_, sid, payload]
                 try:
-                    await self._publish(args=args)
+                    await self._batch.run(self._publish, args)
                 except Exception as exc:  # Redis away: keep them queued, try again
                     log.warning("event log: %d events not sent yet: %s", len(self._out), exc)
                     await asyncio.sleep(0.5)

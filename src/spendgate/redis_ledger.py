@@ -681,6 +681,11 @@ class RedisLedger:
         return change
 
     @property
+    def script_batch(self) -> ScriptBatch:
+        """The batch its hot scripts go through, for the event bus on the same client."""
+        return self._batch
+
+    @property
     def loaded_at(self) -> float:
         """When Redis was seeded from the rows: an agent's rows from before this are not
         in its Redis spend until :meth:`seed_agent`."""
