@@ -7,7 +7,8 @@ release). Calls made while the event loop runs one round are queued and sent as 
 non-transactional pipeline on the next round: one checkout, one write and one read for
 the lot. Each script stays its own atomic step (a pipeline is not a transaction), so
 no guarantee changes; a retried pipeline resends scripts that are idempotent by their
-ids. A lone call goes the usual way (a pipeline of one costs more).
+ids. A lone call goes the usual way (a pipeline of one costs more). The event log's
+``PUBLISH`` script (:mod:`spendgate.redis_bus`) uses the ledger's batch on a shared client.
 """
 
 from __future__ import annotations
