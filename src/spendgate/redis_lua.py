@@ -91,6 +91,15 @@ local function crossed_bits(key)
   return bits
 end
 local function has_bit(bits, i) return math.floor(bits / 2 ^ (i - 1)) % 2 == 1 end
+local function keep_crossed_warnings(key)  -- after a budget or spend change: a threshold
+  local bits = crossed_bits(key)           -- no longer crossed may warn again
+  local old = num(redis.call('HGET', key, 'w'))
+  local kept = 0
+  for i = 1, 53 do
+    if has_bit(old, i) and has_bit(bits, i) then kept = kept + 2 ^ (i - 1) end
+  end
+  redis.call('HSET', key, 'w', fmt(kept))
+end
 local function spent_changed(key, thresholds, maxlen)
   local h = redis.call('HMGET', key, 'b', 'sp', 'wa', 'w', 'p')
   if not h[1] then return end
@@ -349,13 +358,7 @@ end
 local op = (budget == '') and 'SREM' or 'SADD'
 if kind == 'session' then redis.call(op, P .. 'budgeted', sid)
 elseif kind == 'agent' then redis.call(op, P .. 'ab:' .. sid, aid) end
-local bits = crossed_bits(key)
-local old = num(redis.call('HGET', key, 'w'))
-local kept = 0
-for i = 1, 53 do
-  if has_bit(old, i) and has_bit(bits, i) then kept = kept + 2 ^ (i - 1) end
-end
-redis.call('HSET', key, 'w', fmt(kept))
+keep_crossed_warnings(key)
 local h = redis.call('HMGET', key, 'b', 'sp', 'p', 'r')
 local over = h[1] and num(h[2]) >= tonumber(h[1])
 if h[3] == '1' and h[4] == 'budget' and not over then
@@ -461,13 +464,7 @@ if minus > 0 and redis.call('EXISTS', g) == 1 then
   local sp = num(redis.call('HGET', g, 'sp')) - minus
   if sp < 0 then sp = 0 end
   redis.call('HSET', g, 'sp', fmt(sp))
-  local bits = crossed_bits(g)
-  local old = num(redis.call('HGET', g, 'w'))
-  local kept = 0
-  for k = 1, 53 do
-    if has_bit(old, k) and has_bit(bits, k) then kept = kept + 2 ^ (k - 1) end
-  end
-  redis.call('HSET', g, 'w', fmt(kept))
+  keep_crossed_warnings(g)
   local h = redis.call('HMGET', g, 'b', 'p', 'r')
   local over = h[1] and sp >= tonumber(h[1])
   if h[2] == '1' and h[3] == 'budget' and not over then
