@@ -20,7 +20,9 @@ from spendgate.store_factory import is_postgres, safe_url
 if TYPE_CHECKING:
     from spendgate.store import Store
 
-MISSING_EXTRA = "SPENDGATE_REDIS_URL needs the redis package: pip install 'spendgate[shared]'"
+MISSING_EXTRA = (
+    "SPENDGATE_REDIS_URL needs the redis and hiredis packages: pip install 'spendgate[shared]'"
+)
 NEEDS_SHARED_STORE = (
     "SPENDGATE_REDIS_URL shares budgets between replicas, but each would keep its own "
     "SQLite rows: set SPENDGATE_STORE_URL=postgresql://... as well"
@@ -44,6 +46,7 @@ def check(settings: Settings) -> None:
     if settings.redis_url is None:
         return
     try:
+        import hiredis  # noqa: F401
         import redis.asyncio  # noqa: F401
     except ImportError:
         raise SharedSetupError(MISSING_EXTRA) from None
