@@ -190,6 +190,18 @@ async def test_settling_twice_changes_nothing(make: Make) -> None:
     assert (await ledger.pressure("s")).in_flight == 0
 
 
+async def test_a_settle_saves_a_record_only_for_the_scope_it_paused(make: Make) -> None:
+    # A settle changes spend, which no record holds; only a pause changes a record. (A
+    # record per settle was one more journal write and PostgreSQL upsert per request.)
+    ledger = (await make([])).ledger
+    await ledger.set_budget("s", D("1"))
+    change = await ledger.settle(await admitted(ledger, "s", "0"), D("0.4"))
+    assert change.records == [] and change.spent == D("0.4")
+    change = await ledger.settle(await admitted(ledger, "s", "0"), D("0.6"))
+    assert [(r.id, r.paused, r.pause_reason) for r in change.records] == [("s", True, "budget")]
+    assert isinstance(change.records[0], SessionRecord)
+
+
 async def test_thresholds_fire_once_and_rearm_when_the_budget_changes(make: Make) -> None:
     h = await make([0.5, 0.8])
     ledger = h.ledger

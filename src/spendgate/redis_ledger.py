@@ -367,6 +367,7 @@ class RedisLedger:
                     "the rows but not in the shared ledger",
                     len(self._pending),
                 )
+        await self._batch.close()  # last: the bus (closed before) shares it
 
     # -- scripts ----------------------------------------------------------------------------
 
@@ -579,9 +580,8 @@ class RedisLedger:
         spent = usd(out[1])
         self._remember(reservation.session_id, spent)
         change.spent = spent
-        for view, _ in self._views(out, 2, self._p, FIELDS + 1):
-            if view.kind == SESSION or view.budget is not None:
-                change.saved(self._any_record(view))
+        for view, _ in self._views(out, 2, self._p, FIELDS + 1):  # the scopes it paused
+            change.saved(self._any_record(view))
         return change
 
     async def _send_settle(self, item: tuple[str, str, str, int]) -> list[Any]:

@@ -113,7 +113,11 @@ local function spent_changed(key, thresholds, maxlen)
     end
   end
   if changed then redis.call('HSET', key, 'w', fmt(bits)) end
-  if sp >= b and h[5] ~= '1' then set_paused(key, true, 'budget', maxlen) end
+  if sp >= b and h[5] ~= '1' then
+    set_paused(key, true, 'budget', maxlen)
+    return true
+  end
+  return false
 end
 local function ensure_session(sid, default_b, default_wa, created)
   local key = P .. 's:' .. sid
@@ -293,18 +297,19 @@ local keys = {skey}
 if aid ~= '' then keys[#keys + 1] = P .. 'a:' .. sid .. '/' .. aid end
 if redis.call('EXISTS', P .. 'g') == 1 then keys[#keys + 1] = P .. 'g' end
 if not release(rid) then redis.call('INCR', P .. 'late') end
+local paused = {}  -- only the scopes this settle paused: the rest of their records did not change
 if cost > 0 then
   for _, k in ipairs(keys) do
     if redis.call('EXISTS', k) == 1 then
       redis.call('HINCRBY', k, 'sp', fmt(cost))
-      spent_changed(k, thresholds, maxlen)
+      if spent_changed(k, thresholds, maxlen) then paused[#paused + 1] = k end
     end
   end
 end
 redis.call('ZADD', P .. 'done', now, rid)
 if math.random(64) == 1 then redis.call('ZREMRANGEBYSCORE', P .. 'done', '-inf', now - 900000) end
 local out = {'settled', redis.call('HGET', skey, 'sp') or '0'}
-for _, k in ipairs(keys) do
+for _, k in ipairs(paused) do
   out[#out + 1] = k
   for _, v in ipairs(state(k)) do out[#out + 1] = v end
 end
