@@ -1,13 +1,16 @@
-"""The shared ledger's cost: CPU per request and p50 of ``spendgate serve`` with the
-Redis ledger and event log against the memory ledger, in the same run
-(docs/reference.md §6 "Several replicas"): ``python -m bench.shared_ledger``.
+"""The shared backends' cost: CPU per request and p50 of ``spendgate serve`` with
+PostgreSQL and Redis against SQLite, in the same run (docs/reference.md §6 "Several
+replicas"): ``python -m bench.shared_ledger``.
 
-Both proxies store rows in the same PostgreSQL (Redis needs a shared store), so only the
-ledger and the bus differ; both hold every session to a budget (bench/run.py's
-``session``). The runs alternate between the two, ``--reps`` each; CPU is each proxy
-process's utime+stime over a measured run (bench/run.py), and the Redis server's own
-CPU over the Redis runs is reported apart. PostgreSQL and Redis are throw-away servers
-started like the tests' (tests/helpers/). Prints one JSON line.
+Three proxies, each holding every session to a budget (bench/run.py's ``session``):
+``sqlite`` (the defaults: SQLite file, memory ledger and bus; the issue's baseline),
+``postgres`` (PostgreSQL store, memory ledger: the store's share) and ``shared``
+(PostgreSQL store, Redis ledger and event log: what several replicas run). The runs
+alternate between the three, ``--reps`` each; CPU is each proxy process's utime+stime
+over a measured run (bench/run.py); the PostgreSQL and Redis servers' own CPU over the
+shared runs is reported apart. Ratios are of medians against ``sqlite``. PostgreSQL and
+Redis are throw-away servers started like the tests' (tests/helpers/). Prints one JSON
+line.
 
     python -m bench.shared_ledger [--requests 2000] [--reps 3] [--mode json]
 """
@@ -29,6 +32,24 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 
 from bench import run as bench
+
+
+def postgres_cpu(pg: Any) -> float:
+    """CPU seconds of the PostgreSQL server: the postmaster and its exited children,
+    and each live child (the backends of the proxies' pools) on its own."""
+    root = int((pg.data / "postmaster.pid").read_text().split()[0])
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == root:
+            total += sum(int(f) for f in fields[11:15]) / bench.TICK
+        elif ppid == root:
+            total += (int(fields[11]) + int(fields[12])) / bench.TICK
+    return total
 
 
 async def start(tmp: Path, upstream: bench.Server, name: str, env: dict[str, str]) -> bench.Server:
@@ -60,28 +81,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     redis = RedisServer(bench.free_port(), tmp)
     redis.start(appendonly=False)
     upstream = await bench.start_upstream(tmp)
-    servers: list[bench.Server] = []
+    servers: dict[str, bench.Server] = {}
     try:
-        store = {"SPENDGATE_STORE_URL": pg.new_database()}
-        memory = await start(tmp, upstream, "memory", store)
-        servers.append(memory)
-        shared = await start(tmp, upstream, "redis", {**store, "SPENDGATE_REDIS_URL": redis.url})
-        servers.append(shared)
-        for server in servers:  # warm up
+        configs = {
+            "sqlite": {},
+            "postgres": {"SPENDGATE_STORE_URL": pg.new_database()},
+            "shared": {"SPENDGATE_STORE_URL": pg.new_database(), "SPENDGATE_REDIS_URL": redis.url},
+        }
+        for name, env in configs.items():
+            servers[name] = await start(tmp, upstream, name, env)
+        for server in servers.values():  # warm up
             await bench.load(server.url, args.mode, 300, args.concurrency)
-        runs: dict[str, list[dict[str, Any]]] = {"memory": [], "redis": []}
-        redis_cpu: list[float] = []
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        backends_cpu: dict[str, list[float]] = {"redis": [], "postgres": []}
         assert redis.proc is not None
         for _ in range(args.reps):
-            runs["memory"].append(
-                await bench.measured_load(memory, args.mode, args.requests, args.concurrency)
-            )
-            before = bench.cpu_seconds(redis.proc.pid)
-            got = await bench.measured_load(shared, args.mode, args.requests, args.concurrency)
-            redis_cpu.append((bench.cpu_seconds(redis.proc.pid) - before) / got["requests"] * 1e6)
-            runs["redis"].append(got)
+            for name, server in servers.items():
+                before = bench.cpu_seconds(redis.proc.pid), postgres_cpu(pg)
+                got = await bench.measured_load(server, args.mode, args.requests, args.concurrency)
+                after = bench.cpu_seconds(redis.proc.pid), postgres_cpu(pg)
+                runs[name].append(got)
+                if name == "shared":  # the servers' CPU that the shared proxy's requests cost
+                    for key, b, a in zip(("redis", "postgres"), before, after, strict=True):
+                        backends_cpu[key].append((a - b) / got["requests"] * 1e6)
     finally:
-        for server in servers:
+        for server in servers.values():
             await bench.stop_server(server)
         await bench.stop_server(upstream)
         redis.stop()
@@ -97,9 +121,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms": round(median(kind, "p50_ms"), 2),
             "runs_cpu_us": [round(r["cpu_us_per_req"]) for r in runs[kind]],
         }
-    out["redis_server_cpu_us_per_req"] = round(statistics.median(redis_cpu))
-    out["cpu_ratio"] = round(out["redis"]["cpu_us_per_req"] / out["memory"]["cpu_us_per_req"], 2)
-    out["added_p50_ms"] = round(out["redis"]["p50_ms"] - out["memory"]["p50_ms"], 2)
+    for key, values in backends_cpu.items():
+        out[f"{key}_server_cpu_us_per_req"] = round(statistics.median(values))
+    base = out["sqlite"]
+    for kind in ("postgres", "shared"):
+        out[f"{kind}_cpu_ratio"] = round(out[kind]["cpu_us_per_req"] / base["cpu_us_per_req"], 2)
+        out[f"{kind}_added_p50_ms"] = round(out[kind]["p50_ms"] - base["p50_ms"], 2)
     return out
 
 
