@@ -370,10 +370,9 @@ async def test_a_batch_that_commits_late_is_never_skipped_by_a_cursor(
     from spendgate.store_postgres import (
         TABLES,
         WRITE_LOCK,
-        _columns_of,
+        _json_rows,
         _message_params,
-        _rows_from_arrays,
-        _typed,
+        _rows_from_json,
     )
 
     a = _store(pg_url, tmp_path / "a")
@@ -385,10 +384,9 @@ async def test_a_batch_that_commits_late_is_never_skipped_by_a_cursor(
     await tx.start()
     await x.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
     names = ", ".join(c.name for c in TABLES["message"])
-    row = _typed("message", _message_params(message(id="x")))
     await x.execute(  # the first half of X's batch statement: the row, not yet its totals
-        f"INSERT INTO token_usage ({names}) {_rows_from_arrays('message')}",
-        *_columns_of([row], len(row)),
+        f"INSERT INTO token_usage ({names}) {_rows_from_json('message')}",
+        _json_rows([_message_params(message(id="x"))]),
     )
     a.add_message(message(id="a"))
     await asyncio.sleep(0.3)  # A's writer has started its batch, and waits for the lock
@@ -423,4 +421,97 @@ async def test_while_postgres_is_down_the_queue_is_bounded_and_drops_loudly(
     await eventually(lambda: _true(store.queue_depth == 0), timeout=15)
     page, _ = await store.messages("run-1", 0, 20)
     assert [m.id for m in page] == [f"m{i}" for i in range(5, 15)]  # the newest ten
+    await store.close()
+
+
+_HOSTILE = [  # (column, value as a journal line may hold it, _typed's reason)
+    ("input_tokens", 1.5, "not a whole number: 1.5"),
+    ("input_tokens", 2.0, "not a whole number: 2.0"),
+    ("output_tokens", "300", "not a whole number: '300'"),
+    ("status", True, "not a whole number: True"),
+    ("model", 5, "not text: 5"),
+    ("model", ["gpt"], "not text: ['gpt']"),
+    ("cost_usd", "NaN", "not a finite number: 'NaN'"),
+    ("cost_usd", "Infinity", "not a finite number: 'Infinity'"),
+    ("cost_usd", True, "not a number: True"),
+    ("cost_usd", "cheap", "not a number: 'cheap'"),
+    ("cost_usd", {"usd": 1}, "not a number: {'usd': 1}"),
+    ("started_at", "0", "not a number: '0'"),
+    ("stream", "yes", "not a flag: 'yes'"),
+]
+
+
+def _row_with(column: str, value: object, **kw: object) -> list[object]:
+    from spendgate.store import OP_COLUMNS
+    from spendgate.store_postgres import _message_params
+
+    row = list(_message_params(message(**kw)))
+    row[OP_COLUMNS["message"].index(column)] = value
+    return row
+
+
+async def test_the_server_refuses_in_a_batch_every_value_the_row_check_refuses(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The batch statement types the JSON rows server-side: a value ``_typed`` refuses
+    must fail the statement (a row error, so the batch goes row by row), never be stored
+    rounded or turned to text; the same row as ``_typed`` gives it is written."""
+    from spendgate.store_postgres import _WRITES, _json_rows, _typed, is_row_error
+
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    async with store.pool.acquire() as conn:
+        for i, (column, value, _) in enumerate(_HOSTILE):
+            row = _row_with(column, value, id=f"bad{i}")
+            with pytest.raises(Exception) as refused:
+                async with conn.transaction():
+                    await conn.fetchval(_WRITES["message"], _json_rows([row]))
+            assert is_row_error(refused.value), (column, value, refused.value)
+        for column, value in (("stream", 1), ("cost_usd", 0.1), ("cost_usd", 3)):
+            typed = _typed("message", _row_with(column, value, id=f"ok-{column}-{value}"))
+            async with conn.transaction():
+                assert await conn.fetchval(_WRITES["message"], _json_rows([typed])) == 1
+        assert await conn.fetchval("SELECT COUNT(*) FROM token_usage") == 3
+    await store.close()
+
+
+async def test_bad_values_in_an_imported_batch_are_set_aside_with_their_reasons(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    """A hand-edited recovery file (the one place rows come from outside this process):
+    each bad value's row lands in rejected_rows with the row check's reason; the rest of
+    the batch is stored, a flag written as 1 and money written as a JSON number too,
+    exactly; the writer is not failing."""
+    from spendgate import journal
+    from spendgate.store import OP_COLUMNS
+
+    store = _store(pg_url, tmp_path)
+    lines = [journal.header(OP_COLUMNS)]
+    good = [
+        _row_with("stream", 1, id="flag-as-1"),
+        _row_with("cost_usd", 0.1, id="money-as-number"),
+        _row_with("cost_usd", "0.00030735", id="plain"),
+    ]
+    bad = [_row_with(c, v, id=f"bad{i}") for i, (c, v, _) in enumerate(_HOSTILE)]
+    lines += [journal.encode("message", row) for row in [good[0], *bad, *good[1:]]]
+    where = journal.recovery_paths(store.journal_path)[0]
+    where.parent.mkdir(parents=True)
+    where.write_bytes(b"".join(lines))
+    await store.open()
+    await store.flush()
+    page, _ = await store.messages("run-1", 0, 50)
+    assert [(m.id, m.stream, m.cost_usd) for m in page] == [
+        ("flag-as-1", True, Decimal("0.00030735")),
+        ("money-as-number", True, Decimal("0.1")),
+        ("plain", True, Decimal("0.00030735")),
+    ]
+    (tot,) = await store.totals("run-1")
+    assert tot["message_count"] == 3 and tot["cost_usd"] == Decimal("0.1006147")
+    assert store.failing is None and store.queue_depth == 0 and store.rejected == len(bad)
+    found = postgres.psql(_db(pg_url), "SELECT reason, data FROM rejected_rows ORDER BY id")
+    reasons = {}
+    for line in found.splitlines():
+        reason, data = line.split("|", 1)
+        reasons[json.loads(data)["id"]] = reason
+    assert reasons == {f"bad{i}": f"_BadValue: {why}" for i, (_, _, why) in enumerate(_HOSTILE)}
     await store.close()

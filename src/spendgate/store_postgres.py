@@ -6,12 +6,14 @@ request path only enqueues, a writer commits batches, a database that is down ke
 the rows queued (bounded, journaled) and retried, and what is left at shutdown goes to
 the recovery file. What differs is how a batch is written and read:
 
-- **One statement per batch.** The batch's rows go in as one array per column
-  (``unnest``); ``ON CONFLICT (id) DO NOTHING`` ignores a row already stored, and the
-  same statement adds the rows it did insert to ``session_totals``, so a session's
-  totals equal the sum of its rows with any number of writers (a duplicate adds
-  nothing). A batch the database refuses is written again row by row, each in a
-  savepoint; a row it refuses goes to ``rejected_rows``.
+- **One statement per batch.** The batch's rows go in as one parameter, a JSON array
+  of rows (orjson, money as decimal strings), which the server decodes and types
+  (``jsonb_array_elements``: :func:`_rows_from_json`); ``ON CONFLICT (id) DO NOTHING``
+  ignores a row already stored, and the same statement adds the rows it did insert to
+  ``session_totals``, so a session's totals equal the sum of its rows with any number
+  of writers (a duplicate adds nothing). A batch the database refuses is written again
+  row by row, each checked and typed here first (:func:`_typed`, whose reason a bad
+  value gets) and written in a savepoint; a row refused goes to ``rejected_rows``.
 - **Commit order.** Each batch takes one transaction-scoped advisory lock before it
   writes, so the batches of every replica commit one at a time and ``token_usage.seq``
   grows in commit order: a reader that has seen ``seq`` N will never later find a row
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped, import-not-found, unused-ignore]
+import orjson
 
 from spendgate.records import (
     COLUMNS,
@@ -304,24 +307,46 @@ _CONVERT: dict[str, Callable[[Any], Any]] = {
 _CONVERTERS = {op: tuple(_CONVERT[c.type] for c in cols) for op, cols in TABLES.items()}
 
 
+def _check_width(width: int, params: Sequence[Any]) -> None:
+    if len(params) != width:
+        raise _BadValue(f"{len(params)} values for {width} columns")
+
+
 def _typed(op: str, params: Sequence[Any]) -> list[Any]:
     """A queued write's values as the columns' types (_BadValue: a value that cannot be)."""
     conv = _CONVERTERS[op]
-    if len(params) != len(conv):
-        raise _BadValue(f"{len(params)} values for {len(conv)} columns")
+    _check_width(len(conv), params)
     return [f(v) for f, v in zip(conv, params, strict=True)]
 
 
-def _array_type(c: _Col) -> str:
-    return "float8[]" if c.type == "DOUBLE PRECISION" else f"{c.type.lower()}[]"
+def _from_json(i: int, c: _Col) -> str:
+    """Element ``i`` of the row ``e`` (a JSON array) as column ``c``'s type. Each form
+    refuses, with an error of SQLSTATE class 22 (so the batch is retried row by row,
+    where :func:`_typed` names the reason), every JSON value :func:`_typed` would refuse;
+    it may refuse more (a flag given as 0 or 1), which the retry writes as typed."""
+    v = f"NULLIF(e->{i}, 'null')"  # JSON null: SQL NULL (a jsonb null casts to nothing)
+    if c.type == "TEXT":  # ->> would turn any scalar into text: only strings are text
+        return (
+            f"CASE jsonb_typeof(e->{i}) WHEN 'string' THEN e->>{i} WHEN 'null' THEN NULL "
+            f"ELSE ('not text: ' || (e->{i})::text)::bigint::text END"
+        )
+    if c.type == "BIGINT":  # a number's own digits, so 1.5 is refused rather than rounded
+        return f"{v}::numeric::text::bigint"
+    if c.type == "NUMERIC":  # money is queued as its decimal string: read as a JSON number
+        return f"(e->>{i})::jsonb::numeric"
+    return f"{v}::{'float8' if c.type == 'DOUBLE PRECISION' else c.type.lower()}"
 
 
-def _rows_from_arrays(op: str) -> str:
-    """``SELECT`` of the rows passed as one array parameter per column."""
+def _rows_from_json(op: str) -> str:
+    """``SELECT`` of the rows passed as one parameter, a JSON array of rows (each the
+    array of its values in ``TABLES[op]`` order), decoded and typed by the server: one
+    value to encode per batch, where one array per column cost asyncpg a type check and
+    an encoding per value (bench/results.md, "The PostgreSQL store's write path")."""
     cols = TABLES[op]
-    arrays = ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(cols, start=1))
-    names = ", ".join(c.name for c in cols)
-    return f"SELECT * FROM unnest({arrays}) AS r({names})"
+    values = ", ".join(f"{_from_json(i, c)} AS {c.name}" for i, c in enumerate(cols))
+    return (
+        f"SELECT {values} FROM jsonb_array_elements(convert_from($1::bytea, 'UTF8')::jsonb) AS r(e)"
+    )
 
 
 def _insert_messages() -> str:
@@ -332,7 +357,7 @@ def _insert_messages() -> str:
         f"{c} = session_totals.{c} + excluded.{c}" for c in ("message_count", *_SUMMED)
     )
     return (
-        f"WITH ins AS (INSERT INTO token_usage ({names}) {_rows_from_arrays('message')} "
+        f"WITH ins AS (INSERT INTO token_usage ({names}) {_rows_from_json('message')} "
         "ON CONFLICT (id) DO NOTHING "
         f"RETURNING session_id, {', '.join(_COUNTED)}, cost_usd, total_tokens, started_at), "
         f"tot AS (INSERT INTO session_totals (session_id, {', '.join(totals)}) "
@@ -353,13 +378,13 @@ def _upsert(op: str) -> str:
     sets = ", ".join(f"{c.name} = excluded.{c.name}" for c in cols if c.name not in _KEEP[op])
     if op == "global":
         return (
-            f"INSERT INTO global_budget (id, {names}) SELECT 1, * FROM ({_rows_from_arrays(op)}) g "
+            f"INSERT INTO global_budget (id, {names}) SELECT 1, * FROM ({_rows_from_json(op)}) g "
             f"ON CONFLICT (id) DO UPDATE SET {sets}"
         )
     table = _TABLE[op]
     newer = f"{table}.updated_at IS NULL OR excluded.updated_at >= {table}.updated_at"
     return (
-        f"INSERT INTO {table} ({names}) {_rows_from_arrays(op)} "
+        f"INSERT INTO {table} ({names}) {_rows_from_json(op)} "
         f"ON CONFLICT ({', '.join(_KEYS[op])}) DO UPDATE SET {sets} WHERE {newer}"
     )
 
@@ -378,16 +403,24 @@ def _key_of(op: str, params: Sequence[Any]) -> Any:
     return params[0]
 
 
-def _latest(
-    op: str, rows: list[list[Any]], given: list[Sequence[Any]]
-) -> tuple[list[list[Any]], list[Sequence[Any]]]:
-    """One row per key, the last queued (an upsert may touch a row once per statement),
-    with the values as queued."""
+def _latest(op: str, rows: list[Sequence[Any]]) -> list[Sequence[Any]]:
+    """One row per key, the last queued (an upsert may touch a row once per statement)."""
     if op == "message":
-        return rows, given
+        return rows
     last = {_key_of(op, r): i for i, r in enumerate(rows)}
-    keep = sorted(last.values())
-    return [rows[i] for i in keep], [given[i] for i in keep]
+    return [rows[i] for i in sorted(last.values())]
+
+
+def _money_text(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"not JSON: {value!r}")
+
+
+def _json_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    """The rows as the statement's one parameter (:func:`_rows_from_json`): orjson
+    refuses an integer past 64 bits and a lone surrogate (a row error, then)."""
+    return orjson.dumps(rows, default=_money_text)
 
 
 def _reason(exc: BaseException) -> str:
@@ -396,17 +429,13 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _columns_of(rows: list[list[Any]], width: int) -> list[list[Any]]:
-    return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
-
-
 def is_row_error(exc: BaseException) -> bool:
     """Did the database refuse this row (its values), rather than fail as a whole? A
-    value that is not the column's type (ours, or asyncpg's while encoding), a data
+    value that is not the column's type (ours, or one JSON cannot carry), a data
     exception (SQLSTATE class 22: out of range, bad text) or a constraint (class 23).
     Everything else (connection refused or lost, shutdown, timeout) keeps the rows."""
-    if isinstance(exc, _BadValue):
-        return True
+    if isinstance(exc, (_BadValue, orjson.JSONEncodeError)):
+        return True  # a value of the wrong type, or one JSON cannot carry
     if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
         return True  # asyncpg could not encode a parameter
     state = getattr(exc, "sqlstate", None) or ""
@@ -796,30 +825,32 @@ class PostgresStore(QueuedStore):
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
             for op in _WRITE_ORDER:
-                rows: list[list[Any]] = []
-                given: list[Sequence[Any]] = []  # as queued: what rejected_rows keeps
+                width = len(_CONVERTERS[op])
+                rows: list[Sequence[Any]] = []  # as queued: what rejected_rows keeps
                 for o, params, _ in batch:
                     if o != op:
                         continue
-                    try:
-                        rows.append(_typed(op, params))
+                    try:  # the one check made here: the server types the values
+                        _check_width(width, params)
                     except _BadValue as exc:
                         rejected.append((op, _reason(exc), params))
                         continue
-                    given.append(params)
+                    rows.append(params)
                 if not rows:
                     continue
-                rows, given = _latest(op, rows, given)
+                rows = _latest(op, rows)
                 try:
+                    payload = _json_rows(rows)
                     async with conn.transaction():  # a savepoint: a refused batch is undone
-                        inserted += await self._write(conn, op, rows)
+                        inserted += await self._write(conn, op, payload)
                 except Exception as exc:
                     if not is_row_error(exc):
                         raise
-                    for row, params in zip(rows, given, strict=True):  # one by one
+                    for params in rows:  # one by one, each checked and typed here first
                         try:
+                            payload = _json_rows([_typed(op, params)])
                             async with conn.transaction():
-                                inserted += await self._write(conn, op, [row])
+                                inserted += await self._write(conn, op, payload)
                         except Exception as exc1:
                             if not is_row_error(exc1):
                                 raise
@@ -834,11 +865,10 @@ class PostgresStore(QueuedStore):
         await self._committed(n, rejected)
 
     @staticmethod
-    async def _write(conn: Any, op: str, rows: list[list[Any]]) -> int:
-        arrays = _columns_of(rows, len(TABLES[op]))
+    async def _write(conn: Any, op: str, payload: bytes) -> int:
         if op == "message":
-            return int(await conn.fetchval(_WRITES[op], *arrays))
-        await conn.execute(_WRITES[op], *arrays)
+            return int(await conn.fetchval(_WRITES[op], payload))
+        await conn.execute(_WRITES[op], payload)
         return 0
 
     async def _defaults(self) -> dict[tuple[str, str], Any]:
