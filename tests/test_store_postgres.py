@@ -476,17 +476,21 @@ async def test_the_server_refuses_in_a_batch_every_value_the_row_check_refuses(
 
 
 async def test_bad_values_in_an_imported_batch_are_set_aside_with_their_reasons(
-    postgres: PostgresServer, pg_url: str, tmp_path: Path
+    postgres: PostgresServer, pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A hand-edited recovery file (the one place rows come from outside this process):
     each bad value's row lands in rejected_rows with the row check's reason; the rest of
-    the batch is stored, a flag written as 1 and money written as a JSON number too,
-    exactly; the writer is not failing."""
+    the batch is stored once (its first attempt, refused, is undone whole), a flag
+    written as 1 and money written as a JSON number too, exactly; the writer is not
+    failing."""
     from spendgate import journal
     from spendgate.store import OP_COLUMNS
+    from spendgate.store_postgres import _record_params
 
     store = _store(pg_url, tmp_path)
     lines = [journal.header(OP_COLUMNS)]
+    session = SessionRecord("run-1", 1.0, Decimal("5.10"), label="imported")
+    lines.append(journal.encode("session", _record_params("session", session)))
     good = [
         _row_with("stream", 1, id="flag-as-1"),
         _row_with("cost_usd", 0.1, id="money-as-number"),
@@ -514,4 +518,33 @@ async def test_bad_values_in_an_imported_batch_are_set_aside_with_their_reasons(
         reason, data = line.split("|", 1)
         reasons[json.loads(data)["id"]] = reason
     assert reasons == {f"bad{i}": f"_BadValue: {why}" for i, (_, _, why) in enumerate(_HOSTILE)}
+    assert f"3 new message rows, 0 already stored, {len(bad)} rejected" in caplog.text
+    assert await store.load_sessions() == [session]
+    assert await store.spend_by_session() == {"run-1": Decimal("0.1006147")}
+    await store.close()
+
+
+async def test_a_write_of_the_wrong_shape_is_set_aside_and_nothing_wedges(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued write with a value too few, or of an operation no table has (a bug, or a
+    newer version's journal): rejected with its reason, the others written."""
+    from spendgate.store_postgres import _message_params
+
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    store.add_message(message(id="ok1"))
+    store._enqueue("message", list(_message_params(message(id="short")))[:-1])
+    store._enqueue("bogus", ["x"])
+    store.add_message(message(id="ok2"))
+    page, _ = await store.messages("run-1", 0, 10)
+    assert [m.id for m in page] == ["ok1", "ok2"]
+    assert store.failing is None and store.queue_depth == 0 and store.rejected == 2
+    async with store.pool.acquire() as conn:
+        found = await conn.fetch("SELECT kind, reason FROM rejected_rows ORDER BY id")
+    width = len(list(_message_params(message())))
+    assert [tuple(r) for r in found] == [
+        ("message", f"_BadValue: {width - 1} values for {width} columns"),
+        ("bogus", "_BadValue: unknown operation 'bogus'"),
+    ]
     await store.close()

@@ -11,15 +11,18 @@ the recovery file. What differs is how a batch is written and read:
   (``jsonb_array_elements``: :func:`_rows_from_json`); ``ON CONFLICT (id) DO NOTHING``
   ignores a row already stored, and the same statement adds the rows it did insert to
   ``session_totals``, so a session's totals equal the sum of its rows with any number
-  of writers (a duplicate adds nothing). A batch the database refuses is written again
-  row by row, each checked and typed here first (:func:`_typed`, whose reason a bad
-  value gets) and written in a savepoint; a row refused goes to ``rejected_rows``.
+  of writers (a duplicate adds nothing). A batch the database refuses is undone (its
+  transaction rolled back) and written again, each statement in a savepoint and the
+  refused one's rows one by one, each checked and typed here first (:func:`_typed`,
+  whose reason a bad value gets); a row refused goes to ``rejected_rows``. A batch
+  nobody refuses pays no savepoint.
 - **Commit order.** Each batch takes one transaction-scoped advisory lock before it
-  writes, so the batches of every replica commit one at a time and ``token_usage.seq``
-  grows in commit order: a reader that has seen ``seq`` N will never later find a row
-  below N (the message cursor ``seq > after`` skips nothing). A batch holds the lock for
-  milliseconds (bench/results.md).
-- **Money is NUMERIC**, written from the ``Decimal`` and read back as a ``Decimal``:
+  writes (with its ``BEGIN``, one round trip), so the batches of every replica commit
+  one at a time and ``token_usage.seq`` grows in commit order: a reader that has seen
+  ``seq`` N will never later find a row below N (the message cursor ``seq > after``
+  skips nothing). A batch holds the lock for milliseconds (bench/results.md).
+- **Money is NUMERIC**, written from the ``Decimal``'s exact string and read back as a
+  ``Decimal``:
   the sums are exact and are rounded to ``COST_DIGITS`` as the SQLite store's are.
 - **Schema** from :data:`spendgate.records.COLUMNS` (each column's type from the
   :class:`MessageRecord` field's): created, migrated, and given any column a newer
@@ -38,7 +41,7 @@ import socket
 import time
 import types
 import typing
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -423,6 +426,53 @@ def _json_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     return orjson.dumps(rows, default=_money_text)
 
 
+def _batch_rows(
+    batch: Iterable[tuple[str, Sequence[Any], bool]], rejected: list[tuple[str, str, Sequence[Any]]]
+) -> list[tuple[str, list[Sequence[Any]]]]:
+    """A batch's writes by operation, in ``_WRITE_ORDER``, as queued (what rejected_rows
+    keeps); a write of the wrong width goes to ``rejected``, the one check made here
+    (the server types the values)."""
+    by_op: dict[str, list[Sequence[Any]]] = {op: [] for op in _WRITE_ORDER}
+    for op, params, _ in batch:
+        try:
+            if op not in by_op:
+                raise _BadValue(f"unknown operation {op!r}")
+            _check_width(len(_CONVERTERS[op]), params)
+        except _BadValue as exc:
+            rejected.append((op, _reason(exc), params))
+            continue
+        by_op[op].append(params)
+    return [(op, _latest(op, rows)) for op, rows in by_op.items() if rows]
+
+
+_BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK})"
+"""A batch's transaction and the writers' lock in one round trip (a query without
+parameters may hold two statements)."""
+
+
+@contextlib.asynccontextmanager
+async def _savepoint(conn: Any) -> AsyncIterator[None]:
+    """A statement that may be refused, undone alone (the batch's transaction is kept)."""
+    await conn.execute("SAVEPOINT spendgate_row")
+    try:
+        yield
+    except BaseException:
+        await conn.execute("ROLLBACK TO SAVEPOINT spendgate_row")
+        raise
+    await conn.execute("RELEASE SAVEPOINT spendgate_row")
+
+
+async def _rollback(conn: Any) -> None:
+    """End a failed batch's transaction; a connection that cannot is closed (the pool
+    opens another), so no transaction is left open on a pooled connection."""
+    if conn.is_closed():
+        return
+    try:
+        await conn.execute("ROLLBACK")
+    except Exception:
+        conn.terminate()
+
+
 def _reason(exc: BaseException) -> str:
     """Why a row was refused, on one line (PostgreSQL's DETAIL repeats the row)."""
     text = str(exc).strip().splitlines()
@@ -659,6 +709,13 @@ class _ReadBarrier:
             self._waiting.pop(token, None)
 
 
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset after the rollback asyncpg always does: nothing more, as this
+    module leaves no session state on a pooled connection (its advisory locks are
+    transaction-scoped, it listens, sets and opens cursors on none), so a release costs
+    no ``RESET ALL`` round trip (one per batch)."""
+
+
 class PostgresStore(QueuedStore):
     def __init__(
         self,
@@ -699,6 +756,7 @@ class PostgresStore(QueuedStore):
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
                 server_settings={"application_name": "spendgate"},
+                reset=_keep_session,
             )
         except Exception as exc:
             raise StoreOpenError(self.where, _problem(exc)) from None
@@ -816,40 +874,54 @@ class PostgresStore(QueuedStore):
         self._enqueue("global", _record_params("global", budget))
 
     async def _write_batch(self) -> None:
+        """One transaction under the writers' lock: each operation's rows in one
+        statement. A row the database refuses aborts it; it is then done again
+        ``careful``ly (:meth:`_transaction`), so a good batch pays no savepoints."""
         if not self._pending:
             return
         n = min(len(self._pending), BATCH_MAX)
         batch = list(itertools.islice(self._pending, n))
         rejected: list[tuple[str, str, Sequence[Any]]] = []
+        ops = _batch_rows(batch, rejected)
+        async with self.pool.acquire() as conn:
+            try:
+                inserted = await self._transaction(conn, ops, rejected, careful=False)
+            except Exception as exc:
+                if not is_row_error(exc):
+                    raise
+                inserted = await self._transaction(conn, ops, rejected, careful=True)
+        self._inserted += inserted
+        await self._committed(n, rejected)
+
+    async def _transaction(
+        self,
+        conn: Any,
+        ops: list[tuple[str, list[Sequence[Any]]]],
+        rejected: list[tuple[str, str, Sequence[Any]]],
+        careful: bool,
+    ) -> int:
+        """Write ``ops`` and ``rejected`` in one transaction; the message rows inserted.
+        ``careful``: each statement in a savepoint, and an operation the database
+        refuses is written row by row, each row checked and typed here first
+        (:func:`_typed`: its reason), the rows refused added to ``rejected``."""
         inserted = 0
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
-            for op in _WRITE_ORDER:
-                width = len(_CONVERTERS[op])
-                rows: list[Sequence[Any]] = []  # as queued: what rejected_rows keeps
-                for o, params, _ in batch:
-                    if o != op:
-                        continue
-                    try:  # the one check made here: the server types the values
-                        _check_width(width, params)
-                    except _BadValue as exc:
-                        rejected.append((op, _reason(exc), params))
-                        continue
-                    rows.append(params)
-                if not rows:
+        await conn.execute(_BEGIN)
+        try:
+            for op, rows in ops:
+                if not careful:
+                    inserted += await self._write(conn, op, _json_rows(rows))
                     continue
-                rows = _latest(op, rows)
                 try:
                     payload = _json_rows(rows)
-                    async with conn.transaction():  # a savepoint: a refused batch is undone
+                    async with _savepoint(conn):
                         inserted += await self._write(conn, op, payload)
                 except Exception as exc:
                     if not is_row_error(exc):
                         raise
-                    for params in rows:  # one by one, each checked and typed here first
+                    for params in rows:
                         try:
                             payload = _json_rows([_typed(op, params)])
-                            async with conn.transaction():
+                            async with _savepoint(conn):
                                 inserted += await self._write(conn, op, payload)
                         except Exception as exc1:
                             if not is_row_error(exc1):
@@ -861,8 +933,11 @@ class PostgresStore(QueuedStore):
                     "INSERT INTO rejected_rows (at, kind, reason, data) VALUES ($1, $2, $3, $4)",
                     [(now, op, why, _rejected_data(op, p)) for op, why, p in rejected],
                 )
-        self._inserted += inserted
-        await self._committed(n, rejected)
+            await conn.execute("COMMIT")
+        except BaseException:
+            await _rollback(conn)
+            raise
+        return inserted
 
     @staticmethod
     async def _write(conn: Any, op: str, payload: bytes) -> int:
