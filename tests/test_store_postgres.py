@@ -548,3 +548,23 @@ async def test_a_write_of_the_wrong_shape_is_set_aside_and_nothing_wedges(
         ("bogus", "_BadValue: unknown operation 'bogus'"),
     ]
     await store.close()
+
+
+async def test_a_server_limit_is_a_row_error_and_a_lost_server_is_not(
+    postgres: PostgresServer, pg_url: str, tmp_path: Path
+) -> None:
+    """A batch whose JSON passes jsonb's 256 MB (SQLSTATE 54000, as any "too large")
+    is written again row by row rather than retried whole for ever; a connection lost
+    keeps the rows queued. Both errors are the server's own."""
+    import asyncpg
+
+    from spendgate.store_postgres import is_row_error
+
+    conn = await asyncpg.connect(pg_url)
+    with pytest.raises(asyncpg.PostgresError) as too_large:
+        await conn.fetchval("SELECT repeat('xx', 600000000)")
+    assert too_large.value.sqlstate == "54000" and is_row_error(too_large.value)
+    with pytest.raises(Exception) as lost:
+        await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    assert not is_row_error(lost.value)
+    await conn.close()

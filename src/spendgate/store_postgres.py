@@ -482,14 +482,15 @@ def _reason(exc: BaseException) -> str:
 def is_row_error(exc: BaseException) -> bool:
     """Did the database refuse this row (its values), rather than fail as a whole? A
     value that is not the column's type (ours, or one JSON cannot carry), a data
-    exception (SQLSTATE class 22: out of range, bad text) or a constraint (class 23).
+    exception (SQLSTATE class 22: out of range, bad text), a constraint (class 23) or a
+    limit (class 54: a batch's JSON past jsonb's 256 MB, written again row by row).
     Everything else (connection refused or lost, shutdown, timeout) keeps the rows."""
     if isinstance(exc, (_BadValue, orjson.JSONEncodeError)):
         return True  # a value of the wrong type, or one JSON cannot carry
     if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
         return True  # asyncpg could not encode a parameter
     state = getattr(exc, "sqlstate", None) or ""
-    return isinstance(exc, asyncpg.PostgresError) and state[:2] in ("22", "23")
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in ("22", "23", "54")
 
 
 def _problem(exc: BaseException) -> str:
