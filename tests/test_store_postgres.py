@@ -568,3 +568,44 @@ async def test_a_server_limit_is_a_row_error_and_a_lost_server_is_not(
         await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
     assert not is_row_error(lost.value)
     await conn.close()
+
+
+async def test_a_batch_cancelled_while_it_waits_for_the_lock_leaves_no_transaction_open(
+    postgres: PostgresServer,
+    pg_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another replica holds the writers' lock; this store's batch waits in its BEGIN
+    and lock query when the store closes and gives up on it: the batch is rolled back
+    (asyncpg's pool never finds a transaction left open), its row goes to the recovery
+    file, and the next start writes it."""
+    import asyncpg
+
+    from spendgate.store_postgres import WRITE_LOCK
+
+    monkeypatch.setattr(spendgate.store, "CLOSE_WAIT_S", 0.3)
+    store = _store(pg_url, tmp_path)
+    await store.open()
+    holder = await asyncpg.connect(pg_url)
+    tx = holder.transaction()
+    await tx.start()
+    await holder.execute("SELECT pg_advisory_xact_lock($1)", WRITE_LOCK)
+    store.add_message(message(id="m1"))
+    await asyncio.sleep(0.3)  # the writer's batch is waiting for the lock
+    await store.close()
+    waiting = postgres.psql(
+        _db(pg_url),
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()",
+    )
+    await tx.rollback()
+    await holder.close()
+    assert waiting == "1"  # the holder's alone
+    assert "active transaction" not in caplog.text
+    again = _store(pg_url, tmp_path)
+    await again.open()
+    page, _ = await again.messages("run-1", 0, 10)
+    assert [m.id for m in page] == ["m1"]
+    await again.close()

@@ -906,8 +906,8 @@ class PostgresStore(QueuedStore):
         refuses is written row by row, each row checked and typed here first
         (:func:`_typed`: its reason), the rows refused added to ``rejected``."""
         inserted = 0
-        await conn.execute(_BEGIN)
         try:
+            await conn.execute(_BEGIN)  # in the try: a BEGIN cut short is rolled back too
             for op, rows in ops:
                 if not careful:
                     inserted += await self._write(conn, op, _json_rows(rows))
