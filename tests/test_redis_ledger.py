@@ -190,6 +190,18 @@ async def test_settling_twice_changes_nothing(make: Make) -> None:
     assert (await ledger.pressure("s")).in_flight == 0
 
 
+@pytest.mark.parametrize("sid", ['q"uo\\te', "caf\u00e9/\u6f22\U0001f600", "[1,2]", "a b\tc", "-"])
+async def test_hostile_session_and_agent_names_keep_their_own_spend(make: Make, sid: str) -> None:
+    # The Redis scripts take a request's values as one JSON argument: quotes,
+    # backslashes, non-ASCII and JSON-looking names must come through as the same keys.
+    ledger = (await make([])).ledger
+    await ledger.set_budget(sid, D("1"))
+    res = await admitted(ledger, sid, "0.25", agent=sid)
+    assert (await ledger.settle(res, D("0.125"))).spent == D("0.125")
+    assert await spent(ledger, sid) == D("0.125")
+    assert (await ledger.pressure(sid)).in_flight == 0
+
+
 async def test_a_settle_saves_a_record_only_for_the_scope_it_paused(make: Make) -> None:
     # A settle changes spend, which no record holds; only a pause changes a record. (A
     # record per settle was one more journal write and PostgreSQL upsert per request.)

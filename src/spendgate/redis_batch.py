@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
@@ -41,6 +41,7 @@ class ScriptBatch:
     def __init__(self, client: Any) -> None:
         self._r = client
         self._queue: list[_Call] = []
+        self._sources: list[Callable[[], _Call | None]] = []
         self._sending = False
         self._conn: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -49,12 +50,22 @@ class ScriptBatch:
         """The script's reply, or the error Redis or the connection gave."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((script, args, fut))
+        self.kick()
+        return await fut
+
+    def add_source(self, take: Callable[[], _Call | None]) -> None:
+        """``take`` is asked for one more call each time a batch is made (None: nothing
+        now); its future settles as a ``run`` call's would. The event log's outbox rides
+        along this way, with no task of its own to wake per event."""
+        self._sources.append(take)
+
+    def kick(self) -> None:
+        """Make a batch soon: a call was queued or a source has something."""
         if not self._sending:  # else the batch in flight takes this one next
             self._sending = True
             task = asyncio.ensure_future(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await fut
 
     async def close(self) -> None:
         """Drop the batch's connection (the client's pool does not own it)."""
@@ -69,8 +80,14 @@ class ScriptBatch:
     async def _drain(self) -> None:
         try:
             await asyncio.sleep(0)  # one more round: calls made by tasks woken with ours join
-            while self._queue:
+            while True:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                for take in self._sources:
+                    call = take()
+                    if call is not None:
+                        batch.append(call)
+                if not batch:
+                    return
                 await self._send(batch)
         finally:
             self._sending = False

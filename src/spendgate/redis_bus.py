@@ -32,13 +32,14 @@ import orjson
 from spendgate.bus import Fanout, Subscription
 from spendgate.events import Event, budget_event
 from spendgate.redis_batch import ScriptBatch
+from spendgate.store import COST_DIGITS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 log = logging.getLogger("spendgate.redis_bus")
 
-UNIT = Decimal(1).scaleb(-10)
+UNIT = Decimal(1).scaleb(-COST_DIGITS)
 """Money in Redis is integer units of 1e-10 USD (the rows' precision)."""
 
 LUA_EMIT = """
@@ -141,8 +142,10 @@ class RedisEventBus(Fanout):
         self._replica = replica_id
         self._history = history
         self._out: deque[tuple[str, str, bytes]] = deque()
+        self._sending = 0
+        """Events at the head of ``_out`` in the PUBLISH in flight (one at a time: in order)."""
+        self._retry: asyncio.TimerHandle | None = None
         self._dropped = 0
-        self._wake = asyncio.Event()
         self._pos = "0-0"
         """The last stream id delivered to the local subscribers."""
         self._idle = False
@@ -153,6 +156,7 @@ class RedisEventBus(Fanout):
         # The ledger's batch when it shares the client: a request's events ride in the
         # pipeline of the next round's admits and settles instead of a trip of their own.
         self._batch = batch if batch is not None else ScriptBatch(client)
+        self._batch.add_source(self._take)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -160,14 +164,15 @@ class RedisEventBus(Fanout):
         self._pos = last[0][0].decode() if last else "0-0"
         await self._refresh_listening()
         self._read_task = asyncio.create_task(self._reader())
-        for job in (self._sender, self._listeners):
-            self._tasks.append(asyncio.create_task(job()))
+        self._tasks.append(asyncio.create_task(self._listeners()))
 
     # -- publishing --------------------------------------------------------------------------
 
     def publish(self, event: Event) -> None:
         if len(self._out) >= OUTBOX:
             self._out.popleft()
+            if self._sending:  # it is in the PUBLISH in flight: one fewer to take off after
+                self._sending -= 1
             self._dropped += 1
             if self._dropped in (1, 100) or self._dropped % 10_000 == 0:
                 log.warning(
@@ -175,32 +180,45 @@ class RedisEventBus(Fanout):
                     self._dropped, OUTBOX,
                 )  # fmt: skip
         self._out.append((event.type, event.session_id, orjson.dumps(event.data)))
-        self._wake.set()
+        if not self._sending and self._retry is None:
+            self._batch.kick()
 
-    async def _sender(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._out:
-                batch = [self._out[i] for i in range(min(BATCH, len(self._out)))]
-                args: list[Any] = [self._p, self._history]
-                for type_, sid, payload in batch:
-                    args += [type_, sid, payload]
-                try:
-                    await self._batch.run(self._publish, args)
-                except Exception as exc:  # Redis away: keep them queued, try again
-                    log.warning("event log: %d events not sent yet: %s", len(self._out), exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                for _ in batch:
-                    self._out.popleft()
+    def _take(self) -> tuple[Any, list[Any], asyncio.Future[Any]] | None:
+        """The batch's source: one PUBLISH of what the outbox holds (BATCH at most)."""
+        if self._sending or self._retry is not None or not self._out:
+            return None
+        n = min(BATCH, len(self._out))
+        args: list[Any] = [self._p, self._history]
+        for i in range(n):
+            args += self._out[i]
+        self._sending = n
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(self._sent)
+        return self._publish, args, fut
+
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        n, self._sending = self._sending, 0
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:  # Redis away: keep them queued, try again
+            log.warning("event log: %d events not sent yet: %s", len(self._out), exc)
+            self._retry = asyncio.get_running_loop().call_later(0.5, self._again)
+            return
+        for _ in range(n):
+            self._out.popleft()
+        if self._out:
+            self._batch.kick()
+
+    def _again(self) -> None:
+        self._retry = None
+        self._batch.kick()
 
     async def flush(self) -> None:
         """Wait until everything published so far is in the stream (tests, shutdown)."""
         for _ in range(200):
             if not self._out:
                 return
-            self._wake.set()
+            if self._retry is None:
+                self._batch.kick()
             await asyncio.sleep(0.01)
 
     # -- delivering --------------------------------------------------------------------------
@@ -296,6 +314,8 @@ class RedisEventBus(Fanout):
         """Send what is queued (briefly), stop the tasks and end every local stream."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 2)
+        if self._retry is not None:
+            self._retry.cancel()
         # The reader ends by itself within its 1 s block: cancelling redis-py in the
         # middle of a blocking read can leave the close waiting on its connection.
         self._closing = True

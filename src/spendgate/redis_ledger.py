@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import secrets
@@ -36,6 +37,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Coroutine
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import orjson
 
 from spendgate import redis_lua
 from spendgate.budgets import (
@@ -62,6 +65,7 @@ from spendgate.periods import TOTAL, Period, period_at
 from spendgate.records import AgentBudgetRecord, GlobalBudgetRecord, SessionRecord
 from spendgate.redis_batch import ScriptBatch
 from spendgate.redis_bus import UNIT, stop_tasks
+from spendgate.store import COST_DIGITS
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -116,15 +120,22 @@ def _shared(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutin
 
 def units(amount: Decimal, rounding: str = ROUND_HALF_EVEN) -> int:
     """USD as integer units of 1e-10 (reservations round up: never under-reserve)."""
-    return int((amount / UNIT).quantize(Decimal(1), rounding=rounding))
+    return int(amount.scaleb(COST_DIGITS).to_integral_value(rounding))  # a shift: exact
 
 
 def usd(raw: bytes | str | None) -> Decimal:
-    return _ZERO if raw in (None, b"", "") else Decimal(int(raw)) * UNIT
+    return Decimal(int(raw)) * UNIT if raw and raw != b"0" else _ZERO  # most spend reads 0
 
 
 def _opt_usd(raw: bytes | str | None) -> Decimal | None:
-    return None if raw in (None, b"", "") else Decimal(int(raw)) * UNIT
+    return Decimal(int(raw)) * UNIT if raw else None
+
+
+def _now_arg() -> str:
+    """Now as Unix seconds with milliseconds (a session's creation time), without the
+    float repr's digit search."""
+    ms = time.time_ns() // 1_000_000
+    return f"{ms // 1000}.{ms % 1000:03d}"
 
 
 def _s(raw: bytes | str | None) -> str:
@@ -132,22 +143,40 @@ def _s(raw: bytes | str | None) -> str:
 
 
 class _View:
-    """A scope as a script returned it: budget, spent, reserved, in flight, pause."""
+    """A scope as a script returned it: budget, spent, reserved, in flight, pause.
 
-    __slots__ = (
-        "budget", "in_flight", "key", "kind", "label", "paused", "reason", "reserved", "spent"
-    )  # fmt: skip
+    Budget and spend, which every admission and settle reads, are parsed at once; the
+    rest only when asked (a refusal, the API): each admission returns two or three of
+    these and the proxy reads five of their fields at most."""
+
+    __slots__ = ("budget", "fields", "key", "kind", "spent")
 
     def __init__(self, key: str, fields: list[Any], prefix: str) -> None:
         self.key = key
         self.kind = _kind(key, prefix)
+        self.fields = fields
         self.budget = _opt_usd(fields[0])
         self.spent = usd(fields[1])
-        self.reserved = usd(fields[2])
-        self.in_flight = int(fields[3] or 0)
-        self.paused = _s(fields[4]) == "1"
-        self.reason = _s(fields[5]) or None
-        self.label = (_s(fields[6]) or None) if len(fields) > 6 else None
+
+    @property
+    def reserved(self) -> Decimal:
+        return usd(self.fields[2])
+
+    @property
+    def in_flight(self) -> int:
+        return int(self.fields[3] or 0)
+
+    @property
+    def paused(self) -> bool:
+        return _s(self.fields[4]) == "1"
+
+    @property
+    def reason(self) -> str | None:
+        return _s(self.fields[5]) or None
+
+    @property
+    def label(self) -> str | None:
+        return (_s(self.fields[6]) or None) if len(self.fields) > 6 else None
 
 
 def _kind(key: str, prefix: str) -> str:
@@ -221,13 +250,19 @@ class RedisLedger:
         self._label = reg(redis_lua.SET_LABEL)
         self._forget_sessions = reg(redis_lua.FORGET)
         self._batch = ScriptBatch(client)  # admits and settles of one loop round: one trip
-        # The hot scripts' constant arguments as bytes once: redis-py passes bytes through
-        # at its first type check instead of formatting and encoding each on every call.
-        self._hot = tuple(
-            str(v).encode()
-            for v in (prefix, self._lease_ms, self._default_b, self._default_wa,
-                      WAIT_TICKET_MS, self._maxlen, self._thresholds_arg)
+        # Reservation ids: random per process, then a counter (unique across replicas and
+        # restarts without a getrandom call per request).
+        self._rid_prefix = secrets.token_hex(8) + "-"
+        self._rid_seq = itertools.count(1)
+        # The hot scripts take the replica's constants as one JSON argument made once and
+        # the request's values as one more (redis_lua ADMIT, SETTLE): every argument sent
+        # is formatted on its own, and these two scripts run for every request.
+        self._prefix_arg = prefix.encode()
+        self._admit_consts = orjson.dumps(
+            [str(self._lease_ms), self._default_b, self._default_wa, str(WAIT_TICKET_MS),
+             self._maxlen]
         )  # fmt: skip
+        self._settle_consts = orjson.dumps([self._thresholds_arg, self._maxlen])
 
     # -- money and thresholds ---------------------------------------------------------------
 
@@ -460,34 +495,19 @@ class RedisLedger:
         self, session_id: str, agent_id: str | None, reserve: Decimal, wait: float = 0.0
     ) -> tuple[Reservation | Refusal, Change]:
         change = Change()
-        rid = secrets.token_hex(12)
+        rid = f"{self._rid_prefix}{next(self._rid_seq)}"
         amount = units(reserve, ROUND_CEILING)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         ticket, delay = "", WAIT_POLL_S[0]
-        hot = self._hot
         try:
             while True:
+                request = [session_id, agent_id or "", rid, str(amount), _now_arg(),
+                           self._period_arg(), ticket, "1" if wait > 0 else "0"]  # fmt: skip
                 out = await self._batch.run(
-                    self._admit,
-                    [
-                        hot[0],
-                        session_id,
-                        agent_id or "",
-                        rid,
-                        amount,
-                        hot[1],
-                        hot[2],
-                        hot[3],
-                        repr(time.time()),
-                        self._period_arg(),
-                        ticket,
-                        b"1" if wait > 0 else b"0",
-                        hot[4],
-                        hot[5],
-                    ],
+                    self._admit, (self._prefix_arg, self._admit_consts, orjson.dumps(request))
                 )
-                status, created, why, ticket = (_s(x) for x in out[:4])
+                status, created, why, ticket = _s(out[0]), _s(out[1]), _s(out[2]), _s(out[3])
                 views = self._views(out, 4, self._p, FIELDS + 2)
                 if created == "1":
                     change.saved(self._record(views[0][0]))
@@ -586,18 +606,9 @@ class RedisLedger:
 
     async def _send_settle(self, item: tuple[str, str, str, int]) -> list[Any]:
         rid, sid, aid, cost_u = item
+        request = orjson.dumps([rid, sid, aid, str(cost_u), self._period_arg()])
         out: list[Any] = await self._batch.run(
-            self._settle,
-            [
-                self._hot[0],
-                rid,
-                sid,
-                aid,
-                cost_u,
-                self._hot[6],
-                self._period_arg(),
-                self._hot[5],
-            ],
+            self._settle, (self._prefix_arg, self._settle_consts, request)
         )
         return out
 

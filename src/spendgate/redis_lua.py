@@ -205,15 +205,17 @@ end
 ADMIT = (
     _COMMON
     + r"""
--- ARGV: P sid aid rid amount lease_ms default_b default_wa created period ticket
---       want_wait wait_ttl_ms maxlen
-local sid, aid, rid, amount = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local lease, ticket, want_wait = tonumber(ARGV[6]), ARGV[11], ARGV[12] == '1'
-local ttl, maxlen = tonumber(ARGV[13]), ARGV[14]
+-- ARGV: P, the replica's constants as JSON [lease_ms default_b default_wa wait_ttl_ms
+--       maxlen], the request's as JSON [sid aid rid amount created period ticket want_wait]
+--       (two arguments instead of thirteen: the client formats each argument it sends)
+local C, R = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
+local sid, aid, rid, amount = R[1], R[2], R[3], tonumber(R[4])
+local lease, ticket, want_wait = tonumber(C[1]), R[7], R[8] == '1'
+local ttl, maxlen = tonumber(C[4]), C[5]
 local now = now_ms()
 reap(now)
-roll(ARGV[10], maxlen)
-local skey, created = ensure_session(sid, ARGV[7], ARGV[8], ARGV[9])
+roll(R[6], maxlen)
+local skey, created = ensure_session(sid, C[2], C[3], R[5])
 local keys = {skey}
 if aid ~= '' then keys[#keys + 1] = ensure_agent(sid, aid) end
 if redis.call('EXISTS', P .. 'g') == 1 then keys[#keys + 1] = P .. 'g' end
@@ -284,15 +286,17 @@ return 1
 SETTLE = (
     _COMMON
     + r"""
--- ARGV: P rid sid aid cost thresholds period maxlen
-local rid, sid, aid, cost = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local thresholds, maxlen = split(ARGV[6]), ARGV[8]
+-- ARGV: P, the replica's constants as JSON [thresholds maxlen], the request's as JSON
+--       [rid sid aid cost period]
+local C, R = cjson.decode(ARGV[2]), cjson.decode(ARGV[3])
+local rid, sid, aid, cost = R[1], R[2], R[3], tonumber(R[4])
+local thresholds, maxlen = split(C[1]), C[2]
 local now = now_ms()
 local skey = P .. 's:' .. sid
 if redis.call('ZSCORE', P .. 'done', rid) then
   return {'dup', redis.call('HGET', skey, 'sp') or '0'}
 end
-roll(ARGV[7], maxlen)
+roll(R[5], maxlen)
 local keys = {skey}
 if aid ~= '' then keys[#keys + 1] = P .. 'a:' .. sid .. '/' .. aid end
 if redis.call('EXISTS', P .. 'g') == 1 then keys[#keys + 1] = P .. 'g' end
