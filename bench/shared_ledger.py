@@ -8,11 +8,12 @@ Three proxies, each holding every session to a budget (bench/run.py's ``session`
 (PostgreSQL store, Redis ledger and event log: what several replicas run). The runs
 alternate between the three, ``--reps`` each; CPU is each proxy process's utime+stime
 over a measured run (bench/run.py); the PostgreSQL and Redis servers' own CPU over the
-shared runs is reported apart. Ratios are of medians against ``sqlite``. PostgreSQL and
-Redis are throw-away servers started like the tests' (tests/helpers/). Prints one JSON
-line.
+shared runs is reported apart. Then a paced phase (``--rate`` requests/s, below
+saturation) gives each proxy's added p50: its p50 less the upstream's own. Ratios are of
+medians against ``sqlite``. PostgreSQL and Redis are throw-away servers started like the
+tests' (tests/helpers/). Prints one JSON line.
 
-    python -m bench.shared_ledger [--requests 2000] [--reps 3] [--mode json]
+    python -m bench.shared_ledger [--requests 2000] [--reps 3] [--mode json] [--rate 300]
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "shared":  # the servers' CPU that the shared proxy's requests cost
                     for key, b, a in zip(("redis", "postgres"), before, after, strict=True):
                         backends_cpu[key].append((a - b) / got["requests"] * 1e6)
+        # Latency below saturation: the same paced rate through each proxy and straight to
+        # the upstream; a proxy's added p50 is its p50 less the upstream's (bench/run.py).
+        n = max(1, int(args.rate * args.paced_s))
+        paced: dict[str, list[float]] = {name: [] for name in ("direct", *servers)}
+        for _ in range(args.reps):
+            got = await bench.load(upstream.url + bench.FLOOR_PATH, args.mode, n,
+                                   args.concurrency, rate=args.rate)  # fmt: skip
+            paced["direct"].append(got["p50_ms"])
+            for name, server in servers.items():
+                got = await bench.load(server.url, args.mode, n, args.concurrency, rate=args.rate)
+                paced[name].append(got["p50_ms"])
     finally:
         for server in servers.values():
             await bench.stop_server(server)
@@ -123,10 +135,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     for key, values in backends_cpu.items():
         out[f"{key}_server_cpu_us_per_req"] = round(statistics.median(values))
+    direct = statistics.median(paced["direct"])
+    for kind in runs:
+        out[kind]["paced_added_p50_ms"] = round(statistics.median(paced[kind]) - direct, 2)
+    out["paced"] = {"rate": args.rate, "direct_p50_ms": round(direct, 2)}
     base = out["sqlite"]
     for kind in ("postgres", "shared"):
         out[f"{kind}_cpu_ratio"] = round(out[kind]["cpu_us_per_req"] / base["cpu_us_per_req"], 2)
-        out[f"{kind}_added_p50_ms"] = round(out[kind]["p50_ms"] - base["p50_ms"], 2)
+        out[f"{kind}_paced_added_p50_ratio"] = round(
+            out[kind]["paced_added_p50_ms"] / base["paced_added_p50_ms"], 2
+        )
     return out
 
 
@@ -136,6 +154,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--mode", choices=bench.MODES, default="json")
+    parser.add_argument("--rate", type=float, default=300.0, help="paced phase: requests/s")
+    parser.add_argument("--paced-s", type=float, default=5.0, help="paced phase: seconds")
     args = parser.parse_args()
     print(orjson.dumps(asyncio.run(run(args))).decode())
     return 0

@@ -12,8 +12,9 @@ every replica's events, live ``final: false`` ones included, and replay after
 added to the same stream by its scripts, in the step that changes the budget state, so
 they exist exactly once.
 
-``publish`` stays sync and never blocks: it appends to a bounded local queue that a
-task sends in batches. An event lost to a Redis outage is logged with a count.
+``publish`` stays sync and never blocks: it appends to a bounded local outbox that the
+script batch (:mod:`spendgate.redis_batch`) takes from as one ``PUBLISH`` per batch, in
+order, one at a time. An event lost to a Redis outage is logged with a count.
 """
 
 from __future__ import annotations

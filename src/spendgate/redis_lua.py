@@ -219,30 +219,40 @@ local skey, created = ensure_session(sid, C[2], C[3], R[5])
 local keys = {skey}
 if aid ~= '' then keys[#keys + 1] = ensure_agent(sid, aid) end
 if redis.call('EXISTS', P .. 'g') == 1 then keys[#keys + 1] = P .. 'g' end
+-- each scope's fields read once (b sp rv n p r l, the reply's order): the checks and
+-- the answer use them, and a reservation updates them from what HINCRBY returns
+local H = {}
+for i, k in ipairs(keys) do H[i] = redis.call('HMGET', k, 'b', 'sp', 'rv', 'n', 'p', 'r', 'l') end
 local function answer(status, key, why)
   local out = {status, tostring(created), why or '', ticket}
-  for _, k in ipairs(keys) do
-    local s = state(k)
+  for i, k in ipairs(keys) do
+    local h = H[i]
     out[#out + 1] = k
-    for _, v in ipairs(s) do out[#out + 1] = v end
+    out[#out + 1] = h[1] or ''
+    out[#out + 1] = h[2] or '0'
+    out[#out + 1] = h[3] or '0'
+    out[#out + 1] = h[4] or '0'
+    out[#out + 1] = h[5] or '0'
+    out[#out + 1] = h[6] or ''
+    out[#out + 1] = h[7] or ''
     out[#out + 1] = (k == key) and '1' or '0'
   end
   return out
 end
 if redis.call('HEXISTS', P .. 'rs', rid) == 1 then return answer('dup') end
-for _, k in ipairs(keys) do
-  local h = redis.call('HMGET', k, 'p', 'r', 'b', 'sp')
-  if h[1] == '1' then
+for i, k in ipairs(keys) do
+  local h = H[i]
+  if h[5] == '1' then
     forget_ticket(ticket)
-    return answer('refused', k, h[2] or 'manual')
+    return answer('refused', k, h[6] or 'manual')
   end
-  if h[3] and num(h[4]) >= tonumber(h[3]) then
+  if h[1] and num(h[2]) >= tonumber(h[1]) then
     forget_ticket(ticket)
     return answer('refused', k, 'budget')
   end
 end
-for _, k in ipairs(keys) do
-  local h = redis.call('HMGET', k, 'b', 'sp', 'rv', 'n')
+for i, k in ipairs(keys) do
+  local h = H[i]
   local held = behind(k, ticket, now)
   if not held and h[1] and num(h[4]) > 0 and num(h[2]) + num(h[3]) + amount > tonumber(h[1]) then
     held = true
@@ -263,9 +273,9 @@ for _, k in ipairs(keys) do
     return answer('held', k, 'held')
   end
 end
-for _, k in ipairs(keys) do
-  redis.call('HINCRBY', k, 'n', 1)
-  redis.call('HINCRBY', k, 'rv', fmt(amount))
+for i, k in ipairs(keys) do
+  H[i][4] = fmt(redis.call('HINCRBY', k, 'n', 1))
+  H[i][3] = fmt(redis.call('HINCRBY', k, 'rv', fmt(amount)))
 end
 redis.call('HSET', P .. 'rs', rid, fmt(amount) .. '|' .. table.concat(keys, '|'))
 redis.call('ZADD', P .. 'leases', now + lease, rid)
