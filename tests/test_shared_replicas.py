@@ -241,3 +241,29 @@ async def test_a_redis_restart_loses_no_row_and_no_spend(
         await eventually(caught_up, timeout=15)  # the kept settle was sent, once
         assert rows_sum(postgres, pg_url, "rr") == f"2|{COST * 2:.10f}"
         assert (await chat(http, a, "rr"))[0] == 200
+
+
+async def test_a_response_is_settled_before_the_clients_next_request_and_read(
+    replicas: Callable[..., Any], upstream: FakeUpstream
+) -> None:
+    # The settle goes to Redis as the response leaves and is answered after it (the
+    # client waits for one trip, not two). It is queued before the client can send again,
+    # and API calls wait for what was queued before them: the next request and a read
+    # right after a response both see its spend.
+    (a,) = await replicas(1)
+    upstream.default = json_reply(chat_completion("gpt-4o", 1000, 900))
+    async with aiohttp.ClientSession() as http:
+        for n in range(4):
+            session = f"seq{n}"
+            async with http.put(
+                a.url(f"/api/sessions/{session}/budget"), json={"budgetUsd": float(COST * 3)}
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+            for i in range(1, 4):
+                assert (await chat(http, a, session))[0] == 200
+                summary = await cost(http, a, session)  # read at once
+                assert Decimal(str(summary["spentUsd"])) == COST * i
+            # Had the third settle come after it, this admission would fit (2 costs and a
+            # reservation are under the budget of 3 costs).
+            status, _ = await chat(http, a, session)
+            assert status == 402

@@ -10,6 +10,7 @@ queue can never break a client's response.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -91,6 +92,8 @@ class Accountant:
         self._reserve_output = reserve_output_tokens
         self._wait = admission_wait_s
         self._allow_unpriced = unpriced_models == "allow"
+        self._settling: set[asyncio.Task[None]] = set()
+        """Settles sent as their responses went (a remote ledger), until answered."""
         self._stand_in: str | None = None
         """``price_as:MODEL``: the model whose price stands in for models the table
         lacks, looked up in the current table (a price reload swaps it)."""
@@ -252,13 +255,9 @@ class Accountant:
             cost = cost.quantize(COST_QUANTUM)  # once: the ledger and the row get this value
         extras = counts.extras or NO_EXTRAS
         spent: Decimal | None = None
-        if ex.reservation is not None:
-            try:
-                change = await self.ledger.settle(ex.reservation, cost)
-                spent = change.spent
-                self.apply(change)
-            except Exception:
-                log.exception("budget ledger failed to settle %s", ex.id)
+        later = ex.reservation is not None and self.ledger.remote
+        if ex.reservation is not None and not later:
+            spent = await self._settle(ex, cost)
         rec = MessageRecord(
             id=ex.id,
             session_id=ex.target.session_id,
@@ -295,16 +294,59 @@ class Accountant:
             price_source=billed.price_source,
         )
         if ex.info.metered:  # a free call (HEAD, model listings, count_tokens) is no message
+            self.store.add_message(rec)  # queued and journaled before the response goes
+        if later:
+            # The ledger's trip is sent now and answered after the response (one trip the
+            # client does not wait for): queued before any later request of this client
+            # can be read, so that request's admission comes after it in the same batch.
+            task = asyncio.ensure_future(self._settle_then_publish(ex, rec, counts, billed,
+                                                                   estimated, cost))  # fmt: skip
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+        elif ex.info.metered:
             if spent is None:
                 spent = self.ledger.cached_spent(rec.session_id)
-            self._record(ex, rec, counts, billed, estimated, spent)
+            self._published(ex, rec, counts, billed, estimated, spent)
         try:
             self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
         except Exception:
             log.exception("metrics failed for %s", ex.id)
         return rec
 
-    def _record(
+    async def _settle(self, ex: Meter, cost: Decimal | None) -> Decimal | None:
+        """Settle the request's reservation; the session's spend it returned (None: the
+        ledger failed, logged)."""
+        assert ex.reservation is not None
+        try:
+            change = await self.ledger.settle(ex.reservation, cost)
+        except Exception:
+            log.exception("budget ledger failed to settle %s", ex.id)
+            return None
+        self.apply(change)
+        return change.spent
+
+    async def _settle_then_publish(
+        self,
+        ex: Meter,
+        rec: MessageRecord,
+        counts: TokenCounts,
+        billed: Charge,
+        estimated: bool,
+        cost: Decimal | None,
+    ) -> None:
+        spent = await self._settle(ex, cost)
+        if ex.info.metered:
+            if spent is None:
+                spent = self.ledger.cached_spent(rec.session_id)
+            self._published(ex, rec, counts, billed, estimated, spent)
+
+    async def drain(self) -> None:
+        """Wait for the settles sent after their responses (shutdown, before the ledger
+        closes)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _published(
         self,
         ex: Meter,
         rec: MessageRecord,
@@ -313,10 +355,9 @@ class Accountant:
         estimated: bool,
         spent: Decimal,
     ) -> None:
-        """The message row, its final ``token.usage`` (``spent``: the session's spend
-        that the settle returned) and the context meter."""
+        """The row's final ``token.usage`` (``spent``: the session's spend that the
+        settle returned) and the context meter."""
         model, provider = rec.model, rec.provider
-        self.store.add_message(rec)
         self._publish(
             self._usage_event(
                 ex, counts, rec.cost_usd, spent, final=True, estimated=estimated, billed=billed

@@ -121,6 +121,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         if WEBHOOKS in app:
             await app[WEBHOOKS].close()
         await client.close()
+        await acct.drain()  # settles sent as their responses went, before the ledger closes
         await backends.close()
         await store.close()
 

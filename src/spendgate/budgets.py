@@ -264,6 +264,10 @@ class BudgetLedger(Protocol):
     ask a shared server; the few sync reads are for the hot path and may be a little
     behind another replica's latest settle (each says how far)."""
 
+    remote: bool
+    """Is a settle a round trip to a shared server? Then the accountant settles after the
+    response has gone (its row queued before), so a client waits for one trip, not two."""
+
     async def start(self, store: Store) -> None:
         """Take up the state: the memory ledger loads it from the store; a shared one
         seeds only what its server has never held (never over live counters)."""
@@ -346,6 +350,8 @@ _HELD = "held"
 
 
 class MemoryLedger:
+    remote = False  # a settle is a few additions in this process
+
     def __init__(
         self,
         thresholds: list[float],

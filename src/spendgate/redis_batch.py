@@ -45,13 +45,27 @@ class ScriptBatch:
         self._sending = False
         self._conn: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._queued = 0
+        self._answered = 0
+        self._barriers: list[tuple[int, asyncio.Future[None]]] = []
+        """Readers waiting for the calls queued before them (``answered``)."""
 
     async def run(self, script: Any, args: Sequence[Any]) -> Any:
         """The script's reply, or the error Redis or the connection gave."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((script, args, fut))
+        self._queued += 1
         self.kick()
         return await fut
+
+    async def answered(self) -> None:
+        """Wait until every call queued before this has its reply or error, so a read that
+        goes to Redis another way sees what those calls wrote (read-your-writes)."""
+        if self._answered >= self._queued:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers.append((self._queued, fut))
+        await fut
 
     def add_source(self, take: Callable[[], _Call | None]) -> None:
         """``take`` is asked for one more call each time a batch is made (None: nothing
@@ -86,11 +100,28 @@ class ScriptBatch:
                     call = take()
                     if call is not None:
                         batch.append(call)
+                        self._queued += 1
                 if not batch:
                     return
                 await self._send(batch)
+                self._answered += len(batch)
+                if self._barriers:
+                    self._release_barriers()
         finally:
             self._sending = False
+            for _, fut in self._barriers:  # nothing is outstanding now (or it was cancelled)
+                if not fut.done():
+                    fut.set_result(None)
+            self._barriers = []
+
+    def _release_barriers(self) -> None:
+        waiting = []
+        for upto, fut in self._barriers:
+            if upto > self._answered:
+                waiting.append((upto, fut))
+            elif not fut.done():
+                fut.set_result(None)
+        self._barriers = waiting
 
     def _connection(self) -> Any:
         if self._conn is None:

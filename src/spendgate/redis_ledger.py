@@ -104,11 +104,16 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 def _shared(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """An API-facing call: Redis unreachable becomes :class:`LedgerUnavailable` (503)."""
+    """An API-facing call: Redis unreachable becomes :class:`LedgerUnavailable` (503).
+    It first waits for the hot scripts this replica queued before it (a settle sent as a
+    response went out), so a client reading after its response sees that response's
+    spend, and a change it makes lands after it."""
 
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        ledger: Any = args[0]
         try:
+            await ledger._batch.answered()
             return await method(*args, **kwargs)
         except _redis_errors() as exc:
             raise LedgerUnavailable(
@@ -197,6 +202,8 @@ def _names(key: str, prefix: str) -> tuple[str | None, str | None]:
 
 class RedisLedger:
     """A :class:`~spendgate.budgets.BudgetLedger` shared through one Redis primary."""
+
+    remote = True  # a settle is a round trip: the accountant sends it as the response goes
 
     def __init__(
         self,
