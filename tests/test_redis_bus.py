@@ -137,6 +137,25 @@ async def test_event_ids_grow_across_restarts_and_replicas(make: Make) -> None:
     assert second.id > first.id > 1_700_000_000_000_000  # microseconds since the epoch
 
 
+async def test_a_burst_from_two_replicas_gets_unique_increasing_ids_in_order(
+    make: Make,
+) -> None:
+    # One PUBLISH carries a whole outbox under one clock reading: each event still gets
+    # its own id, later than the one before, wherever it was published.
+    a, b = await make("a"), await make("b")
+    for i in range(300):  # more than one PUBLISH's 256
+        (a if i % 2 else b).publish(Event("token.usage", "s", {"n": i}))
+    await settled(a)
+    await settled(b)
+    sub, got = await a.subscribe([], [], 0)  # the log as it is now: each event once
+    a.unsubscribe(sub)
+    ids = [e.id for e in got]
+    assert ids == sorted(set(ids)) and len(ids) == 300
+    for bus in (a, b):  # each replica's own events keep their order
+        mine = [e.data["n"] for e in got if e.data["n"] % 2 == (bus is a)]
+        assert mine == sorted(mine)
+
+
 async def test_an_event_is_claimed_by_one_replica_only(make: Make) -> None:
     """What lets the webhook post an alert once whichever replicas read it."""
     a, b = await make("a"), await make("b")

@@ -44,29 +44,42 @@ UNIT = Decimal(1).scaleb(-COST_DIGITS)
 """Money in Redis is integer units of 1e-10 USD (the rows' precision)."""
 
 LUA_EMIT = """
-local function emit(P, maxlen, typ, sid, payload, units)
+local function event_clock(P)  -- now in µs, and the last id given
   local t = redis.call('TIME')
-  local id = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local last = tonumber(redis.call('GET', P .. 'evseq') or '0')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2]), last
+end
+local function add_event(P, maxlen, now, last, typ, sid, payload, units)
+  local id = now
   if id <= last then id = last + 1 end
   local sid_ = string.format('%.0f', id)
-  redis.call('SET', P .. 'evseq', sid_)
   redis.call('XADD', P .. 'events', 'MAXLEN', '~', maxlen, sid_ .. '-0',
              't', typ, 's', sid, 'd', payload, 'u', units)
+  return id, sid_
+end
+local function emit(P, maxlen, typ, sid, payload, units)
+  local now, last = event_clock(P)
+  local _, sid_ = add_event(P, maxlen, now, last, typ, sid, payload, units)
+  redis.call('SET', P .. 'evseq', sid_)
   return sid_
 end
 """
-"""The one definition of an event id, shared by every script that adds an event."""
+"""The one definition of an event id, ``max(now in µs, last + 1)``, shared by every
+script that adds an event."""
 
 _PUBLISH = (
     LUA_EMIT
     + """
+-- a batch of events: the clock and the last id read once and the last id written once
+-- (per event only its XADD)
 local P, maxlen = ARGV[1], ARGV[2]
-local last = ''
+local now, last = event_clock(P)
+local out = ''
 for i = 3, #ARGV, 3 do
-  last = emit(P, maxlen, ARGV[i], ARGV[i + 1], ARGV[i + 2], '0')
+  last, out = add_event(P, maxlen, now, last, ARGV[i], ARGV[i + 1], ARGV[i + 2], '0')
 end
-return last
+if out ~= '' then redis.call('SET', P .. 'evseq', out) end
+return out
 """
 )
 
