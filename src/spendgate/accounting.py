@@ -303,9 +303,7 @@ class Accountant:
                                                                    estimated, cost))  # fmt: skip
             self._settling.add(task)
             task.add_done_callback(self._settling.discard)
-        elif ex.info.metered:
-            if spent is None:
-                spent = self.ledger.cached_spent(rec.session_id)
+        else:
             self._published(ex, rec, counts, billed, estimated, spent)
         try:
             self.metrics.record(rec, ex.info.operation or "other", ex.info.model)
@@ -334,11 +332,7 @@ class Accountant:
         estimated: bool,
         cost: Decimal | None,
     ) -> None:
-        spent = await self._settle(ex, cost)
-        if ex.info.metered:
-            if spent is None:
-                spent = self.ledger.cached_spent(rec.session_id)
-            self._published(ex, rec, counts, billed, estimated, spent)
+        self._published(ex, rec, counts, billed, estimated, await self._settle(ex, cost))
 
     async def drain(self) -> None:
         """Wait for the settles sent after their responses (shutdown, before the ledger
@@ -353,10 +347,15 @@ class Accountant:
         counts: TokenCounts,
         billed: Charge,
         estimated: bool,
-        spent: Decimal,
+        spent: Decimal | None,
     ) -> None:
         """The row's final ``token.usage`` (``spent``: the session's spend that the
-        settle returned) and the context meter."""
+        settle returned; None: none did, this replica's last view of it) and the context
+        meter. A free call (HEAD, model listings, count_tokens) is no message: nothing."""
+        if not ex.info.metered:
+            return
+        if spent is None:
+            spent = self.ledger.cached_spent(rec.session_id)
         model, provider = rec.model, rec.provider
         self._publish(
             self._usage_event(

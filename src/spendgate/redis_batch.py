@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import hiredis
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 MAX_BATCH = 128
 """Script calls per batch at most (bounds one write and its replies)."""
@@ -133,8 +135,6 @@ class ScriptBatch:
         return self._conn
 
     async def _send(self, batch: list[_Call]) -> None:
-        from redis.exceptions import NoScriptError, ResponseError
-
         conn = self._connection()
         pack = hiredis.pack_command
         packed = b"".join(pack((b"EVALSHA", s.sha, b"0", *a)) for s, a, _ in batch)
@@ -151,8 +151,6 @@ class ScriptBatch:
                             replies.append(exc)
             except TimeoutError:
                 await conn.disconnect(nowait=True)
-                from redis.exceptions import TimeoutError as RedisTimeout
-
                 raise RedisTimeout(f"no reply from Redis within {TIMEOUT_S:g} s") from None
             return replies
 

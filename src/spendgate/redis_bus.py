@@ -167,8 +167,8 @@ class RedisEventBus(Fanout):
         self._closing = False
         self._read_task: asyncio.Task[None] | None = None
         self._publish = client.register_script(_PUBLISH)
-        # The ledger's batch when it shares the client: a request's events ride in the
-        # pipeline of the next round's admits and settles instead of a trip of their own.
+        # The ledger's batch when it shares the client: the outbox rides in the next batch
+        # of admits and settles instead of a trip of its own.
         self._batch = batch if batch is not None else ScriptBatch(client)
         self._batch.add_source(self._take)
         self._tasks: list[asyncio.Task[None]] = []

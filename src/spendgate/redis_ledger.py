@@ -137,8 +137,8 @@ def _opt_usd(raw: bytes | str | None) -> Decimal | None:
 
 
 def _now_arg() -> str:
-    """Now as Unix seconds with milliseconds (a session's creation time), without the
-    float repr's digit search."""
+    """Now as Unix seconds with milliseconds: the creation time every script that may
+    create a session is given (without the float repr's digit search)."""
     ms = time.time_ns() // 1_000_000
     return f"{ms // 1000}.{ms % 1000:03d}"
 
@@ -256,7 +256,7 @@ class RedisLedger:
         self._forget = reg(redis_lua.FORGET_TICKET)
         self._label = reg(redis_lua.SET_LABEL)
         self._forget_sessions = reg(redis_lua.FORGET)
-        self._batch = ScriptBatch(client)  # admits and settles of one loop round: one trip
+        self._batch = ScriptBatch(client)  # the hot scripts, batched over one connection
         # Reservation ids: random per process, then a counter (unique across replicas and
         # restarts without a getrandom call per request).
         self._rid_prefix = secrets.token_hex(8) + "-"
@@ -424,7 +424,7 @@ class RedisLedger:
             wa,
             self._default_b,
             self._default_wa,
-            repr(time.time()),
+            _now_arg(),
             self._period_arg(),
             self._maxlen,
             cfg,
@@ -724,7 +724,7 @@ class RedisLedger:
         change = Change()
         out = await self._label(
             args=[self._p, session_id, label or "", self._default_b, self._default_wa,
-                  repr(time.time())]
+                  _now_arg()]
         )  # fmt: skip
         view = _View(f"{self._p}s:{session_id}", out[2 : 2 + FIELDS], self._p)
         if _s(out[0]) == "1" or _s(out[1]) == "1":
@@ -784,7 +784,7 @@ class RedisLedger:
                 reason,
                 self._default_b,
                 self._default_wa,
-                repr(time.time()),
+                _now_arg(),
                 self._maxlen,
             ]
         )

@@ -171,10 +171,13 @@ local function reap(now)
   end
   return #dead
 end
-local function state(key)
-  local h = redis.call('HMGET', key, 'b', 'sp', 'rv', 'n', 'p', 'r', 'l')
+local function fields(key)  -- a scope's raw fields, in the reply's order
+  return redis.call('HMGET', key, 'b', 'sp', 'rv', 'n', 'p', 'r', 'l')
+end
+local function state_of(h)  -- raw fields as the reply gives them (absent: the default)
   return {h[1] or '', h[2] or '0', h[3] or '0', h[4] or '0', h[5] or '0', h[6] or '', h[7] or ''}
 end
+local function state(key) return state_of(fields(key)) end
 local function forget_ticket(ticket)
   if ticket == '' then return end
   local on = redis.call('HGET', P .. 'wx', ticket)
@@ -222,19 +225,12 @@ if redis.call('EXISTS', P .. 'g') == 1 then keys[#keys + 1] = P .. 'g' end
 -- each scope's fields read once (b sp rv n p r l, the reply's order): the checks and
 -- the answer use them, and a reservation updates them from what HINCRBY returns
 local H = {}
-for i, k in ipairs(keys) do H[i] = redis.call('HMGET', k, 'b', 'sp', 'rv', 'n', 'p', 'r', 'l') end
+for i, k in ipairs(keys) do H[i] = fields(k) end
 local function answer(status, key, why)
   local out = {status, tostring(created), why or '', ticket}
   for i, k in ipairs(keys) do
-    local h = H[i]
     out[#out + 1] = k
-    out[#out + 1] = h[1] or ''
-    out[#out + 1] = h[2] or '0'
-    out[#out + 1] = h[3] or '0'
-    out[#out + 1] = h[4] or '0'
-    out[#out + 1] = h[5] or '0'
-    out[#out + 1] = h[6] or ''
-    out[#out + 1] = h[7] or ''
+    for _, v in ipairs(state_of(H[i])) do out[#out + 1] = v end
     out[#out + 1] = (k == key) and '1' or '0'
   end
   return out
